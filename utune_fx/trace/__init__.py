@@ -1,0 +1,118 @@
+"""Tracing front end: any nn.Module -> annotated torch.fx GraphModule.
+
+    gm = trace(model, example_inputs)          # fx, leaf fallback, torch.export
+    node_info(node).op_kind / .scope / .shape  # every node annotated
+    trace_report(gm)                           # front end, opaque modules, time
+
+Front ends: ``fx`` (torch.fx symbolic tracing, see :mod:`.fx_frontend`) and
+``export`` (torch.export, see :mod:`.export_frontend`). ``auto`` tries fx and
+falls back to torch.export when the model's own forward cannot be traced.
+The traced graph computes exactly what the model computes for the example
+inputs; branches on ``self.training`` are taken as in eval mode.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import fx, nn
+
+from utune_fx.errors import UtuneError
+from utune_fx.trace.annotate import NodeInfo, annotate, node_info
+from utune_fx.trace.export_frontend import export_trace
+from utune_fx.trace.fx_frontend import FxTraceFailure, OpaqueModule, first_line, fx_trace
+from utune_fx.trace.opkinds import OP_KINDS
+
+__all__ = ["NodeInfo", "OP_KINDS", "OpaqueModule", "TraceReport", "node_info", "trace", "trace_report"]
+
+Frontend = Literal["auto", "fx", "export"]
+_REPORT_KEY = "utune_trace"
+
+
+@dataclass
+class TraceReport:
+    frontend: str  # the front end that produced the graph: 'fx' or 'export'
+    seconds: float  # tracing and annotation, wall time
+    input_shapes: list[tuple[int, ...]]
+    opaque: list[OpaqueModule] = field(default_factory=list)
+    fx_failure: str | None = None  # why fx was not used, when export was
+
+
+def trace_report(gm: fx.GraphModule) -> TraceReport:
+    return gm.meta[_REPORT_KEY]
+
+
+def _as_inputs(example_inputs: Any) -> tuple[Any, ...]:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def _shape_of(x: Any) -> tuple[int, ...]:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else ()
+
+
+def check_inputs(model: nn.Module, inputs: Sequence[Any], name: str) -> None:
+    """Raise a user error if the model itself rejects the example inputs."""
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as error:
+        shapes = ", ".join("x".join(map(str, _shape_of(x))) or type(x).__name__ for x in inputs)
+        raise UtuneError(
+            f"{name} rejects example input(s) of shape {shapes} ({first_line(error)}); "
+            "pass --input-shape with a shape the model accepts"
+        ) from error
+
+
+def trace(model: nn.Module, example_inputs: Any, *, frontend: Frontend = "auto", name: str | None = None) -> fx.GraphModule:
+    """Trace ``model`` on ``example_inputs`` (a tensor or a tuple) and annotate it."""
+    if frontend not in ("auto", "fx", "export"):
+        raise UtuneError(f"unknown front end {frontend!r}; use auto, fx or export")
+    name = name or type(model).__name__
+    inputs = _as_inputs(example_inputs)
+    started = time.perf_counter()
+    was_training = model.training
+    model.eval()  # branches on self.training are taken as at inference
+    try:
+        gm, opaque, fx_failure = _trace_with(model, inputs, frontend, name)
+    finally:
+        model.train(was_training)
+    try:
+        annotate(gm, inputs)
+    except Exception as error:
+        check_inputs(model, inputs, name)
+        raise UtuneError(f"{name}: the traced graph does not run on the example inputs ({first_line(error)}); "
+                         "try --frontend export") from error
+    report = TraceReport(
+        frontend="fx" if fx_failure is None and frontend != "export" else "export",
+        seconds=time.perf_counter() - started,
+        input_shapes=[_shape_of(x) for x in inputs],
+        opaque=opaque,
+        fx_failure=fx_failure,
+    )
+    gm.meta[_REPORT_KEY] = report
+    return gm
+
+
+def _trace_with(model: nn.Module, inputs: tuple[Any, ...], frontend: Frontend, name: str):
+    fx_failure = None
+    if frontend in ("auto", "fx"):
+        try:
+            gm, opaque = fx_trace(model, len(inputs))
+            return gm, opaque, None
+        except TypeError as error:  # forward() needs inputs that were not given
+            raise UtuneError(f"{name}: {error}; pass one --input-shape per input") from error
+        except FxTraceFailure as error:
+            fx_failure = str(error)
+            if frontend == "fx":
+                raise UtuneError(f"{name} cannot be traced by torch.fx ({fx_failure}); try --frontend export") from error
+    try:
+        return export_trace(model, inputs), [], fx_failure
+    except Exception as error:
+        check_inputs(model, inputs, name)
+        why = f"torch.fx: {fx_failure}; torch.export: {first_line(error)}" if fx_failure else first_line(error)
+        raise UtuneError(f"{name} cannot be traced ({why}); make the failing code traceable "
+                         "or wrap it in a submodule so it can become a leaf") from error
+

@@ -1,0 +1,143 @@
+"""Annotate every node of a traced graph with scope, shapes and op kind.
+
+    before:  %qkv = call_module[target=blocks.0.attn.qkv](args=(%norm1,))
+    after:   %qkv.meta["utune"] = NodeInfo(op_kind='linear', op_name='Linear',
+                 scope='blocks.0.attn.qkv', scope_stack=(('blocks', '...Sequential'),
+                 ('blocks.0', '...Block'), ('blocks.0.attn', '...Attention'),
+                 ('blocks.0.attn.qkv', '...Linear')), shape=(1, 197, 576), dtype='float32')
+
+Shapes come from one propagation of the example inputs through the graph;
+scopes from the module stack the front end recorded; kinds from
+:mod:`.opkinds` and :mod:`.attention`. Both front ends (fx and torch.export)
+end here, so rules see the same annotations whichever traced the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from utune_fx.trace import opkinds
+from utune_fx.trace.attention import AttentionInfo, find_softmax_attention, fused_attention_info
+
+META_KEY = "utune"
+Shape = tuple[int, ...]
+
+
+@dataclass
+class NodeInfo:
+    op_kind: str
+    op_name: str
+    scope: str  # innermost module path, '' for the model itself
+    scope_stack: tuple[tuple[str, str], ...]  # (path, class qualname), outermost first
+    shape: Shape | None = None  # for a node that returns one tensor
+    dtype: str | None = None
+    item_shapes: tuple[Shape | None, ...] = ()  # for a node that returns a tuple/list
+    attention: AttentionInfo | None = None
+    part_of: str | None = None  # name of the attention node this node belongs to
+
+    @property
+    def scope_class(self) -> str:
+        """Short class name of the innermost module ('' at the root)."""
+        return self.scope_stack[-1][1].rsplit(".", 1)[-1] if self.scope_stack else ""
+
+
+def node_info(node: fx.Node) -> NodeInfo:
+    try:
+        return node.meta[META_KEY]
+    except KeyError:
+        raise KeyError(f"node {node.name} has no utune_fx annotation; trace the model with utune_fx.trace") from None
+
+
+def class_qualname(cls: type | str) -> str:
+    return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _stack_from_path(path: str, modules: dict[str, torch.nn.Module]) -> tuple[tuple[str, str], ...]:
+    parts = path.split(".") if path else []
+    stack = []
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if prefix in modules:
+            stack.append((prefix, class_qualname(type(modules[prefix]))))
+    return tuple(stack)
+
+
+def _scope_stack(node: fx.Node, modules: dict[str, torch.nn.Module]) -> tuple[tuple[str, str], ...]:
+    if node.op == "get_attr":
+        return _stack_from_path(str(node.target).rpartition(".")[0], modules)
+    recorded = node.meta.get("nn_module_stack")
+    if not recorded:
+        return ()
+    # fx records (path, type); torch.export (path, 'module.Class') and the root as ''.
+    return tuple((path, class_qualname(cls)) for path, cls in recorded.values() if path)
+
+
+def _shapes(meta: object) -> tuple[Shape | None, str | None, tuple[Shape | None, ...]]:
+    if isinstance(meta, TensorMetadata):
+        return tuple(meta.shape), str(meta.dtype).removeprefix("torch."), ()
+    if isinstance(meta, (tuple, list)):
+        return None, None, tuple(tuple(m.shape) if isinstance(m, TensorMetadata) else None for m in meta)
+    return None, None, ()
+
+
+def _op_name(node: fx.Node, module: torch.nn.Module | None) -> str:
+    name = opkinds.op_name(node, module)
+    if name == "getattr" and len(node.args) > 1 and node.args[1] in ("T", "mT", "H", "mH"):
+        return "t"  # x.T is a transpose, not shape metadata
+    return name
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """One run of the example inputs, in eval mode and without gradients, so
+    neither batch-norm statistics nor the user's module state change."""
+    modes = {module: module.training for module in gm.modules()}
+    try:
+        for module in modes:  # not gm.eval(): torch.export's modules refuse it
+            module.training = False
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def annotate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
+    """Attach a :class:`NodeInfo` to every node of ``gm`` (in place)."""
+    propagate_shapes(gm, example_inputs)
+    modules = dict(gm.named_modules())
+    kinds: dict[fx.Node, str] = {}
+    names: dict[fx.Node, str] = {}
+    for node in gm.graph.nodes:
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        names[node] = _op_name(node, module)
+        kinds[node] = opkinds.base_kind(node, module, names[node])
+    for node in gm.graph.nodes:
+        kinds[node] = opkinds.refine_linear(node, kinds) or kinds[node]
+
+    attention = {node: fused_attention_info(node) for node in gm.graph.nodes if kinds[node] == "attention"}
+    written_out = find_softmax_attention(gm.graph, kinds)
+    attention.update(written_out)
+    part_of = {part: out.name for out, info in written_out.items() for part in info.parts}
+    for node in written_out:
+        kinds[node] = "attention"
+
+    for node in gm.graph.nodes:
+        stack = _scope_stack(node, modules)
+        shape, dtype, item_shapes = _shapes(node.meta.get("tensor_meta"))
+        node.meta[META_KEY] = NodeInfo(
+            op_kind=kinds[node],
+            op_name=names[node],
+            scope=stack[-1][0] if stack else "",
+            scope_stack=stack,
+            shape=shape,
+            dtype=dtype,
+            item_shapes=item_shapes,
+            attention=attention.get(node),
+            part_of=part_of.get(node.name),
+        )
+    return gm

@@ -1,0 +1,106 @@
+"""Find attention spelled out as softmax(Q K^T) V and give it the ``attention`` kind.
+
+Models that do not call ``F.scaled_dot_product_attention`` compute attention
+by hand; the normaliser makes both look the same to rules:
+
+    before:  m1 = matmul(q, transpose(k))        kind matmul
+             s  = softmax(add(mul(m1, scale), bias))
+             m2 = matmul(dropout(s), v)          kind matmul
+    after:   m2                                  kind attention, attention={q, k, v, parts}
+             m1, s                               keep their kinds, part_of = m2
+
+Between the two matmuls and the softmax any short chain of scaling, masking,
+bias, reshape, permute, dropout or head-mixing linear ops may sit (BEiT's
+relative position bias, Swin's window mask, CaiT's talking heads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from utune_fx.trace.opkinds import matmul_operands
+
+# Ops allowed between QK^T and softmax, and between softmax and (.)V.
+_CHAIN_KINDS = frozenset({
+    "mul", "div", "add", "sub", "cast", "reshape", "permute", "dropout", "identity",
+    "linear", "getitem", "other", "norm", "arith",
+})
+_MAX_CHAIN = 8
+
+
+@dataclass(frozen=True)
+class AttentionInfo:
+    """Where an attention node reads its inputs (node names in the same graph)."""
+
+    query: str
+    key: str
+    value: str
+    parts: tuple[str, ...] = ()  # nodes of a hand-written subgraph, output excluded
+
+
+def _walk_back(start: object, target_kind: str, kinds: dict[fx.Node, str]) -> list[fx.Node] | None:
+    """Path (start .. match) to the nearest node of ``target_kind``, through chain ops."""
+    frontier: list[tuple[object, list[fx.Node]]] = [(start, [])]
+    for _ in range(_MAX_CHAIN):
+        next_frontier = []
+        for node, path in frontier:
+            if not isinstance(node, fx.Node):
+                continue
+            kind = kinds.get(node)
+            if kind == target_kind:
+                return path + [node]
+            if kind in _CHAIN_KINDS:
+                next_frontier.extend((arg, path + [node]) for arg in node.all_input_nodes)
+        frontier = next_frontier
+    return None
+
+
+def _strip(node: object, kinds: dict[fx.Node, str]) -> object:
+    """See through scaling and layout ops to the tensor a matmul really reads."""
+    while isinstance(node, fx.Node) and kinds.get(node) in ("permute", "mul", "div", "cast", "reshape"):
+        node = node.args[0]
+    return node
+
+
+def find_softmax_attention(graph: fx.Graph, kinds: dict[fx.Node, str]) -> dict[fx.Node, AttentionInfo]:
+    """Output matmul of every softmax(QK^T)V subgraph, with its q, k, v."""
+    found: dict[fx.Node, AttentionInfo] = {}
+    for node in graph.nodes:
+        if kinds.get(node) != "matmul":
+            continue
+        operands = matmul_operands(node)
+        if len(operands) != 2:
+            continue
+        for probs_index in (0, 1):
+            to_softmax = _walk_back(operands[probs_index], "softmax", kinds)
+            if to_softmax is None:
+                continue
+            softmax = to_softmax[-1]
+            to_scores = _walk_back(softmax.args[0], "matmul", kinds)
+            if to_scores is None:
+                continue
+            scores = to_scores[-1]
+            score_operands = matmul_operands(scores)
+            if len(score_operands) != 2 or scores in found:
+                continue
+            query, key = (_strip(arg, kinds) for arg in score_operands)
+            value = operands[1 - probs_index]
+            if not all(isinstance(n, fx.Node) for n in (query, key, value)):
+                continue
+            parts = tuple(dict.fromkeys(n.name for n in to_softmax + to_scores))
+            found[node] = AttentionInfo(query.name, key.name, value.name, parts)
+            break
+    return found
+
+
+def fused_attention_info(node: fx.Node) -> AttentionInfo | None:
+    """q, k, v of an sdpa call or an nn.MultiheadAttention module."""
+    names = []
+    for index, keyword in enumerate(("query", "key", "value")):
+        arg = node.args[index] if index < len(node.args) else node.kwargs.get(keyword)
+        if not isinstance(arg, fx.Node):
+            return None
+        names.append(arg.name)
+    return AttentionInfo(*names)

@@ -1,0 +1,191 @@
+"""torch.fx symbolic tracing with leaf fallback and specialised default inputs.
+
+    model.forward(x, attn_mask=None, is_causal=False)
+        -> GraphModule.forward(x)          defaulted inputs specialised away
+
+    blocks.3.attn raises during tracing (data-dependent control flow)
+        -> retried with blocks.3.attn as a leaf: one call_module node,
+           reported as opaque with the reason, the rest of the model traced
+
+Leaves: torch.nn primitives (no children), nn.MultiheadAttention (one
+attention operation), timm's no-trace modules, and modules that failed to
+trace. timm's no-trace functions (and torch's transformer helpers that branch
+on tensor attributes) are autowrapped: they appear as single call_function
+nodes. The MHA fast path is switched off while tracing, so
+nn.TransformerEncoder(Layer) takes its traceable Python path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import fx, nn
+from torch.fx.graph import CodeGen, _PyTreeCodeGen
+from torch.utils import _pytree as pytree
+
+_ALWAYS_LEAF: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+# Private torch helpers that branch on tensor attributes (``src.is_nested``);
+# fx's autowrap skips names starting with '_', so they are patched here.
+_PRIVATE_NOTRACE = ((torch.nn.modules.transformer, "_get_seq_len"),)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_MAX_FALLBACKS = 64
+_SPECIALISATION_CHECKS = frozenset({"_assert_is_none", "_assert", "eq"})
+
+
+@dataclass(frozen=True)
+class OpaqueModule:
+    """A submodule traced as one node because tracing into it failed."""
+
+    path: str
+    class_name: str
+    reason: str
+
+
+class FxTraceFailure(Exception):
+    """The model's own forward (not a submodule) cannot be traced by fx."""
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _model_code_location(error: BaseException) -> str:
+    """file:line of the innermost frame outside torch.fx, i.e. in the model's code."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f"{os.sep}torch{os.sep}fx{os.sep}" not in f.filename]
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+
+
+def trace_failure(error: BaseException) -> str:
+    return f"{first_line(error)} (at {_model_code_location(error)})"
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(f for f in get_notrace_functions() if callable(f))
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: set[str], autowrap: tuple[Any, ...]):
+        super().__init__(autowrap_functions=autowrap)
+        self.leaf_types = leaf_types
+        self.leaf_paths = leaf_paths
+        self.failed_path: str | None = None  # innermost module whose forward raised
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_paths or isinstance(m, self.leaf_types):
+            return True
+        from_torch_nn = type(m).__module__.startswith(("torch.nn", "torch.ao.nn"))
+        return from_torch_nn and not isinstance(m, _CONTAINERS) and not any(True for _ in m.children())
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_path is None:
+                self.failed_path = self.path_of_module(m)
+            raise
+
+
+def defaulted_inputs(model: nn.Module, n_given: int) -> dict[str, Any]:
+    """forward() parameters beyond the example inputs, with their defaults."""
+    specialised = {}
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for param in params[n_given:]:
+        if param.default is inspect.Parameter.empty:
+            raise TypeError(f"forward() needs input '{param.name}' but only {n_given} example input(s) were given")
+        specialised[param.name] = param.default
+    return specialised
+
+
+def _drop_specialised_inputs(graph: fx.Graph, n_inputs: int) -> None:
+    """Remove the placeholders fx keeps for concrete args, and their checks."""
+    for node in [n for n in graph.nodes if n.op == "placeholder"][n_inputs:]:
+        doomed, frontier = [], [node]
+        while frontier:
+            current = frontier.pop()
+            doomed.append(current)
+            for user in current.users:
+                name = getattr(user.target, "__name__", str(user.target))
+                if name not in _SPECIALISATION_CHECKS:
+                    raise AssertionError(f"specialised input {node.target} is still used by {user}")
+                frontier.append(user)
+        for dead in reversed(list(dict.fromkeys(doomed))):
+            if not dead.users:
+                graph.erase_node(dead)
+    if isinstance(graph._codegen, _PyTreeCodeGen):
+        # Concrete args made fx wrap forward in pytree (un)flattening; the graph
+        # now takes plain tensors again, so restore the plain code generator.
+        out_spec = graph._codegen.pytree_info.out_spec
+        output = next(n for n in reversed(graph.nodes) if n.op == "output")
+        flat = list(output.args[0])
+        output.args = (pytree.tree_unflatten(flat, out_spec) if out_spec is not None else flat,)
+        graph._codegen = CodeGen()
+
+
+def _leaf_function(fn: Any) -> Any:
+    """``fn`` recorded as one call_function node when it receives a Proxy."""
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        proxy = next((a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)), None)
+        if proxy is None:
+            return fn(*args, **kwargs)
+        return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+    return wrapper
+
+
+@contextmanager
+def _tracing_environment() -> Iterator[None]:
+    """MHA fast path off (its checks branch on tensors) and private helpers wrapped."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    originals = [(module, name, getattr(module, name)) for module, name in _PRIVATE_NOTRACE]
+    torch.backends.mha.set_fastpath_enabled(False)
+    for module, name, fn in originals:
+        setattr(module, name, _leaf_function(fn))
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+        for module, name, fn in originals:
+            setattr(module, name, fn)
+
+
+def fx_trace(model: nn.Module, n_inputs: int) -> tuple[fx.GraphModule, list[OpaqueModule]]:
+    """Trace ``model`` with fx, making failing submodules leaves (see module doc)."""
+    timm_leaves, timm_functions = _timm_notrace()
+    leaf_types = _ALWAYS_LEAF + timm_leaves
+    autowrap = timm_functions
+    concrete = defaulted_inputs(model, n_inputs)
+    modules = dict(model.named_modules())
+    opaque: list[OpaqueModule] = []
+    leaf_paths: set[str] = set()
+    with _tracing_environment():
+        for _ in range(_MAX_FALLBACKS):
+            tracer = _Tracer(leaf_types, leaf_paths, autowrap)
+            try:
+                graph = tracer.trace(model, concrete_args=concrete or None)
+                break
+            except Exception as error:
+                path = tracer.failed_path
+                if not path or path in leaf_paths:
+                    raise FxTraceFailure(trace_failure(error)) from error
+                leaf_paths.add(path)
+                opaque = [o for o in opaque if not o.path.startswith(path + ".")]
+                opaque.append(OpaqueModule(path, type(modules[path]).__name__, trace_failure(error)))
+        else:
+            raise FxTraceFailure(f"more than {_MAX_FALLBACKS} submodules failed to trace")
+    _drop_specialised_inputs(graph, n_inputs)
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, opaque
