@@ -19,7 +19,6 @@ from typing import Any, Sequence
 
 import torch
 from torch import fx
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from utune_fx.trace import opkinds
 from utune_fx.trace.attention import AttentionInfo, find_softmax_attention, fused_attention_info
@@ -77,12 +76,25 @@ def _scope_stack(node: fx.Node, modules: dict[str, torch.nn.Module]) -> tuple[tu
     return tuple((path, class_qualname(cls)) for path, cls in recorded.values() if path)
 
 
-def _shapes(meta: object) -> tuple[Shape | None, str | None, tuple[Shape | None, ...]]:
-    if isinstance(meta, TensorMetadata):
-        return tuple(meta.shape), str(meta.dtype).removeprefix("torch."), ()
-    if isinstance(meta, (tuple, list)):
-        return None, None, tuple(tuple(m.shape) if isinstance(m, TensorMetadata) else None for m in meta)
+def _shapes(value: object) -> tuple[Shape | None, str | None, tuple[Shape | None, ...]]:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), str(value.dtype).removeprefix("torch."), ()
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        return None, None, tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in value)
     return None, None, ()
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph once and keeps (shape, dtype) of every node's value."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, tuple] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        self.shapes[n] = _shapes(result)
+        return result
 
 
 def _op_name(node: fx.Node, module: torch.nn.Module | None) -> str:
@@ -92,15 +104,17 @@ def _op_name(node: fx.Node, module: torch.nn.Module | None) -> str:
     return name
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.Node, tuple]:
     """One run of the example inputs, in eval mode and without gradients, so
     neither batch-norm statistics nor the user's module state change."""
     modes = {module: module.training for module in gm.modules()}
     try:
         for module in modes:  # not gm.eval(): torch.export's modules refuse it
             module.training = False
+        recorder = _ShapeRecorder(gm)
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+            recorder.run(*example_inputs)
+        return recorder.shapes
     finally:
         for module, training in modes.items():
             module.training = training
@@ -108,7 +122,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
 
 def annotate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
     """Attach a :class:`NodeInfo` to every node of ``gm`` (in place)."""
-    propagate_shapes(gm, example_inputs)
+    shapes = propagate_shapes(gm, example_inputs)
     modules = dict(gm.named_modules())
     kinds: dict[fx.Node, str] = {}
     names: dict[fx.Node, str] = {}
@@ -128,7 +142,7 @@ def annotate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModul
 
     for node in gm.graph.nodes:
         stack = _scope_stack(node, modules)
-        shape, dtype, item_shapes = _shapes(node.meta.get("tensor_meta"))
+        shape, dtype, item_shapes = shapes.get(node, (None, None, ()))
         node.meta[META_KEY] = NodeInfo(
             op_kind=kinds[node],
             op_name=names[node],

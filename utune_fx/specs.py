@@ -1,0 +1,205 @@
+"""Model specs: how the command line names a model, and its example inputs.
+
+    timm:vit_base_patch16_224                      timm.create_model(name, pretrained=False)
+    timm:vit_tiny_patch16_224?img_size=32&depth=6  options become keyword arguments
+    torchvision.models:resnet18?num_classes=10     package.module:callable(**options)
+    path/to/model.py:build?width=64                a function or nn.Module class in a file
+
+Option values are read as YAML scalars (``32`` -> int, ``true`` -> bool,
+``[1, 2]`` -> list); nothing is evaluated. A spec may also name an nn.Module
+instance. Example inputs come from ``--input-shape`` (``2,3,224,224``, an
+optional ``:int64`` dtype, once per input) or, for timm models, from the
+pretrained config with the spec's img_size/in_chans applied; batch size 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import inspect
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import torch
+import yaml
+from torch import nn
+
+from utune_fx.errors import UtuneError
+from utune_fx.trace.fx_frontend import first_line
+
+DEFAULT_MODEL = "timm:vit_base_patch16_224"
+DEFAULT_BATCH = 2  # not 1: torch.export specialises size-1 dimensions
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+
+
+@dataclass
+class ModelSpec:
+    text: str  # as the user wrote it
+    source: str  # 'timm', 'import' or 'file'
+    target: str  # timm model name, module path or file path
+    attribute: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec.text
+
+
+def _parse_options(query: str, text: str) -> dict[str, Any]:
+    options = {}
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
+        if not key.isidentifier():
+            raise UtuneError(f"bad option {key!r} in model spec {text!r}: options are name=value pairs joined by '&'")
+        try:
+            options[key] = yaml.safe_load(value) if value else True
+        except yaml.YAMLError:
+            options[key] = value
+    return options
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    body, _, query = text.partition("?")
+    options = _parse_options(query, text)
+    if body.startswith("timm:"):
+        return ModelSpec(text, "timm", body[len("timm:"):], None, options)
+    path, sep, attribute = body.rpartition(":")
+    if not sep or not path or not attribute:
+        hint = f"; did you mean timm:{body}?" if _is_timm_model(body) else ""
+        raise UtuneError(f"cannot read model spec {text!r}: use timm:NAME, package.module:callable "
+                         f"or path/to/file.py:callable{hint}")
+    source = "file" if path.endswith(".py") or "/" in path or "\\" in path else "import"
+    return ModelSpec(text, source, path, attribute, options)
+
+
+def _is_timm_model(name: str) -> bool:
+    import timm
+    return timm.is_model(name)
+
+
+def _create_timm(spec: ModelSpec) -> nn.Module:
+    import timm
+    if not timm.is_model(spec.target):
+        close = difflib.get_close_matches(spec.target, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for the names"
+        raise UtuneError(f"unknown timm model {spec.target!r} in {spec.text!r}; {hint}")
+    options = {"pretrained": False, **spec.options}
+    try:
+        return timm.create_model(spec.target, **options)
+    except TypeError as error:
+        raise UtuneError(f"timm model {spec.target!r} rejects the options in {spec.text!r} ({first_line(error)})") from error
+    except Exception as error:
+        if options.get("pretrained"):
+            raise UtuneError(f"cannot load pretrained weights for {spec.target!r} ({first_line(error)}); "
+                             "use pretrained=false, or put the weights in the Hugging Face cache") from error
+        raise UtuneError(f"timm could not build {spec.text!r} ({first_line(error)})") from error
+
+
+def _import_attribute(spec: ModelSpec) -> Any:
+    if spec.source == "file":
+        path = Path(spec.target)
+        if not path.is_file():
+            raise UtuneError(f"model file {str(path)!r} not found (from {spec.text!r}); check the path")
+        module_name = f"utune_fx_user_{path.stem}"
+        loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[module_name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as error:
+            raise UtuneError(f"importing {str(path)!r} failed ({first_line(error)}); run it with python to see why") from error
+    else:
+        try:
+            module = importlib.import_module(spec.target)
+        except ImportError as error:
+            raise UtuneError(f"cannot import module {spec.target!r} for {spec.text!r} ({first_line(error)}); "
+                             "is the package installed?") from error
+    try:
+        return getattr(module, spec.attribute)
+    except AttributeError:
+        raise UtuneError(f"{spec.target!r} has no attribute {spec.attribute!r} (from {spec.text!r})") from None
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    if spec.source == "timm":
+        return _create_timm(spec)
+    found = _import_attribute(spec)
+    where = f"{spec.target}:{spec.attribute}"
+    if isinstance(found, nn.Module):
+        if spec.options:
+            raise UtuneError(f"{where} is a module instance; options {sorted(spec.options)} cannot apply to it")
+        return found
+    if not callable(found):
+        raise UtuneError(f"{where} is a {type(found).__name__}, not a callable or nn.Module")
+    try:
+        model = found(**spec.options)
+    except Exception as error:
+        raise UtuneError(f"calling {where}({', '.join(spec.options)}) failed ({first_line(error)})") from error
+    if not isinstance(model, nn.Module):
+        kind = "class" if inspect.isclass(found) else "callable"
+        raise UtuneError(f"{kind} {where} returned {type(model).__name__}, not a torch.nn.Module; "
+                         "it must build and return the model")
+    return model
+
+
+def parse_input_shape(text: str) -> tuple[tuple[int, ...], torch.dtype]:
+    dims, _, dtype_name = text.partition(":")
+    dtype_name = dtype_name or "float32"
+    try:
+        shape = tuple(int(d) for d in dims.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise UtuneError(f"bad --input-shape {text!r}: expected positive integers joined by commas, "
+                         "e.g. 2,3,224,224 (optionally :int64)")
+    if dtype_name not in _DTYPES:
+        raise UtuneError(f"bad dtype {dtype_name!r} in --input-shape {text!r}; use one of {', '.join(_DTYPES)}")
+    return shape, _DTYPES[dtype_name]
+
+
+def _timm_input_shape(model: nn.Module, spec: ModelSpec) -> tuple[int, ...] | None:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" not in cfg:
+        return None
+    channels, height, width = cfg["input_size"]
+    img_size = spec.options.get("img_size")
+    if isinstance(img_size, int):
+        height = width = img_size
+    elif isinstance(img_size, (list, tuple)) and len(img_size) == 2:
+        height, width = img_size
+    channels = spec.options.get("in_chans", channels)
+    return (DEFAULT_BATCH, channels, height, width)
+
+
+def make_inputs(shapes: list[tuple[tuple[int, ...], torch.dtype]], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random inputs; integer inputs (token ids) are 0 or 1, valid for any vocabulary."""
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(
+        torch.randn(shape, generator=generator, dtype=dtype) if dtype.is_floating_point
+        else torch.randint(0, 2, shape, generator=generator).to(dtype)
+        for shape, dtype in shapes
+    )
+
+
+def load_model(text: str, input_shapes: list[str] | None = None) -> LoadedModel:
+    """Build the model a spec names, in eval mode, with example inputs."""
+    spec = parse_model_spec(text)
+    parsed = [parse_input_shape(s) for s in input_shapes or []]  # check before building
+    model = build_model(spec).eval()
+    if not parsed:
+        shape = _timm_input_shape(model, spec) if spec.source == "timm" else None
+        if shape is None:
+            raise UtuneError(f"cannot tell the input shape of {text!r}; pass --input-shape, e.g. --input-shape 2,3,224,224")
+        parsed = [(shape, torch.float32)]
+    return LoadedModel(spec, model, make_inputs(parsed))
