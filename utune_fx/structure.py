@@ -13,11 +13,12 @@ Kinds and how each is recognised (never by module name):
   activation), to linears or pointwise convs L1 with in_channels(L1) ==
   out_channels(L2); a gate such as squeeze-excitation (L2 feeding a
   multiplication with its own input) is not an mlp.
-- residual: ``add(a, b)`` with a, b and the sum of one shape where the
-  nearest node dominating the add (on the data flow from the first input) is
-  a real node x: the region is everything between x and the add, and it
-  holds a weighted op. Pre-norm ``x + f(x)``, post-norm and projected
-  shortcuts all qualify; ``x + pos_embed`` does not.
+- residual: ``add(a, b)`` with a, b and the sum of one shape, where a is an
+  ancestor of b (``x + f(x)``, also when f reads other inputs, as in CaiT's
+  class attention), or else where the nearest node dominating the add on the
+  data flow from the first input is a real node x (``f(x) + g(x)``, projected
+  shortcuts); the region between holds a weighted op or a norm.
+  ``x + pos_embed`` is no residual.
 - block: the residual regions of one module (the module that writes the
   adds), merged.
 - linear, conv, norm: single nodes of those kinds.
@@ -45,7 +46,7 @@ _ATTENTION_PASS = frozenset({
     "norm", "arith", "cat", "shape", "other", "pad",
 })
 # Ops allowed inside an mlp between its two linears.
-_MLP_PASS = frozenset({"act", "dropout", "norm", "mul", "getitem", "split", "identity", "cast"})
+_MLP_PASS = frozenset({"act", "dropout", "norm", "mul", "getitem", "split", "identity", "cast", "reshape"})
 # Ops an mlp output passes on its way to a gate (squeeze-excitation).
 _GATE_PASS = frozenset({"act", "dropout", "identity", "cast"})
 
@@ -94,12 +95,14 @@ def _is_weight(node: fx.Node) -> bool:
     return _kind(node) in ("param", "constant")
 
 
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """Inputs that carry tensors (shape arithmetic is not data flow)."""
+    return [n for n in node.all_input_nodes if node_info(n).shape is not None or node_info(n).item_shapes]
+
+
 def _data_inputs(node: fx.Node) -> list[fx.Node]:
-    """Tensor inputs that are not weights (shape arithmetic is not data flow)."""
-    return [
-        n for n in node.all_input_nodes
-        if (node_info(n).shape is not None or node_info(n).item_shapes) and not _is_weight(n)
-    ]
+    """Tensor inputs that are not weights."""
+    return [n for n in _tensor_inputs(node) if not _is_weight(n)]
 
 
 def _channels(op: fx.Node, of_input: bool) -> int | None:
@@ -146,17 +149,6 @@ def _walk(start: list[fx.Node], passable: frozenset[str], stop, limit: int = 64)
     return stops, visited, dead
 
 
-def _region(x: fx.Node, sink: fx.Node) -> list[fx.Node]:
-    """Nodes after ``x`` up to ``sink`` (x dominates sink, so the walk stays local)."""
-    seen, frontier = {sink}, [sink]
-    while frontier:
-        for pred in _data_inputs(frontier.pop()):
-            if pred is not x and pred not in seen:
-                seen.add(pred)
-                frontier.append(pred)
-    return list(seen)
-
-
 class _Finder:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
@@ -179,6 +171,21 @@ class _Finder:
         )
         self.ops[kind].append(op)
         return op
+
+    def _between(self, start: fx.Node, sink: fx.Node) -> list[fx.Node] | None:
+        """Nodes on data paths from ``start`` to ``sink`` (sink included), or None
+        if ``start`` is not an ancestor. Only nodes after ``start`` in graph order
+        are visited, so the search stays local to the region."""
+        floor, found = self.order[start], False
+        seen, frontier = {sink}, [sink]
+        while frontier:
+            for pred in _tensor_inputs(frontier.pop()):
+                if pred is start:
+                    found = True
+                elif self.order[pred] > floor and pred not in seen:
+                    seen.add(pred)
+                    frontier.append(pred)
+        return list(seen) if found else None
 
     def attention(self, node: fx.Node) -> None:
         if node.op == "call_module":  # nn.MultiheadAttention: one module is the whole operation
@@ -226,6 +233,20 @@ class _Finder:
             node = passing[0]
         return False
 
+    def _residual_region(self, add: fx.Node, dominators: dict) -> tuple[fx.Node, list[fx.Node]] | None:
+        """(start, region) of a residual add: a direct skip ``x + f(x)`` first,
+        else the nearest dominator (projected shortcuts: ``f(x) + g(x)``)."""
+        a, b = add.args[:2]
+        for skip, branch in ((a, b), (b, a)):
+            region = self._between(skip, branch)
+            if region is not None:
+                return skip, region + [add]
+        start = dominators.get(add)
+        if start is None or start is add:
+            return None
+        region = self._between(start, add)
+        return (start, region) if region is not None else None
+
     def residuals(self) -> None:
         graph = nx.DiGraph()
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
@@ -240,18 +261,16 @@ class _Finder:
         dominators = nx.immediate_dominators(graph, placeholders[0])
         blocks: dict[str, list[Operation]] = defaultdict(list)
         for node in self.gm.graph.nodes:
-            if _kind(node) != "add" or node not in dominators:
+            if _kind(node) != "add":
                 continue
             operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
             shape = node_info(node).shape
             if len(operands) != 2 or not shape or any(node_info(a).shape != shape for a in operands):
                 continue
-            if any(a not in reachable for a in operands):
+            found = self._residual_region(node, dominators)
+            if found is None:
                 continue
-            start = dominators[node]
-            if start is node:
-                continue
-            region = _region(start, node)
+            start, region = found
             weighted = [n for n in region if _kind(n) in WEIGHTED_KINDS or _kind(n) == "norm"]
             if not weighted:
                 continue

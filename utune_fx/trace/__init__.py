@@ -38,6 +38,7 @@ class TraceReport:
     seconds: float  # tracing and annotation, wall time
     input_shapes: list[tuple[int, ...]]
     opaque: list[OpaqueModule] = field(default_factory=list)
+    shape_decisions: list[str] = field(default_factory=list)  # shape branches fixed to the inputs
     fx_failure: str | None = None  # why fx was not used, when export was
 
 
@@ -76,7 +77,7 @@ def trace(model: nn.Module, example_inputs: Any, *, frontend: Frontend = "auto",
     was_training = model.training
     model.eval()  # branches on self.training are taken as at inference
     try:
-        gm, opaque, fx_failure = _trace_with(model, inputs, frontend, name)
+        gm, fx_result, fx_failure = _trace_with(model, inputs, frontend, name)
     finally:
         model.train(was_training)
     try:
@@ -89,7 +90,8 @@ def trace(model: nn.Module, example_inputs: Any, *, frontend: Frontend = "auto",
         frontend="fx" if fx_failure is None and frontend != "export" else "export",
         seconds=time.perf_counter() - started,
         input_shapes=[_shape_of(x) for x in inputs],
-        opaque=opaque,
+        opaque=fx_result.opaque if fx_result else [],
+        shape_decisions=list(dict.fromkeys(fx_result.shape_decisions)) if fx_result else [],
         fx_failure=fx_failure,
     )
     gm.meta[_REPORT_KEY] = report
@@ -100,8 +102,8 @@ def _trace_with(model: nn.Module, inputs: tuple[Any, ...], frontend: Frontend, n
     fx_failure = None
     if frontend in ("auto", "fx"):
         try:
-            gm, opaque = fx_trace(model, len(inputs))
-            return gm, opaque, None
+            result = fx_trace(model, inputs)
+            return result.gm, result, None
         except TypeError as error:  # forward() needs inputs that were not given
             raise UtuneError(f"{name}: {error}; pass one --input-shape per input") from error
         except FxTraceFailure as error:
@@ -109,7 +111,7 @@ def _trace_with(model: nn.Module, inputs: tuple[Any, ...], frontend: Frontend, n
             if frontend == "fx":
                 raise UtuneError(f"{name} cannot be traced by torch.fx ({fx_failure}); try --frontend export") from error
     try:
-        return export_trace(model, inputs), [], fx_failure
+        return export_trace(model, inputs), None, fx_failure
     except Exception as error:
         check_inputs(model, inputs, name)
         why = f"torch.fx: {fx_failure}; torch.export: {first_line(error)}" if fx_failure else first_line(error)

@@ -9,6 +9,9 @@ by hand; the normaliser makes both look the same to rules:
     after:   m2                                  kind attention, attention={q, k, v, parts}
              m1, s                               keep their kinds, part_of = m2
 
+The factorised form of CoaT, ``q @ (softmax(k)^T @ v)``, is attention too:
+the outer matmul takes the kind, the inner one and the softmax are its parts.
+
 Between the two matmuls and the softmax any short chain of scaling, masking,
 bias, reshape, permute, dropout or head-mixing linear ops may sit (BEiT's
 relative position bias, Swin's window mask, CaiT's talking heads).
@@ -64,8 +67,42 @@ def _strip(node: object, kinds: dict[fx.Node, str]) -> object:
     return node
 
 
+def _factorised(node: fx.Node, operands: list, kinds: dict[fx.Node, str], taken: set) -> AttentionInfo | None:
+    """Q (softmax(K)^T V): CoaT's factorised attention, softmax over keys first."""
+    for context_index in (0, 1):
+        to_context = _walk_back(operands[context_index], "matmul", kinds)
+        if to_context is None or to_context[-1] is node or to_context[-1] in taken:
+            continue
+        context = to_context[-1]
+        inner = matmul_operands(context)
+        for probs_index in range(len(inner)):
+            to_softmax = _walk_back(inner[probs_index], "softmax", kinds)
+            if to_softmax is None or len(inner) != 2:
+                continue
+            query, key, value = operands[1 - context_index], to_softmax[-1].args[0], inner[1 - probs_index]
+            if all(isinstance(n, fx.Node) for n in (query, key, value)):
+                parts = tuple(dict.fromkeys(n.name for n in to_context + to_softmax))
+                return AttentionInfo(query.name, key.name, value.name, parts)
+    return None
+
+
 def find_softmax_attention(graph: fx.Graph, kinds: dict[fx.Node, str]) -> dict[fx.Node, AttentionInfo]:
-    """Output matmul of every softmax(QK^T)V subgraph, with its q, k, v."""
+    """Output matmul of every softmax(QK^T)V subgraph (or its factorised form
+    Q (softmax(K)^T V)), with its q, k, v."""
+    found = _find_standard(graph, kinds)
+    taken = set(found) | {n for info in found.values() for n in graph.nodes if n.name in info.parts}
+    for node in graph.nodes:
+        if kinds.get(node) != "matmul" or node in taken:
+            continue
+        operands = matmul_operands(node)
+        info = _factorised(node, operands, kinds, taken) if len(operands) == 2 else None
+        if info is not None:
+            found[node] = info
+            taken |= {node} | {n for n in graph.nodes if n.name in info.parts}
+    return found
+
+
+def _find_standard(graph: fx.Graph, kinds: dict[fx.Node, str]) -> dict[fx.Node, AttentionInfo]:
     found: dict[fx.Node, AttentionInfo] = {}
     for node in graph.nodes:
         if kinds.get(node) != "matmul":

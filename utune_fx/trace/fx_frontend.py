@@ -3,15 +3,21 @@
     model.forward(x, attn_mask=None, is_causal=False)
         -> GraphModule.forward(x)          defaulted inputs specialised away
 
+    if pad_b > 0: ...  (pad_b computed from x.shape)
+        -> branch decided on the example inputs (see :mod:`.shape_branches`)
+
     blocks.3.attn raises during tracing (data-dependent control flow)
         -> retried with blocks.3.attn as a leaf: one call_module node,
            reported as opaque with the reason, the rest of the model traced
 
 Leaves: torch.nn primitives (no children), nn.MultiheadAttention (one
-attention operation), timm's no-trace modules, and modules that failed to
-trace. timm's no-trace functions (and torch's transformer helpers that branch
-on tensor attributes) are autowrapped: they appear as single call_function
-nodes. The MHA fast path is switched off while tracing, so
+attention operation), and modules that failed to trace. timm's no-trace
+*modules* are traced through: most were registered for shape-dependent
+branches, which are specialised here, and hiding them would hide the
+attention inside Twins, MobileViT or TinyViT; any that still fail become
+leaves like every other module. timm's no-trace functions (and torch's
+transformer helpers that branch on tensor attributes) are autowrapped: they
+appear as single call_function nodes. The MHA fast path is switched off while tracing, so
 nn.TransformerEncoder(Layer) takes its traceable Python path.
 """
 
@@ -29,6 +35,8 @@ import torch
 from torch import fx, nn
 from torch.fx.graph import CodeGen, _PyTreeCodeGen
 from torch.utils import _pytree as pytree
+
+from utune_fx.trace.shape_branches import ShapeBranches
 
 _ALWAYS_LEAF: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
 # Private torch helpers that branch on tensor attributes (``src.is_nested``);
@@ -59,7 +67,8 @@ def first_line(error: BaseException) -> str:
 
 def _model_code_location(error: BaseException) -> str:
     """file:line of the innermost frame outside torch.fx, i.e. in the model's code."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if f"{os.sep}torch{os.sep}fx{os.sep}" not in f.filename]
+    ours = (f"{os.sep}torch{os.sep}fx{os.sep}", f"{os.sep}utune_fx{os.sep}trace{os.sep}")
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not any(p in f.filename for p in ours)]
     return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
 
 
@@ -67,20 +76,27 @@ def trace_failure(error: BaseException) -> str:
     return f"{first_line(error)} (at {_model_code_location(error)})"
 
 
-def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+def _timm_notrace_functions() -> tuple[Any, ...]:
     try:
-        from timm.layers import get_notrace_functions, get_notrace_modules
+        from timm.layers import get_notrace_functions
     except ImportError:
-        return (), ()
-    return tuple(get_notrace_modules()), tuple(f for f in get_notrace_functions() if callable(f))
+        return ()
+    return tuple(f for f in get_notrace_functions() if callable(f))
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: set[str], autowrap: tuple[Any, ...]):
+    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: set[str], autowrap: tuple[Any, ...],
+                 branches: ShapeBranches):
         super().__init__(autowrap_functions=autowrap)
         self.leaf_types = leaf_types
         self.leaf_paths = leaf_paths
+        self.branches = branches
         self.failed_path: str | None = None  # innermost module whose forward raised
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        if self.branches.depends_on_shapes_only(obj.node):
+            return self.branches.decide(obj.node)
+        return super().to_bool(obj)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths or isinstance(m, self.leaf_types):
@@ -88,7 +104,14 @@ class _Tracer(fx.Tracer):
         from_torch_nn = type(m).__module__.startswith(("torch.nn", "torch.ao.nn"))
         return from_torch_nn and not isinstance(m, _CONTAINERS) and not any(True for _ in m.children())
 
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self.branches.evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if self.branches.evaluating:  # fx patches Module.__call__; evaluation must run, not trace
+            return forward(*args, **kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -160,18 +183,24 @@ def _tracing_environment() -> Iterator[None]:
             setattr(module, name, fn)
 
 
-def fx_trace(model: nn.Module, n_inputs: int) -> tuple[fx.GraphModule, list[OpaqueModule]]:
+@dataclass
+class FxTrace:
+    gm: fx.GraphModule
+    opaque: list[OpaqueModule]
+    shape_decisions: list[str]  # 'file.py:line -> True' for each branch specialised
+
+
+def fx_trace(model: nn.Module, inputs: tuple[Any, ...]) -> FxTrace:
     """Trace ``model`` with fx, making failing submodules leaves (see module doc)."""
-    timm_leaves, timm_functions = _timm_notrace()
-    leaf_types = _ALWAYS_LEAF + timm_leaves
-    autowrap = timm_functions
+    autowrap = _timm_notrace_functions()
+    n_inputs = len(inputs)
     concrete = defaulted_inputs(model, n_inputs)
     modules = dict(model.named_modules())
     opaque: list[OpaqueModule] = []
     leaf_paths: set[str] = set()
     with _tracing_environment():
         for _ in range(_MAX_FALLBACKS):
-            tracer = _Tracer(leaf_types, leaf_paths, autowrap)
+            tracer = _Tracer(_ALWAYS_LEAF, leaf_paths, autowrap, ShapeBranches(model, inputs))
             try:
                 graph = tracer.trace(model, concrete_args=concrete or None)
                 break
@@ -188,4 +217,4 @@ def fx_trace(model: nn.Module, n_inputs: int) -> tuple[fx.GraphModule, list[Opaq
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     gm.graph.lint()
     gm.recompile()
-    return gm, opaque
+    return FxTrace(gm, opaque, tracer.branches.decisions)

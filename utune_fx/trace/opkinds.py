@@ -56,7 +56,7 @@ _NAMES_BY_KIND: dict[str, tuple[str, ...]] = {
     "cat": ("cat", "concat", "concatenate", "stack", "hstack", "vstack"),
     "reshape": (
         "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous",
-        "expand", "expand_as", "view_as", "_unsafe_view", "broadcast_to", "repeat",
+        "expand", "expand_as", "view_as", "reshape_as", "_unsafe_view", "broadcast_to", "repeat",
         "squeeze_", "unsqueeze_", "alias",
     ),
     "permute": ("permute", "transpose", "t", "swapaxes", "swapdims", "movedim", "transpose_", "roll", "flip"),
