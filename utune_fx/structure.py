@@ -16,8 +16,9 @@ Kinds and how each is recognised (never by module name):
 - residual: ``add(a, b)`` with a, b and the sum of one shape, where a is an
   ancestor of b (``x + f(x)``, also when f reads other inputs, as in CaiT's
   class attention), or else where the nearest node dominating the add on the
-  data flow from the first input is a real node x (``f(x) + g(x)``, projected
-  shortcuts); the region between holds a weighted op or a norm.
+  data flow from the first input is a node x produced outside the module
+  that writes the add (``f(x) + g(x)``, projected shortcuts); the region
+  between holds a weighted op or a norm.
   ``x + pos_embed`` is no residual.
 - block: the residual regions of one module (the module that writes the
   adds), merged.
@@ -130,6 +131,18 @@ def _is_pointwise(node: fx.Node, modules: dict) -> bool:
     return bool(shape) and set(shape[2:]) <= {1} and groups == 1
 
 
+def _skip_source(node: fx.Node) -> fx.Node:
+    """The tensor a skip connection carries, seen through identity, dropout,
+    casts and scaling by a weight (MetaFormer's res_scale)."""
+    while True:
+        kind = _kind(node)
+        inputs = _data_inputs(node)
+        if len(inputs) != 1 or not (kind in ("identity", "dropout", "cast") or kind in ("mul", "div") and
+                                    len(_tensor_inputs(node)) == 2):
+            return node
+        node = inputs[0]
+
+
 def _walk(start: list[fx.Node], passable: frozenset[str], stop, limit: int = 64):
     """Back-walk from ``start`` through ``passable`` kinds; returns (stops, visited, dead_ends)."""
     stops, visited, dead = [], [], []
@@ -236,7 +249,7 @@ class _Finder:
     def _residual_region(self, add: fx.Node, dominators: dict) -> tuple[fx.Node, list[fx.Node]] | None:
         """(start, region) of a residual add: a direct skip ``x + f(x)`` first,
         else the nearest dominator (projected shortcuts: ``f(x) + g(x)``)."""
-        a, b = add.args[:2]
+        a, b = (_skip_source(n) for n in add.args[:2])
         for skip, branch in ((a, b), (b, a)):
             region = self._between(skip, branch)
             if region is not None:
@@ -244,6 +257,9 @@ class _Finder:
         start = dominators.get(add)
         if start is None or start is add:
             return None
+        scope, start_scope = node_info(add).scope, node_info(start).scope
+        if scope and (start_scope == scope or start_scope.startswith(scope + ".")):
+            return None  # two branches merged inside one module (CoaT's attention + conv term)
         region = self._between(start, add)
         return (start, region) if region is not None else None
 

@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from utune_fx.errors import UtuneError
-from utune_fx.trace.annotate import NodeInfo, annotate, node_info
+from utune_fx.trace.annotate import NodeInfo, annotate, node_info, set_training
 from utune_fx.trace.export_frontend import export_trace
 from utune_fx.trace.fx_frontend import FxTraceFailure, OpaqueModule, first_line, fx_trace
 from utune_fx.trace.opkinds import OP_KINDS
@@ -86,6 +86,8 @@ def trace(model: nn.Module, example_inputs: Any, *, frontend: Frontend = "auto",
         check_inputs(model, inputs, name)
         raise UtuneError(f"{name}: the traced graph does not run on the example inputs ({first_line(error)}); "
                          "try --frontend export") from error
+    set_training(gm, was_training)
+    model.train(was_training)  # the graph shares the model's leaf modules
     report = TraceReport(
         frontend="fx" if fx_failure is None and frontend != "export" else "export",
         seconds=time.perf_counter() - started,

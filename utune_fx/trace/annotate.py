@@ -104,6 +104,12 @@ def _op_name(node: fx.Node, module: torch.nn.Module | None) -> str:
     return name
 
 
+def set_training(module: torch.nn.Module, mode: bool) -> None:
+    """module.train(mode) without calling train(), which torch.export's modules refuse."""
+    for sub in module.modules():
+        sub.training = mode
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.Node, tuple]:
     """One run of the example inputs, in eval mode and without gradients, so
     neither batch-norm statistics nor the user's module state change."""

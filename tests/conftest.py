@@ -1,0 +1,9 @@
+import utune_fx  # noqa: F401  (defines the torchvision op schemas before timm loads)
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
