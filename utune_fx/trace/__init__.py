@@ -5,8 +5,9 @@
     trace_report(gm)                           # front end, opaque modules, time
 
 Front ends: ``fx`` (torch.fx symbolic tracing, see :mod:`.fx_frontend`) and
-``export`` (torch.export, see :mod:`.export_frontend`). ``auto`` tries fx and
-falls back to torch.export when the model's own forward cannot be traced.
+``export`` (torch.export, see :mod:`.export_frontend`). ``auto`` tries fx; it
+turns to torch.export when fx cannot trace the model's own forward, or when
+fx had to leave submodules opaque and torch.export can see inside them.
 The traced graph computes exactly what the model computes for the example
 inputs; branches on ``self.training`` are taken as in eval mode.
 """
@@ -89,7 +90,7 @@ def trace(model: nn.Module, example_inputs: Any, *, frontend: Frontend = "auto",
     set_training(gm, was_training)
     model.train(was_training)  # the graph shares the model's leaf modules
     report = TraceReport(
-        frontend="fx" if fx_failure is None and frontend != "export" else "export",
+        frontend="fx" if fx_result is not None else "export",
         seconds=time.perf_counter() - started,
         input_shapes=[_shape_of(x) for x in inputs],
         opaque=fx_result.opaque if fx_result else [],
@@ -101,22 +102,30 @@ def trace(model: nn.Module, example_inputs: Any, *, frontend: Frontend = "auto",
 
 
 def _trace_with(model: nn.Module, inputs: tuple[Any, ...], frontend: Frontend, name: str):
-    fx_failure = None
+    """(graph, fx result or None, why fx was not used). In auto mode torch.export
+    also gets a go when fx left modules opaque: it may see inside them."""
+    fx_result, fx_failure = None, None
     if frontend in ("auto", "fx"):
         try:
-            result = fx_trace(model, inputs)
-            return result.gm, result, None
+            fx_result = fx_trace(model, inputs)
         except TypeError as error:  # forward() needs inputs that were not given
             raise UtuneError(f"{name}: {error}; pass one --input-shape per input") from error
         except FxTraceFailure as error:
             fx_failure = str(error)
             if frontend == "fx":
                 raise UtuneError(f"{name} cannot be traced by torch.fx ({fx_failure}); try --frontend export") from error
+        if fx_result is not None and (frontend == "fx" or not fx_result.opaque):
+            return fx_result.gm, fx_result, None
     try:
-        return export_trace(model, inputs), None, fx_failure
+        gm = export_trace(model, inputs)
     except Exception as error:
+        if fx_result is not None:  # keep fx's graph, opaque modules and all
+            return fx_result.gm, fx_result, None
         check_inputs(model, inputs, name)
         why = f"torch.fx: {fx_failure}; torch.export: {first_line(error)}" if fx_failure else first_line(error)
         raise UtuneError(f"{name} cannot be traced ({why}); make the failing code traceable "
                          "or wrap it in a submodule so it can become a leaf") from error
-
+    if fx_result is not None:
+        first = fx_result.opaque[0]
+        fx_failure = (f"{len(fx_result.opaque)} module(s) opaque to torch.fx, first {first.path}: {first.reason}")
+    return gm, None, fx_failure

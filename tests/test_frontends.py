@@ -1,0 +1,147 @@
+"""Front ends: fx with leaf fallback and shape branches, torch.export, errors."""
+
+from collections import Counter
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from toy_models import DataDependentRoot, GatedNet, PadToMultiple, PerToken, transformer_encoder
+from utune_fx.errors import UtuneError
+from utune_fx.structure import find_operations
+from utune_fx.trace import node_info, trace, trace_report
+
+
+def _kinds(gm):
+    return Counter(node_info(n).op_kind for n in gm.graph.nodes)
+
+
+def test_transformer_encoder_traces_through_fx_with_attention_and_ffn():
+    model = transformer_encoder(layers=3).eval()
+    x = torch.randn(2, 5, 32)
+    gm = trace(model, x)
+    assert trace_report(gm).frontend == "fx" and trace_report(gm).opaque == []
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    ops = find_operations(gm)
+    assert [op.scope for op in ops if op.kind == "attention"] == [f"layers.{i}.self_attn" for i in range(3)]
+    assert [op.scope for op in ops if op.kind == "mlp"] == [f"layers.{i}" for i in range(3)]
+    assert [op.contains for op in ops if op.kind == "block"] == [{"attention": 1, "mlp": 1}] * 3
+
+
+def test_data_dependent_submodule_becomes_an_opaque_leaf():
+    model = GatedNet().eval()
+    x = torch.randn(4, 16)
+    gm = trace(model, x)
+    report = trace_report(gm)
+    assert report.frontend == "fx"
+    assert [(o.path, o.class_name) for o in report.opaque] == [("gate", "Gate")]
+    assert "control flow" in report.opaque[0].reason and "toy_models.py:" in report.opaque[0].reason
+    gate = next(n for n in gm.graph.nodes if n.target == "gate")
+    assert node_info(gate).op_kind == "opaque"
+    assert _kinds(gm)["linear"] == 2  # inp and out are still seen
+    with torch.no_grad():
+        for sample in (x.abs(), -x.abs()):  # both branches run: the leaf executes real code
+            assert torch.equal(gm(sample), model(sample))
+
+
+def test_shape_branch_is_specialised_not_leafed():
+    model = PadToMultiple().eval()
+    x = torch.randn(2, 6, 8)
+    gm = trace(model, x)
+    report = trace_report(gm)
+    assert report.opaque == []
+    assert len(report.shape_decisions) == 1 and report.shape_decisions[0].startswith("toy_models.py:")
+    assert report.shape_decisions[0].endswith("-> True")
+    assert _kinds(gm)["pad"] == 1
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+        y = torch.randn(5, 6, 8)  # the batch dimension stays free
+        assert torch.equal(gm(y), model(y))
+
+
+def test_export_front_end_takes_over_when_fx_cannot_trace_the_model_itself():
+    model = PerToken().eval()
+    x = torch.randn(2, 3, 8)
+    gm = trace(model, x)
+    report = trace_report(gm)
+    assert report.frontend == "export"
+    assert "Proxy" in report.fx_failure
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    linears = [n for n in gm.graph.nodes if node_info(n).op_kind == "linear"]
+    assert len(linears) == 3 and {node_info(n).scope for n in linears} == {"fc"}
+    assert [op.kind for op in find_operations(gm) if op.kind in ("residual", "norm")] == ["residual", "norm"]
+
+
+def test_export_front_end_gives_the_same_kinds_and_operations_as_fx():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    by_fx, by_export = trace(model, x, frontend="fx"), trace(model, x, frontend="export")
+    assert trace_report(by_export).frontend == "export"
+    with torch.no_grad():
+        assert torch.equal(by_export(x), model(x))
+    weighted = ("linear", "conv", "norm", "attention", "add")
+    assert {k: _kinds(by_fx)[k] for k in weighted} == {k: _kinds(by_export)[k] for k in weighted}
+
+    def summary(gm):
+        return sorted((op.kind, op.scope, op.out_shape) for op in find_operations(gm))
+    assert summary(by_fx) == summary(by_export)
+
+
+def test_hugging_face_bert_goes_through_torch_export():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16)
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    ids = torch.randint(0, 64, (2, 8))
+
+    class LastHidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = model
+
+        def forward(self, input_ids):
+            return self.bert(input_ids=input_ids).last_hidden_state
+
+    wrapped = LastHidden().eval()
+    gm = trace(wrapped, ids)
+    assert trace_report(gm).frontend == "export"
+    with torch.no_grad():
+        assert torch.equal(gm(ids), wrapped(ids))
+    ops = find_operations(gm)
+    assert [op.scope for op in ops if op.kind == "attention"] == [f"bert.encoder.layer.{i}.attention" for i in range(2)]
+    assert len([op for op in ops if op.kind == "mlp"]) == 2
+
+
+def test_untraceable_model_is_one_clear_error():
+    with pytest.raises(UtuneError) as caught:
+        trace(DataDependentRoot(), torch.randn(2, 8), name="toy:DataDependentRoot")
+    message = str(caught.value)
+    assert message.startswith("toy:DataDependentRoot cannot be traced (torch.fx: TraceError")
+    assert "torch.export:" in message and "\n" not in message
+
+
+def test_forcing_fx_on_a_model_only_export_can_trace_says_what_to_do():
+    with pytest.raises(UtuneError, match="cannot be traced by torch.fx .*try --frontend export"):
+        trace(PerToken(), torch.randn(2, 3, 8), frontend="fx")
+
+
+def test_inputs_the_model_rejects_are_reported_as_such():
+    with pytest.raises(UtuneError, match=r"rejects example input\(s\) of shape 2x3x7 .*pass --input-shape"):
+        trace(nn.Linear(8, 4), torch.randn(2, 3, 7), name="lin")
+
+
+def test_missing_required_input_is_reported():
+    class TwoInputs(nn.Module):
+        def forward(self, x, y):
+            return x + y
+    with pytest.raises(UtuneError, match="forward\\(\\) needs input 'y'.*one --input-shape per input"):
+        trace(TwoInputs(), torch.randn(2, 3))
+
+
+def test_annotations_record_dtypes():
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU()).to(torch.bfloat16).eval()
+    gm = trace(model, torch.randn(2, 8, dtype=torch.bfloat16))
+    assert {node_info(n).dtype for n in gm.graph.nodes if n.op == "call_module"} == {"bfloat16"}
