@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
                          help="tracer: torch.fx, torch.export, or fx falling back to export (default)")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
-    inspect.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    inspect.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     inspect.set_defaults(run=_inspect)
     return parser
 

@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from utune_fx.errors import UtuneError
 from utune_fx.trace.annotate import NodeInfo, annotate, node_info, set_training
-from utune_fx.trace.export_frontend import export_trace
+from utune_fx.trace.export_frontend import ExportFailure, export_trace
 from utune_fx.trace.fx_frontend import FxTraceFailure, OpaqueModule, first_line, fx_trace
 from utune_fx.trace.opkinds import OP_KINDS
 
@@ -118,11 +118,11 @@ def _trace_with(model: nn.Module, inputs: tuple[Any, ...], frontend: Frontend, n
             return fx_result.gm, fx_result, None
     try:
         gm = export_trace(model, inputs)
-    except Exception as error:
+    except ExportFailure as error:
         if fx_result is not None:  # keep fx's graph, opaque modules and all
             return fx_result.gm, fx_result, None
         check_inputs(model, inputs, name)
-        why = f"torch.fx: {fx_failure}; torch.export: {first_line(error)}" if fx_failure else first_line(error)
+        why = f"torch.fx: {fx_failure}; torch.export: {error}" if fx_failure else str(error)
         raise UtuneError(f"{name} cannot be traced ({why}); make the failing code traceable "
                          "or wrap it in a submodule so it can become a leaf") from error
     if fx_result is not None:

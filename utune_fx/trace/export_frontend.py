@@ -14,12 +14,43 @@ the example shapes, which is what rules match against.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import io
+import logging
+import re
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import fx, nn
 
+from utune_fx.trace.fx_frontend import first_line
+
 _GUARDS = "_guards_fn"
+_USER_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+class ExportFailure(Exception):
+    """torch.export could not trace the model; the message is one line."""
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """A failed export prints its partial graph and warnings to stderr; the
+    caller reports the failure in one line instead."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _summary(error: BaseException) -> str:
+    frames = _USER_FRAME.findall(str(error))
+    where = f" (at {Path(frames[-1][0]).name}:{frames[-1][1]})" if frames else ""
+    return first_line(error) + where
 
 
 def export_trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
@@ -27,7 +58,11 @@ def export_trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphMod
         {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
         for x in example_inputs
     )
-    program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic, strict=False)
+    try:
+        with _quiet():
+            program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic, strict=False)
+    except Exception as error:
+        raise ExportFailure(_summary(error)) from error
     gm = program.module()
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == _GUARDS and not node.users:
