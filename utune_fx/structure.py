@@ -168,6 +168,10 @@ class _Finder:
         self.modules = dict(gm.named_modules())
         self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
         self.by_name = {node.name: node for node in gm.graph.nodes}
+        self.parts: dict[str, list[fx.Node]] = defaultdict(list)  # attention node name -> its parts
+        for node in gm.graph.nodes:
+            if node_info(node).part_of:
+                self.parts[node_info(node).part_of].append(node)
         self.ops: dict[str, list[Operation]] = defaultdict(list)
 
     def add(self, kind: str, anchor: fx.Node, inputs: list[fx.Node], output: fx.Node, nodes: list[fx.Node],
@@ -206,7 +210,7 @@ class _Finder:
             return
         info = node_info(node).attention
         qkv = [self.by_name[name] for name in (info.query, info.key, info.value)] if info else _data_inputs(node)
-        parts = [n for n in self.gm.graph.nodes if node_info(n).part_of == node.name]
+        parts = self.parts[node.name]
         projections, between, dead = _walk(qkv, _ATTENTION_PASS, lambda n: _kind(n) in ("linear", "conv"))
         inputs = [i for p in projections for i in _data_inputs(p)] + dead
         output, after = node, []

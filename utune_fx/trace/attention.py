@@ -90,7 +90,8 @@ def find_softmax_attention(graph: fx.Graph, kinds: dict[fx.Node, str]) -> dict[f
     """Output matmul of every softmax(QK^T)V subgraph (or its factorised form
     Q (softmax(K)^T V)), with its q, k, v."""
     found = _find_standard(graph, kinds)
-    taken = set(found) | {n for info in found.values() for n in graph.nodes if n.name in info.parts}
+    by_name = {node.name: node for node in graph.nodes}
+    taken = set(found) | {by_name[name] for info in found.values() for name in info.parts}
     for node in graph.nodes:
         if kinds.get(node) != "matmul" or node in taken:
             continue
@@ -98,7 +99,7 @@ def find_softmax_attention(graph: fx.Graph, kinds: dict[fx.Node, str]) -> dict[f
         info = _factorised(node, operands, kinds, taken) if len(operands) == 2 else None
         if info is not None:
             found[node] = info
-            taken |= {node} | {n for n in graph.nodes if n.name in info.parts}
+            taken |= {node} | {by_name[name] for name in info.parts}
     return found
 
 

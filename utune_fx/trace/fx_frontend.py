@@ -92,6 +92,7 @@ class _Tracer(fx.Tracer):
         self.leaf_paths = leaf_paths
         self.branches = branches
         self.failed_path: str | None = None  # innermost module whose forward raised
+        self._tensor_names: dict[int, str] | None = None
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         if self.branches.depends_on_shapes_only(obj.node):
@@ -105,9 +106,22 @@ class _Tracer(fx.Tracer):
         return from_torch_nn and not isinstance(m, _CONTAINERS) and not any(True for _ in m.children())
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
-        if self.branches.evaluating:
+        """fx's getattr, with the parameter's name looked up in an index:
+        fx scans root.named_parameters() on every access, O(params^2) per trace."""
+        if self.branches.evaluating or not isinstance(attr_val, torch.Tensor):
             return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if not isinstance(attr_val, nn.Parameter) and not self.proxy_buffer_attributes:
+            return attr_val
+        if self._tensor_names is None:
+            self._tensor_names = {}
+            for name, tensor in [*self.root.named_parameters(), *self.root.named_buffers()]:
+                self._tensor_names.setdefault(id(tensor), name)
+        name = self._tensor_names.get(id(attr_val))
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         if self.branches.evaluating:  # fx patches Module.__call__; evaluation must run, not trace
