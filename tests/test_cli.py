@@ -21,12 +21,15 @@ def _json_report(capsys, *args):
 
 
 def test_json_report_has_everything_a_tool_needs(capsys):
+    import timm
+    expected_parameters = sum(p.numel() for p in timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).parameters())
     report = _json_report(capsys, SMALL_VIT)
     assert report["frontend"] == "fx" and report["inputs"] == [[2, 3, 32, 32]]
-    assert report["parameters"] == 1_112_104 or report["parameters"] > 0
+    assert report["parameters"] == expected_parameters
     assert report["op_kinds"]["attention"] == 2 and report["op_kinds"]["linear"] == 9
     ops = report["operations"]
-    assert ops["attention"]["scopes"] == ["blocks.{0..1}.attn"] or ops["attention"]["scopes"] == ["blocks.{0,1}.attn"]
+    assert ops["attention"]["scopes"] == ["blocks.{0,1}.attn"]
     assert [i["scope"] for i in ops["mlp"]["items"]] == ["blocks.0.mlp", "blocks.1.mlp"]
     assert ops["attention"]["items"][0]["in_shape"] == [2, 17, 192]
     assert report["opaque"] == [] and report["trace_seconds"] > 0
