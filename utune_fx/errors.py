@@ -16,3 +16,9 @@ class UtuneError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(message.split()))  # always one line
+
+
+def first_line(error: BaseException) -> str:
+    """'ErrorType: first line of its message', for one-line reports of causes."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")

@@ -28,8 +28,7 @@ import torch
 import yaml
 from torch import nn
 
-from utune_fx.errors import UtuneError
-from utune_fx.trace.fx_frontend import first_line
+from utune_fx.errors import UtuneError, first_line
 
 DEFAULT_MODEL = "timm:vit_base_patch16_224"
 DEFAULT_BATCH = 2  # not 1: torch.export specialises size-1 dimensions

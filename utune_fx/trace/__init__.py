@@ -21,10 +21,10 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import fx, nn
 
-from utune_fx.errors import UtuneError
+from utune_fx.errors import UtuneError, first_line
 from utune_fx.trace.annotate import NodeInfo, annotate, node_info, set_training
 from utune_fx.trace.export_frontend import ExportFailure, export_trace
-from utune_fx.trace.fx_frontend import FxTraceFailure, OpaqueModule, first_line, fx_trace
+from utune_fx.trace.fx_frontend import FxTraceFailure, OpaqueModule, fx_trace
 from utune_fx.trace.opkinds import OP_KINDS
 
 __all__ = ["NodeInfo", "OP_KINDS", "OpaqueModule", "TraceReport", "node_info", "trace", "trace_report"]

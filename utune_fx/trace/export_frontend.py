@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import fx, nn
 
-from utune_fx.trace.fx_frontend import first_line
+from utune_fx.errors import first_line
 
 _GUARDS = "_guards_fn"
 _USER_FRAME = re.compile(r'File "([^"]+)", line (\d+)')

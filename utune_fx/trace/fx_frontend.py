@@ -36,6 +36,7 @@ from torch import fx, nn
 from torch.fx.graph import CodeGen, _PyTreeCodeGen
 from torch.utils import _pytree as pytree
 
+from utune_fx.errors import first_line
 from utune_fx.trace.shape_branches import ShapeBranches
 
 _ALWAYS_LEAF: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
@@ -60,13 +61,8 @@ class FxTraceFailure(Exception):
     """The model's own forward (not a submodule) cannot be traced by fx."""
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def _model_code_location(error: BaseException) -> str:
-    """file:line of the innermost frame outside torch.fx, i.e. in the model's code."""
+    """file:line of the innermost frame outside torch.fx and utune_fx's tracer: the model's code."""
     ours = (f"{os.sep}torch{os.sep}fx{os.sep}", f"{os.sep}utune_fx{os.sep}trace{os.sep}")
     frames = [f for f in traceback.extract_tb(error.__traceback__) if not any(p in f.filename for p in ours)]
     return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
