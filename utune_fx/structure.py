@@ -40,7 +40,6 @@ from utune_fx.trace import node_info
 from utune_fx.trace.opkinds import WEIGHTED_KINDS
 
 TARGET_KINDS = ("attention", "mlp", "block", "residual", "linear", "conv", "norm")
-_SOURCE = "__source__"
 # Ops that sit between an attention node and its projections.
 _ATTENTION_PASS = frozenset({
     "reshape", "permute", "getitem", "split", "cast", "identity", "dropout", "mul", "div",
@@ -301,7 +300,7 @@ class _Finder:
 
     def _blocks(self, blocks: dict[str, list[Operation]]) -> None:
         by_name = self.by_name
-        inner = {kind: {n for op in self.ops[kind] for n in (op.anchor,)} for kind in ("attention", "mlp")}
+        inner = {kind: {op.anchor for op in self.ops[kind]} for kind in ("attention", "mlp")}
         for scope, residuals in sorted(blocks.items(), key=lambda kv: self.order[by_name[kv[1][0].anchor]]):
             names = {n for r in residuals for n in r.nodes}
             contains = {kind: len(anchors & names) for kind, anchors in inner.items() if anchors & names}
