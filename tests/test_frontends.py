@@ -9,7 +9,7 @@ from torch import nn
 
 from toy_models import DataDependentRoot, GatedNet, PadToMultiple, PerToken, transformer_encoder
 from utune_fx.errors import UtuneError
-from utune_fx.structure import find_operations
+from utune_fx.match import find_operations
 from utune_fx.trace import node_info, trace, trace_report
 
 
@@ -25,9 +25,9 @@ def test_transformer_encoder_traces_through_fx_with_attention_and_ffn():
     with torch.no_grad():
         assert torch.equal(gm(x), model(x))
     ops = find_operations(gm)
-    assert [op.scope for op in ops if op.kind == "attention"] == [f"layers.{i}.self_attn" for i in range(3)]
-    assert [op.scope for op in ops if op.kind == "mlp"] == [f"layers.{i}" for i in range(3)]
-    assert [op.contains for op in ops if op.kind == "block"] == [{"attention": 1, "mlp": 1}] * 3
+    assert [r.scope for r in ops["attention"]] == [f"layers.{i}.self_attn" for i in range(3)]
+    assert [r.scope for r in ops["mlp"]] == [f"layers.{i}" for i in range(3)]
+    assert [r.contains for r in ops["block"]] == [{"attention": 1, "mlp": 1}] * 3
 
 
 def test_data_dependent_submodule_becomes_an_opaque_leaf():
@@ -72,7 +72,8 @@ def test_export_front_end_takes_over_when_fx_cannot_trace_the_model_itself():
         assert torch.equal(gm(x), model(x))
     linears = [n for n in gm.graph.nodes if node_info(n).op_kind == "linear"]
     assert len(linears) == 3 and {node_info(n).scope for n in linears} == {"fc"}
-    assert [op.kind for op in find_operations(gm) if op.kind in ("residual", "norm")] == ["residual", "norm"]
+    ops = find_operations(gm)
+    assert (len(ops["residual"]), len(ops["norm"]), len(ops["attention"])) == (1, 1, 0)
 
 
 def test_export_front_end_gives_the_same_kinds_and_operations_as_fx():
@@ -86,7 +87,7 @@ def test_export_front_end_gives_the_same_kinds_and_operations_as_fx():
     assert {k: _kinds(by_fx)[k] for k in weighted} == {k: _kinds(by_export)[k] for k in weighted}
 
     def summary(gm):
-        return sorted((op.kind, op.scope, op.out_shape) for op in find_operations(gm))
+        return sorted((kind, r.scope, r.out_shape) for kind, regions in find_operations(gm).items() for r in regions)
     assert summary(by_fx) == summary(by_export)
 
 
@@ -111,8 +112,9 @@ def test_hugging_face_bert_goes_through_torch_export():
     with torch.no_grad():
         assert torch.equal(gm(ids), wrapped(ids))
     ops = find_operations(gm)
-    assert [op.scope for op in ops if op.kind == "attention"] == [f"bert.encoder.layer.{i}.attention" for i in range(2)]
-    assert len([op for op in ops if op.kind == "mlp"]) == 2
+    assert [r.scope for r in ops["attention"]] == [f"bert.encoder.layer.{i}.attention" for i in range(2)]
+    assert len(ops["attention"][0].captures["qkv"]) == 3  # separate query, key and value projections
+    assert len(ops["mlp"]) == 2 and len(ops["ffn"]) == 2
 
 
 def test_untraceable_model_is_one_clear_error():

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from utune_fx.structure import find_operations
+from utune_fx.match import find_operations
 from utune_fx.trace import trace, trace_report
 
 
@@ -31,6 +31,6 @@ def test_random_encoders_trace_exactly(layers, heads, head_dim, norm_first, acti
     with torch.no_grad():
         assert torch.equal(gm(x), model(x))
     ops = find_operations(gm)
-    for kind in ("attention", "mlp", "block"):
-        assert sum(op.kind == kind for op in ops) == layers, kind
-    assert all(op.contains == {"attention": 1, "mlp": 1} for op in ops if op.kind == "block")
+    for kind in ("attention", "mlp", "ffn", "block"):
+        assert len(ops[kind]) == layers, kind
+    assert all(block.contains == {"attention": 1, "mlp": 1} for block in ops["block"])

@@ -5,13 +5,11 @@ counts of attention, mlp and block operations, plus how many blocks hold
 exactly one attention and one mlp (a transformer block).
 """
 
-from collections import Counter
-
 import pytest
 import timm
 import torch
 
-from utune_fx.structure import find_operations
+from utune_fx.match import find_operations
 from utune_fx.trace import OP_KINDS, node_info, trace, trace_report
 
 TIMM_CASES = [
@@ -57,9 +55,8 @@ def test_timm_trace_is_exact_and_structured(name, kwargs, size, attention, mlp, 
             assert info.shape is not None and info.dtype == "float32"
 
     ops = find_operations(gm)
-    counts = Counter(op.kind for op in ops)
-    assert (counts["attention"], counts["mlp"], counts["block"]) == (attention, mlp, blocks)
-    block_contents = [op.contains for op in ops if op.kind == "block"]
+    assert (len(ops["attention"]), len(ops["mlp"]), len(ops["block"])) == (attention, mlp, blocks)
+    block_contents = [block.contains for block in ops["block"]]
     assert sum(c == {"attention": 1, "mlp": 1} for c in block_contents) == transformer_blocks
 
 

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import fx, nn
 
-from utune_fx.structure import TARGET_KINDS, find_operations
+from utune_fx.match import TARGETS, find_operations
 from utune_fx.trace import node_info, trace_report
 
 LISTED_KINDS = ("attention", "mlp", "block")  # listed one per line in the text report
@@ -52,10 +52,7 @@ def _shape_text(shape: Any) -> str:
 def inspect_graph(gm: fx.GraphModule, model: nn.Module, name: str) -> dict[str, Any]:
     report = trace_report(gm)
     infos = [node_info(n) for n in gm.graph.nodes]
-    operations = find_operations(gm)
-    by_kind: dict[str, list] = defaultdict(list)
-    for op in operations:
-        by_kind[op.kind].append(op)
+    by_kind = find_operations(gm)
     return {
         "model": name,
         "class": type(model).__name__,
@@ -73,7 +70,7 @@ def inspect_graph(gm: fx.GraphModule, model: nn.Module, name: str) -> dict[str, 
                 "scopes": compress_scopes([op.scope for op in by_kind[kind]]),
                 "items": [op.as_dict() for op in by_kind[kind]],
             }
-            for kind in TARGET_KINDS
+            for kind in TARGETS
         },
         "opaque": [{"path": o.path, "class": o.class_name, "reason": o.reason} for o in report.opaque],
     }

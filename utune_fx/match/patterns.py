@@ -1,0 +1,260 @@
+"""Operation patterns: what a rule selects, compiled from YAML.
+
+    node:     {kind: linear, scope: "blocks.*.attn.qkv"}     one node per region
+    graph:    nodes + edges ("qkv ->* attn", "attn -> drop")  a subgraph with named captures
+    scope:    "blocks.*.attn"                                  every node one module produced
+    residual: {contains: [attention]}                          add(x, f(x))
+    block:    {contains: [attention, mlp]}                     the residuals of one module
+    any_of:   [attention_graph, attention_module]              union
+    pattern:  mlp                                              a reference (to add modifiers)
+    within:   <pattern>                                        modifier: inside another's regions
+
+Every form yields :class:`Region` s; ``explain`` returns the closest
+near-miss (which predicate failed on which node) when nothing matches.
+Graph patterns live in :mod:`.graph_pattern`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from torch import fx, nn
+
+from utune_fx.match.predicates import NodeContext, Predicate, compile_predicate, data_inputs, scope_regex
+from utune_fx.match.source import Located
+from utune_fx.match.structure import Region, common_scope, find_residuals, group_blocks
+from utune_fx.trace import node_info
+
+FORMS = ("node", "graph", "scope", "residual", "block", "any_of", "pattern")
+MODIFIERS = ("within", "description")
+
+
+class MatchContext:
+    """One annotated graph, with the indexes and caches the patterns share."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.order = {node: i for i, node in enumerate(self.nodes)}
+        self.by_kind: dict[str, list[fx.Node]] = {}
+        for node in self.nodes:
+            self.by_kind.setdefault(node_info(node).op_kind, []).append(node)
+        self.node_ctx = NodeContext(dict(gm.named_modules()), _feeding_output(self.nodes))
+        self._regions: dict[int, list[Region]] = {}
+        self._residuals: list[Region] | None = None
+
+    def candidates(self, predicate: Predicate) -> list[fx.Node]:
+        if predicate.kinds is None:
+            return self.nodes
+        found = [n for kind in predicate.kinds for n in self.by_kind.get(kind, [])]
+        return sorted(found, key=self.order.__getitem__)
+
+    def regions(self, pattern: "Pattern") -> list[Region]:
+        """A pattern's regions in graph order, numbered; computed once per graph."""
+        key = id(pattern)
+        if key not in self._regions:
+            found = sorted(pattern.find(self), key=lambda r: self.order[r.anchor])
+            for index, region in enumerate(found):
+                region.index = index
+            self._regions[key] = found
+        return self._regions[key]
+
+    def residuals(self) -> list[Region]:
+        if self._residuals is None:
+            self._residuals = find_residuals(self.gm)
+        return self._residuals
+
+
+def _feeding_output(nodes: list[fx.Node]) -> set[fx.Node]:
+    """Nodes whose value reaches the output through unweighted ops only (the head)."""
+    output = next(n for n in reversed(nodes) if n.op == "output")
+    found, frontier = set(), list(output.all_input_nodes)
+    while frontier:
+        node = frontier.pop()
+        if node in found:
+            continue
+        found.add(node)
+        if node_info(node).op_kind in ("reshape", "permute", "getitem", "dropout", "identity", "cast", "reduce",
+                                       "pool", "norm", "act", "softmax", "mean"):
+            frontier.extend(data_inputs(node))
+    return found
+
+
+def region_of(pattern: str, anchor: fx.Node, nodes: set[fx.Node], output: fx.Node,
+              captures: dict[str, tuple[fx.Node, ...]] | None = None,
+              inputs: list[fx.Node] | None = None) -> Region:
+    """A region from its nodes: inputs are the data it reads from outside."""
+    if inputs is None:
+        inputs = [i for n in nodes for i in data_inputs(n) if i not in nodes]
+    return Region(pattern, 0, common_scope([node_info(n).scope for n in nodes]), anchor,
+                  tuple(dict.fromkeys(inputs)), output, frozenset(nodes), captures or {})
+
+
+@dataclass
+class Pattern(abc.ABC):
+    name: str
+    within: "Pattern | None" = field(default=None, kw_only=True)
+
+    def find(self, ctx: MatchContext) -> list[Region]:
+        regions = self.find_all(ctx)
+        if self.within is not None:
+            outer = [r.nodes for r in ctx.regions(self.within)]
+            regions = [r for r in regions if any(r.anchor in nodes for nodes in outer)]
+        return regions
+
+    @abc.abstractmethod
+    def find_all(self, ctx: MatchContext) -> list[Region]:
+        """Every region, before the 'within' modifier."""
+
+    def explain(self, ctx: MatchContext) -> str:
+        """Why nothing matched: the closest near-miss."""
+        if self.within is not None and self.find_all(ctx):
+            return f"{len(self.find_all(ctx))} region(s) found, none within '{self.within.name}'"
+        return self.near_miss(ctx)
+
+    def near_miss(self, ctx: MatchContext) -> str:
+        return "no candidate"
+
+
+def best_near_miss(predicate: Predicate, nodes: list[fx.Node], ctx: MatchContext, label: str = "") -> str:
+    best: tuple[int, str, fx.Node] | None = None
+    for node in nodes:
+        passed, reason = predicate.score(node, ctx.node_ctx)
+        if reason is not None and (best is None or passed > best[0]):
+            best = (passed, reason, node)
+    if best is None:
+        return f"{label}no node to test" if not nodes else f"{label}every candidate matched"
+    _, reason, node = best
+    scope = node_info(node).scope
+    return f"{label}closest: node {node.name} ({scope or 'model'}): {reason}"
+
+
+@dataclass
+class NodePattern(Pattern):
+    predicate: Predicate
+
+    def find_all(self, ctx: MatchContext) -> list[Region]:
+        return [region_of(self.name, n, {n}, n) for n in ctx.candidates(self.predicate)
+                if self.predicate(n, ctx.node_ctx) is None]
+
+    def near_miss(self, ctx: MatchContext) -> str:
+        return best_near_miss(self.predicate, ctx.nodes, ctx)
+
+
+@dataclass
+class ScopePattern(Pattern):
+    glob: str
+
+    def find_all(self, ctx: MatchContext) -> list[Region]:
+        regex = scope_regex(self.glob)
+        groups: dict[str, set[fx.Node]] = {}
+        for node in ctx.nodes:
+            if node.op in ("placeholder", "output", "get_attr"):
+                continue
+            path = next((p for p, _ in node_info(node).scope_stack if regex.fullmatch(p)), None)
+            if path is not None:
+                groups.setdefault(path, set()).add(node)
+        regions = []
+        for path, nodes in groups.items():
+            leaving = [n for n in nodes if any(u not in nodes for u in n.users)]
+            output = max(leaving or nodes, key=ctx.order.__getitem__)
+            region = region_of(self.name, output, nodes, output)
+            region.scope = path
+            regions.append(region)
+        return regions
+
+    def near_miss(self, ctx: MatchContext) -> str:
+        scopes = sorted({p for n in ctx.nodes for p, _ in node_info(n).scope_stack})
+        import difflib
+        close = difflib.get_close_matches(self.glob, scopes, n=3, cutoff=0.4)
+        return f"no module path matches '{self.glob}'" + (f"; close: {', '.join(close)}" if close else "")
+
+
+@dataclass
+class ContainerPattern(Pattern):
+    """residual / block: structural regions holding a match of each inner pattern."""
+
+    kind: str  # 'residual' or 'block'
+    contains: list[Pattern]
+
+    def find_all(self, ctx: MatchContext) -> list[Region]:
+        residuals = ctx.residuals()
+        candidates = residuals if self.kind == "residual" else group_blocks(residuals)
+        anchors = {p.name: {r.anchor for r in ctx.regions(p)} for p in self.contains}
+        regions = []
+        for candidate in candidates:
+            held = {name: len(found & candidate.nodes) for name, found in anchors.items()}
+            if all(held.values()):
+                regions.append(Region(self.name, 0, candidate.scope, candidate.anchor, candidate.inputs,
+                                      candidate.output, candidate.nodes, contains=held))
+        return regions
+
+    def near_miss(self, ctx: MatchContext) -> str:
+        residuals = ctx.residuals()
+        if not residuals:
+            return "the graph has no residual add (add(x, f(x)) with f holding a weighted op)"
+        missing = [p.name for p in self.contains if not ctx.regions(p)]
+        if missing:
+            return f"{len(residuals)} residual(s), but '{missing[0]}' matches nothing: {self.contains[0].explain(ctx)}"
+        return f"{len(residuals)} residual(s), none holds a match of each of {[p.name for p in self.contains]}"
+
+
+@dataclass
+class AnyOfPattern(Pattern):
+    options: list[Pattern]
+
+    def find_all(self, ctx: MatchContext) -> list[Region]:
+        seen, regions = set(), []
+        for option in self.options:
+            for region in ctx.regions(option):
+                if region.anchor not in seen:
+                    seen.add(region.anchor)
+                    regions.append(replace(region, pattern=self.name))
+        return regions
+
+    def near_miss(self, ctx: MatchContext) -> str:
+        return "; ".join(f"{o.name}: {o.explain(ctx)}" for o in self.options)
+
+
+@dataclass
+class RefPattern(Pattern):
+    target: Pattern
+
+    def find_all(self, ctx: MatchContext) -> list[Region]:
+        return [replace(region, pattern=self.name) for region in ctx.regions(self.target)]
+
+    def near_miss(self, ctx: MatchContext) -> str:
+        return self.target.explain(ctx)
+
+
+Resolve = Callable[[Located], Pattern]
+
+
+def compile_pattern(value: Located, name: str, resolve: Resolve) -> Pattern:
+    """One pattern definition (a mapping with exactly one form key)."""
+    from utune_fx.match.graph_pattern import compile_graph
+
+    entries = value.check_keys(FORMS + MODIFIERS)
+    forms = [key for key in FORMS if key in entries]
+    if len(forms) != 1:
+        raise value.fail(f"a pattern needs exactly one of {', '.join(FORMS)}; found {forms or 'none'}")
+    form, body = forms[0], entries[forms[0]]
+    within = resolve(entries["within"]) if "within" in entries else None
+    if form == "node":
+        return NodePattern(name, compile_predicate(body), within=within)
+    if form == "graph":
+        return compile_graph(body, name, within)
+    if form == "scope":
+        return ScopePattern(name, body.text(), within=within)
+    if form in ("residual", "block"):
+        fields = body.check_keys(("contains",))
+        inner = [resolve(item) for item in fields["contains"].items()] if "contains" in fields else []
+        return ContainerPattern(name, form, inner, within=within)
+    if form == "any_of":
+        options = [resolve(item) for item in body.items()]
+        if not options:
+            raise body.fail("any_of needs at least one pattern")
+        return AnyOfPattern(name, options, within=within)
+    return RefPattern(name, resolve(body), within=within)

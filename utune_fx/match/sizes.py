@@ -1,0 +1,87 @@
+"""What a tuner's size depends on, read off a matched region.
+
+    Region(blocks.0.attn: qkv ... proj) -> RegionSize(channels_in=768, channels_out=768,
+                                                      biases=3072, weights=2362368)
+
+Channels come from the weights of the region's first and last linear/conv
+(so token layouts [B, N, C] and feature maps [B, C, H, W] read alike); the
+parameter counts from every parameter the region's nodes use.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from utune_fx.match.patterns import MatchContext
+from utune_fx.match.structure import Region
+from utune_fx.trace import node_info
+from utune_fx.tuners import RegionSize
+
+
+def _parameters(node: fx.Node, ctx: MatchContext) -> dict[str, torch.Tensor]:
+    """Parameters a node uses: its module's, or the get_attr weights it reads."""
+    if node.op == "call_module":
+        module = ctx.node_ctx.modules[str(node.target)]
+        return {f"{node.target}.{name}": p for name, p in module.named_parameters()}
+    found = {}
+    for arg in node.all_input_nodes:
+        while arg.op != "get_attr" and node_info(arg).op_kind in ("permute", "reshape", "cast") and arg.all_input_nodes:
+            arg = arg.all_input_nodes[0]
+        if arg.op == "get_attr":
+            value = ctx.gm.get_parameter(str(arg.target)) if _is_parameter(ctx.gm, str(arg.target)) else None
+            if value is not None:
+                found[str(arg.target)] = value
+    return found
+
+
+def _is_parameter(gm: nn.Module, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _in_out(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
+    """(in, out) channels of a linear / conv / attention module from its weight."""
+    if node.op == "call_module":
+        module = ctx.node_ctx.modules[str(node.target)]
+        if isinstance(module, nn.MultiheadAttention):
+            return module.embed_dim, module.embed_dim
+        weight = getattr(module, "weight", None)
+        groups = getattr(module, "groups", 1)
+    else:
+        weights = [p for name, p in _parameters(node, ctx).items() if not name.endswith("bias")]
+        weight = weights[0] if weights else None
+        groups = node.args[6] if node_info(node).op_kind == "conv" and len(node.args) > 6 else 1
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        return None
+    out_channels, in_channels = weight.shape[0], weight.shape[1] * groups
+    if node_info(node).op_kind == "linear" and node.op == "call_function" and node_info(node).op_name in ("matmul", "mm"):
+        in_channels, out_channels = out_channels, in_channels  # x @ W: W is [in, out]
+    return in_channels, out_channels
+
+
+def region_size(region: Region, ctx: MatchContext) -> RegionSize:
+    ordered = sorted(region.nodes, key=ctx.order.__getitem__)
+    weighted = [(n, io) for n in ordered if node_info(n).op_kind in ("linear", "conv", "attention")
+                for io in [_in_out(n, ctx)] if io is not None]
+    parameters: dict[str, torch.Tensor] = {}
+    for node in ordered:
+        parameters.update(_parameters(node, ctx))
+    fallback = node_info(region.output).shape[-1] if node_info(region.output).shape else 0
+    channels_in = weighted[0][1][0] if weighted else fallback
+    channels_out = weighted[-1][1][1] if weighted else fallback
+    single = weighted[0][0] if len(weighted) == 1 else None
+    fan_in = 0
+    if single is not None:
+        weights = [p for name, p in _parameters(single, ctx).items() if not name.endswith("bias") and p.dim() >= 2]
+        fan_in = weights[0][0].numel() if weights else 0
+    return RegionSize(
+        channels_in=channels_in,
+        channels_out=channels_out,
+        fan_in=fan_in,
+        biases=sum(p.numel() for name, p in parameters.items() if name.endswith("bias")),
+        weights=sum(p.numel() for p in parameters.values()),
+    )

@@ -1,0 +1,218 @@
+"""Regions, and the residual and block structure of an annotated graph.
+
+    add(x, f(x))  ->  Region(kind='residual', inputs=(x,), output=add, nodes=f's nodes + add)
+    the residuals one module writes  ->  Region(kind='block', ...)
+
+- residual: ``add(a, b)`` of equal shapes where a is an ancestor of b
+  (``x + f(x)``, seen through identity, dropout and scaling by a weight, also
+  when f reads other inputs, as CaiT's class attention does), or else where
+  a node produced outside the module that writes the add dominates it on the
+  data flow from the first input (``f(x) + g(x)``, projected shortcuts); the
+  region between holds a weighted op or a norm. ``x + pos_embed`` is none.
+- block: the residual regions written by one module, merged (a ViT block is
+  two residuals, holding one attention and one mlp); two single-residual
+  sub-layers in a row, nested or siblings under a module that is no
+  Sequential/ModuleList, form one block (BERT and Hugging Face ViT write
+  their attention and FFN residuals in sub-modules of the layer).
+
+Dominators are networkx's; every other search is local to one region, and
+only visits nodes after its start in graph order, so the cost grows
+linearly with depth.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import networkx as nx
+from torch import fx
+
+from utune_fx.match.predicates import data_inputs, tensor_inputs
+from utune_fx.trace import node_info
+from utune_fx.trace.opkinds import WEIGHTED_KINDS
+
+
+@dataclass
+class Region:
+    """A matched operation: where it reads, what it produces, what it holds."""
+
+    pattern: str
+    index: int  # occurrence among this pattern's regions, in graph order
+    scope: str
+    anchor: fx.Node  # the node that defines it (attention node, an mlp's last linear, the add, ...)
+    inputs: tuple[fx.Node, ...]
+    output: fx.Node
+    nodes: frozenset[fx.Node]
+    captures: dict[str, tuple[fx.Node, ...]] = field(default_factory=dict)
+    contains: dict[str, int] = field(default_factory=dict)  # for blocks: attention / mlp inside
+
+    @property
+    def in_shape(self) -> tuple[int, ...] | None:
+        return node_info(self.inputs[0]).shape if self.inputs else None
+
+    @property
+    def out_shape(self) -> tuple[int, ...] | None:
+        return node_info(self.output).shape
+
+    def as_dict(self) -> dict:
+        return {
+            "pattern": self.pattern, "index": self.index, "scope": self.scope, "anchor": self.anchor.name,
+            "inputs": [n.name for n in self.inputs], "output": self.output.name, "num_nodes": len(self.nodes),
+            "in_shape": list(self.in_shape) if self.in_shape else None,
+            "out_shape": list(self.out_shape) if self.out_shape else None,
+            "captures": {k: [n.name for n in v] for k, v in self.captures.items()},
+            **({"contains": self.contains} if self.contains else {}),
+        }
+
+
+def common_scope(scopes: list[str]) -> str:
+    split = [s.split(".") if s else [] for s in scopes]
+    prefix = []
+    for parts in zip(*split):
+        if len(set(parts)) != 1:
+            break
+        prefix.append(parts[0])
+    return ".".join(prefix)
+
+
+def _kind(node: fx.Node) -> str:
+    return node_info(node).op_kind
+
+
+def _floating(node: fx.Node) -> bool:
+    """Residual streams carry features, not token ids."""
+    return (node_info(node).dtype or "").startswith(("float", "bfloat"))
+
+
+def _skip_source(node: fx.Node) -> fx.Node:
+    """The tensor a skip connection carries, seen through identity, dropout,
+    casts and scaling by a weight (MetaFormer's res_scale)."""
+    while True:
+        inputs = data_inputs(node)
+        kind = _kind(node)
+        passes = kind in ("identity", "dropout", "cast") or kind in ("mul", "div") and len(tensor_inputs(node)) == 2
+        if len(inputs) != 1 or not passes:
+            return node
+        node = inputs[0]
+
+
+class _Residuals:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        self.dominators = self._dominators()
+
+    def _dominators(self) -> dict[fx.Node, fx.Node]:
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if not placeholders:
+            return {}
+        graph, reachable = nx.DiGraph(), {placeholders[0]}
+        graph.add_node(placeholders[0])
+        for node in self.gm.graph.nodes:
+            if node in reachable or any(p in reachable for p in node.all_input_nodes):
+                reachable.add(node)
+                graph.add_edges_from((p, node) for p in node.all_input_nodes if p in reachable)
+        return nx.immediate_dominators(graph, placeholders[0])
+
+    def between(self, start: fx.Node, sink: fx.Node) -> list[fx.Node] | None:
+        """Nodes on data paths from ``start`` to ``sink`` (sink included), or None
+        if ``start`` is not an ancestor; only nodes after ``start`` are visited."""
+        floor, found = self.order[start], False
+        seen, frontier = {sink}, [sink]
+        while frontier:
+            for pred in tensor_inputs(frontier.pop()):
+                if pred is start:
+                    found = True
+                elif self.order[pred] > floor and pred not in seen:
+                    seen.add(pred)
+                    frontier.append(pred)
+        return list(seen) if found else None
+
+    def region(self, add: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+        a, b = (_skip_source(n) for n in add.args[:2])
+        for skip, branch in ((a, b), (b, a)):
+            found = self.between(skip, branch)
+            if found is not None:
+                return skip, found + [add]
+        start = self.dominators.get(add)
+        if start is None or start is add or not _floating(start):
+            return None
+        scope, start_scope = node_info(add).scope, node_info(start).scope
+        if scope and (start_scope == scope or start_scope.startswith(scope + ".")):
+            return None  # two branches merged inside one module (CoaT's attention + conv term)
+        found = self.between(start, add)
+        return (start, found) if found is not None else None
+
+    def find(self) -> list[Region]:
+        regions = []
+        for node in self.gm.graph.nodes:
+            operands = [a for a in node.args[:2] if isinstance(a, fx.Node)] if _kind(node) == "add" else []
+            shape = node_info(node).shape
+            if len(operands) != 2 or not shape or any(node_info(a).shape != shape for a in operands):
+                continue
+            found = self.region(node)
+            if found is None:
+                continue
+            start, nodes = found
+            weighted = [n for n in nodes if _kind(n) in WEIGHTED_KINDS or _kind(n) == "norm"]
+            if weighted:
+                scope = node_info(node).scope or common_scope([node_info(n).scope for n in weighted])
+                regions.append(Region("residual", len(regions), scope, node, (start,), node, frozenset(nodes)))
+        return regions
+
+
+def find_residuals(gm: fx.GraphModule) -> list[Region]:
+    return _Residuals(gm).find()
+
+
+def _follows(residual: Region, previous: Region) -> bool:
+    """The residual's skip starts at the previous one's output (or its post-norm)."""
+    node = residual.inputs[0]
+    while node is not previous.output:
+        inputs = data_inputs(node)
+        if _kind(node) not in ("norm", "identity", "dropout", "cast") or len(inputs) != 1:
+            return False
+        node = inputs[0]
+    return True
+
+
+_CONTAINERS = ("torch.nn.modules.container.Sequential", "torch.nn.modules.container.ModuleList",
+               "torch.nn.modules.container.ModuleDict")
+
+
+def _layer_scope(a: Region, b: Region) -> str | None:
+    """The module two single-residual sub-layers share, if they form one layer:
+    one inside the other (HF ViT), or both inside a module that is no
+    container (BERT's attention.output and output, inside BertLayer); blocks
+    side by side in a Sequential stay apart."""
+    common = common_scope([a.scope, b.scope])
+    if common in (a.scope, b.scope):
+        return common
+    classes = dict(node_info(a.anchor).scope_stack)
+    return common if common and classes.get(common) not in _CONTAINERS else None
+
+
+def group_blocks(residuals: list[Region]) -> list[Region]:
+    """Blocks: the residuals one module writes; and two single-residual
+    sub-layers in a row that form one layer (see _layer_scope)."""
+    per_scope = Counter(r.scope for r in residuals)
+    groups: list[tuple[str, list[Region]]] = []
+    by_scope: dict[str, int] = {}
+    for residual in residuals:
+        last = groups[-1] if groups else None
+        layer = None
+        if last and len(last[1]) == 1 and per_scope[residual.scope] == 1 and per_scope[last[1][0].scope] == 1:
+            layer = _layer_scope(residual, last[1][0]) if _follows(residual, last[1][0]) else None
+        if residual.scope in by_scope:
+            groups[by_scope[residual.scope]][1].append(residual)
+        elif layer is not None:
+            groups[-1] = (layer, last[1] + [residual])
+        else:
+            by_scope[residual.scope] = len(groups)
+            groups.append((residual.scope, [residual]))
+    blocks = []
+    for scope, parts in groups:
+        nodes = frozenset().union(*(r.nodes for r in parts))
+        blocks.append(Region("block", len(blocks), scope, parts[-1].anchor, parts[0].inputs, parts[-1].output, nodes))
+    return blocks
