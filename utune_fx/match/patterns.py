@@ -149,11 +149,12 @@ class ScopePattern(Pattern):
 
     def find_all(self, ctx: MatchContext) -> list[Region]:
         regex = scope_regex(self.glob)
+        root = "" if regex.fullmatch("") else None  # '**' also takes what the model itself computes
         groups: dict[str, set[fx.Node]] = {}
         for node in ctx.nodes:
             if node.op in ("placeholder", "output", "get_attr"):
                 continue
-            path = next((p for p, _ in node_info(node).scope_stack if regex.fullmatch(p)), None)
+            path = next((p for p, _ in node_info(node).scope_stack if regex.fullmatch(p)), root)
             if path is not None:
                 groups.setdefault(path, set()).add(node)
         regions = []

@@ -103,17 +103,16 @@ class _Loader:
         self.loaded: set[Path] = set()
 
     def load_file(self, path: Path) -> Located:
-        path = path.resolve()
-        root = load_located(path)
+        root = load_located(path)  # messages name the path as given
         entries = root.check_keys(TOP_KEYS)
-        if "version" not in entries and path != PRELUDE.resolve():
+        if "version" not in entries and path.resolve() != PRELUDE.resolve():
             raise root.fail(f"missing key 'version'; start the file with 'version: {VERSION}'")
         if "version" in entries and entries["version"].value != VERSION:
             raise entries["version"].fail(f"unsupported version {entries['version'].value!r}; this utune_fx reads version {VERSION}")
-        self.loaded.add(path)
+        self.loaded.add(path.resolve())
         for item in entries["imports"].items() if "imports" in entries else []:
-            target = (path.parent / item.text()).resolve()
-            if target in self.loaded:
+            target = path.parent / item.text()
+            if target.resolve() in self.loaded:
                 continue
             if not target.is_file():
                 raise item.fail(f"imported file {item.value!r} not found next to {path.name}")
