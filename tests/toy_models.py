@@ -1,6 +1,8 @@
 """Small models with the properties the tracer must handle; also a model-spec
 target (``tests/toy_models.py:NAME``) in the CLI tests."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -117,3 +119,72 @@ def transformer_encoder(layers: int = 2, width: int = 32):
 
 
 shared_linear = nn.Linear(4, 4)  # a spec may name a module instance
+
+
+class CausalSelfAttention(nn.Module):
+    """GPT-2 style: causal attention written out with matmul, masked_fill and softmax."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, context: int = 16):
+        super().__init__()
+        self.heads = heads
+        self.c_attn = nn.Linear(dim, 3 * dim)
+        self.c_proj = nn.Linear(dim, dim)
+        self.register_buffer("mask", torch.tril(torch.ones(context, context)).view(1, 1, context, context))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+        k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+        v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class GptMlp(nn.Module):
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.c_fc = nn.Linear(dim, 4 * dim)
+        self.c_proj = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class GptBlock(nn.Module):
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = GptMlp(dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TinyGpt(nn.Module):
+    """A hand-written decoder: token embeddings in, logits out; no module names utune_fx knows."""
+
+    def __init__(self, vocab: int = 50, dim: int = 32, layers: int = 2, context: int = 16):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.wpe = nn.Embedding(context, dim)
+        self.h = nn.ModuleList(GptBlock(dim) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx):
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        x = self.wte(idx) + self.wpe(positions)
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def tiny_gpt(layers: int = 2):
+    return TinyGpt(layers=layers)

@@ -81,6 +81,10 @@ def _timm_notrace_functions() -> tuple[Any, ...]:
 
 
 class _Tracer(fx.Tracer):
+    # Buffers become get_attr nodes like parameters, so code can slice them by
+    # symbolic sizes (GPT's causal mask[:, :, :T, :T]).
+    proxy_buffer_attributes = True
+
     def __init__(self, leaf_types: tuple[type, ...], leaf_paths: set[str], autowrap: tuple[Any, ...],
                  branches: ShapeBranches):
         super().__init__(autowrap_functions=autowrap)
@@ -105,8 +109,6 @@ class _Tracer(fx.Tracer):
         """fx's getattr, with the parameter's name looked up in an index:
         fx scans root.named_parameters() on every access, O(params^2) per trace."""
         if self.branches.evaluating or not isinstance(attr_val, torch.Tensor):
-            return attr_val
-        if not isinstance(attr_val, nn.Parameter) and not self.proxy_buffer_attributes:
             return attr_val
         if self._tensor_names is None:
             self._tensor_names = {}
