@@ -279,7 +279,7 @@ def _without_overlaps(regions: list[Region], ctx: MatchContext) -> tuple[list[Re
         if clash is None:
             kept.append(region)
         else:
-            dropped.append((region, f"overlaps {clash.pattern} #{clash.index} ({clash.scope})"))
+            dropped.append((region, f"overlaps the region kept at {clash.scope or 'the model'}"))
     return sorted(kept, key=lambda r: ctx.order[r.anchor]), dropped
 
 

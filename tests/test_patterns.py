@@ -1,0 +1,197 @@
+"""The shipped patterns: each fires where it should, not where it should not,
+and finds exactly the right regions across model families, by structure."""
+
+import textwrap
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from toy_models import TinyGpt, transformer_encoder
+from utune_fx.match import MatchContext, load_prelude, load_rules, match_rules
+from utune_fx.trace import trace
+
+PRELUDE = load_prelude()
+
+
+def _trace_timm(name, size, **kwargs):
+    return trace(timm.create_model(name, pretrained=False, **kwargs).eval(), torch.randn(2, 3, size, size))
+
+
+MODELS = {
+    "vit": lambda: _trace_timm("vit_tiny_patch16_224", 32, img_size=32, patch_size=8, depth=3),
+    "deit": lambda: _trace_timm("deit_tiny_patch16_224", 32, img_size=32, patch_size=8, depth=2),
+    "beit": lambda: _trace_timm("beit_base_patch16_224", 32, img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2),
+    "eva": lambda: _trace_timm("eva02_tiny_patch14_224", 56, img_size=56, depth=2),
+    "swin": lambda: _trace_timm("swin_tiny_patch4_window7_224", 224, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
+    "cait": lambda: _trace_timm("cait_xxs24_224", 32, img_size=32, patch_size=8, depth=2),
+    "pit": lambda: _trace_timm("pit_ti_224", 224, depth=(1, 1, 1)),
+    "maxvit": lambda: _trace_timm("maxvit_pico_rw_256", 64, img_size=64),
+    "encoder": lambda: trace(transformer_encoder(layers=3).eval(), torch.randn(2, 5, 32)),
+    "gpt": lambda: trace(TinyGpt(layers=2).eval(), torch.randint(0, 50, (2, 9))),
+    "resnet": lambda: _trace_timm("resnet18", 64),
+    "convnext": lambda: _trace_timm("convnext_atto", 64, depths=(1, 1, 1, 1)),
+    "efficientnet": lambda: _trace_timm("efficientnet_b0", 64),
+    "plain_mlp": lambda: trace(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), torch.randn(2, 8)),
+    "convs": lambda: trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval(), torch.randn(2, 3, 16, 16)),
+}
+_cache: dict = {}
+
+
+def context(model: str) -> MatchContext:
+    if model not in _cache:
+        _cache[model] = MatchContext(MODELS[model]())
+    return _cache[model]
+
+
+def count(pattern: str, model: str) -> int:
+    return len(context(model).regions(PRELUDE[pattern]))
+
+
+# (pattern, model where it fires with the count, model where it must not fire)
+FIRES = [
+    ("attention_projected", "vit", 3, "encoder"),
+    ("attention_module", "encoder", 3, "vit"),
+    ("attention", "gpt", 2, "resnet"),
+    ("mlp", "vit", 3, "efficientnet"),      # squeeze-excitation gates are no mlp
+    ("transformer_block", "swin", 4, "convnext"),
+    ("ffn", "encoder", 3, "convnext"),      # ConvNeXt has mlps but no attention
+    ("residual", "resnet", 8, "plain_mlp"),
+    ("block", "resnet", 8, "plain_mlp"),
+    ("linear", "plain_mlp", 2, "convs"),
+    ("conv", "resnet", 20, "encoder"),
+    ("norm", "vit", 7, "plain_mlp"),
+    ("head", "vit", 1, "encoder"),
+]
+
+
+@pytest.mark.parametrize("pattern,model,expected,silent", FIRES, ids=[f[0] for f in FIRES])
+def test_pattern_fires(pattern, model, expected, silent):
+    assert count(pattern, model) == expected
+
+
+@pytest.mark.parametrize("pattern,model,expected,silent", FIRES, ids=[f[0] for f in FIRES])
+def test_pattern_must_not_fire(pattern, model, expected, silent):
+    assert count(pattern, silent) == 0
+    assert PRELUDE[pattern].explain(context(silent))  # and says why
+
+
+def test_every_prelude_pattern_has_a_fires_row():
+    assert {row[0] for row in FIRES} == set(PRELUDE)
+
+
+# attention, ffn and transformer blocks with no name hints, across families
+TRANSFORMERS = [("vit", 3), ("deit", 2), ("beit", 2), ("eva", 2), ("swin", 4), ("cait", 4), ("pit", 3),
+                ("maxvit", 22), ("encoder", 3), ("gpt", 2)]
+
+
+@pytest.mark.parametrize("model,layers", TRANSFORMERS, ids=[t[0] for t in TRANSFORMERS])
+def test_transformer_patterns_count_exactly(model, layers):
+    assert count("attention", model) == layers
+    assert count("ffn", model) == layers
+    assert count("transformer_block", model) == layers
+
+
+@pytest.mark.parametrize("model", ["resnet", "convnext"])
+def test_transformer_patterns_do_not_fire_without_attention(model):
+    assert count("attention", model) == count("ffn", model) == count("transformer_block", model) == 0
+    assert count("block", model) > 0  # block-level tuning still has somewhere to go
+
+
+def test_gpt_attention_region_spans_its_projections():
+    (first, _) = context("gpt").regions(PRELUDE["attention"])
+    assert first.scope == "h.0.attn"
+    assert [n.name for n in first.captures["qkv"]] == ["h_0_attn_c_attn"]
+    assert first.output.name == "h_0_attn_c_proj"
+    assert first.in_shape == first.out_shape == (2, 9, 32)
+
+
+def _rules(tmp_path, body: str):
+    path = tmp_path / "rules.yaml"
+    path.write_text(textwrap.dedent(body))
+    return load_rules(path)
+
+
+def _selected(tmp_path, selection: str, model: str = "vit") -> list[str]:
+    rules = _rules(tmp_path, f"""
+        version: 1
+        rules:
+          - name: r
+            match: attention
+            tuner: parallel_adapter
+            {selection}
+        """)
+    (found,) = match_rules(context(model).gm, rules, context(model))
+    return [r.scope for r in found.regions]
+
+
+@pytest.mark.parametrize("selection,expected", [
+    ("", [0, 1, 2]),
+    ("layers: 0", [0]),
+    ("layers: -1", [2]),
+    ("layers: '0:2'", [0, 1]),
+    ("layers: '1:'", [1, 2]),
+    ("layers: '::2'", [0, 2]),
+    ("layers: [0, '2:']", [0, 2]),
+    ("first: 2", [0, 1]),
+    ("last: 1", [2]),
+    ("every: 2", [0, 2]),
+    ("layers: 7", []),
+    ("scope: 'blocks.1.*'", [1]),
+    ("exclude: {layers: 1}", [0, 2]),
+    ("exclude: {scope: 'blocks.0.**'}", [1, 2]),
+    ("first: 2\n            exclude: {layers: 0}", [1]),
+])
+def test_occurrence_selection_and_exclusion(tmp_path, selection, expected):
+    assert _selected(tmp_path, selection) == [f"blocks.{i}.attn" for i in expected]
+
+
+def test_overlapping_regions_of_one_rule_keep_the_earlier_and_report_the_rest(tmp_path):
+    rules = _rules(tmp_path, """
+        version: 1
+        rules:
+          - name: blocks_or_attention
+            match: {any_of: [transformer_block, attention]}
+            tuner: parallel_adapter
+        """)
+    ctx = context("vit")
+    (found,) = match_rules(ctx.gm, rules, ctx)
+    assert [r.scope for r in found.regions] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert [(r.scope, why) for r, why in found.dropped] == [
+        (f"blocks.{i}.attn", f"overlaps the region kept at blocks.{i}") for i in range(3)]
+
+
+def test_rules_may_overlap_each_other(tmp_path):
+    rules = _rules(tmp_path, """
+        version: 1
+        rules:
+          - {name: blocks, match: transformer_block, tuner: parallel_adapter}
+          - {name: attention, match: attention, tuner: lora}
+        """)
+    found = match_rules(context("vit").gm, rules, context("vit"))
+    assert [len(f.regions) for f in found] == [3, 3]
+
+
+def test_user_graph_pattern_with_captures_and_scope_pattern(tmp_path):
+    rules = _rules(tmp_path, """
+        version: 1
+        patterns:
+          qk_softmax:
+            graph:
+              nodes:
+                scores: {kind: matmul}
+                probs: {kind: softmax}
+              edges: ["scores ->* probs"]
+              through: [mul, div, arith, getitem, compare]
+          gpt_mlp_scope:
+            scope: "h.*.mlp"
+        rules:
+          - {name: softmax, match: qk_softmax, tuner: scale_shift}
+          - {name: mlps, match: gpt_mlp_scope, tuner: parallel_adapter}
+        """)
+    ctx = context("gpt")
+    softmax, mlps = match_rules(ctx.gm, rules, ctx)
+    assert len(softmax.regions) == 2 and set(softmax.regions[0].captures) == {"scores", "probs"}
+    assert [r.scope for r in mlps.regions] == ["h.0.mlp", "h.1.mlp"]
+    assert mlps.regions[0].output.name == "h_0_mlp_c_proj"
