@@ -1,14 +1,15 @@
-"""Tracing cost against model depth: does it grow linearly?
+"""Tracing and matching cost against model depth: do they grow linearly?
 
     python benchmarks/trace_depth.py [--depths 12 24 48 96] [--repeats 3]
 
 For vit_base_patch16_224 and ViT-B/16 models of 12, 24, 48 and 96 blocks
 (width 768, 224 px, batch 1, random weights) it times the three stages of
-``utune_fx.trace`` + structure finding separately, median of --repeats runs:
+``utune_fx.trace`` and the matcher separately, median of --repeats runs:
 
 - fx: symbolic tracing (utune_fx's tracer: leaf policy, shape branches)
 - annotate: one shape-propagating forward pass plus op-kind/scope annotation
-- structure: find_operations (attention, mlp, residual, block, ...)
+- match: every shipped pattern of the prelude matched (attention, mlp, ffn,
+  blocks, residuals, head, linear, conv, norm; utune_fx.match.find_operations)
 
 and prints a markdown table, with each stage's time per block relative to
 the 12-block model (1.00 = perfectly linear). Python's garbage collector is
@@ -30,14 +31,14 @@ import timm
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from utune_fx.structure import find_operations
+from utune_fx.match import find_operations
 from utune_fx.trace.annotate import annotate
 from utune_fx.trace.fx_frontend import fx_trace
 
 
 def measure(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> dict:
-    times = {"fx": [], "annotate": [], "structure": []}
-    for _ in range(repeats):
+    times = {"fx": [], "annotate": [], "match": []}
+    for repeat in range(repeats + 1):  # the first run only warms caches up
         gc.collect()
         gc.disable()  # as timeit does: a full collection walks every live object, so its cost grows with the heap
         start = time.perf_counter()
@@ -48,10 +49,12 @@ def measure(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> dict:
         ops = find_operations(gm)
         done = time.perf_counter()
         gc.enable()
+        if repeat == 0:
+            continue
         times["fx"].append(traced - start)
         times["annotate"].append(annotated - traced)
-        times["structure"].append(done - annotated)
-    counts = {kind: sum(op.kind == kind for op in ops) for kind in ("attention", "mlp", "block")}
+        times["match"].append(done - annotated)
+    counts = {kind: len(ops[kind]) for kind in ("attention", "ffn", "block")}
     return {"nodes": len(gm.graph.nodes), **counts, **{k: statistics.median(v) for k, v in times.items()}}
 
 
@@ -76,15 +79,15 @@ def main() -> None:
             progress.advance(task)
 
     base = next(r for r in rows if r["model"].startswith("ViT-B/16") and r["blocks"] == min(args.depths))
-    print("\n| model | blocks | nodes | nodes/block | fx s | annotate s | structure s | total s "
-          "| per-block cost vs smallest (fx / annotate / structure) |")
+    print("\n| model | blocks | nodes | attention / ffn found | fx s | annotate s | match ms | total s "
+          "| per-block cost vs smallest (fx / annotate / match) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
         ratios = " / ".join(f"{(row[k] / row['blocks']) / (base[k] / base['blocks']):.2f}"
-                            for k in ("fx", "annotate", "structure"))
-        total = row["fx"] + row["annotate"] + row["structure"]
-        print(f"| {row['model']} | {row['blocks']} | {row['nodes']} | {row['nodes'] / row['blocks']:.1f} "
-              f"| {row['fx']:.3f} | {row['annotate']:.3f} | {row['structure']:.3f} | {total:.3f} | {ratios} |")
+                            for k in ("fx", "annotate", "match"))
+        total = row["fx"] + row["annotate"] + row["match"]
+        print(f"| {row['model']} | {row['blocks']} | {row['nodes']} | {row['attention']} / {row['ffn']} "
+              f"| {row['fx']:.3f} | {row['annotate']:.3f} | {1000 * row['match']:.1f} | {total:.3f} | {ratios} |")
     out = Path(__file__).parent / "results" / "trace_depth.json"
     out.parent.mkdir(exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -15,6 +15,7 @@ docs/rules.md is the reference.
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,7 +255,9 @@ def load_rules(path: str | Path) -> RuleSet:
     return RuleSet(str(path), patterns, rules)
 
 
+@functools.cache
 def load_prelude() -> dict[str, Pattern]:
+    """The shipped patterns, parsed once per process (patterns hold no graph state)."""
     loader = _Loader()
     loader.load_file(PRELUDE)
     return {name: loader.pattern(name) for name in loader.raw}
