@@ -215,24 +215,25 @@ PREDICATE_KEYS = ("kind", "op", "class", "scope", "inside", "rank", "shape", "dt
 class Predicate:
     """All of its checks must pass; ``{}`` matches any node."""
 
-    def __init__(self, checks: list[Check], kinds: frozenset[str] | None):
-        self.checks = checks
+    def __init__(self, checks: list[tuple[str, Check]], kinds: frozenset[str] | None):
+        self.checks = checks  # (key, check)
         self.kinds = kinds  # the op kinds it can match, when it says (lets the matcher index)
 
     def __call__(self, node: fx.Node, ctx: NodeContext) -> str | None:
-        for check in self.checks:
+        for _, check in self.checks:
             reason = check(node, ctx)
             if reason is not None:
                 return reason
         return None
 
     def score(self, node: fx.Node, ctx: NodeContext) -> tuple[int, str | None]:
-        """(checks passed, first failure): how close a near-miss came."""
+        """(weight of the checks passed, first failure): how close a near-miss
+        came; the op kind counts most, as it says what the author meant."""
         passed, first = 0, None
-        for check in self.checks:
+        for key, check in self.checks:
             reason = check(node, ctx)
             if reason is None:
-                passed += 1
+                passed += 3 if key == "kind" else 1
             elif first is None:
                 first = reason
         return passed, first
@@ -241,4 +242,4 @@ class Predicate:
 def compile_predicate(value: Located) -> Predicate:
     entries = value.check_keys(PREDICATE_KEYS)
     kinds = frozenset(_strings(entries["kind"], "kind")) if "kind" in entries else None
-    return Predicate([_compile_key(key, entry) for key, entry in entries.items()], kinds)
+    return Predicate([(key, _compile_key(key, entry)) for key, entry in entries.items()], kinds)

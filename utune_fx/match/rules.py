@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import fx
@@ -44,15 +44,18 @@ class Selection:
     every: int | None = None
 
     def apply(self, regions: list[Region]) -> list[Region]:
+        """Scope filter, then occurrence selection over what is left, numbered
+        from 0 in graph order (the numbers ``cli.py match`` shows)."""
         if self.scope:
             regexes = [scope_regex(g) for g in self.scope]
             regions = [r for r in regions if any(x.fullmatch(r.scope) for x in regexes)]
+        regions = [replace(r, index=i) for i, r in enumerate(regions)]
         if self.layers:
-            chosen: dict[int, Region] = {}
+            chosen: set[fx.Node] = set()
             for item in self.layers:
                 picked = regions[item] if isinstance(item, slice) else [regions[item]] if -len(regions) <= item < len(regions) else []
-                chosen.update({id(r): r for r in picked})
-            regions = [r for r in regions if id(r) in chosen]
+                chosen.update(r.anchor for r in picked)
+            regions = [r for r in regions if r.anchor in chosen]
         if self.first is not None:
             regions = regions[:self.first]
         if self.last is not None:
@@ -268,8 +271,8 @@ def load_prelude() -> dict[str, Pattern]:
 def _select(rule: Rule, regions: list[Region]) -> list[Region]:
     chosen = rule.select.apply(regions)
     if rule.exclude is not None:
-        excluded = {id(r) for r in rule.exclude.apply(regions)}
-        chosen = [r for r in chosen if id(r) not in excluded]
+        excluded = {r.anchor for r in rule.exclude.apply(Selection(scope=rule.select.scope).apply(regions))}
+        chosen = [r for r in chosen if r.anchor not in excluded]
     return chosen
 
 
