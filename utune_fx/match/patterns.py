@@ -77,7 +77,7 @@ def _feeding_output(nodes: list[fx.Node]) -> set[fx.Node]:
             continue
         found.add(node)
         if node_info(node).op_kind in ("reshape", "permute", "getitem", "dropout", "identity", "cast", "reduce",
-                                       "pool", "norm", "act", "softmax", "mean"):
+                                       "pool", "norm", "act", "softmax"):
             frontier.extend(data_inputs(node))
     return found
 
@@ -110,8 +110,9 @@ class Pattern(abc.ABC):
 
     def explain(self, ctx: MatchContext) -> str:
         """Why nothing matched: the closest near-miss."""
-        if self.within is not None and self.find_all(ctx):
-            return f"{len(self.find_all(ctx))} region(s) found, none within '{self.within.name}'"
+        found = self.find_all(ctx) if self.within is not None else []
+        if found:
+            return f"{len(found)} region(s) found, none within '{self.within.name}'"
         return self.near_miss(ctx)
 
     def near_miss(self, ctx: MatchContext) -> str:

@@ -144,8 +144,11 @@ def _compile_key(key: str, value: Located) -> Check:
             return None if any(r.fullmatch(p) for r in regexes for p in paths) else f"not inside {value.plain()}"
         return check_inside
     if key == "rank":
-        ranks = {int(v.value) for v in (value.items() if isinstance(value.value, list) else [value])
-                 if isinstance(v.value, int) or _bad(v, "rank must be an integer or a list of integers")}
+        entries = value.items() if isinstance(value.value, list) else [value]
+        for entry in entries:
+            if not isinstance(entry.value, int) or isinstance(entry.value, bool):
+                raise entry.fail("rank must be an integer or a list of integers")
+        ranks = {entry.value for entry in entries}
 
         def check_rank(n: fx.Node, c: NodeContext) -> str | None:
             shape = node_info(n).shape
@@ -202,10 +205,6 @@ def _compile_key(key: str, value: Located) -> Check:
         inner = compile_predicate(value)
         return lambda n, c: "matches the 'not' predicate" if inner(n, c) is None else None
     raise AssertionError(key)
-
-
-def _bad(value: Located, message: str) -> bool:
-    raise value.fail(message)
 
 
 PREDICATE_KEYS = ("kind", "op", "class", "scope", "inside", "rank", "shape", "dtype", "attr", "pointwise",
