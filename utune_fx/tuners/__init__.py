@@ -1,16 +1,18 @@
 """Tuner registry: one config dataclass per tuner, registered with one call.
 
-    @register_tuner("lora", positions=("reparameterised",))
+    @register_tuner("lora", positions=("reparameterised",), module=LoraBranch)
     @dataclass
     class LoraConfig(TunerConfig):
         rank: int = field(default=8, metadata={"help": "rank r of B @ A"})
         ...
 
-The rule loader checks tuner names and settings against this registry
-(unknown names list the valid ones; a bad setting names the field and its
-help text), and ``cli.py match`` asks each config how many parameters it
-would add to a region. The modules that implement the tuners come with the
-rewriter.
+One file per family (adapters, lora, scale_shift, tokens, existing) holds
+each config next to its nn.Module, built as ``module(config, site)``. The
+rule loader checks tuner names and settings against this registry (unknown
+names list the valid ones; a bad setting names the field and its help text),
+``cli.py match`` asks each config how many parameters it would add, and the
+rewriter builds the modules. Tuners without a module (bitfit, head, full)
+make existing parameters trainable.
 """
 
 from __future__ import annotations
@@ -35,6 +37,42 @@ class RegionSize:
     weights: int = 0  # all parameter elements inside the region (head, full tuning)
 
 
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What LoRA copies from the convolution it reparameterises."""
+
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    kind: str = "conv"
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where one tuner instance goes: what its module is built for."""
+
+    channels_in: int
+    channels_out: int
+    rank: int  # rank of the tensor the tuner reads/writes
+    channels_first: bool  # [B, C, H, W] feature maps rather than [..., C] tokens
+    target: ConvGeometry | None = None  # for LoRA on a convolution
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def check_dropout(value: float) -> None:
+    check(isinstance(value, (int, float)) and 0.0 <= value < 1.0, f"dropout must be in [0, 1), got {value!r}")
+
+
+def check_positive_int(name: str, value: object) -> None:
+    check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+          f"{name} must be a positive integer, got {value!r}")
+
+
 @dataclass
 class TunerConfig(abc.ABC):
     """Base of every tuner config; subclasses validate in __post_init__."""
@@ -53,6 +91,7 @@ class TunerEntry:
     name: str
     config: type[TunerConfig]
     positions: tuple[str, ...]  # the first is the default
+    module: Callable[[TunerConfig, Site], Any] | None  # None: trains existing parameters
 
     def fields(self) -> dict[str, str]:
         """setting name -> help text"""
@@ -62,7 +101,7 @@ class TunerEntry:
 TUNERS: dict[str, TunerEntry] = {}
 
 
-def register_tuner(name: str, *, positions: tuple[str, ...]) -> Callable[[type], type]:
+def register_tuner(name: str, *, positions: tuple[str, ...], module: Callable | None = None) -> Callable[[type], type]:
     def decorate(config: type) -> type:
         if name in TUNERS:
             raise ValueError(f"tuner {name!r} is registered twice")
@@ -71,7 +110,7 @@ def register_tuner(name: str, *, positions: tuple[str, ...]) -> Callable[[type],
         unknown = set(positions) - set(POSITIONS)
         if unknown or not positions:
             raise ValueError(f"tuner {name!r}: positions must be from {POSITIONS}")
-        TUNERS[name] = TunerEntry(name, config, positions)
+        TUNERS[name] = TunerEntry(name, config, positions, module)
         return config
     return decorate
 
@@ -82,4 +121,5 @@ def create_config(name: str, settings: dict[str, Any]) -> TunerConfig:
     return entry.config(**settings)
 
 
-from utune_fx.tuners import configs as _configs  # noqa: E402,F401  (registers the tuners)
+# Registers the tuners (after the registry exists).
+from utune_fx.tuners import adapters, existing, lora, scale_shift, tokens  # noqa: E402,F401
