@@ -19,7 +19,7 @@ from utune_fx.trace import node_info
 from utune_fx.tuners import RegionSize
 
 
-def _parameters(node: fx.Node, ctx: MatchContext) -> dict[str, torch.Tensor]:
+def parameters_of(node: fx.Node, ctx: MatchContext) -> dict[str, torch.Tensor]:
     """Parameters a node uses: its module's, or the get_attr weights it reads."""
     if node.op == "call_module":
         module = ctx.node_ctx.modules[str(node.target)]
@@ -52,7 +52,7 @@ def _in_out(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
         weight = getattr(module, "weight", None)
         groups = getattr(module, "groups", 1)
     else:
-        weights = [p for name, p in _parameters(node, ctx).items() if not name.endswith("bias")]
+        weights = [p for name, p in parameters_of(node, ctx).items() if not name.endswith("bias")]
         weight = weights[0] if weights else None
         groups = node.args[6] if node_info(node).op_kind == "conv" and len(node.args) > 6 else 1
     if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
@@ -69,14 +69,14 @@ def region_size(region: Region, ctx: MatchContext) -> RegionSize:
                 for io in [_in_out(n, ctx)] if io is not None]
     parameters: dict[str, torch.Tensor] = {}
     for node in ordered:
-        parameters.update(_parameters(node, ctx))
+        parameters.update(parameters_of(node, ctx))
     fallback = node_info(region.output).shape[-1] if node_info(region.output).shape else 0
     channels_in = weighted[0][1][0] if weighted else fallback
     channels_out = weighted[-1][1][1] if weighted else fallback
     single = weighted[0][0] if len(weighted) == 1 else None
     fan_in = 0
     if single is not None:
-        weights = [p for name, p in _parameters(single, ctx).items() if not name.endswith("bias") and p.dim() >= 2]
+        weights = [p for name, p in parameters_of(single, ctx).items() if not name.endswith("bias") and p.dim() >= 2]
         fan_in = weights[0][0].numel() if weights else 0
     return RegionSize(
         channels_in=channels_in,

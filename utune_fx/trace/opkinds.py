@@ -109,7 +109,7 @@ _ACTIVATION_MODULE = "torch.nn.modules.activation"
 
 # Every kind a node can carry; docs/opkinds.md documents each one.
 OP_KINDS: tuple[str, ...] = tuple(_NAMES_BY_KIND) + (
-    "identity", "input", "param", "constant", "output", "opaque", "other",
+    "identity", "input", "param", "constant", "output", "opaque", "tuner", "other",
 )
 # Kinds that carry the weights tuners attach to.
 WEIGHTED_KINDS = frozenset({"linear", "conv", "attention", "embedding", "opaque"})

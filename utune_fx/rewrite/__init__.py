@@ -1,0 +1,73 @@
+"""Rewriting: insert the tuners the rules name into a traced graph.
+
+    y = OP(x)  ->  parallel:         y' = y + U(x)     (U reads the region's input)
+                   sequential:       y' = y + U(y)     (U reads the region's output)
+                   reparameterised:  y' = y + U(x)     (OP one linear/conv, U = LoRA on it)
+                   none:             nothing inserted; existing parameters train
+                                     (bitfit: biases, head: the classifier, full: all)
+
+Every user of y then reads y', so regions inside residual branches and
+outputs with several users are rewritten alike. Each rule is one graph pass
+that lints and recompiles. Afterwards only tuner parameters and the
+parameters the rules select train; everything else is frozen. Tuners start
+as identity, so the rewritten model computes exactly what the frozen model
+computes. The prompt and prefix positions are not inserted yet: a rule
+that needs one is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from torch import fx
+
+from utune_fx.match import MatchContext, RuleSet, match_rules
+from utune_fx.rewrite.passes import apply_rule
+
+__all__ = ["RewriteResult", "RuleSummary", "rewrite"]
+
+
+@dataclass
+class RuleSummary:
+    rule: str
+    tuner: str
+    position: str
+    regions: int
+    added_parameters: int  # new tuner parameters
+    trained_parameters: int  # existing parameters this rule made trainable
+    scopes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RewriteResult:
+    module: fx.GraphModule
+    summaries: list[RuleSummary]
+    base_parameters: int
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable_parameters / self.base_parameters if self.base_parameters else 0.0
+
+
+def rewrite(gm: fx.GraphModule, rule_sets: RuleSet | Sequence[RuleSet]) -> RewriteResult:
+    """Insert every rule's tuners into ``gm`` (in place, like PEFT's get_peft_model:
+    the graph and the base parameters it shares with the model are frozen)."""
+    rule_sets = [rule_sets] if isinstance(rule_sets, RuleSet) else list(rule_sets)
+    base = sum(p.numel() for p in gm.parameters())
+    ctx = MatchContext(gm)
+    matched = [found for rules in rule_sets for found in match_rules(gm, rules, ctx)]  # all on the frozen graph
+    for parameter in gm.parameters():
+        parameter.requires_grad_(False)
+    summaries = []
+    for found in matched:
+        added, trained = apply_rule(gm, found, ctx)
+        gm.graph.lint()
+        gm.recompile()
+        summaries.append(RuleSummary(found.rule.name, found.rule.tuner, found.rule.position, len(found.regions),
+                                     added, trained, [r.scope for r in found.regions]))
+    return RewriteResult(gm, summaries, base)

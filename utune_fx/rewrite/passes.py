@@ -1,0 +1,182 @@
+"""The graph pass for one rule: build each region's tuner and wire it in.
+
+    parallel         %u = call_module[utune.<rule>.<i>](%x); %y2 = add(%y, %u); users of %y read %y2
+    sequential       %u = call_module[utune.<rule>.<i>](%y); ...
+    reparameterised  %u = call_module[utune.<rule>.<i>](%x_of_linear); ...
+    none             requires_grad on the selected existing parameters
+
+New nodes are annotated (op kind 'tuner' for the module call) and carry
+``meta['utune_tuner']`` = {rule, tuner, position, index} for fold and export.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+import re
+from dataclasses import replace
+
+import torch
+from torch import fx, nn
+
+from utune_fx.errors import UtuneError
+from utune_fx.match import MatchContext, Region, RuleMatch
+from utune_fx.match.predicates import data_inputs
+from utune_fx.match.sizes import parameters_of, region_size
+from utune_fx.trace import node_info
+from utune_fx.trace.annotate import META_KEY, NodeInfo
+from utune_fx.tuners import TUNERS, ConvGeometry, Site
+
+TUNER_META = "utune_tuner"
+_WEIGHTED = ("linear", "conv")
+
+
+def _fail(found: RuleMatch, region: Region, message: str) -> UtuneError:
+    return UtuneError(f"rule '{found.rule.name}' ({found.rule.where}), region {region.scope or 'model'}: {message}")
+
+
+def _first_weighted(region: Region, ctx: MatchContext, last: bool = False) -> fx.Node | None:
+    nodes = sorted((n for n in region.nodes if node_info(n).op_kind in _WEIGHTED), key=ctx.order.__getitem__)
+    return (nodes[-1] if last else nodes[0]) if nodes else None
+
+
+def _site(found: RuleMatch, region: Region, ctx: MatchContext, reads: fx.Node, writes: fx.Node) -> Site:
+    size = region_size(region, ctx)
+    anchor_op = _first_weighted(region, ctx)
+    channels_first = anchor_op is not None and node_info(anchor_op).op_kind == "conv"
+    in_shape, out_shape = node_info(reads).shape, node_info(writes).shape
+    if not in_shape or not out_shape:
+        raise _fail(found, region, "the tuner needs tensors in and out")
+    axis = 1 if channels_first else -1
+    channels_in, channels_out = in_shape[axis], out_shape[axis]
+    other_in = [d for i, d in enumerate(in_shape) if i != axis % len(in_shape)]
+    other_out = [d for i, d in enumerate(out_shape) if i != axis % len(out_shape)]
+    if found.rule.position != "reparameterised" and other_in != other_out:
+        shapes = f"{'x'.join(map(str, in_shape))} -> {'x'.join(map(str, out_shape))}"
+        raise _fail(found, region, f"{found.rule.tuner} at {found.rule.position} needs input and output of one "
+                                   f"size but for the channels, got {shapes}; pick a region that keeps its size")
+    del size
+    return Site(channels_in, channels_out, len(out_shape), channels_first)
+
+
+def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Site, fx.Node, fx.Node]:
+    weighted = [n for n in region.nodes if node_info(n).op_kind in _WEIGHTED]
+    if len(weighted) != 1:
+        raise _fail(found, region, f"{found.rule.tuner} reparameterises one linear or conv; the region holds "
+                                   f"{len(weighted)}; match single layers (e.g. {{node: {{kind: linear}}}})")
+    op = weighted[0]
+    x = data_inputs(op)[0]
+    module = ctx.node_ctx.modules.get(str(op.target)) if op.op == "call_module" else None
+    weight = next((p for name, p in parameters_of(op, ctx).items() if not name.endswith("bias") and p.dim() >= 2), None)
+    if weight is None:
+        raise _fail(found, region, f"cannot find the weight of {op.name}")
+    kind = node_info(op).op_kind
+    geometry = None
+    if kind == "conv":
+        if not isinstance(module, nn.modules.conv._ConvNd):
+            raise _fail(found, region, f"LoRA on a functional convolution ({op.name}) is not supported; "
+                                       "it needs an nn.Conv module")
+        geometry = ConvGeometry(module.kernel_size, module.stride, module.padding, module.dilation)
+        channels_in, channels_out = module.in_channels, module.out_channels
+    else:
+        channels_out, channels_in = weight.shape[0], weight.shape[1]
+        if node_info(op).op_name in ("matmul", "mm"):  # x @ W stores W as [in, out]
+            channels_in, channels_out = channels_out, channels_in
+    rank = len(node_info(op).shape or ())
+    return Site(channels_in, channels_out, rank, kind == "conv", geometry), x, op
+
+
+def _annotate(node: fx.Node, like: fx.Node, kind: str, name: str, tag: dict) -> None:
+    info = node_info(like)
+    node.meta[META_KEY] = replace(info, op_kind=kind, op_name=name, attention=None, part_of=None, item_shapes=())
+    node.meta[TUNER_META] = tag
+
+
+def _insert(gm: fx.GraphModule, path: str, module: nn.Module, reads: fx.Node, writes: fx.Node, tag: dict) -> None:
+    gm.add_submodule(path, module)
+    with gm.graph.inserting_after(writes):
+        call = gm.graph.call_module(path, (reads,))
+    with gm.graph.inserting_after(call):
+        total = gm.graph.call_function(operator.add, (writes, call))
+    writes.replace_all_uses_with(total, delete_user_cb=lambda user: user not in (call, total))
+    _annotate(call, writes, "tuner", type(module).__name__, tag)
+    _annotate(total, writes, "add", "add", tag)
+
+
+def _placement(region: Region, ctx: MatchContext, dtype_of: fx.Node) -> dict:
+    parameters = [p for n in region.nodes for p in parameters_of(n, ctx).values()]
+    device = parameters[0].device if parameters else next(ctx.gm.parameters(), torch.empty(0)).device
+    dtype = getattr(torch, node_info(dtype_of).dtype or "float32")
+    return {"device": device, "dtype": dtype if dtype.is_floating_point else torch.float32}
+
+
+def _existing(found: RuleMatch, region: Region, ctx: MatchContext, which: str) -> dict[str, nn.Parameter]:
+    named = {name: p for n in region.nodes for name, p in parameters_of(n, ctx).items()}
+    return {k: p for k, p in named.items() if which == "all" or k.endswith("bias")}
+
+
+def _resize_head(gm: fx.GraphModule, found: RuleMatch, region: Region, ctx: MatchContext, classes: int) -> dict:
+    op = region.anchor
+    module = ctx.node_ctx.modules.get(str(op.target)) if op.op == "call_module" else None
+    if not isinstance(module, nn.Linear):
+        raise _fail(found, region, "re-sizing needs the classifier to be an nn.Linear module")
+    new = nn.Linear(module.in_features, classes, bias=module.bias is not None).to(module.weight.device, module.weight.dtype)
+    parent, _, name = str(op.target).rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, new)
+    ctx.node_ctx.modules[str(op.target)] = new
+    return {f"{op.target}.{k}": p for k, p in new.named_parameters()}
+
+
+def _train(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> dict[str, nn.Parameter]:
+    """Parameters the rule's 'train' key selects."""
+    chosen: dict[str, nn.Parameter] = {}
+    for item in found.rule.train:
+        if item in ("biases", "all"):
+            for region in found.regions:
+                chosen.update(_existing(found, region, ctx, item))
+            continue
+        matched = {k: p for k, p in gm.named_parameters() if fnmatch.fnmatchcase(k, item)}
+        if not matched:
+            raise UtuneError(f"rule '{found.rule.name}' ({found.rule.where}): train pattern '{item}' names no "
+                             "parameter; use 'biases', 'all' or a parameter-name glob such as 'head.*'")
+        chosen.update(matched)
+    return chosen
+
+
+def apply_rule(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> tuple[int, int]:
+    """Rewrite one rule's regions; returns (parameters added, existing parameters trained)."""
+    rule = found.rule
+    entry = TUNERS[rule.tuner]
+    safe = re.sub(r"\W", "_", rule.name)
+    added, trained = 0, {}
+    for index, region in enumerate(found.regions):
+        earlier = next((n for n in region.nodes if TUNER_META in n.meta), None)
+        if earlier is not None:
+            raise _fail(found, region, f"the region holds tuner nodes of rule '{earlier.meta[TUNER_META]['rule']}'; "
+                                       "a tuner on another tuner is refused")
+        if rule.position == "none":
+            classes = getattr(rule.config, "num_classes", None)
+            if classes:
+                new = _resize_head(gm, found, region, ctx, classes)
+                added += sum(p.numel() for p in new.values())
+                trained.update(new)
+            else:
+                trained.update(_existing(found, region, ctx, "bias" if rule.tuner == "bitfit" else "all"))
+            continue
+        if entry.module is None:
+            raise _fail(found, region, f"the rewriter does not insert {rule.position} tuners yet ({rule.tuner}); "
+                                       "use cli.py match for a dry run")
+        if rule.position == "reparameterised":
+            site, reads, writes = _lora_site(found, region, ctx)
+        else:
+            writes = region.output
+            reads = writes if rule.position == "sequential" else region.inputs[0]
+            site = _site(found, region, ctx, reads, writes)
+        module = entry.module(rule.config, site).to(**_placement(region, ctx, writes))
+        tag = {"rule": rule.name, "tuner": rule.tuner, "position": rule.position, "index": index}
+        _insert(gm, f"utune.{safe}.{index}", module, reads, writes, tag)
+        added += sum(p.numel() for p in module.parameters())
+    trained.update(_train(gm, found, ctx))
+    for parameter in trained.values():
+        parameter.requires_grad_(True)
+    return added, sum(p.numel() for p in {id(p): p for p in trained.values()}.values())
