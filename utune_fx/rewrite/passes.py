@@ -12,6 +12,7 @@ New nodes are annotated (op kind 'tuner' for the module call) and carry
 from __future__ import annotations
 
 import fnmatch
+import math
 import operator
 import re
 from dataclasses import replace
@@ -22,7 +23,7 @@ from torch import fx, nn
 from utune_fx.errors import UtuneError
 from utune_fx.match import MatchContext, Region, RuleMatch
 from utune_fx.match.predicates import data_inputs
-from utune_fx.match.sizes import parameters_of, region_size
+from utune_fx.match.sizes import parameters_of
 from utune_fx.trace import node_info
 from utune_fx.trace.annotate import META_KEY, NodeInfo
 from utune_fx.tuners import TUNERS, ConvGeometry, Site
@@ -40,8 +41,9 @@ def _first_weighted(region: Region, ctx: MatchContext, last: bool = False) -> fx
     return (nodes[-1] if last else nodes[0]) if nodes else None
 
 
-def _site(found: RuleMatch, region: Region, ctx: MatchContext, reads: fx.Node, writes: fx.Node) -> Site:
-    size = region_size(region, ctx)
+def _site(found: RuleMatch, region: Region, ctx: MatchContext, reads: fx.Node, writes: fx.Node) -> tuple[Site, bool]:
+    """The tuner's site, and whether its output needs the output's view (Swin's
+    blocks read [B, H, W, C] and write the same tokens as [B, H*W, C])."""
     anchor_op = _first_weighted(region, ctx)
     channels_first = anchor_op is not None and node_info(anchor_op).op_kind == "conv"
     in_shape, out_shape = node_info(reads).shape, node_info(writes).shape
@@ -51,12 +53,12 @@ def _site(found: RuleMatch, region: Region, ctx: MatchContext, reads: fx.Node, w
     channels_in, channels_out = in_shape[axis], out_shape[axis]
     other_in = [d for i, d in enumerate(in_shape) if i != axis % len(in_shape)]
     other_out = [d for i, d in enumerate(out_shape) if i != axis % len(out_shape)]
-    if found.rule.position != "reparameterised" and other_in != other_out:
+    same_tokens = not channels_first and math.prod(other_in) == math.prod(other_out)
+    if other_in != other_out and not same_tokens:
         shapes = f"{'x'.join(map(str, in_shape))} -> {'x'.join(map(str, out_shape))}"
         raise _fail(found, region, f"{found.rule.tuner} at {found.rule.position} needs input and output of one "
                                    f"size but for the channels, got {shapes}; pick a region that keeps its size")
-    del size
-    return Site(channels_in, channels_out, len(out_shape), channels_first)
+    return Site(channels_in, channels_out, len(in_shape), channels_first), other_in != other_out
 
 
 def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Site, fx.Node, fx.Node]:
@@ -92,14 +94,20 @@ def _annotate(node: fx.Node, like: fx.Node, kind: str, name: str, tag: dict) -> 
     node.meta[TUNER_META] = tag
 
 
-def _insert(gm: fx.GraphModule, path: str, module: nn.Module, reads: fx.Node, writes: fx.Node, tag: dict) -> None:
+def _insert(gm: fx.GraphModule, path: str, module: nn.Module, reads: fx.Node, writes: fx.Node, tag: dict,
+            reshape: bool) -> None:
     gm.add_submodule(path, module)
     with gm.graph.inserting_after(writes):
         call = gm.graph.call_module(path, (reads,))
-    with gm.graph.inserting_after(call):
-        total = gm.graph.call_function(operator.add, (writes, call))
-    writes.replace_all_uses_with(total, delete_user_cb=lambda user: user not in (call, total))
-    _annotate(call, writes, "tuner", type(module).__name__, tag)
+    update = call
+    if reshape:
+        with gm.graph.inserting_after(call):
+            update = gm.graph.call_method("reshape_as", (call, writes))
+        _annotate(update, writes, "reshape", "reshape_as", tag)
+    with gm.graph.inserting_after(update):
+        total = gm.graph.call_function(operator.add, (writes, update))
+    writes.replace_all_uses_with(total, delete_user_cb=lambda user: user not in (call, update, total))
+    _annotate(call, reads, "tuner", type(module).__name__, tag)
     _annotate(total, writes, "add", "add", tag)
 
 
@@ -166,15 +174,16 @@ def apply_rule(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> tuple
         if entry.module is None:
             raise _fail(found, region, f"the rewriter does not insert {rule.position} tuners yet ({rule.tuner}); "
                                        "use cli.py match for a dry run")
+        reshape = False
         if rule.position == "reparameterised":
             site, reads, writes = _lora_site(found, region, ctx)
         else:
             writes = region.output
             reads = writes if rule.position == "sequential" else region.inputs[0]
-            site = _site(found, region, ctx, reads, writes)
+            site, reshape = _site(found, region, ctx, reads, writes)
         module = entry.module(rule.config, site).to(**_placement(region, ctx, writes))
         tag = {"rule": rule.name, "tuner": rule.tuner, "position": rule.position, "index": index}
-        _insert(gm, f"utune.{safe}.{index}", module, reads, writes, tag)
+        _insert(gm, f"utune.{safe}.{index}", module, reads, writes, tag, reshape)
         added += sum(p.numel() for p in module.parameters())
     trained.update(_train(gm, found, ctx))
     for parameter in trained.values():

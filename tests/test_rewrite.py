@@ -1,0 +1,186 @@
+"""The rewriter: identity at init, numerics of every position away from
+identity (against eager PyTorch with forward hooks), freezing, refusals."""
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from utune_fx.errors import UtuneError
+from utune_fx.match import load_rules
+from utune_fx.rewrite import rewrite
+from utune_fx.trace import trace
+
+RULES = Path(__file__).resolve().parents[1] / "rules"
+INSERTED = ["dual_utuner", "utuner_mha", "utuner_ffn", "utuner_block", "utuner_first_layer", "lora", "adapter"]
+EXISTING = ["bitfit", "linear_probe", "full_finetune"]
+ATOL = {torch.float32: 1e-5}
+
+ARCHS = {
+    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2), 32),
+    "deit": ("deit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2), 32),
+    "beit": ("beit_base_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2), 32),
+    "eva": ("eva02_tiny_patch14_224", dict(img_size=56, depth=2, num_classes=10), 56),
+    "swin": ("swin_tiny_patch4_window7_224", dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)), 224),
+    "resnet": ("resnet18", {}, 64),
+    "convnext": ("convnext_atto", dict(depths=(1, 1, 1, 1)), 64),
+}
+
+
+def _model(arch):
+    name, kwargs, size = ARCHS[arch]
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kwargs).eval(), torch.randn(2, 3, size, size)
+
+
+def _rules(tmp_path, body):
+    path = tmp_path / "rules.yaml"
+    path.write_text(textwrap.dedent(body))
+    return load_rules(path)
+
+
+@pytest.mark.parametrize("arch", ["vit", "deit", "beit", "eva", "swin"])
+@pytest.mark.parametrize("rule_file", INSERTED + EXISTING)
+def test_every_rewrite_starts_as_the_frozen_model(rule_file, arch):
+    model, x = _model(arch)
+    with torch.no_grad():
+        reference = model(x)
+    result = rewrite(trace(model, x), load_rules(RULES / f"{rule_file}.yaml"))
+    assert all(s.regions > 0 for s in result.summaries), [(s.rule, s.regions) for s in result.summaries]
+    with torch.no_grad():
+        assert torch.equal(result.module(x), reference)
+
+
+@pytest.mark.parametrize("arch", ["resnet", "convnext"])
+@pytest.mark.parametrize("rule_file", EXISTING)
+def test_cnn_rule_files_start_as_the_frozen_model(rule_file, arch):
+    model, x = _model(arch)
+    with torch.no_grad():
+        reference = model(x)
+    result = rewrite(trace(model, x), load_rules(RULES / f"{rule_file}.yaml"))
+    with torch.no_grad():
+        assert torch.equal(result.module(x), reference)
+
+
+def _randomise(module: nn.Module) -> None:
+    torch.manual_seed(1)
+    for name, parameter in module.named_parameters():
+        if name.startswith("utune."):
+            with torch.no_grad():
+                parameter.normal_(0, 0.2)
+
+
+def _compare(result, model, x, hooks):
+    _randomise(result.module)
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        with torch.no_grad():
+            expected = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad():
+        got = result.module(x)
+    assert not torch.allclose(got, model(x).detach(), atol=1e-3), "tuners had no effect"
+    torch.testing.assert_close(got, expected, atol=ATOL[torch.float32], rtol=1e-5)
+
+
+def test_parallel_position_adds_u_of_the_region_input(tmp_path):
+    model, x = _model("vit")
+    result = rewrite(trace(model, x), load_rules(RULES / "dual_utuner.yaml"))
+    tuners = dict(result.module.named_modules())
+    hooks = []
+    for i, block in enumerate(model.blocks):
+        for rule, part in (("mha", block.attn), ("ffn", block.mlp)):
+            adapter = tuners[f"utune.{rule}.{i}"]
+            hooks.append((part, lambda mod, inp, out, a=adapter: out + a(inp[0])))
+    _compare(result, model, x, hooks)
+
+
+def test_sequential_position_adds_u_of_the_region_output():
+    model, x = _model("vit")
+    result = rewrite(trace(model, x), load_rules(RULES / "adapter.yaml"))
+    tuners = dict(result.module.named_modules())
+    hooks = [(block.mlp, lambda mod, inp, out, a=tuners[f"utune.ffn_adapter.{i}"]: out + a(out))
+             for i, block in enumerate(model.blocks)]
+    _compare(result, model, x, hooks)
+
+
+def test_reparameterised_lora_on_linears():
+    model, x = _model("vit")
+    result = rewrite(trace(model, x), load_rules(RULES / "lora.yaml"))
+    tuners = dict(result.module.named_modules())
+    linears = [layer for block in model.blocks for layer in (block.attn.qkv, block.attn.proj)]
+    hooks = [(layer, lambda mod, inp, out, a=tuners[f"utune.attention_projections.{i}"]: out + a(inp[0]))
+             for i, layer in enumerate(linears)]
+    _compare(result, model, x, hooks)
+
+
+def test_lora_on_convolutions_and_adapters_on_feature_maps(tmp_path):
+    model, x = _model("convnext")
+    rules = _rules(tmp_path, """
+        version: 1
+        rules:
+          - {name: convs, match: {node: {kind: conv, scope: "stages.*.blocks.*.conv_dw"}}, tuner: lora, settings: {rank: 4}}
+          - {name: blocks, match: block, tuner: parallel_adapter, settings: {hidden: 4}}
+        """)
+    result = rewrite(trace(model, x), rules)
+    tuners = dict(result.module.named_modules())
+    blocks = [block for stage in model.stages for block in stage.blocks]
+    hooks = [(block.conv_dw, lambda mod, inp, out, a=tuners[f"utune.convs.{i}"]: out + a(inp[0]))
+             for i, block in enumerate(blocks)]
+    hooks += [(block, lambda mod, inp, out, a=tuners[f"utune.blocks.{i}"]: out + a(inp[0]))
+              for i, block in enumerate(blocks)]
+    assert isinstance(tuners["utune.blocks.0"].down, nn.Conv2d)  # feature maps: 1x1 convs
+    _compare(result, model, x, hooks)
+
+
+def test_scale_shift_on_norm_outputs(tmp_path):
+    model, x = _model("vit")
+    result = rewrite(trace(model, x), _rules(tmp_path, """
+        version: 1
+        rules: [{name: ssf, match: norm, tuner: scale_shift}]
+        """))
+    tuners = dict(result.module.named_modules())
+    norms = [n for block in model.blocks for n in (block.norm1, block.norm2)] + [model.norm]
+    hooks = [(norm, lambda mod, inp, out, t=tuners[f"utune.ssf.{i}"]: out * (1 + t.scale) + t.shift)
+             for i, norm in enumerate(norms)]
+    _compare(result, model, x, hooks)
+
+
+def test_only_tuners_and_selected_parameters_train():
+    model, x = _model("vit")
+    result = rewrite(trace(model, x), load_rules(RULES / "dual_utuner.yaml"))
+    trainable = {name for name, p in result.module.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in result.module.named_parameters() if n.startswith(("utune.", "head."))}
+    assert result.trainable_parameters == sum(s.added_parameters + s.trained_parameters for s in result.summaries)
+    _randomise(result.module)
+    result.module(x).sum().backward()
+    assert all((p.grad is not None) == p.requires_grad for p in result.module.parameters())
+
+
+def test_head_is_resized_to_num_classes(tmp_path):
+    model, x = _model("vit")
+    result = rewrite(trace(model, x), _rules(tmp_path, """
+        version: 1
+        rules: [{name: classifier, match: head, tuner: head, settings: {num_classes: 5}}]
+        """))
+    assert result.module(x).shape == (2, 5)
+    assert result.summaries[0].added_parameters == 192 * 5 + 5 == result.trainable_parameters
+
+
+def test_refusals_are_clear(tmp_path):
+    model, x = _model("resnet")
+    with pytest.raises(UtuneError, match=r"rule 'blocks' .*region layer2.0: parallel_adapter at parallel needs input "
+                                         r"and output of one size but for the channels, got 2x64x16x16 -> 2x128x8x8"):
+        rewrite(trace(model, x), _rules(tmp_path, "version: 1\nrules: [{name: blocks, match: block, tuner: parallel_adapter}]\n"))
+    model, x = _model("vit")
+    with pytest.raises(UtuneError, match=r"does not insert prompt tuners yet \(prompt\)"):
+        rewrite(trace(model, x), load_rules(RULES / "vpt_deep.yaml"))
+    gm = trace(model, x)
+    rewrite(gm, load_rules(RULES / "utuner_ffn.yaml"))
+    with pytest.raises(UtuneError, match=r"holds tuner nodes of rule 'ffn'; a tuner on another tuner is refused"):
+        rewrite(gm, _rules(tmp_path, "version: 1\nrules: [{name: blocks, match: transformer_block, tuner: parallel_adapter}]\n"))
