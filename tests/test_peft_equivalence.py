@@ -1,0 +1,54 @@
+"""utune_fx's LoRA equals PEFT's on the same layers, rank, alpha and weights."""
+
+import copy
+import textwrap
+
+import pytest
+import timm
+import torch
+
+from utune_fx.match import load_rules
+from utune_fx.rewrite import rewrite
+from utune_fx.trace import trace
+
+peft = pytest.importorskip("peft")
+TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"  # PEFT full-matches a string
+
+
+def test_lora_matches_peft(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    same_weights = copy.deepcopy(model)
+    rules = tmp_path / "lora.yaml"
+    rules.write_text(textwrap.dedent("""
+        version: 1
+        patterns:
+          transformer_linear:
+            node: {kind: linear, scope: ["**.qkv", "**.proj", "**.fc1", "**.fc2"]}
+        rules:
+          - {name: lora, match: transformer_linear, tuner: lora, settings: {rank: 4, alpha: 8}}
+        """))
+    ours = rewrite(trace(model, x), load_rules(rules))
+    reference = peft.get_peft_model(same_weights, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                                  lora_dropout=0.0))
+
+    # Same tuner weights, away from identity: copy ours (after randomising B) into PEFT's.
+    torch.manual_seed(1)
+    regions = ours.summaries[0].scopes
+    assert len(regions) == 8
+    peft_modules = dict(reference.base_model.model.named_modules())
+    for index, scope in enumerate(regions):
+        branch = ours.module.get_submodule(f"utune.lora.{index}")
+        with torch.no_grad():
+            branch.lora_B.weight.normal_(0, 0.1)
+            target = peft_modules[scope]
+            target.lora_A["default"].weight.copy_(branch.lora_A.weight)
+            target.lora_B["default"].weight.copy_(branch.lora_B.weight)
+    with torch.no_grad():
+        ours_out, peft_out = ours.module(x), reference(x)
+    assert not torch.allclose(ours_out, model(x), atol=1e-3)
+    torch.testing.assert_close(ours_out, peft_out, atol=1e-6, rtol=1e-6)
+    peft_trainable = sum(p.numel() for p in reference.parameters() if p.requires_grad)
+    assert ours.trainable_parameters == peft_trainable == sum(
+        4 * (m.in_features + m.out_features) for s in regions for m in [model.get_submodule(s)])
