@@ -2,6 +2,7 @@
 
     python cli.py inspect [MODEL_SPEC] [--input-shape 2,3,224,224] [--frontend auto|fx|export] [--json]
     python cli.py match MODEL_SPEC --rules FILE [--explain] [--allow-empty] [--json]
+    python cli.py rewrite MODEL_SPEC --rules FILE [--rules FILE2 ...] -o DIR
 
 User errors print one line, ``error: ...``, and exit with code 2; ``--debug``
 shows the traceback instead. ``match`` exits with 3 when a rule matches
@@ -69,6 +70,21 @@ def _match(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rewrite(args: argparse.Namespace) -> int:
+    from utune_fx.match import load_rules
+    from utune_fx.rewrite import rewrite
+    from utune_fx.rewrite.artifact import TunedSource, save_tuned
+    from utune_fx.rewrite.report import render_rewrite
+
+    rule_sets = [load_rules(path) for path in args.rules]
+    loaded, gm = _traced(args)
+    result = rewrite(gm, rule_sets)
+    out = save_tuned(result, rule_sets, TunedSource(args.model, args.input_shape or [], args.frontend), args.output)
+    render_rewrite(result, loaded.name, Console(width=max(Console().width, 120)))
+    print(f"wrote {out}/ (manifest.json, tuners.safetensors)")
+    return 0
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
     parser.add_argument("model", nargs="?" if default else None, default=default,
                         help="timm:NAME[?opt=v&...], package.module:callable or file.py:callable"
@@ -97,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="show candidates, selection and dropped overlaps, and the closest near-miss of empty rules")
     match.add_argument("--allow-empty", action="store_true", help="exit 0 even if a rule matches nothing")
     match.set_defaults(run=_match)
+
+    rewrite = commands.add_parser("rewrite", help="insert the tuners the rules name; write a tuned artifact")
+    _add_model_arguments(rewrite, None)
+    rewrite.add_argument("--rules", required=True, action="append", metavar="FILE",
+                         help="rule file (YAML); repeat to apply several, in order")
+    rewrite.add_argument("-o", "--output", required=True, metavar="DIR", help="directory for the tuned artifact")
+    rewrite.set_defaults(run=_rewrite)
     return parser
 
 

@@ -192,10 +192,12 @@ def make_inputs(shapes: list[tuple[tuple[int, ...], torch.dtype]], seed: int = 0
 
 
 def load_model(text: str, input_shapes: list[str] | None = None) -> LoadedModel:
-    """Build the model a spec names, in eval mode, with example inputs."""
+    """Build the model a spec names (seeded: random weights repeat), in eval mode, with example inputs."""
     spec = parse_model_spec(text)
     parsed = [parse_input_shape(s) for s in input_shapes or []]  # check before building
-    model = build_model(spec).eval()
+    with torch.random.fork_rng():  # randomly initialised models are the same every time; caller's RNG untouched
+        torch.manual_seed(0)
+        model = build_model(spec).eval()
     if not parsed:
         shape = _timm_input_shape(model, spec) if spec.source == "timm" else None
         if shape is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -87,6 +88,7 @@ class RuleSet:
     path: str
     patterns: dict[str, Pattern]
     rules: list[Rule]
+    sources: dict[str, str] = field(default_factory=dict)  # file (relative to the rule file's folder) -> text
 
 
 @dataclass
@@ -105,6 +107,7 @@ class _Loader:
         self.compiled: dict[str, Pattern] = {}
         self.compiling: list[str] = []
         self.loaded: set[Path] = set()
+        self.texts: dict[Path, str] = {}
 
     def load_file(self, path: Path) -> Located:
         root = load_located(path)  # messages name the path as given
@@ -114,6 +117,7 @@ class _Loader:
         if "version" in entries and entries["version"].value != VERSION:
             raise entries["version"].fail(f"unsupported version {entries['version'].value!r}; this utune_fx reads version {VERSION}")
         self.loaded.add(path.resolve())
+        self.texts[path] = path.read_text(encoding="utf-8")
         for item in entries["imports"].items() if "imports" in entries else []:
             target = path.parent / item.text()
             if target.resolve() in self.loaded:
@@ -255,7 +259,10 @@ def load_rules(path: str | Path) -> RuleSet:
     if not rules:
         raise entries["rules"].fail("the rules list is empty; add a rule")
     patterns = {name: loader.pattern(name) for name in loader.raw}  # compile all: errors surface at load
-    return RuleSet(str(path), patterns, rules)
+    folder = Path(path).parent
+    sources = {os.path.relpath(file, folder): text for file, text in loader.texts.items()
+               if file.resolve() != PRELUDE.resolve()}
+    return RuleSet(str(path), patterns, rules, sources)
 
 
 @functools.cache

@@ -1,0 +1,172 @@
+"""Tuned artifacts: a directory that rebuilds a tuned model exactly.
+
+    rewrite(...) --save_tuned--> DIR/manifest.json      base model spec, input shapes, front end,
+                                                          rule files (text + sha256), versions,
+                                                          trainable tensor names, shapes, sha256,
+                                                          sha256 of the frozen base weights
+                                 DIR/tuners.safetensors  the trainable tensors only
+    DIR --load_tuned--> RewriteResult (base model rebuilt, traced, rewritten, weights loaded)
+
+No pickle anywhere: JSON and safetensors. The directory is written under a
+temporary name and renamed into place, so a failure never leaves a half
+artifact or damages an existing one. Every mismatch on load (missing file,
+edited rule text, unknown or missing tensor, wrong shape) is one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from utune_fx.errors import UtuneError, first_line
+
+FORMAT = "utune_fx.tuned/1"
+MANIFEST, TENSORS = "manifest.json", "tuners.safetensors"
+
+
+@dataclass
+class TunedSource:
+    """What the artifact needs to rebuild the tuned model."""
+
+    model: str  # model spec as given to the CLI
+    input_shapes: list[str]  # --input-shape values ('' entries never)
+    frontend: str
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def base_sha256(module: torch.nn.Module) -> str:
+    """Hash of the frozen weights (parameters that do not train, and buffers), in name order."""
+    digest = hashlib.sha256()
+    frozen = [(n, p) for n, p in module.named_parameters() if not p.requires_grad] + list(module.named_buffers())
+    for name, tensor in sorted(frozen, key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    import utune_fx
+    return {"utune_fx": getattr(utune_fx, "__version__", "0.1.0"), "torch": torch.__version__, "timm": timm.__version__}
+
+
+def save_tuned(result: Any, rule_sets: list[Any], source: TunedSource, directory: str | Path) -> Path:
+    directory = Path(directory)
+    tensors = {name: p.detach().contiguous().clone() for name, p in result.module.named_parameters() if p.requires_grad}
+    parent = directory.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=parent))
+    try:
+        safetensors.torch.save_file(tensors, str(staging / TENSORS))
+        manifest = {
+            "format": FORMAT,
+            "model": source.model,
+            "input_shapes": source.input_shapes,
+            "frontend": source.frontend,
+            "rules": [{"path": rules.path, "sources": rules.sources,
+                       "sha256": {name: _sha256(text.encode()) for name, text in rules.sources.items()}}
+                      for rules in rule_sets],
+            "versions": _versions(),
+            "summary": [vars(s) for s in result.summaries],
+            "tensors": {name: list(t.shape) for name, t in tensors.items()},
+            "tensors_sha256": _sha256((staging / TENSORS).read_bytes()),
+            "base_sha256": base_sha256(result.module),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; an artifact is an ordinary folder
+        for file in (TENSORS, MANIFEST):
+            os.chmod(staging / file, 0o666 & ~umask)
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=parent))
+            os.replace(directory, old / directory.name)
+            os.replace(staging, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise UtuneError(f"{directory}: no tuned artifact here; write one with cli.py rewrite ... -o {directory}")
+    if not path.is_file():
+        raise UtuneError(f"{path} is missing; the directory is not a complete tuned artifact")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UtuneError(f"{path}: not valid JSON ({first_line(error)}); the artifact is damaged") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UtuneError(f"{path}: not a utune_fx tuned artifact (format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                         f"expected {FORMAT!r})")
+    return manifest
+
+
+def load_tuned(directory: str | Path):
+    """Rebuild the base model, trace and rewrite it as recorded, load the tuner weights."""
+    from utune_fx.match import load_rules
+    from utune_fx.rewrite import rewrite
+    from utune_fx.specs import load_model
+    from utune_fx.trace import trace
+
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    tensors_path = directory / TENSORS
+    if not tensors_path.is_file():
+        raise UtuneError(f"{tensors_path} is missing; the directory is not a complete tuned artifact")
+    if _sha256(tensors_path.read_bytes()) != manifest["tensors_sha256"]:
+        raise UtuneError(f"{tensors_path} does not match the sha256 in {MANIFEST}; the file was changed or damaged")
+    rule_sets = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, entry in enumerate(manifest["rules"]):
+            folder = Path(scratch) / str(index)
+            for name, text in entry["sources"].items():
+                if _sha256(text.encode()) != entry["sha256"].get(name):
+                    raise UtuneError(f"{directory / MANIFEST}: rule text of {name} does not match its sha256; "
+                                     "the manifest was edited")
+                target = (folder / name).resolve()
+                if not target.is_relative_to(folder.resolve()):
+                    raise UtuneError(f"{directory / MANIFEST}: rule source path {name!r} leaves the artifact")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text)
+            rule_sets.append(load_rules(folder / Path(entry["path"]).name))
+        loaded = load_model(manifest["model"], manifest["input_shapes"] or None)
+        gm = trace(loaded.model, loaded.inputs, frontend=manifest["frontend"], name=loaded.name)
+        result = rewrite(gm, rule_sets)
+    if base_sha256(result.module) != manifest["base_sha256"]:
+        raise UtuneError(f"{directory}: the base model {manifest['model']} now has other weights than the ones it "
+                         f"was tuned on (tuned with {manifest['versions']}); use the same weights and versions")
+    try:
+        tensors = safetensors.torch.load_file(str(tensors_path))
+    except Exception as error:
+        raise UtuneError(f"{tensors_path}: cannot read ({first_line(error)}); the file is damaged") from error
+    expected = {name: p for name, p in result.module.named_parameters() if p.requires_grad}
+    missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unknown:
+        raise UtuneError(f"{tensors_path}: tensors do not fit the rewritten model (missing {missing[:3]}, "
+                         f"unknown {unknown[:3]}); was it written for other rules or another model?")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UtuneError(f"{tensors_path}: {name} has shape {list(tensor.shape)}, the model expects "
+                             f"{list(expected[name].shape)}")
+        with torch.no_grad():
+            expected[name].copy_(tensor)
+    return result
