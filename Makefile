@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/python cli.py inspect
+	$(BIN)/python cli.py rewrite timm:vit_base_patch16_224 --rules rules/dual_utuner.yaml -o runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
