@@ -195,3 +195,19 @@ def test_user_graph_pattern_with_captures_and_scope_pattern(tmp_path):
     assert len(softmax.regions) == 2 and set(softmax.regions[0].captures) == {"scores", "probs"}
     assert [r.scope for r in mlps.regions] == ["h.0.mlp", "h.1.mlp"]
     assert mlps.regions[0].output.name == "h_0_mlp_c_proj"
+
+
+def test_region_cache_keeps_its_patterns_alive(tmp_path):
+    """Regions are cached by pattern identity; a collected pattern's id could
+    be reused by another pattern and hit its stale regions."""
+    import gc
+    import weakref
+
+    ctx = MatchContext(context("vit").gm)
+    rules = _rules(tmp_path, "version: 1\nrules: [{name: r, match: {node: {kind: linear}}, tuner: lora}]\n")
+    pattern = rules.rules[0].pattern
+    assert len(ctx.regions(pattern)) == 13
+    alive = weakref.ref(pattern)
+    del rules, pattern
+    gc.collect()
+    assert alive() is not None

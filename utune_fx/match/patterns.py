@@ -42,7 +42,8 @@ class MatchContext:
         for node in self.nodes:
             self.by_kind.setdefault(node_info(node).op_kind, []).append(node)
         self.node_ctx = NodeContext(dict(gm.named_modules()), _feeding_output(self.nodes))
-        self._regions: dict[int, list[Region]] = {}
+        # id -> (pattern, regions): holding the pattern keeps its id from being reused
+        self._regions: dict[int, tuple[Pattern, list[Region]]] = {}
         self._residuals: list[Region] | None = None
 
     def candidates(self, predicate: Predicate) -> list[fx.Node]:
@@ -58,8 +59,8 @@ class MatchContext:
             found = sorted(pattern.find(self), key=lambda r: self.order[r.anchor])
             for index, region in enumerate(found):
                 region.index = index
-            self._regions[key] = found
-        return self._regions[key]
+            self._regions[key] = (pattern, found)
+        return self._regions[key][1]
 
     def residuals(self) -> list[Region]:
         if self._residuals is None:

@@ -247,6 +247,7 @@ def load_rules(path: str | Path) -> RuleSet:
     """Load and check a rule file (and what it imports, and the prelude)."""
     loader = _Loader()
     loader.load_file(PRELUDE)
+    loader.compiled.update(load_prelude())  # shared, so contexts cache the prelude's regions once
     root = loader.load_file(Path(path))
     entries = root.mapping()
     if "rules" not in entries:
