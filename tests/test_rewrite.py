@@ -114,7 +114,7 @@ def test_reparameterised_lora_on_linears():
     result = rewrite(trace(model, x), load_rules(RULES / "lora.yaml"))
     tuners = dict(result.module.named_modules())
     linears = [layer for block in model.blocks for layer in (block.attn.qkv, block.attn.proj)]
-    hooks = [(layer, lambda mod, inp, out, a=tuners[f"utune.attention_projections.{i}"]: out + a(inp[0]))
+    hooks = [(layer, lambda mod, inp, out, a=tuners[f"utune.lora.{i}"]: out + a(inp[0]))
              for i, layer in enumerate(linears)]
     _compare(result, model, x, hooks)
 

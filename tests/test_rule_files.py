@@ -139,3 +139,9 @@ def test_random_text_only_raises_located_rule_errors(tmp_path, text):
 
 def test_prelude_is_a_valid_pattern_library():
     assert PRELUDE.is_file()
+
+
+@pytest.mark.parametrize("path", sorted(RULES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_rule_files_state_formula_and_paper_setting(path):
+    header = path.read_text().split("version:")[0]
+    assert header.startswith("# ") and "=" in header and "Paper setting" in header.replace("paper setting", "Paper setting")
