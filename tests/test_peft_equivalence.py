@@ -52,3 +52,39 @@ def test_lora_matches_peft(tmp_path):
     peft_trainable = sum(p.numel() for p in reference.parameters() if p.requires_grad)
     assert ours.trainable_parameters == peft_trainable == sum(
         4 * (m.in_features + m.out_features) for s in regions for m in [model.get_submodule(s)])
+
+
+def test_ia3_matches_peft(tmp_path):
+    """IA3 = scale_shift without shift: PEFT scales qkv's output and fc2's input by l;
+    utune_fx scales qkv's output and the FFN activation (fc2's input) by 1 + g."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    same_weights = copy.deepcopy(model)
+    rules = tmp_path / "ia3.yaml"
+    rules.write_text(textwrap.dedent("""
+        version: 1
+        patterns:
+          qkv: {node: {kind: linear, scope: "**.qkv"}}
+          ffn_act: {node: {kind: act, scope: "**.mlp.act"}}
+        rules:
+          - {name: attention, match: qkv, tuner: scale_shift, settings: {shift: false}}
+          - {name: ffn, match: ffn_act, tuner: scale_shift, settings: {shift: false}}
+        """))
+    ours = rewrite(trace(model, x), load_rules(rules))
+    reference = peft.get_peft_model(same_weights, peft.IA3Config(
+        target_modules=r"blocks\.\d+\.(attn\.qkv|mlp\.fc2)", feedforward_modules=r"blocks\.\d+\.mlp\.fc2"))
+    peft_modules = dict(reference.base_model.model.named_modules())
+    torch.manual_seed(2)
+    for rule, suffix in (("attention", "attn.qkv"), ("ffn", "mlp.fc2")):
+        for index in range(2):
+            ours_scale = ours.module.get_submodule(f"utune.{rule}.{index}").scale
+            with torch.no_grad():
+                ours_scale.normal_(0, 0.2)
+                target = peft_modules[f"blocks.{index}.{suffix}"].ia3_l["default"]
+                target.copy_((1 + ours_scale).reshape(target.shape))
+    with torch.no_grad():
+        ours_out, peft_out = ours.module(x), reference(x)
+    assert not torch.allclose(ours_out, model(x), atol=1e-3)
+    torch.testing.assert_close(ours_out, peft_out, atol=1e-5, rtol=1e-5)  # y + y*g vs y*(1+g): rounding only
+    assert ours.trainable_parameters == sum(p.numel() for p in reference.parameters() if p.requires_grad) == 2 * (576 + 768)
