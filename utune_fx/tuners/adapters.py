@@ -32,14 +32,17 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
         self.act = ACTIVATIONS[config.activation]()
-        self.dropout = nn.Dropout(config.dropout)
+        # p = 0 dropout still allocates an output and a mask in training: skip it
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         scale = getattr(config, "scale", 1.0)  # the sequential form has none
         self.scale = nn.Parameter(torch.ones(())) if scale == "learned" else None
         self.fixed_scale = 1.0 if scale == "learned" else float(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.up(self.dropout(self.act(self.down(x))))
-        return out * self.scale if self.scale is not None else out * self.fixed_scale
+        if self.scale is not None:
+            return out * self.scale
+        return out if self.fixed_scale == 1.0 else out * self.fixed_scale
 
 
 def _adapter_parameters(hidden: int, size: RegionSize, learned_scale: bool) -> int:

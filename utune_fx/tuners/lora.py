@@ -32,7 +32,7 @@ class LoraBranch(nn.Module):
             self.lora_B = conv(rank, site.channels_out, 1, bias=False)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()  # as PEFT
         self.scaling = config.alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
