@@ -54,13 +54,17 @@ def test_every_rewrite_starts_as_the_frozen_model(rule_file, arch):
         assert torch.equal(result.module(x), reference)
 
 
+CNN_RULE_FILES = ["lora", "utuner_block"] + EXISTING
+
+
 @pytest.mark.parametrize("arch", ["resnet", "convnext"])
-@pytest.mark.parametrize("rule_file", EXISTING)
+@pytest.mark.parametrize("rule_file", CNN_RULE_FILES)
 def test_cnn_rule_files_start_as_the_frozen_model(rule_file, arch):
     model, x = _model(arch)
     with torch.no_grad():
         reference = model(x)
     result = rewrite(trace(model, x), load_rules(RULES / f"{rule_file}.yaml"))
+    assert all(s.regions > 0 for s in result.summaries)
     with torch.no_grad():
         assert torch.equal(result.module(x), reference)
 
@@ -138,6 +142,21 @@ def test_lora_on_convolutions_and_adapters_on_feature_maps(tmp_path):
     _compare(result, model, x, hooks)
 
 
+def test_strided_adapters_on_downsampling_resnet_blocks():
+    model, x = _model("resnet")
+    result = rewrite(trace(model, x), load_rules(RULES / "utuner_block.yaml"))
+    tuners = dict(result.module.named_modules())
+    blocks = [block for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for block in layer]
+    assert tuners["utune.block.2"].down.stride == (2, 2)  # layer2.0 halves the feature map
+    seen = {}
+    hooks = []
+    for i, block in enumerate(blocks):  # U(block input) joins the sum before the block's last activation
+        hooks.append((block, None))
+        block.register_forward_pre_hook(lambda mod, inp, i=i: seen.__setitem__(i, inp[0]))
+        hooks.append((block.bn2, lambda mod, inp, out, i=i, a=tuners[f"utune.block.{i}"]: out + a(seen[i])))
+    _compare(result, model, x, [(m, h) for m, h in hooks if h is not None])
+
+
 def test_scale_shift_on_norm_outputs(tmp_path):
     model, x = _model("vit")
     result = rewrite(trace(model, x), _rules(tmp_path, """
@@ -173,10 +192,10 @@ def test_head_is_resized_to_num_classes(tmp_path):
 
 
 def test_refusals_are_clear(tmp_path):
-    model, x = _model("resnet")
-    with pytest.raises(UtuneError, match=r"rule 'blocks' .*region layer2.0: parallel_adapter at parallel needs input "
-                                         r"and output of one size but for the channels, got 2x64x16x16 -> 2x128x8x8"):
-        rewrite(trace(model, x), _rules(tmp_path, "version: 1\nrules: [{name: blocks, match: block, tuner: parallel_adapter}]\n"))
+    model, x = _model("swin")
+    with pytest.raises(UtuneError, match=r"rule 'stage' .*region layers.1: parallel_adapter at parallel needs input "
+                                         r"and output of one size but for the channels .*got 2x56x56x24 -> 2x28x28x48"):
+        rewrite(trace(model, x), _rules(tmp_path, "version: 1\nrules: [{name: stage, match: {scope: layers.1}, tuner: parallel_adapter}]\n"))
     model, x = _model("vit")
     with pytest.raises(UtuneError, match=r"does not insert prompt tuners yet \(prompt\)"):
         rewrite(trace(model, x), load_rules(RULES / "vpt_deep.yaml"))

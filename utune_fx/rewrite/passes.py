@@ -54,11 +54,25 @@ def _site(found: RuleMatch, region: Region, ctx: MatchContext, reads: fx.Node, w
     other_in = [d for i, d in enumerate(in_shape) if i != axis % len(in_shape)]
     other_out = [d for i, d in enumerate(out_shape) if i != axis % len(out_shape)]
     same_tokens = not channels_first and math.prod(other_in) == math.prod(other_out)
-    if other_in != other_out and not same_tokens:
+    stride = _stride(in_shape, out_shape) if channels_first and found.rule.position == "parallel" else None
+    if other_in != other_out and not same_tokens and stride is None:
         shapes = f"{'x'.join(map(str, in_shape))} -> {'x'.join(map(str, out_shape))}"
         raise _fail(found, region, f"{found.rule.tuner} at {found.rule.position} needs input and output of one "
-                                   f"size but for the channels, got {shapes}; pick a region that keeps its size")
-    return Site(channels_in, channels_out, len(in_shape), channels_first), other_in != other_out
+                                   f"size but for the channels (or feature maps downsampled by whole factors), "
+                                   f"got {shapes}; pick a region that keeps its size")
+    reshape = other_in != other_out and stride is None
+    return Site(channels_in, channels_out, len(in_shape), channels_first, stride=stride), reshape
+
+
+def _stride(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Whole-factor downsampling of [B, C, *spatial] feature maps, as a 1x1 conv stride."""
+    if len(in_shape) != len(out_shape) or len(in_shape) < 3 or in_shape[0] != out_shape[0]:
+        return None
+    pairs = list(zip(in_shape[2:], out_shape[2:]))
+    if any(o == 0 or i % o or (i // o) * o != i for i, o in pairs) or all(i == o for i, o in pairs):
+        return None
+    # a 1x1 conv with stride s maps size i to ceil(i / s); whole factors keep it exact
+    return tuple(i // o for i, o in pairs)
 
 
 def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Site, fx.Node, fx.Node]:

@@ -57,6 +57,7 @@ class Site:
     rank: int  # rank of the tensor the tuner reads/writes
     channels_first: bool  # [B, C, H, W] feature maps rather than [..., C] tokens
     target: ConvGeometry | None = None  # for LoRA on a convolution
+    stride: tuple[int, ...] | None = None  # feature maps the region downsamples (a strided W_down)
 
 
 def check(condition: bool, message: str) -> None:

@@ -5,7 +5,8 @@
 
 W_up starts at zero, so the tuned model starts exactly as the frozen one. On
 tokens [B, N, C] the projections are Linear layers on the last axis; on
-feature maps [B, C, H, W] they are 1x1 convolutions.
+feature maps [B, C, H, W] they are 1x1 convolutions, W_down strided when the
+region downsamples (a ResNet stage's first block).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ class Adapter(nn.Module):
         hidden = config.hidden
         if site.channels_first:
             conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[site.rank - 2]
-            self.down, self.up = conv(site.channels_in, hidden, 1), conv(hidden, site.channels_out, 1)
+            # a downsampling region gets a strided W_down, like ResNet's projection shortcut
+            self.down = conv(site.channels_in, hidden, 1, stride=site.stride or 1)
+            self.up = conv(hidden, site.channels_out, 1)
         else:
             self.down, self.up = nn.Linear(site.channels_in, hidden), nn.Linear(hidden, site.channels_out)
         nn.init.zeros_(self.up.weight)
