@@ -27,7 +27,7 @@ def artifact(tmp_path, capsys):
 def test_round_trip_is_exact_with_trained_tuners(artifact, tmp_path):
     first = load_tuned(artifact)
     torch.manual_seed(3)
-    for name, parameter in first.module.named_parameters():
+    for parameter in first.module.parameters():
         if parameter.requires_grad:
             with torch.no_grad():
                 parameter.normal_(0, 0.1)

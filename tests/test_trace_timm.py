@@ -80,7 +80,7 @@ def test_vit_nodes_carry_scopes_shapes_and_kinds():
     # shapes agree with what the eager modules produce
     seen = {}
     hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, tuple(out.shape)))
-             for name, m in model.named_modules() if isinstance(out_type := m, torch.nn.Linear)]
+             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
         model(x)
     for hook in hooks:

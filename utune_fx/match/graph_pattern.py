@@ -31,6 +31,7 @@ from torch import fx
 from utune_fx.match.patterns import MatchContext, Pattern, best_near_miss, region_of
 from utune_fx.match.predicates import Predicate, compile_predicate, data_inputs, tensor_inputs, tensor_users
 from utune_fx.match.source import Located
+from utune_fx.match.structure import Region
 from utune_fx.trace import OP_KINDS, node_info
 
 _EDGE = re.compile(r"^\s*([A-Za-z_]\w*)\s*(->\*|->)\s*([A-Za-z_]\w*)\s*$")

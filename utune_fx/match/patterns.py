@@ -20,7 +20,7 @@ import abc
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from torch import fx, nn
+from torch import fx
 
 from utune_fx.match.predicates import NodeContext, Predicate, compile_predicate, data_inputs, scope_regex
 from utune_fx.match.source import Located

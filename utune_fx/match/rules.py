@@ -24,9 +24,9 @@ from torch import fx
 
 from utune_fx.match.patterns import MatchContext, Pattern, compile_pattern
 from utune_fx.match.predicates import scope_regex
-from utune_fx.match.source import Located, RuleError, load_located
+from utune_fx.match.source import Located, load_located
 from utune_fx.match.structure import Region
-from utune_fx.tuners import TUNERS, RegionSize, TunerConfig, create_config
+from utune_fx.tuners import TUNERS, TunerConfig, create_config
 
 PRELUDE = Path(__file__).with_name("prelude.yaml")
 VERSION = 1

@@ -25,7 +25,7 @@ from utune_fx.match import MatchContext, Region, RuleMatch
 from utune_fx.match.predicates import data_inputs
 from utune_fx.match.sizes import parameters_of
 from utune_fx.trace import node_info
-from utune_fx.trace.annotate import META_KEY, NodeInfo
+from utune_fx.trace.annotate import META_KEY
 from utune_fx.tuners import TUNERS, ConvGeometry, Site
 
 TUNER_META = "utune_tuner"
