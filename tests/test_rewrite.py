@@ -203,3 +203,36 @@ def test_refusals_are_clear(tmp_path):
     rewrite(gm, load_rules(RULES / "utuner_ffn.yaml"))
     with pytest.raises(UtuneError, match=r"holds tuner nodes of rule 'ffn'; a tuner on another tuner is refused"):
         rewrite(gm, _rules(tmp_path, "version: 1\nrules: [{name: blocks, match: transformer_block, tuner: parallel_adapter}]\n"))
+
+
+def test_train_key_selects_existing_parameters(tmp_path):
+    model, x = _model("vit")
+    result = rewrite(trace(model, x), _rules(tmp_path, """
+        version: 1
+        rules:
+          - {name: mha, match: attention, tuner: parallel_adapter, train: [biases, "norm.*"]}
+        """))
+    trainable = {n for n, p in result.module.named_parameters() if p.requires_grad}
+    existing = trainable - {n for n in trainable if n.startswith("utune.")}
+    assert existing == {"norm.weight", "norm.bias"} | {f"blocks.{i}.attn.{layer}.bias" for i in range(2)
+                                                       for layer in ("qkv", "proj")}
+    with pytest.raises(UtuneError, match=r"train pattern 'nothing\.\*' names no parameter"):
+        rewrite(trace(_model("vit")[0], x), _rules(tmp_path, """
+            version: 1
+            rules: [{name: mha, match: attention, tuner: parallel_adapter, train: ["nothing.*"]}]
+            """))
+
+
+def test_several_rule_files_apply_in_order_and_may_overlap():
+    model, x = _model("vit")
+    with torch.no_grad():
+        reference = model(x)
+    result = rewrite(trace(model, x), [load_rules(RULES / "utuner_mha.yaml"), load_rules(RULES / "lora.yaml")])
+    assert [(s.rule, s.regions) for s in result.summaries] == [("mha", 2), ("classifier", 1), ("lora", 4),
+                                                                 ("classifier", 1)]
+    with torch.no_grad():
+        assert torch.equal(result.module(x), reference)
+    _randomise(result.module)
+    result.module(x).sum().backward()  # both tuners on the same attention receive gradients
+    assert result.module.get_submodule("utune.mha.0").down.weight.grad is not None
+    assert result.module.get_submodule("utune.lora.0").lora_A.weight.grad is not None
