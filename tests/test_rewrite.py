@@ -15,7 +15,8 @@ from utune_fx.rewrite import rewrite
 from utune_fx.trace import trace
 
 RULES = Path(__file__).resolve().parents[1] / "rules"
-INSERTED = ["dual_utuner", "utuner_mha", "utuner_ffn", "utuner_block", "utuner_first_layer", "lora", "adapter"]
+INSERTED = ["dual_utuner", "utuner_mha", "utuner_ffn", "utuner_block", "utuner_first_layer", "lora", "adapter",
+            "prefix"]
 EXISTING = ["bitfit", "linear_probe", "full_finetune"]
 ATOL = {torch.float32: 1e-5}
 
@@ -196,6 +197,15 @@ def test_refusals_are_clear(tmp_path):
     with pytest.raises(UtuneError, match=r"rule 'stage' .*region layers.1: parallel_adapter at parallel needs input "
                                          r"and output of one size but for the channels .*got 2x56x56x24 -> 2x28x28x48"):
         rewrite(trace(model, x), _rules(tmp_path, "version: 1\nrules: [{name: stage, match: {scope: layers.1}, tuner: parallel_adapter}]\n"))
+    vit, vit_x = _model("vit")
+    with pytest.raises(UtuneError, match=r"the concatenated prefix \(parallel: false\) is not inserted yet"):
+        rewrite(trace(vit, vit_x), _rules(tmp_path, """
+            version: 1
+            rules: [{name: p, match: attention, tuner: prefix, settings: {parallel: false}}]
+            """))
+    from toy_models import transformer_encoder
+    with pytest.raises(UtuneError, match=r"a prefix needs an attention whose queries are visible"):
+        rewrite(trace(transformer_encoder().eval(), torch.randn(2, 5, 32)), load_rules(RULES / "prefix.yaml"))
     model, x = _model("vit")
     with pytest.raises(UtuneError, match=r"does not insert prompt tuners yet \(prompt\)"):
         rewrite(trace(model, x), load_rules(RULES / "vpt_deep.yaml"))
@@ -236,3 +246,21 @@ def test_several_rule_files_apply_in_order_and_may_overlap():
     result.module(x).sum().backward()  # both tuners on the same attention receive gradients
     assert result.module.get_submodule("utune.mha.0").down.weight.grad is not None
     assert result.module.get_submodule("utune.lora.0").lora_A.weight.grad is not None
+
+
+@pytest.mark.parametrize("written_out", [False, True])
+def test_parallel_prefix_adds_attention_over_the_prefix(written_out):
+    from test_opkinds import SdpaAttention, WrittenOutAttention
+    module = (WrittenOutAttention if written_out else SdpaAttention)().eval()
+    x = torch.randn(2, 5, 16)
+    result = rewrite(trace(module, x), load_rules(RULES / "prefix.yaml"))
+    prefix = result.module.get_submodule("utune.prefix.0")
+    assert prefix.keys.shape == (2, 10, 8)  # [heads, length, head width]
+    with torch.no_grad():
+        prefix.values.normal_(0, 0.5)
+        q, k, v = module.split(x)
+        frozen = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        branch = torch.softmax(q @ prefix.keys.transpose(-2, -1) * 8 ** -0.5, dim=-1) @ prefix.values
+        expected = module.proj(module.merge(frozen + branch))
+        torch.testing.assert_close(result.module(x), expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(result.module(x), module(x), atol=1e-3)

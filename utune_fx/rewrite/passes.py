@@ -102,6 +102,25 @@ def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Sit
     return Site(channels_in, channels_out, rank, kind == "conv", geometry), x, op
 
 
+def _prefix_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Site, fx.Node, fx.Node]:
+    """Res-Tuning's parallel prefix reads the attention's queries and adds to its output."""
+    if not found.rule.config.parallel:
+        raise _fail(found, region, "the concatenated prefix (parallel: false) is not inserted yet; "
+                                   "use parallel: true, Res-Tuning's parallel form")
+    attention = region.anchor
+    info = node_info(attention).attention
+    if node_info(attention).op_kind != "attention" or attention.op == "call_module" or info is None:
+        raise _fail(found, region, "a prefix needs an attention whose queries are visible in the graph "
+                                   "(scaled_dot_product_attention or softmax(QK^T)V), not a module such as "
+                                   "nn.MultiheadAttention")
+    query = next(n for n in ctx.nodes if n.name == info.query)
+    q_shape, out_shape = node_info(query).shape, node_info(attention).shape
+    if not q_shape or not out_shape or len(q_shape) < 3 or tuple(out_shape[:-1]) != tuple(q_shape[:-1]):
+        raise _fail(found, region, f"queries {q_shape} and attention output {out_shape} do not line up as "
+                                   "[batch, heads..., tokens, width]")
+    return Site(q_shape[-1], out_shape[-1], len(q_shape), False, heads=tuple(q_shape[1:-2])), query, attention
+
+
 def _annotate(node: fx.Node, like: fx.Node, kind: str, name: str, tag: dict) -> None:
     info = node_info(like)
     node.meta[META_KEY] = replace(info, op_kind=kind, op_name=name, attention=None, part_of=None, item_shapes=())
@@ -191,6 +210,8 @@ def apply_rule(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> tuple
         reshape = False
         if rule.position == "reparameterised":
             site, reads, writes = _lora_site(found, region, ctx)
+        elif rule.position == "prefix":
+            site, reads, writes = _prefix_site(found, region, ctx)
         else:
             writes = region.output
             reads = writes if rule.position == "sequential" else region.inputs[0]

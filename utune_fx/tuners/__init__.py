@@ -58,6 +58,7 @@ class Site:
     channels_first: bool  # [B, C, H, W] feature maps rather than [..., C] tokens
     target: ConvGeometry | None = None  # for LoRA on a convolution
     stride: tuple[int, ...] | None = None  # feature maps the region downsamples (a strided W_down)
+    heads: tuple[int, ...] = ()  # attention tuners: head dims between batch and tokens ([B, H, N, D] -> (H,))
 
 
 def check(condition: bool, message: str) -> None:
