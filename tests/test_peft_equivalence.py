@@ -15,11 +15,15 @@ peft = pytest.importorskip("peft")
 TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"  # PEFT full-matches a string
 
 
-def test_lora_matches_peft(tmp_path):
+def _vit_twice():
+    """A small ViT, an input, and an independent copy with the same weights for PEFT."""
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
-    x = torch.randn(2, 3, 32, 32)
-    same_weights = copy.deepcopy(model)
+    return model, torch.randn(2, 3, 32, 32), copy.deepcopy(model)
+
+
+def test_lora_matches_peft(tmp_path):
+    model, x, same_weights = _vit_twice()
     rules = tmp_path / "lora.yaml"
     rules.write_text(textwrap.dedent("""
         version: 1
@@ -57,10 +61,7 @@ def test_lora_matches_peft(tmp_path):
 def test_ia3_matches_peft(tmp_path):
     """IA3 = scale_shift without shift: PEFT scales qkv's output and fc2's input by l;
     utune_fx scales qkv's output and the FFN activation (fc2's input) by 1 + g."""
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
-    x = torch.randn(2, 3, 32, 32)
-    same_weights = copy.deepcopy(model)
+    model, x, same_weights = _vit_twice()
     rules = tmp_path / "ia3.yaml"
     rules.write_text(textwrap.dedent("""
         version: 1

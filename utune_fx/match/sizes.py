@@ -43,7 +43,7 @@ def _is_parameter(gm: nn.Module, target: str) -> bool:
         return False
 
 
-def _in_out(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
+def layer_channels(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
     """(in, out) channels of a linear / conv / attention module from its weight."""
     if node.op == "call_module":
         module = ctx.node_ctx.modules[str(node.target)]
@@ -66,7 +66,7 @@ def _in_out(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
 def region_size(region: Region, ctx: MatchContext) -> RegionSize:
     ordered = sorted(region.nodes, key=ctx.order.__getitem__)
     weighted = [(n, io) for n in ordered if node_info(n).op_kind in ("linear", "conv", "attention")
-                for io in [_in_out(n, ctx)] if io is not None]
+                for io in [layer_channels(n, ctx)] if io is not None]
     parameters: dict[str, torch.Tensor] = {}
     for node in ordered:
         parameters.update(parameters_of(node, ctx))

@@ -23,7 +23,7 @@ from torch import fx, nn
 from utune_fx.errors import UtuneError
 from utune_fx.match import MatchContext, Region, RuleMatch
 from utune_fx.match.predicates import data_inputs
-from utune_fx.match.sizes import parameters_of
+from utune_fx.match.sizes import layer_channels, parameters_of
 from utune_fx.trace import node_info
 from utune_fx.trace.annotate import META_KEY
 from utune_fx.tuners import TUNERS, ConvGeometry, Site
@@ -36,9 +36,8 @@ def _fail(found: RuleMatch, region: Region, message: str) -> UtuneError:
     return UtuneError(f"rule '{found.rule.name}' ({found.rule.where}), region {region.scope or 'model'}: {message}")
 
 
-def _first_weighted(region: Region, ctx: MatchContext, last: bool = False) -> fx.Node | None:
-    nodes = sorted((n for n in region.nodes if node_info(n).op_kind in _WEIGHTED), key=ctx.order.__getitem__)
-    return (nodes[-1] if last else nodes[0]) if nodes else None
+def _first_weighted(region: Region, ctx: MatchContext) -> fx.Node | None:
+    return min((n for n in region.nodes if node_info(n).op_kind in _WEIGHTED), key=ctx.order.__getitem__, default=None)
 
 
 def _site(found: RuleMatch, region: Region, ctx: MatchContext, reads: fx.Node, writes: fx.Node) -> tuple[Site, bool]:
@@ -83,8 +82,8 @@ def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Sit
     op = weighted[0]
     x = data_inputs(op)[0]
     module = ctx.node_ctx.modules.get(str(op.target)) if op.op == "call_module" else None
-    weight = next((p for name, p in parameters_of(op, ctx).items() if not name.endswith("bias") and p.dim() >= 2), None)
-    if weight is None:
+    channels = layer_channels(op, ctx)
+    if channels is None:
         raise _fail(found, region, f"cannot find the weight of {op.name}")
     kind = node_info(op).op_kind
     geometry = None
@@ -93,11 +92,7 @@ def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Sit
             raise _fail(found, region, f"LoRA on a functional convolution ({op.name}) is not supported; "
                                        "it needs an nn.Conv module")
         geometry = ConvGeometry(module.kernel_size, module.stride, module.padding, module.dilation)
-        channels_in, channels_out = module.in_channels, module.out_channels
-    else:
-        channels_out, channels_in = weight.shape[0], weight.shape[1]
-        if node_info(op).op_name in ("matmul", "mm"):  # x @ W stores W as [in, out]
-            channels_in, channels_out = channels_out, channels_in
+    channels_in, channels_out = channels
     rank = len(node_info(op).shape or ())
     return Site(channels_in, channels_out, rank, kind == "conv", geometry), x, op
 
@@ -151,7 +146,7 @@ def _placement(region: Region, ctx: MatchContext, dtype_of: fx.Node) -> dict:
     return {"device": device, "dtype": dtype if dtype.is_floating_point else torch.float32}
 
 
-def _existing(found: RuleMatch, region: Region, ctx: MatchContext, which: str) -> dict[str, nn.Parameter]:
+def _existing(region: Region, ctx: MatchContext, which: str) -> dict[str, nn.Parameter]:
     named = {name: p for n in region.nodes for name, p in parameters_of(n, ctx).items()}
     return {k: p for k, p in named.items() if which == "all" or k.endswith("bias")}
 
@@ -174,7 +169,7 @@ def _train(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> dict[str,
     for item in found.rule.train:
         if item in ("biases", "all"):
             for region in found.regions:
-                chosen.update(_existing(found, region, ctx, item))
+                chosen.update(_existing(region, ctx, item))
             continue
         matched = {k: p for k, p in gm.named_parameters() if fnmatch.fnmatchcase(k, item)}
         if not matched:
@@ -202,7 +197,7 @@ def apply_rule(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> tuple
                 added += sum(p.numel() for p in new.values())
                 trained.update(new)
             else:
-                trained.update(_existing(found, region, ctx, "bias" if rule.tuner == "bitfit" else "all"))
+                trained.update(_existing(region, ctx, "bias" if rule.tuner == "bitfit" else "all"))
             continue
         if entry.module is None:
             raise _fail(found, region, f"the rewriter does not insert {rule.position} tuners yet ({rule.tuner}); "
