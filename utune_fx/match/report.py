@@ -30,8 +30,8 @@ def match_report(gm: fx.GraphModule, model: nn.Module, rules: RuleSet, name: str
     for found in match_rules(gm, rules, ctx):
         rule = found.rule
         regions = []
-        for region in found.regions:
-            size = region_size(region, ctx)
+        for position, region in enumerate(found.regions):
+            size = region_size(region, ctx, position)
             regions.append({**region.as_dict(), "added_parameters": rule.config.added_parameters(size),
                             "trained_parameters": rule.config.trained_parameters(size)})
         entry = {

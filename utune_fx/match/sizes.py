@@ -10,6 +10,8 @@ parameter counts from every parameter the region's nodes use.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import fx, nn
 
@@ -63,7 +65,15 @@ def layer_channels(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
     return in_channels, out_channels
 
 
-def region_size(region: Region, ctx: MatchContext) -> RegionSize:
+def _attention_heads(node: fx.Node, ctx: MatchContext) -> int:
+    info = node_info(node).attention
+    query = next((n for n in ctx.nodes if n.name == info.query), None) if info is not None else None
+    shape = node_info(query).shape if query is not None else None
+    return math.prod(shape[1:-2]) if shape and len(shape) >= 3 else 0
+
+
+def region_size(region: Region, ctx: MatchContext, position: int = 0) -> RegionSize:
+    """What tuners' sizes depend on; ``position``: the region's place among its rule's regions."""
     ordered = sorted(region.nodes, key=ctx.order.__getitem__)
     weighted = [(n, io) for n in ordered if node_info(n).op_kind in ("linear", "conv", "attention")
                 for io in [layer_channels(n, ctx)] if io is not None]
@@ -84,4 +94,6 @@ def region_size(region: Region, ctx: MatchContext) -> RegionSize:
         fan_in=fan_in,
         biases=sum(p.numel() for name, p in parameters.items() if name.endswith("bias")),
         weights=sum(p.numel() for p in parameters.values()),
+        heads=sum(_attention_heads(n, ctx) for n in ordered if node_info(n).op_kind == "attention"),
+        position=position,
     )

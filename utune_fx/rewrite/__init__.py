@@ -3,6 +3,7 @@
     y = OP(x)  ->  parallel:         y' = y + U(x)     (U reads the region's input)
                    sequential:       y' = y + U(y)     (U reads the region's output)
                    reparameterised:  y' = y + U(x)     (OP one linear/conv, U = LoRA on it)
+                   prefix, prompt:   A' = A + ...      (on an attention's output A; attention_sites.py)
                    none:             nothing inserted; existing parameters train
                                      (bitfit: biases, head: the classifier, full: all)
 
@@ -11,8 +12,7 @@ outputs with several users are rewritten alike. Each rule is one graph pass
 that lints and recompiles. Afterwards only tuner parameters and the
 parameters the rules select train; everything else is frozen. Tuners start
 as identity, so the rewritten model computes exactly what the frozen model
-computes. The prompt and prefix positions are not inserted yet: a rule
-that needs one is refused with a clear error.
+computes.
 """
 
 from __future__ import annotations

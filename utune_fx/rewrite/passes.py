@@ -3,6 +3,7 @@
     parallel         %u = call_module[utune.<rule>.<i>](%x); %y2 = add(%y, %u); users of %y read %y2
     sequential       %u = call_module[utune.<rule>.<i>](%y); ...
     reparameterised  %u = call_module[utune.<rule>.<i>](%x_of_linear); ...
+    prefix, prompt   see attention_sites.py
     none             requires_grad on the selected existing parameters
 
 New nodes are annotated (op kind 'tuner' for the module call) and carry
@@ -24,16 +25,12 @@ from utune_fx.errors import UtuneError
 from utune_fx.match import MatchContext, Region, RuleMatch
 from utune_fx.match.predicates import data_inputs
 from utune_fx.match.sizes import layer_channels, parameters_of
+from utune_fx.rewrite.attention_sites import TUNER_META, attention_call, attention_site, fail, insert_prompts
 from utune_fx.trace import node_info
 from utune_fx.trace.annotate import META_KEY
 from utune_fx.tuners import TUNERS, ConvGeometry, Site
 
-TUNER_META = "utune_tuner"
 _WEIGHTED = ("linear", "conv")
-
-
-def _fail(found: RuleMatch, region: Region, message: str) -> UtuneError:
-    return UtuneError(f"rule '{found.rule.name}' ({found.rule.where}), region {region.scope or 'model'}: {message}")
 
 
 def _first_weighted(region: Region, ctx: MatchContext) -> fx.Node | None:
@@ -47,7 +44,7 @@ def _site(found: RuleMatch, region: Region, ctx: MatchContext, reads: fx.Node, w
     channels_first = anchor_op is not None and node_info(anchor_op).op_kind == "conv"
     in_shape, out_shape = node_info(reads).shape, node_info(writes).shape
     if not in_shape or not out_shape:
-        raise _fail(found, region, "the tuner needs tensors in and out")
+        raise fail(found, region, "the tuner needs tensors in and out")
     axis = 1 if channels_first else -1
     channels_in, channels_out = in_shape[axis], out_shape[axis]
     other_in = [d for i, d in enumerate(in_shape) if i != axis % len(in_shape)]
@@ -56,7 +53,7 @@ def _site(found: RuleMatch, region: Region, ctx: MatchContext, reads: fx.Node, w
     stride = _stride(in_shape, out_shape) if channels_first and found.rule.position == "parallel" else None
     if other_in != other_out and not same_tokens and stride is None:
         shapes = f"{'x'.join(map(str, in_shape))} -> {'x'.join(map(str, out_shape))}"
-        raise _fail(found, region, f"{found.rule.tuner} at {found.rule.position} needs input and output of one "
+        raise fail(found, region, f"{found.rule.tuner} at {found.rule.position} needs input and output of one "
                                    f"size but for the channels (or feature maps downsampled by whole factors), "
                                    f"got {shapes}; pick a region that keeps its size")
     reshape = other_in != other_out and stride is None
@@ -77,43 +74,24 @@ def _stride(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int,
 def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Site, fx.Node, fx.Node]:
     weighted = [n for n in region.nodes if node_info(n).op_kind in _WEIGHTED]
     if len(weighted) != 1:
-        raise _fail(found, region, f"{found.rule.tuner} reparameterises one linear or conv; the region holds "
+        raise fail(found, region, f"{found.rule.tuner} reparameterises one linear or conv; the region holds "
                                    f"{len(weighted)}; match single layers (e.g. {{node: {{kind: linear}}}})")
     op = weighted[0]
     x = data_inputs(op)[0]
     module = ctx.node_ctx.modules.get(str(op.target)) if op.op == "call_module" else None
     channels = layer_channels(op, ctx)
     if channels is None:
-        raise _fail(found, region, f"cannot find the weight of {op.name}")
+        raise fail(found, region, f"cannot find the weight of {op.name}")
     kind = node_info(op).op_kind
     geometry = None
     if kind == "conv":
         if not isinstance(module, nn.modules.conv._ConvNd):
-            raise _fail(found, region, f"LoRA on a functional convolution ({op.name}) is not supported; "
+            raise fail(found, region, f"LoRA on a functional convolution ({op.name}) is not supported; "
                                        "it needs an nn.Conv module")
         geometry = ConvGeometry(module.kernel_size, module.stride, module.padding, module.dilation)
     channels_in, channels_out = channels
     rank = len(node_info(op).shape or ())
     return Site(channels_in, channels_out, rank, kind == "conv", geometry), x, op
-
-
-def _prefix_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Site, fx.Node, fx.Node]:
-    """Res-Tuning's parallel prefix reads the attention's queries and adds to its output."""
-    if not found.rule.config.parallel:
-        raise _fail(found, region, "the concatenated prefix (parallel: false) is not inserted yet; "
-                                   "use parallel: true, Res-Tuning's parallel form")
-    attention = region.anchor
-    info = node_info(attention).attention
-    if node_info(attention).op_kind != "attention" or attention.op == "call_module" or info is None:
-        raise _fail(found, region, "a prefix needs an attention whose queries are visible in the graph "
-                                   "(scaled_dot_product_attention or softmax(QK^T)V), not a module such as "
-                                   "nn.MultiheadAttention")
-    query = next(n for n in ctx.nodes if n.name == info.query)
-    q_shape, out_shape = node_info(query).shape, node_info(attention).shape
-    if not q_shape or not out_shape or len(q_shape) < 3 or tuple(out_shape[:-1]) != tuple(q_shape[:-1]):
-        raise _fail(found, region, f"queries {q_shape} and attention output {out_shape} do not line up as "
-                                   "[batch, heads..., tokens, width]")
-    return Site(q_shape[-1], out_shape[-1], len(q_shape), False, heads=tuple(q_shape[1:-2])), query, attention
 
 
 def _annotate(node: fx.Node, like: fx.Node, kind: str, name: str, tag: dict) -> None:
@@ -122,11 +100,11 @@ def _annotate(node: fx.Node, like: fx.Node, kind: str, name: str, tag: dict) -> 
     node.meta[TUNER_META] = tag
 
 
-def _insert(gm: fx.GraphModule, path: str, module: nn.Module, reads: fx.Node, writes: fx.Node, tag: dict,
+def _insert(gm: fx.GraphModule, path: str, module: nn.Module, reads: tuple[fx.Node, ...], writes: fx.Node, tag: dict,
             reshape: bool) -> None:
     gm.add_submodule(path, module)
     with gm.graph.inserting_after(writes):
-        call = gm.graph.call_module(path, (reads,))
+        call = gm.graph.call_module(path, reads)
     update = call
     if reshape:
         with gm.graph.inserting_after(call):
@@ -135,7 +113,7 @@ def _insert(gm: fx.GraphModule, path: str, module: nn.Module, reads: fx.Node, wr
     with gm.graph.inserting_after(update):
         total = gm.graph.call_function(operator.add, (writes, update))
     writes.replace_all_uses_with(total, delete_user_cb=lambda user: user not in (call, update, total))
-    _annotate(call, reads, "tuner", type(module).__name__, tag)
+    _annotate(call, reads[0], "tuner", type(module).__name__, tag)
     _annotate(total, writes, "add", "add", tag)
 
 
@@ -155,7 +133,7 @@ def _resize_head(gm: fx.GraphModule, found: RuleMatch, region: Region, ctx: Matc
     op = region.anchor
     module = ctx.node_ctx.modules.get(str(op.target)) if op.op == "call_module" else None
     if not isinstance(module, nn.Linear):
-        raise _fail(found, region, "re-sizing needs the classifier to be an nn.Linear module")
+        raise fail(found, region, "re-sizing needs the classifier to be an nn.Linear module")
     new = nn.Linear(module.in_features, classes, bias=module.bias is not None).to(module.weight.device, module.weight.dtype)
     parent, _, name = str(op.target).rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, name, new)
@@ -179,17 +157,26 @@ def _train(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> dict[str,
     return chosen
 
 
+def _refuse_tuner_on_tuner(found: RuleMatch, region: Region) -> None:
+    earlier = next((n for n in region.nodes if TUNER_META in n.meta), None)
+    if earlier is not None:
+        raise fail(found, region, f"the region holds tuner nodes of rule '{earlier.meta[TUNER_META]['rule']}'; "
+                                  "a tuner on another tuner is refused")
+
+
 def apply_rule(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> tuple[int, int]:
     """Rewrite one rule's regions; returns (parameters added, existing parameters trained)."""
     rule = found.rule
     entry = TUNERS[rule.tuner]
     safe = re.sub(r"\W", "_", rule.name)
-    added, trained = 0, {}
-    for index, region in enumerate(found.regions):
-        earlier = next((n for n in region.nodes if TUNER_META in n.meta), None)
-        if earlier is not None:
-            raise _fail(found, region, f"the region holds tuner nodes of rule '{earlier.meta[TUNER_META]['rule']}'; "
-                                       "a tuner on another tuner is refused")
+    added, trained, regions = 0, {}, found.regions
+    for region in regions:
+        _refuse_tuner_on_tuner(found, region)
+    if rule.position == "prompt":  # one pass over all blocks: shallow prompts travel from block to block
+        tag = {"rule": rule.name, "tuner": rule.tuner, "position": rule.position, "index": 0}
+        added = insert_prompts(gm, found, ctx, safe, _placement(regions[0], ctx, regions[0].output), tag)
+        regions = ()
+    for index, region in enumerate(regions):
         if rule.position == "none":
             classes = getattr(rule.config, "num_classes", None)
             if classes:
@@ -199,18 +186,19 @@ def apply_rule(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> tuple
             else:
                 trained.update(_existing(region, ctx, "bias" if rule.tuner == "bitfit" else "all"))
             continue
-        if entry.module is None:
-            raise _fail(found, region, f"the rewriter does not insert {rule.position} tuners yet ({rule.tuner}); "
-                                       "use cli.py match for a dry run")
         reshape = False
         if rule.position == "reparameterised":
             site, reads, writes = _lora_site(found, region, ctx)
+            reads = (reads,)
         elif rule.position == "prefix":
-            site, reads, writes = _prefix_site(found, region, ctx)
+            call = attention_call(found, region, region.anchor, ctx)
+            site, writes = attention_site(found, region, call), call.node
+            reads = (call.query, call.scale) if rule.config.parallel else (*call.reads, call.scale)
         else:
             writes = region.output
             reads = writes if rule.position == "sequential" else region.inputs[0]
             site, reshape = _site(found, region, ctx, reads, writes)
+            reads = (reads,)
         module = entry.module(rule.config, site).to(**_placement(region, ctx, writes))
         tag = {"rule": rule.name, "tuner": rule.tuner, "position": rule.position, "index": index}
         _insert(gm, f"utune.{safe}.{index}", module, reads, writes, tag, reshape)

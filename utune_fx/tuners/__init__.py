@@ -6,7 +6,7 @@
         rank: int = field(default=8, metadata={"help": "rank r of B @ A"})
         ...
 
-One file per family (adapters, lora, scale_shift, tokens, existing) holds
+One file per family (adapters, lora, scale_shift, prefix, prompts, existing) holds
 each config next to its nn.Module, built as ``module(config, site)``. The
 rule loader checks tuner names and settings against this registry (unknown
 names list the valid ones; a bad setting names the field and its help text),
@@ -35,6 +35,8 @@ class RegionSize:
     fan_in: int = 0  # weight elements per output channel of a single linear/conv (LoRA's A)
     biases: int = 0  # bias elements inside the region (BitFit)
     weights: int = 0  # all parameter elements inside the region (head, full tuning)
+    heads: int = 0  # attention heads inside the region (gates of prefixes and prompts)
+    position: int = 0  # place among the rule's regions (shallow prompts are made once)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,18 @@ class ConvGeometry:
 
 
 @dataclass(frozen=True)
+class AttentionForm:
+    """How the attention a prefix or prompt joins is computed, so the tuner can repeat it
+    with more keys: ``sdpa`` (F.scaled_dot_product_attention with this scale and causality)
+    or ``logits`` (written out: the tuner reads the softmax's input, and the queries as the
+    QK^T matmul reads them; scale: the constant factors between that matmul and the softmax)."""
+
+    kind: str  # "sdpa" | "logits"
+    scale: float | None = None
+    causal: bool = False
+
+
+@dataclass(frozen=True)
 class Site:
     """Where one tuner instance goes: what its module is built for."""
 
@@ -59,6 +73,7 @@ class Site:
     target: ConvGeometry | None = None  # for LoRA on a convolution
     stride: tuple[int, ...] | None = None  # feature maps the region downsamples (a strided W_down)
     heads: tuple[int, ...] = ()  # attention tuners: head dims between batch and tokens ([B, H, N, D] -> (H,))
+    attention: AttentionForm | None = None  # concatenated prefixes and prompts
 
 
 def check(condition: bool, message: str) -> None:
@@ -124,4 +139,4 @@ def create_config(name: str, settings: dict[str, Any]) -> TunerConfig:
 
 
 # Registers the tuners (after the registry exists).
-from utune_fx.tuners import adapters, existing, lora, scale_shift, tokens  # noqa: E402,F401
+from utune_fx.tuners import adapters, existing, lora, prefix, prompts, scale_shift  # noqa: E402,F401
