@@ -43,11 +43,8 @@ def _rules(tmp_path, body):
     return load_rules(path)
 
 
-REFUSED = {("vpt_shallow", "swin")}  # shallow prompts need blocks over a token sequence (refusal tested below)
-
-
-@pytest.mark.parametrize("rule_file,arch", [(r, a) for r in INSERTED + EXISTING
-                                            for a in ("vit", "deit", "beit", "eva", "swin") if (r, a) not in REFUSED])
+@pytest.mark.parametrize("arch", ["vit", "deit", "beit", "eva", "swin"])
+@pytest.mark.parametrize("rule_file", INSERTED + EXISTING)
 def test_every_rewrite_starts_as_the_frozen_model(rule_file, arch):
     model, x = _model(arch)
     with torch.no_grad():
@@ -204,9 +201,13 @@ def test_refusals_are_clear(tmp_path):
     with pytest.raises(UtuneError, match=r"rule 'stage' .*region layers.1: parallel_adapter at parallel needs input "
                                          r"and output of one size but for the channels .*got 2x56x56x24 -> 2x28x28x48"):
         rewrite(trace(model, x), _rules(tmp_path, "version: 1\nrules: [{name: stage, match: {scope: layers.1}, tuner: parallel_adapter}]\n"))
-    with pytest.raises(UtuneError, match=r"rule 'prompts' \(.*vpt_shallow.yaml:\d+:5\), region layers.0.blocks.0: shallow "
-                                         r"prompts travel with the token sequence .* use deep prompts"):
-        rewrite(trace(model, x), load_rules(RULES / "vpt_shallow.yaml"))
+    resnet, resnet_x = _model("resnet")
+    with pytest.raises(UtuneError, match=r"rule 'prompts' \(.*rules.yaml:3:9\), region layer1.0: prompts join the "
+                                         r"attention of a block; this region holds no attention"):
+        rewrite(trace(resnet, resnet_x), _rules(tmp_path, """
+            version: 1
+            rules: [{name: prompts, match: block, tuner: prompt}]
+            """))
     from toy_models import transformer_encoder
     for rule_file in ("prefix", "vpt_deep"):
         with pytest.raises(UtuneError, match=r"needs an attention whose queries, keys and values are visible"):

@@ -9,7 +9,8 @@
                       %a2 = add(%a, %u)
     prompt (shallow): %p = call_module[utune.<rule>.0](%x_0)                   # [B, P, C]
                       as deep, with %p carried through each selected block by
-                      replaying the block on it (its attention over [K; K_p], [V; V_p])
+                      replaying the block on it (its attention over [K; K_p], [V; V_p];
+                      token moves such as Swin's windows skipped, see replay.py)
 
 Every inserted node carries ``meta['utune_tuner']``.
 """
@@ -26,7 +27,7 @@ from torch import fx, nn
 from utune_fx.errors import UtuneError
 from utune_fx.match import MatchContext, Region, RuleMatch
 from utune_fx.match.predicates import data_inputs
-from utune_fx.rewrite.replay import replay
+from utune_fx.rewrite.replay import closure, replay
 from utune_fx.trace import node_info
 from utune_fx.trace.annotate import META_KEY
 from utune_fx.trace.opkinds import matmul_operands, op_name
@@ -36,7 +37,7 @@ from utune_fx.tuners.prompts import PromptTokens
 
 TUNER_META = "utune_tuner"
 # ops that keep each token's values to itself, between a projection and the keys it makes
-_PER_TOKEN = ("getitem", "split", "permute", "reshape", "identity", "norm", "cast", "dropout", "cat")
+_PER_TOKEN = ("getitem", "split", "permute", "reshape", "identity", "norm", "cast", "dropout", "cat", "mul", "div")
 _LAYOUT = ("getitem", "permute", "reshape", "identity", "pad", "dropout", "cast")
 
 
@@ -154,18 +155,43 @@ def add_update(gm: fx.GraphModule, path: str, module: nn.Module, args: tuple, wr
     return total
 
 
-def _projection_input(found: RuleMatch, region: Region, tensor: fx.Node) -> fx.Node:
-    """The input of the linear that makes ``tensor`` (keys or values) through per-token ops."""
+def _projection(found: RuleMatch, region: Region, tensor: fx.Node) -> fx.Node:
+    """The linear that makes ``tensor`` (queries, keys or values) through per-token ops."""
     node = tensor
     for _ in range(24):
         kind = node_info(node).op_kind
         if kind == "linear":
-            return data_inputs(node)[0]
+            return node
         if kind not in _PER_TOKEN or not data_inputs(node):
             break
         node = data_inputs(node)[0]
     raise fail(found, region, f"cannot follow {tensor.name} back to the linear projection that makes it; prompts "
                               "need the attention's keys and values to come from a linear layer")
+
+
+def _output_projection(attention: fx.Node) -> fx.Node | None:
+    """The linear that reads the attention's output (after merging heads), if any."""
+    node = attention
+    for _ in range(8):
+        users = [u for u in node.users if TUNER_META not in u.meta]
+        if len(users) != 1:
+            return None
+        node = users[0]
+        if node_info(node).op_kind == "linear":
+            return node
+        if node_info(node).op_kind not in _PER_TOKEN:
+            return None
+    return None
+
+
+def _attention_cores(found: RuleMatch, region: Region, calls: list[AttentionCall]) -> set[fx.Node]:
+    """Nodes between the q/k/v projections and the output projection, where reshapes split heads."""
+    core: set[fx.Node] = set()
+    for call in calls:
+        core |= set(closure([_projection(found, region, t) for t in (call.query, call.key, call.value)], [call.node]))
+        out = _output_projection(call.node)
+        core |= {call.node} | (set(closure([call.node], [out])) - {out} if out is not None else set())
+    return core
 
 
 def _norm_before(node: fx.Node) -> fx.Node | None:
@@ -189,19 +215,26 @@ def _attentions(found: RuleMatch, region: Region, ctx: MatchContext) -> list[Att
 
 
 def _stream_input(found: RuleMatch, region: Region) -> fx.Node:
+    """The block input that carries its tokens ([B, N, C], or Swin's [B, H, W, C])."""
     shape = node_info(region.output).shape
     for node in region.inputs:
-        if node_info(node).shape == shape and shape and len(shape) == 3:
+        entry = node_info(node).shape
+        if shape and entry and len(entry) >= 3 and entry[-1] == shape[-1] and entry[0] == shape[0]:
             return node
-    raise fail(found, region, f"shallow prompts travel with the token sequence through blocks that read and write "
-                              f"[batch, tokens, channels]; this block writes {shape} (a windowed or feature-map "
-                              "block): use deep prompts (vpt_deep.yaml) here")
+    raise fail(found, region, f"shallow prompts travel with the tokens through blocks that read and write tokens "
+                              f"[batch, ..., channels]; this block writes {shape}: use deep prompts (vpt_deep.yaml)")
 
 
 def _prompt_attention(query, key, value, prompt_keys, prompt_values, scale=None):
-    """The prompts' own queries over the real and the prompt keys (shallow prompts move on)."""
-    return F.scaled_dot_product_attention(query, torch.cat([key, prompt_keys], -2),
-                                          torch.cat([value, prompt_values], -2), scale=scale)
+    """The prompts' own queries over the real and the prompt keys (shallow prompts move on).
+    With windowed attention (keys [B * windows, ...]) the prompts join every window and
+    their outputs are averaged over the windows, as in VPT's Swin variant."""
+    windows = key.shape[0] // query.shape[0]
+    query, prompt_keys, prompt_values = (t.repeat_interleave(windows, dim=0)
+                                         for t in (query, prompt_keys, prompt_values))
+    out = F.scaled_dot_product_attention(query, torch.cat([key, prompt_keys], -2),
+                                         torch.cat([value, prompt_values], -2), scale=scale)
+    return out.unflatten(0, (-1, windows)).mean(dim=1)
 
 
 def _handler(call: AttentionCall):
@@ -218,6 +251,7 @@ def insert_prompts(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext, safe
                    tag: dict) -> int:
     """VPT prompts on every selected block; returns the parameters added."""
     config, before = found.rule.config, set(gm.graph.nodes)
+    everywhere = frozenset(before)
     regions = sorted(found.regions, key=lambda r: ctx.order[r.output])
     stream: fx.Node | None = None  # shallow: the prompts' tokens, as of ``stream_source``
     stream_source: fx.Node | None = None
@@ -225,7 +259,7 @@ def insert_prompts(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext, safe
     for index, region in enumerate(regions):
         calls = _attentions(found, region, ctx)
         if config.deep:
-            sources = {_projection_input(found, region, t) for c in calls for t in (c.key, c.value)}
+            sources = {data_inputs(_projection(found, region, t))[0] for c in calls for t in (c.key, c.value)}
             if len(sources) != 1:
                 raise fail(found, region, "the keys and values of this block's attentions read different "
                                           "inputs; deep prompts need one token stream per block")
@@ -250,14 +284,15 @@ def insert_prompts(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext, safe
                     stream = gm.graph.call_module(f"utune.{safe}.{index}", (entry,))
                 stream_source = entry
             elif stream_source is not entry:
-                env, _ = replay({stream_source: stream}, [entry], entry.prev)
+                env, _ = replay({stream_source: stream}, [entry], entry.prev, layout_free=everywhere)
                 stream = env[entry]
             env = {entry: stream}
+        free = everywhere - _attention_cores(found, region, calls) if not config.deep else frozenset()
         for call in calls:
-            env, _ = replay(env, [call.key, call.value], call.node.prev)
+            env, _ = replay(env, [call.key, call.value], call.node.prev, layout_free=free)
         if not config.deep and index + 1 < len(regions):
             handlers = {call.node: _handler(call) for call in calls}
-            env, _ = replay(env, [region.output], region.output, handlers)
+            env, _ = replay(env, [region.output], region.output, handlers, layout_free=free)
             stream, stream_source = env[region.output], region.output
         for j, call in enumerate(calls):
             site = attention_site(found, region, call)

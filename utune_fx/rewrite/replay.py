@@ -14,11 +14,19 @@ copied but mapped:
   its class token apart from the patch tokens (EVA applies rotary embeddings
   to the patch tokens only): the prompts take that tensor unchanged, with no
   positional transform, like class tokens;
-* nodes a caller handles itself (``handlers``: the attention of a replayed block).
+* nodes a caller handles itself (``handlers``: the attention of a replayed block);
+* with ``layout_free``, ops that only move tokens around without touching their
+  channels (Swin's window partition and reverse, cyclic shifts, crops, the
+  [B, H, W, C] <-> [B, H*W, C] views) are skipped: tokens outside the image grid
+  (prompts) keep their place. An op that folds k neighbouring tokens into k times
+  the channels (patch merging) repeats the prompts' channels k times, as VPT does.
+  ``layout_free`` is the set of nodes this applies to (outside attention cores,
+  where reshapes split heads).
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Callable
 
@@ -82,8 +90,30 @@ def _positional_split(node: fx.Node, members: set[fx.Node]) -> fx.Node | None:
     return sources.pop() if len(sources) == 1 and None not in sources else None
 
 
+_LAYOUT = ("reshape", "permute", "pad", "getitem", "other")
+
+
+def repeat_channels(tokens, times: int):
+    """Prompts through patch merging: k copies side by side (the 2x2 neighbours of a prompt are itself)."""
+    return tokens.repeat(*[1] * (tokens.dim() - 1), times)
+
+
+def _layout_move(node: fx.Node) -> int | None:
+    """For an op that only rearranges tokens: how many times its channels grow (1: not at all)."""
+    inputs = [n for n in node.all_input_nodes if node_info(n).shape]
+    shape = node_info(node).shape
+    source = node_info(inputs[0]).shape if len(inputs) == 1 else None
+    if node_info(node).op_kind not in _LAYOUT or not shape or not source:
+        return None
+    if shape[-1] == source[-1]:
+        return 1
+    grows, rest = divmod(shape[-1], source[-1])
+    return grows if not rest and grows > 1 and math.prod(shape) == math.prod(source) else None
+
+
 def replay(env: dict[fx.Node, fx.Node], targets: list[fx.Node], after: fx.Node,
-           handlers: dict[fx.Node, Handler] | None = None) -> tuple[dict[fx.Node, fx.Node], fx.Node]:
+           handlers: dict[fx.Node, Handler] | None = None,
+           layout_free: set[fx.Node] | frozenset = frozenset()) -> tuple[dict[fx.Node, fx.Node], fx.Node]:
     """Copy the nodes from ``env``'s keys to ``targets`` reading ``env``'s values, inserted after
     ``after`` (handlers insert theirs at the same point). Returns the extended env and the
     last node inserted."""
@@ -102,8 +132,15 @@ def replay(env: dict[fx.Node, fx.Node], targets: list[fx.Node], after: fx.Node,
         if source is not None and source in env:
             env[node] = env[source]
             continue
+        grows = _layout_move(node) if node in layout_free else None
+        data = [n for n in node.all_input_nodes if n in env and node_info(n).shape]
+        if grows == 1 and data:
+            env[node] = env[data[0]]
+            continue
         with graph.inserting_before(anchor):
-            if node in handlers:
+            if grows and data:
+                env[node] = graph.call_function(repeat_channels, (env[data[0]], grows))
+            elif node in handlers:
                 env[node] = handlers[node](graph, env)
             else:
                 env[node] = graph.node_copy(node, lambda arg: env.get(arg, arg))

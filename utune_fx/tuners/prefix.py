@@ -46,8 +46,10 @@ class GatedConcatAttention(nn.Module):
                 extra: torch.Tensor | None, prefix_keys: torch.Tensor, prefix_values: torch.Tensor,
                 scale: float | torch.Tensor | None = None) -> torch.Tensor:
         """``scale``: a factor of the logits the frozen graph computes itself (times the site's)."""
-        lead = key.shape[:-2]
-        prefix_keys = prefix_keys.to(key.dtype).expand(*lead, *prefix_keys.shape[-2:])
+        if prefix_keys.dim() == key.dim() and prefix_keys.shape[0] not in (1, key.shape[0]):
+            windows = key.shape[0] // prefix_keys.shape[0]  # [B, ...] prompts for [B * windows, ...] keys
+            prefix_keys, prefix_values = (t.repeat_interleave(windows, 0) for t in (prefix_keys, prefix_values))
+        prefix_keys = prefix_keys.to(key.dtype).expand(*key.shape[:-2], *prefix_keys.shape[-2:])
         prefix_values = prefix_values.to(value.dtype).expand(*value.shape[:-2], *prefix_values.shape[-2:])
         keys, values = torch.cat([key, prefix_keys], dim=-2), torch.cat([value, prefix_values], dim=-2)
         if self.form.kind == "sdpa":

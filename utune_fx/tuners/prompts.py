@@ -10,8 +10,9 @@ U-Tuning paper's unified view: a prompt is a prefix whose K_p, V_p are tied to
 tokens). The rewriter replays those frozen operations on P and joins the result
 through ``GatedConcatAttention``, whose gate starts at 0, so the tuned model
 starts as the frozen one. Prompt tokens get no positional encoding (no rotary
-or relative-position bias), as VPT pads those with zeros; they are attended to
-by every window of a windowed attention (Swin), as in VPT's Swin variant.
+or relative-position bias), as VPT pads those with zeros; in windowed attention
+(Swin) they join every window and their own outputs are averaged over the
+windows, as in VPT's Swin variant.
 """
 
 from __future__ import annotations
