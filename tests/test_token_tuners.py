@@ -293,3 +293,19 @@ def test_shallow_prompts_on_swin_follow_vpts_swin_variant():
         expected = model.forward_head(model.norm(tokens))
         assert not torch.allclose(expected, model(x), atol=1e-4)
         torch.testing.assert_close(result.module(x), expected, **TOL)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_reparameterised_prefixes_start_as_the_frozen_model_and_train(parallel, tmp_path):
+    model, x = _model("vit")
+    path = tmp_path / "rules.yaml"
+    path.write_text("version: 1\nrules: [{name: prefix, match: attention, tuner: prefix, "
+                    f"settings: {{length: 4, reparam_hidden: 16, parallel: {str(parallel).lower()}}}}}]\n")
+    result = rewrite(trace(model, x), load_rules(path))
+    with torch.no_grad():
+        assert torch.equal(result.module(x), model(x))
+    prefix = result.module.get_submodule("utune.prefix.0")
+    assert prefix.embedding.shape == (4, model.embed_dim) and prefix.reparam[0].out_features == 16
+    _set(result.module, **{name: _noise(0.3) for name, p in result.module.named_parameters() if p.requires_grad})
+    result.module(x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in prefix.parameters())
