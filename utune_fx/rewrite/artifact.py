@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from utune_fx.atomic import replace_directory
 from utune_fx.errors import UtuneError, first_line
 
 FORMAT = "utune_fx.tuned/1"
@@ -66,10 +65,7 @@ def _versions() -> dict[str, str]:
 def save_tuned(result: Any, rule_sets: list[Any], source: TunedSource, directory: str | Path) -> Path:
     directory = Path(directory)
     tensors = {name: p.detach().contiguous().clone() for name, p in result.module.named_parameters() if p.requires_grad}
-    parent = directory.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=parent))
-    try:
+    with replace_directory(directory) as staging:
         safetensors.torch.save_file(tensors, str(staging / TENSORS))
         manifest = {
             "format": FORMAT,
@@ -86,21 +82,6 @@ def save_tuned(result: Any, rule_sets: list[Any], source: TunedSource, directory
             "base_sha256": base_sha256(result.module),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; an artifact is an ordinary folder
-        for file in (TENSORS, MANIFEST):
-            os.chmod(staging / file, 0o666 & ~umask)
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=parent))
-            os.replace(directory, old / directory.name)
-            os.replace(staging, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 

@@ -1,0 +1,203 @@
+"""The training loop: only trainable parameters reach the optimizer; repeatable and resumable.
+
+    for epoch:  order = randperm(seed, epoch); for each batch: augment(seed, epoch, index)
+                forward (bf16 autocast on CUDA) -> loss / accumulate -> backward
+                every `accumulate` batches: clip, step, schedule; Ctrl-C -> checkpoint, stop
+                evaluate on val; append metrics.jsonl; checkpoint/
+    end:        test accuracy, summary.json, curves.png
+
+Every random draw depends on (seed, epoch, image index) or on RNG state the checkpoint
+keeps, so a run interrupted at any step and resumed ends with the same weights as one
+that ran through.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from utune_fx.train.checkpoint import load_checkpoint, save_checkpoint
+from utune_fx.train.config import TrainConfig
+from utune_fx.train.optim import create_optimizer, create_schedule
+from utune_fx.train.progress import EpochProgress
+
+CHECKPOINT, METRICS, SUMMARY = "checkpoint", "metrics.jsonl", "summary.json"
+
+
+class SeededImages(Dataset):
+    """Items whose augmentation is seeded by (seed, epoch, index): the same on resume and in any worker."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        outer = random.getstate()
+        random.seed(hash((self.seed, self.epoch, index)))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index, 1)) & (2**63 - 1))
+            item = self.dataset[index]
+        random.setstate(outer)
+        return item
+
+
+@dataclass
+class Interrupt:
+    requested: bool = False
+
+    def __call__(self, signum, frame) -> None:
+        self.requested = True
+
+
+def pick_device(config: TrainConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def _autocast(device: torch.device, config: TrainConfig):
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def freeze_frozen_norm_statistics(module: nn.Module) -> None:
+    """Frozen batch norms keep their running statistics (they are part of the frozen model)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in layer.parameters()):
+            layer.eval()
+
+
+def _batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, size, batch_size)]
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device) -> dict:
+    module.eval()
+    loader = DataLoader(dataset, batch_size=config.batch_size * 2, num_workers=config.workers)
+    loss = correct = seen = 0.0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with _autocast(device, config):
+            logits = module(images).float()
+        loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
+        seen += len(labels)
+    return {"loss": loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
+
+
+def train(module: nn.Module, train_set: Dataset, val_set: Dataset, config: TrainConfig, out: Path,
+          resume: bool = False, test_set: Dataset | None = None) -> dict:
+    """Train ``module``'s trainable parameters; writes checkpoint/, metrics.jsonl, summary.json, curves.png."""
+    from utune_fx.train.plots import plot_curves
+
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(config)
+    module.to(device)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    optimizer = create_optimizer(module, config)
+    per_epoch = math.ceil(math.ceil(len(train_set) / config.batch_size) / config.accumulate)
+    schedule = create_schedule(optimizer, round(config.warmup_epochs * per_epoch), config.epochs * per_epoch)
+    progress = {"epoch": 0, "step": 0, "history": [], "seconds": 0.0}
+    if resume:
+        progress = load_checkpoint(out / CHECKPOINT, module, optimizer, schedule)
+    runner = torch.compile(module) if config.compile else module
+    seeded = SeededImages(train_set, config.seed)
+    interrupt = Interrupt()
+    previous = signal.signal(signal.SIGINT, interrupt)
+    started = time.perf_counter() - progress["seconds"]
+    try:
+        while progress["epoch"] < config.epochs:
+            stopped = _train_epoch(runner, module, seeded, optimizer, schedule, config, device, progress, interrupt)
+            progress["seconds"] = time.perf_counter() - started
+            if stopped:
+                save_checkpoint(out / CHECKPOINT, module, optimizer, schedule, progress)
+                raise KeyboardInterrupt
+            row = progress.pop("running") | {f"val_{k}": v for k, v in evaluate(runner, val_set, config, device).items()}
+            progress["history"].append(row)
+            progress["epoch"], progress["step"] = progress["epoch"] + 1, 0
+            save_checkpoint(out / CHECKPOINT, module, optimizer, schedule, progress)
+            with open(out / METRICS, "a") as metrics:
+                metrics.write(json.dumps(row) + "\n")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    summary = _summary(module, progress, device)
+    if test_set is not None:
+        summary["test_accuracy"] = evaluate(runner, test_set, config, device)["accuracy"]
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    plot_curves(progress["history"], out / "curves.png")
+    return summary
+
+
+def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, progress, interrupt) -> bool:
+    """One epoch from ``progress['step']``; returns True when Ctrl-C asked to stop (at a step boundary)."""
+    module.train()
+    freeze_frozen_norm_statistics(module)
+    seeded.epoch = progress["epoch"]
+    batches = _batches(len(seeded), config.batch_size, config.seed, progress["epoch"])
+    groups = [batches[i:i + config.accumulate] for i in range(0, len(batches), config.accumulate)]
+    running = progress.setdefault("running", {"epoch": progress["epoch"] + 1, "train_loss": 0.0,
+                                              "train_accuracy": 0.0, "images": 0, "seconds": 0.0})
+    bar = EpochProgress(progress["epoch"] + 1, config.epochs, sum(map(len, batches)))
+    bar.advance(sum(len(b) for group in groups[:progress["step"]] for b in group))
+    with bar:
+        for group in groups[progress["step"]:]:
+            tic = time.perf_counter()
+            loader = DataLoader(seeded, batch_sampler=group, num_workers=config.workers)
+            total = sum(len(b) for b in group)
+            for images, labels in loader:
+                images, labels = images.to(device), labels.to(device)
+                with _autocast(device, config):
+                    logits = runner(images).float()
+                loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+                (loss * len(labels) / total).backward()
+                running["train_loss"] += loss.item() * len(labels)
+                running["train_accuracy"] += (logits.argmax(-1) == labels).sum().item()
+                running["images"] += len(labels)
+            if config.clip_grad:
+                nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], config.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            progress["step"] += 1
+            running["seconds"] += time.perf_counter() - tic
+            bar.update(total, running)
+            if interrupt.requested:
+                return True
+    images = max(running["images"], 1)
+    running.update(train_loss=running["train_loss"] / images, train_accuracy=running["train_accuracy"] / images,
+                   lr=schedule.get_last_lr()[0], images_per_second=running["images"] / max(running["seconds"], 1e-9))
+    return False
+
+
+def _summary(module: nn.Module, progress: dict, device: torch.device) -> dict:
+    history = progress["history"]
+    best = max(history, key=lambda row: row["val_accuracy"]) if history else {}
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {
+        "epochs": len(history),
+        "best_val_accuracy": best.get("val_accuracy"), "best_epoch": best.get("epoch"),
+        "last_val_accuracy": history[-1]["val_accuracy"] if history else None,
+        "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "wall_seconds": progress["seconds"],
+        "seconds_per_epoch": progress["seconds"] / max(len(history), 1),
+        "peak_memory_bytes": peak, "device": str(device),
+    }

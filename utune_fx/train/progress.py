@@ -1,0 +1,30 @@
+"""A progress bar per epoch: images done, loss, accuracy, images/s, ETA (rich, on stderr)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class EpochProgress:
+    def __init__(self, epoch: int, epochs: int, images: int):
+        self._progress = Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                  console=Console(stderr=True), transient=False)
+        self._task = self._progress.add_task("train", total=images, info="")
+
+    def __enter__(self) -> "EpochProgress":
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
+    def advance(self, images: int) -> None:
+        self._progress.advance(self._task, images)
+
+    def update(self, images: int, running: dict) -> None:
+        seen = max(running["images"], 1)
+        info = (f"loss {running['train_loss'] / seen:.3f}  acc {running['train_accuracy'] / seen:.1%}  "
+                f"{running['images'] / max(running['seconds'], 1e-9):.0f} img/s")
+        self._progress.update(self._task, advance=images, info=info)
