@@ -3,6 +3,8 @@
     python cli.py inspect [MODEL_SPEC] [--input-shape 2,3,224,224] [--frontend auto|fx|export] [--json]
     python cli.py match MODEL_SPEC --rules FILE [--explain] [--allow-empty] [--json]
     python cli.py rewrite MODEL_SPEC --rules FILE [--rules FILE2 ...] -o DIR
+    python cli.py train DIR_OR_MODEL [--rules FILE ...] --data SPEC -o OUT [--epochs N --lr X ...] [--resume]
+    python cli.py eval DIR --data SPEC [--split test|val]
 
 User errors print one line, ``error: ...``, and exit with code 2; ``--debug``
 shows the traceback instead. ``match`` exits with 3 when a rule matches
@@ -85,6 +87,94 @@ def _rewrite(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from utune_fx.train import TrainConfig
+    from utune_fx.train.session import check_run_directory, load_splits, run_training, tuned_model
+
+    config = TrainConfig(**{name: getattr(args, name) for name in TrainConfig.help()})  # checked before work
+    out = Path(args.output)
+    check_run_directory(out, args.resume)
+    status = Console(stderr=True)
+    with status.status(f"building {args.model}"):
+        result = tuned_model(args.model, args.rules, args.input_shape, args.frontend)
+    with status.status(f"reading {args.data}"):
+        splits = load_splits(result, args.data, shots=args.shots, train_size=args.train_size, val_size=args.val_size,
+                             seed=args.seed, augment=not args.no_augment, skip_bad_images=args.skip_bad_images)
+    for path in splits.skipped:
+        status.print(f"skipped unreadable image {path}")
+    status.print(f"{len(splits.train)} training, {len(splits.val)} validation"
+                 + (f", {len(splits.test)} test" if splits.test is not None else "") + f" images, "
+                 f"{len(splits.classes)} classes; {result.trainable_parameters:,} trainable parameters")
+    summary = run_training(result, splits, config, out, args.resume)
+    if args.json:
+        json.dump(summary, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    test = summary.get("test_accuracy")
+    print(f"best validation accuracy {summary['best_val_accuracy']:.1%} (epoch {summary['best_epoch']}), "
+          f"last {summary['last_val_accuracy']:.1%}" + (f", test {test:.1%}" if test is not None else ""))
+    print(f"{summary['trainable_parameters']:,} trainable parameters, {summary['wall_seconds']:.1f} s "
+          f"({summary['seconds_per_epoch']:.1f} s/epoch) on {summary['device']}, "
+          f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB")
+    print(f"wrote {out}/ (tuned/, checkpoint/, metrics.jsonl, summary.json, curves.png)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from utune_fx.train.plots import plot_confusion
+    from utune_fx.train.session import evaluate_classes, load_splits, tuned_model
+
+    result = tuned_model(args.directory, None, None, "auto")
+    splits = load_splits(result, args.data, seed=args.seed, augment=False)
+    dataset = splits.test if args.split == "test" and splits.test is not None else splits.val
+    split = "test" if dataset is splits.test else "validation"
+    report = evaluate_classes(result.module, dataset, splits.classes) | {"split": split, "data": args.data}
+    out = Path(args.output or args.directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    plot_confusion(report, out / "confusion.png")
+    if args.json:
+        json.dump(report, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    worst = sorted(report["per_class"].items(), key=lambda item: item[1])[:3]
+    print(f"{split} split of {args.data}: top-1 {report['top1']:.1%}, top-5 {report['top5']:.1%} "
+          f"on {report['images']} images; weakest classes " + ", ".join(f"{c} {a:.0%}" for c, a in worst))
+    print(f"wrote {out}/eval.json and {out}/confusion.png")
+    return 0
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, metavar="SPEC",
+                        help="imagefolder:PATH, cifar:PATH, npz:PATH or digits (see docs/data.md)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds data selection, order, augmentation")
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    from utune_fx.train import TrainConfig
+
+    defaults = TrainConfig()
+    for name, text in TrainConfig.help().items():
+        if name == "seed":
+            continue
+        value = getattr(defaults, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action="store_true", help=text)
+        else:
+            parser.add_argument(flag, type=type(value), default=value, help=f"{text} (default {value})")
+    parser.add_argument("--shots", type=int, help="training images per class (few-shot)")
+    parser.add_argument("--train-size", type=int, help="training images in all (VTAB-1k: 1000)")
+    parser.add_argument("--val-size", type=float, default=0.1, help="validation share (<1) or count (default 0.1)")
+    parser.add_argument("--no-augment", action="store_true", help="train on eval transforms (no random crops/flips)")
+    parser.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out instead of stopping")
+    parser.add_argument("--resume", action="store_true", help="continue the run in -o from its checkpoint")
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
     parser.add_argument("model", nargs="?" if default else None, default=default,
                         help="timm:NAME[?opt=v&...], package.module:callable or file.py:callable"
@@ -120,6 +210,24 @@ def build_parser() -> argparse.ArgumentParser:
                          help="rule file (YAML); repeat to apply several, in order")
     rewrite.add_argument("-o", "--output", required=True, metavar="DIR", help="directory for the tuned artifact")
     rewrite.set_defaults(run=_rewrite)
+
+    train = commands.add_parser("train", help="train a tuned model (an artifact, or a model spec with --rules)")
+    _add_model_arguments(train, None)
+    train.add_argument("--rules", action="append", metavar="FILE", help="rule file(s) when MODEL is a model spec")
+    train.add_argument("-o", "--output", required=True, metavar="OUT", help="run directory")
+    _add_data_arguments(train)
+    _add_training_arguments(train)
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a tuned model")
+    evaluate.add_argument("directory", metavar="DIR", help="a training run (OUT) or a tuned artifact")
+    _add_data_arguments(evaluate)
+    evaluate.add_argument("--split", choices=("test", "val"), default="test",
+                          help="the source's test split (default; validation when it has none) or validation")
+    evaluate.add_argument("-o", "--output", metavar="DIR", help="where eval.json and confusion.png go (default DIR)")
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
+    evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    evaluate.set_defaults(run=_eval)
     return parser
 
 

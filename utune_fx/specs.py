@@ -2,6 +2,7 @@
 
     timm:vit_base_patch16_224                      timm.create_model(name, pretrained=False)
     timm:vit_tiny_patch16_224?img_size=32&depth=6  options become keyword arguments
+    timm:efficientnet_lite0?weights=FILE_OR_PACKAGE   pretrained weights from disk (utune_fx/weights.py)
     torchvision.models:resnet18?num_classes=10     package.module:callable(**options)
     path/to/model.py:build?width=64                a function or nn.Module class in a file
 
@@ -94,8 +95,9 @@ def _create_timm(spec: ModelSpec) -> nn.Module:
         hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for the names"
         raise UtuneError(f"unknown timm model {spec.target!r} in {spec.text!r}; {hint}")
     options = {"pretrained": False, **spec.options}
+    weights = options.pop("weights", None)
     try:
-        return timm.create_model(spec.target, **options)
+        model = timm.create_model(spec.target, **options)
     except TypeError as error:
         raise UtuneError(f"timm model {spec.target!r} rejects the options in {spec.text!r} ({first_line(error)})") from error
     except Exception as error:
@@ -103,6 +105,10 @@ def _create_timm(spec: ModelSpec) -> nn.Module:
             raise UtuneError(f"cannot load pretrained weights for {spec.target!r} ({first_line(error)}); "
                              "use pretrained=false, or put the weights in the Hugging Face cache") from error
         raise UtuneError(f"timm could not build {spec.text!r} ({first_line(error)})") from error
+    if weights is not None:
+        from utune_fx.weights import load_weights
+        load_weights(model, str(weights))
+    return model
 
 
 def _import_attribute(spec: ModelSpec) -> Any:

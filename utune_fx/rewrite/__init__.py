@@ -18,7 +18,7 @@ computes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import fx
 
@@ -44,6 +44,9 @@ class RewriteResult:
     module: fx.GraphModule
     summaries: list[RuleSummary]
     base_parameters: int
+    rule_sets: list[RuleSet] = field(default_factory=list)
+    source: Any = None  # artifact.TunedSource, when known: what save_tuned records
+    data_config: dict | None = None  # timm's input settings of the base model (size, mean, std, ...)
 
     @property
     def trainable_parameters(self) -> int:
@@ -70,4 +73,4 @@ def rewrite(gm: fx.GraphModule, rule_sets: RuleSet | Sequence[RuleSet]) -> Rewri
         gm.recompile()
         summaries.append(RuleSummary(found.rule.name, found.rule.tuner, found.rule.position, len(found.regions),
                                      added, trained, [r.scope for r in found.regions]))
-    return RewriteResult(gm, summaries, base)
+    return RewriteResult(gm, summaries, base, rule_sets)

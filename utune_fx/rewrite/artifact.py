@@ -101,6 +101,14 @@ def _read_manifest(directory: Path) -> dict:
     return manifest
 
 
+def data_config_of(model: torch.nn.Module) -> dict | None:
+    """timm's input settings (size, interpolation, mean, std, crop) for models that have them."""
+    if not hasattr(model, "pretrained_cfg"):
+        return None
+    import timm.data
+    return timm.data.resolve_data_config(model=model)
+
+
 def load_tuned(directory: str | Path):
     """Rebuild the base model, trace and rewrite it as recorded, load the tuner weights."""
     from utune_fx.match import load_rules
@@ -132,6 +140,8 @@ def load_tuned(directory: str | Path):
         loaded = load_model(manifest["model"], manifest["input_shapes"] or None)
         gm = trace(loaded.model, loaded.inputs, frontend=manifest["frontend"], name=loaded.name)
         result = rewrite(gm, rule_sets)
+    result.source = TunedSource(manifest["model"], manifest["input_shapes"], manifest["frontend"])
+    result.data_config = data_config_of(loaded.model)
     if base_sha256(result.module) != manifest["base_sha256"]:
         raise UtuneError(f"{directory}: the base model {manifest['model']} now has other weights than the ones it "
                          f"was tuned on (tuned with {manifest['versions']}); use the same weights and versions")

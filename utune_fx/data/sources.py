@@ -1,0 +1,332 @@
+"""Readers behind the ``--data`` specs: each turns a spec into a :class:`Source`.
+
+    imagefolder:PATH               PATH/<class>/<image>, or PATH/train + PATH/test (or val)
+    imagefolder:PATH?split=FILE    FILE lines: ``<class>/<image> train|test``
+    cifar:PATH                     CIFAR-10/100 python batches, read by a safe unpickler
+    npz:PATH                       x_/y_ arrays, or a JPEG-byte pack (train_bytes, ...)
+    digits                         scikit-learn's bundled 8x8 digits
+
+A :class:`Source` holds image pools (labels known up front, pixels decoded
+lazily) and class names; choosing images and transforms is the caller's job.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import numpy as np
+from PIL import Image
+
+from utune_fx.errors import UtuneError
+
+SCHEMES = ("imagefolder:PATH", "cifar:PATH", "npz:PATH", "digits")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DIGITS_TEST_FRACTION = 0.2
+# PIL reports bad image data through many exception types.
+PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+class ImagePool:
+    """Images of one split: ``labels`` up front, pixels on demand."""
+
+    labels: np.ndarray
+    encoded = True  # holds encoded files that may be corrupt (checked before use)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def describe(self, index: int) -> str:
+        raise NotImplementedError
+
+    def open(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def verify(self, index: int) -> None:
+        """Cheap check (headers, PNG checksums) that raises a PIL error on bad data."""
+        with self.open(index) as image:
+            image.verify()
+
+    def image(self, index: int) -> Image.Image:
+        try:
+            return self.open(index).convert("RGB")  # grayscale and RGBA become RGB
+        except PIL_DECODE_ERRORS as error:
+            raise UtuneError(f"cannot decode image {self.describe(index)} ({error}); "
+                             "re-encode or delete it") from error
+
+
+class FilePool(ImagePool):
+    def __init__(self, paths: list[Path], labels: list[int]):
+        self.paths = paths
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def open(self, index: int) -> Image.Image:
+        return Image.open(self.paths[index])
+
+
+class ArrayPool(ImagePool):
+    """uint8 pixels, [N, H, W] or [N, H, W, C] with C in 1, 3, 4."""
+
+    encoded = False
+
+    def __init__(self, pixels: np.ndarray, labels: np.ndarray, name: str):
+        self.pixels, self.labels, self.name = pixels, np.asarray(labels, dtype=np.int64), name
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+    def open(self, index: int) -> Image.Image:
+        pixels = self.pixels[index]
+        return Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels)
+
+
+class JpegPackPool(ImagePool):
+    """Encoded images concatenated in one byte array; image i is bytes[offsets[i]:offsets[i+1]]."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray, labels: np.ndarray, name: str):
+        self.data, self.offsets, self.name = data, offsets, name
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def describe(self, index: int) -> str:
+        return f"{self.name} image {index}"
+
+    def open(self, index: int) -> Image.Image:
+        return Image.open(io.BytesIO(self.data[self.offsets[index]:self.offsets[index + 1]].tobytes()))
+
+
+@dataclass
+class Source:
+    classes: list[str]
+    train: ImagePool
+    test: ImagePool | None
+    # A source without a test split of its own asks for this fraction to be held out.
+    holdout_test: float | None = None
+
+
+def read_source(spec: str) -> Source:
+    """Parse a ``--data`` spec and read its source."""
+    scheme, _, rest = spec.partition(":")
+    if scheme == "digits" and not rest:
+        return read_digits()
+    readers = {"imagefolder": read_imagefolder, "cifar": read_cifar, "npz": read_npz}
+    if scheme not in readers or not rest:
+        raise UtuneError(f"unknown data spec {spec!r}; use one of {', '.join(SCHEMES)}")
+    location, _, query = rest.partition("?")
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    allowed = {"split"} if scheme == "imagefolder" else set()
+    if unknown := sorted(set(options) - allowed):
+        raise UtuneError(f"unknown option {unknown[0]!r} in data spec {spec!r}; "
+                         + ("the only option is split=FILE" if allowed else f"{scheme}: takes no options"))
+    path = Path(location).expanduser()
+    if not path.exists():
+        raise UtuneError(f"data path {path} (from --data {spec}) does not exist; check the path")
+    return readers[scheme](path, **options)
+
+
+# --- imagefolder -------------------------------------------------------------------
+
+def _images_below(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _class_folders(root: Path, known: list[str] | None = None) -> tuple[list[str], FilePool]:
+    """Read root/<class>/...; with ``known`` (a test split), classes must be among them."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise UtuneError(f"no class folders under {root}; expected {root}/<class>/<image>.jpg, one folder per class")
+    found = {folder.name: _images_below(folder) for folder in folders}
+    if not any(found.values()):
+        raise UtuneError(f"no images found under {root} (looked for {', '.join(IMAGE_SUFFIXES)}); "
+                         "put images in one folder per class")
+    classes = known if known is not None else [folder.name for folder in folders]
+    paths, labels = [], []
+    for name, images in found.items():
+        if not images:
+            raise UtuneError(f"class folder {root / name} has no images; add images or remove the folder")
+        if name not in classes:
+            raise UtuneError(f"folder {root / name} is not a class of the training split; "
+                             "rename it or add the class to the training split")
+        paths += images
+        labels += [classes.index(name)] * len(images)
+    return classes, FilePool(paths, labels)
+
+
+def _split_file(root: Path, split: str) -> Source:
+    """Lines ``<class>/<image> train|test`` (paths below root); '#' starts a comment."""
+    file = Path(split).expanduser()
+    file = file if file.exists() else root / file
+    if not file.is_file():
+        raise UtuneError(f"split file {split} not found (looked in the working folder and in {root}); check the path")
+    entries = {"train": [], "test": []}
+    for number, line in enumerate(file.read_text().splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        relative, role = (line.rsplit(None, 1) + [""])[:2]
+        if role not in entries or len(Path(relative).parts) < 2:
+            raise UtuneError(f"{file}:{number}: expected '<class>/<image> train|test', got {line!r}")
+        if not (root / relative).is_file():
+            raise UtuneError(f"{file}:{number}: image {root / relative} does not exist; fix the line or the path")
+        entries[role].append(relative)
+    if not entries["train"]:
+        raise UtuneError(f"no training images listed in {file}; mark lines with 'train'")
+    classes = sorted({Path(relative).parts[0] for relative in entries["train"]})
+    pools = {}
+    for role, relatives in entries.items():
+        if unknown := sorted({Path(r).parts[0] for r in relatives} - set(classes)):
+            raise UtuneError(f"{file}: class {unknown[0]!r} has test images but no training images; "
+                             "list some of its images as train")
+        pools[role] = FilePool([root / r for r in relatives], [classes.index(Path(r).parts[0]) for r in relatives])
+    return Source(classes, pools["train"], pools["test"] if entries["test"] else None)
+
+
+def read_imagefolder(root: Path, split: str | None = None) -> Source:
+    if not root.is_dir():
+        raise UtuneError(f"imagefolder path {root} is not a folder; give the folder that holds the class folders")
+    if split is not None:
+        return _split_file(root, split)
+    test_dir = next((root / name for name in ("test", "val") if (root / name).is_dir()), None)
+    if (root / "train").is_dir() and test_dir is not None:
+        classes, train = _class_folders(root / "train")
+        return Source(classes, train, _class_folders(test_dir, classes)[1])
+    classes, train = _class_folders(root)
+    return Source(classes, train, None)
+
+
+# --- cifar ---------------------------------------------------------------------------
+
+_NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+# What the CIFAR python batches need to rebuild their numpy arrays; nothing else.
+CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _NUMPY_CORE.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _NUMPY_CORE.multiarray._reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class SafeCifarUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes, str, numbers and numpy arrays; refuses every other global."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in CIFAR_PICKLE_GLOBALS:
+            return CIFAR_PICKLE_GLOBALS[(module, name)]
+        raise pickle.UnpicklingError(f"it needs {module}.{name}, which a CIFAR batch never does")
+
+
+def _unpickle_dict(file: Path, keys: tuple[str, ...]) -> dict:
+    try:
+        with open(file, "rb") as stream:
+            content = SafeCifarUnpickler(stream, encoding="bytes").load()  # bytes: Python 2 pickles
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+        raise UtuneError(f"refusing to load {file}: {error}; use the original CIFAR python batches") from error
+    if isinstance(content, dict):
+        content = {key.decode("latin-1") if isinstance(key, bytes) else key: value for key, value in content.items()}
+    if not isinstance(content, dict) or any(key not in content for key in keys):
+        found = sorted(content) if isinstance(content, dict) else type(content).__name__
+        raise UtuneError(f"{file} is not a CIFAR python batch: expected a dict with {', '.join(keys)}, "
+                         f"found {found}; use the original CIFAR python batches")
+    return content
+
+
+def _cifar_batch(file: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    batch = _unpickle_dict(file, ("data", label_key))
+    data, labels = batch["data"], np.asarray(batch[label_key], dtype=np.int64)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != (len(labels), 3 * 32 * 32):
+        raise UtuneError(f"{file}: 'data' is not a uint8 array of shape [{len(labels)}, 3072]; "
+                         "use the original CIFAR python batches")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels  # rows are channel-major
+
+
+def read_cifar(root: Path) -> Source:
+    if (root / "data_batch_1").is_file():  # CIFAR-10
+        train_files = sorted(root.glob("data_batch_*"))
+        test_file, meta_file = root / "test_batch", root / "batches.meta"
+        label_key, names_key = "labels", "label_names"
+    elif (root / "train").is_file():  # CIFAR-100: fine labels
+        train_files, test_file, meta_file = [root / "train"], root / "test", root / "meta"
+        label_key, names_key = "fine_labels", "fine_label_names"
+    else:
+        raise UtuneError(f"{root} holds neither data_batch_1..5 + test_batch (CIFAR-10) nor train + test (CIFAR-100); "
+                         "point cifar: at the extracted cifar-10-batches-py or cifar-100-python folder")
+    for file in (test_file, meta_file):
+        if not file.is_file():
+            raise UtuneError(f"{file} is missing; keep the CIFAR folder as it was extracted")
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in _unpickle_dict(meta_file, (names_key,))[names_key]]
+    parts = [_cifar_batch(file, label_key) for file in train_files]
+    train = ArrayPool(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), f"{root} train")
+    test = ArrayPool(*_cifar_batch(test_file, label_key), f"{root} test")
+    for pool in (train, test):
+        _check_labels(pool.labels, len(names), str(root))
+    return Source(names, train, test)
+
+
+# --- npz -----------------------------------------------------------------------------
+
+ARRAY_KEYS, PACK_KEYS = ("x_train", "y_train"), ("train_bytes", "train_offsets", "train_labels")
+
+
+def _check_labels(labels: np.ndarray, class_count: int, where: str) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() >= class_count):
+        raise UtuneError(f"{where}: labels run from {labels.min()} to {labels.max()} but there are "
+                         f"{class_count} classes; labels must be 0..{class_count - 1}")
+
+
+def _npz_split(archive, path: Path, split: str) -> ImagePool:
+    if f"x_{split}" in archive.files:
+        pixels, labels = archive[f"x_{split}"], archive[f"y_{split}"]
+        channels_ok = pixels.ndim == 3 or (pixels.ndim == 4 and pixels.shape[-1] in (1, 3, 4))
+        if pixels.dtype != np.uint8 or not channels_ok:
+            raise UtuneError(f"{path}: x_{split} is {pixels.dtype} {list(pixels.shape)}; "
+                             "expected uint8 images [N, H, W] or [N, H, W, C] with C = 1, 3 or 4")
+        if len(pixels) != len(labels):
+            raise UtuneError(f"{path}: x_{split} has {len(pixels)} images but y_{split} {len(labels)} labels; "
+                             "give one label per image")
+        return ArrayPool(pixels, labels, f"{path} x_{split}")
+    offsets = archive[f"{split}_offsets"].astype(np.int64)
+    pool = JpegPackPool(archive[f"{split}_bytes"], offsets, archive[f"{split}_labels"], f"{path} {split}")
+    if len(offsets) != len(pool) + 1 or np.any(np.diff(offsets) < 0) or offsets[-1] > len(pool.data):
+        raise UtuneError(f"{path}: {split}_offsets must be N+1 ascending positions within {split}_bytes "
+                         f"for the N = {len(pool)} labels; rebuild the pack")
+    return pool
+
+
+def read_npz(path: Path) -> Source:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = set(archive.files)
+            if not (set(ARRAY_KEYS) <= keys or set(PACK_KEYS) <= keys):
+                raise UtuneError(f"{path} has keys {', '.join(sorted(keys)) or '(none)'}; expected "
+                                 f"{' + '.join(ARRAY_KEYS)} (arrays) or {' + '.join(PACK_KEYS)} (JPEG pack)")
+            train = _npz_split(archive, path, "train")
+            has_test = {"x_test", "y_test"} <= keys or {"test_bytes", "test_offsets", "test_labels"} <= keys
+            test = _npz_split(archive, path, "test") if has_test else None
+            class_count = int(max(p.labels.max(initial=-1) for p in (train, test) if p is not None)) + 1
+            classes = [str(name) for name in archive["classes"]] if "classes" in keys else \
+                [str(label) for label in range(class_count)]
+    except (ValueError, OSError, EOFError) as error:  # not a zip, or object arrays (pickles) inside
+        raise UtuneError(f"cannot read {path} as plain npz arrays ({error}); save it with numpy.savez") from error
+    for pool in (train, test):
+        if pool is not None:
+            _check_labels(pool.labels, len(classes), str(path))
+    return Source(classes, train, test)
+
+
+# --- digits --------------------------------------------------------------------------
+
+def read_digits() -> Source:
+    """scikit-learn's 1,797 8x8 digits; no test split of its own, so one is held out."""
+    from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)  # values are 0..16
+    return Source([str(name) for name in digits.target_names], ArrayPool(pixels, digits.target, "digits"),
+                  None, holdout_test=DIGITS_TEST_FRACTION)

@@ -1,0 +1,109 @@
+"""What ``cli.py train`` and ``cli.py eval`` do, between parsing and the library.
+
+    train:  artifact dir or (model spec + rules) -> tuned model; --data -> splits checked against
+            the model's outputs; train -> OUT/{tuned/, checkpoint/, metrics.jsonl, summary.json, curves.png}
+    eval:   OUT or artifact dir + --data -> top-1, top-5, per-class accuracy, confusion matrix (JSON + PNG)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from utune_fx.errors import UtuneError
+from utune_fx.rewrite.artifact import MANIFEST, TunedSource, data_config_of, load_tuned, save_tuned
+
+TUNED = "tuned"
+
+
+def tuned_model(model: str, rules: list[str] | None, input_shapes: list[str] | None, frontend: str):
+    """A RewriteResult from an artifact directory, or from a model spec rewritten with rule files."""
+    from utune_fx.match import load_rules
+    from utune_fx.rewrite import rewrite
+    from utune_fx.specs import load_model
+    from utune_fx.trace import trace
+
+    directory = Path(model)
+    for candidate in (directory, directory / TUNED):
+        if (candidate / MANIFEST).is_file():
+            if rules:
+                raise UtuneError(f"{model} is a tuned artifact and brings its own rules; drop --rules")
+            return load_tuned(candidate)
+    if not rules:
+        raise UtuneError(f"{model} is not a tuned artifact directory; give a model spec with --rules FILE, "
+                         "or the directory cli.py rewrite wrote")
+    rule_sets = [load_rules(path) for path in rules]
+    loaded = load_model(model, input_shapes)
+    result = rewrite(trace(loaded.model, loaded.inputs, frontend=frontend, name=loaded.name), rule_sets)
+    result.source = TunedSource(model, input_shapes or [], frontend)
+    result.data_config = data_config_of(loaded.model)
+    return result
+
+
+def _input_size(module: fx.GraphModule, data_config: dict | None) -> tuple[int, int, int]:
+    """The image size the traced model was built for (its example input), channels first."""
+    placeholder = next(n for n in module.graph.nodes if n.op == "placeholder")
+    shape = placeholder.meta.get("utune").shape if placeholder.meta.get("utune") else None
+    if shape and len(shape) == 4:
+        return tuple(shape[1:])
+    return tuple(data_config["input_size"]) if data_config else (3, 224, 224)
+
+
+def _outputs(module: fx.GraphModule) -> int | None:
+    output = next(n for n in module.graph.nodes if n.op == "output")
+    source = output.args[0]
+    info = source.meta.get("utune") if isinstance(source, fx.Node) else None
+    return info.shape[-1] if info is not None and info.shape else None
+
+
+def load_splits(result, data: str, **selection):
+    from utune_fx.data import load_data
+
+    splits = load_data(data, input_size=_input_size(result.module, result.data_config),
+                       data_config=result.data_config, **selection)
+    outputs = _outputs(result.module)
+    if outputs is not None and outputs != len(splits.classes):
+        raise UtuneError(f"the model has {outputs} outputs but {data} has {len(splits.classes)} classes; add "
+                         f"num_classes: {len(splits.classes)} to the head rule's settings (tuner: head), or "
+                         f"?num_classes={len(splits.classes)} to the model spec")
+    return splits
+
+
+def check_run_directory(out: Path, resume: bool) -> None:
+    """Before any work: --resume needs a checkpoint, and a fresh run must not mix with an old one."""
+    if resume and not (out / "checkpoint").is_dir():
+        raise UtuneError(f"{out}/checkpoint does not exist; run without --resume to start")
+    if not resume and (out / "metrics.jsonl").exists():
+        raise UtuneError(f"{out} holds an earlier run; pass --resume to continue it, or choose another -o")
+
+
+def run_training(result, splits, config, out: Path, resume: bool) -> dict:
+    from utune_fx.train import train
+
+    summary = train(result.module, splits.train, splits.val, config, out, resume=resume, test_set=splits.test)
+    save_tuned(result, result.rule_sets, result.source, out / TUNED)
+    summary["classes"] = len(splits.classes)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+@torch.no_grad()
+def evaluate_classes(module: torch.nn.Module, dataset, classes: list[str], batch_size: int = 64) -> dict:
+    from torch.utils.data import DataLoader
+
+    module.eval()
+    confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
+    top5 = seen = 0
+    for images, labels in DataLoader(dataset, batch_size=batch_size):
+        logits = module(images)
+        confusion += torch.bincount(labels * len(classes) + logits.argmax(-1),
+                                    minlength=len(classes) ** 2).reshape(len(classes), len(classes))
+        k = min(5, logits.shape[-1])
+        top5 += (logits.topk(k, dim=-1).indices == labels[:, None]).any(-1).sum().item()
+        seen += len(labels)
+    per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+    return {"images": seen, "top1": confusion.diag().sum().item() / max(seen, 1), "top5": top5 / max(seen, 1),
+            "per_class": dict(zip(classes, per_class)), "confusion": confusion.tolist()}
