@@ -16,9 +16,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+DEMO_MODEL := timm:vit_tiny_patch16_224?img_size=16&patch_size=4&depth=4&num_classes=10&global_pool=avg
+
 demo: $(STAMP)
 	$(BIN)/python cli.py inspect
-	$(BIN)/python cli.py rewrite timm:vit_base_patch16_224 --rules rules/dual_utuner.yaml -o runs/demo
+	rm -rf runs/demo
+	$(BIN)/python cli.py train "$(DEMO_MODEL)" --rules rules/dual_utuner.yaml --data digits -o runs/demo \
+		--epochs 15 --lr 1e-2 --no-augment --label-smoothing 0
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -102,6 +102,9 @@ def _train(args: argparse.Namespace) -> int:
     with status.status(f"reading {args.data}"):
         splits = load_splits(result, args.data, shots=args.shots, train_size=args.train_size, val_size=args.val_size,
                              seed=args.seed, augment=not args.no_augment, skip_bad_images=args.skip_bad_images)
+    if not args.json:
+        from utune_fx.rewrite.report import render_rewrite
+        render_rewrite(result, result.source.model, Console(width=max(Console().width, 120)))
     for path in splits.skipped:
         status.print(f"skipped unreadable image {path}")
     status.print(f"{len(splits.train)} training, {len(splits.val)} validation"

@@ -108,6 +108,8 @@ def train(module: nn.Module, train_set: Dataset, val_set: Dataset, config: Train
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(config)
     module.to(device)
+    if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in module.modules()):
+        module.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     optimizer = create_optimizer(module, config)
