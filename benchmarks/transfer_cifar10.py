@@ -87,7 +87,7 @@ def main() -> None:
              "label_smoothing": 0.1, "augmentation": "none", "torch_threads": __import__("torch").get_num_threads()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"setup": setup, "results": rows}, indent=1))
-    print(f"| method | lr | val acc | test acc | trainable params | s/epoch |")
+    print("| method | lr | val acc | test acc | trainable params | s/epoch |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['method']} | {row['lr']:g} | {row['val_accuracy']:.1%} | {row['test_accuracy']:.1%} | "

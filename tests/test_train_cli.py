@@ -64,3 +64,23 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_an_unreadable_image_stops_the_run_unless_skipped(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    for c in range(10):
+        folder = tmp_path / "images" / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 20 * c + i, np.uint8)).save(folder / f"{i}.png")
+    bad = tmp_path / "images" / "class3" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    argv = ["train", SPEC, "--rules", RULES, "--data", f"imagefolder:{tmp_path / 'images'}", "--epochs", "1",
+            "--val-size", "2", "--no-augment"]
+    assert main([*argv, "-o", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "--skip-bad-images" in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, "-o", str(tmp_path / "b"), "--skip-bad-images"]) == 0
+    assert f"skipped unreadable image {bad}" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["epochs"] == 1

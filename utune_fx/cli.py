@@ -106,10 +106,11 @@ def _train(args: argparse.Namespace) -> int:
         from utune_fx.rewrite.report import render_rewrite
         render_rewrite(result, result.source.model, Console(width=max(Console().width, 120)))
     for path in splits.skipped:
-        status.print(f"skipped unreadable image {path}")
+        status.print(f"skipped unreadable image {path}", soft_wrap=True)
     status.print(f"{len(splits.train)} training, {len(splits.val)} validation"
                  + (f", {len(splits.test)} test" if splits.test is not None else "") + f" images, "
-                 f"{len(splits.classes)} classes; {result.trainable_parameters:,} trainable parameters")
+                 f"{len(splits.classes)} classes; {result.trainable_parameters:,} trainable parameters",
+                 soft_wrap=True)
     summary = run_training(result, splits, config, out, args.resume)
     if args.json:
         json.dump(summary, sys.stdout, indent=1)
@@ -157,6 +158,14 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds data selection, order, augmentation")
 
 
+def _share_or_count(text: str) -> float | int:
+    """'500' is a count of images, '0.1' a share of them."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     from utune_fx.train import TrainConfig
 
@@ -172,7 +181,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=type(value), default=value, help=f"{text} (default {value})")
     parser.add_argument("--shots", type=int, help="training images per class (few-shot)")
     parser.add_argument("--train-size", type=int, help="training images in all (VTAB-1k: 1000)")
-    parser.add_argument("--val-size", type=float, default=0.1, help="validation share (<1) or count (default 0.1)")
+    parser.add_argument("--val-size", type=_share_or_count, default=0.1,
+                        help="validation share (0.1) or image count (500) (default 0.1)")
     parser.add_argument("--no-augment", action="store_true", help="train on eval transforms (no random crops/flips)")
     parser.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out instead of stopping")
     parser.add_argument("--resume", action="store_true", help="continue the run in -o from its checkpoint")
