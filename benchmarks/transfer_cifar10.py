@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import utune_fx  # noqa: E402,F401  (before timm: makes torchvision importable with CPU torch)
 from utune_fx.data import load_data  # noqa: E402
+from utune_fx.errors import UtuneError  # noqa: E402
 from utune_fx.match import load_rules  # noqa: E402
 from utune_fx.rewrite import rewrite  # noqa: E402
 from utune_fx.rewrite.artifact import data_config_of  # noqa: E402
@@ -36,9 +37,9 @@ SPEC = "timm:efficientnet_lite0?num_classes=10&weights=efficientnet_lite0_pytorc
 ADAPTED = (3e-3, 1e-2, 3e-2)
 METHODS = {  # name: (rule files, learning-rate grid)
     "linear probe": (["rules/linear_probe.yaml"], ADAPTED),
-    "full fine-tuning": (["rules/full_finetune.yaml"], (3e-4, 1e-3, 3e-3)),
+    "full fine-tuning": (["rules/full_finetune.yaml"], (3e-5, 1e-4, 3e-4)),
     "bitfit": (["rules/bitfit.yaml"], ADAPTED),
-    "lora (1x1 convs)": (["benchmarks/rules/lora_pointwise.yaml"], ADAPTED),
+    "lora (1x1 convs)": (["benchmarks/rules/lora_pointwise.yaml"], (1e-4, 3e-4, 1e-3)),
     "sequential adapter": (["benchmarks/rules/sequential_adapter_blocks.yaml"], ADAPTED),
     "U-Tuner, every block": (["rules/utuner_block.yaml"], ADAPTED),
     "U-Tuner, first block": (["benchmarks/rules/utuner_first_block.yaml"], ADAPTED),
@@ -71,10 +72,17 @@ def main() -> None:
             result, _ = build(rule_files, args.size)
             config = TrainConfig(epochs=args.epochs, batch_size=32, lr=lr, warmup_epochs=1, seed=0)
             with tempfile.TemporaryDirectory() as scratch:
-                summary = train(result.module, splits.train, splits.val, config, Path(scratch))
+                try:
+                    summary = train(result.module, splits.train, splits.val, config, Path(scratch))
+                except UtuneError as error:  # diverged: this learning rate loses
+                    print(f"{name}: lr {lr:g} -> {error}", file=sys.stderr)
+                    continue
             print(f"{name}: lr {lr:g} -> validation {summary['last_val_accuracy']:.1%}", file=sys.stderr)
             if best is None or summary["last_val_accuracy"] > best[1]["last_val_accuracy"]:
                 best = (lr, summary, result)
+        if best is None:
+            print(f"{name}: every learning rate diverged", file=sys.stderr)
+            continue
         lr, summary, result = best
         tic = time.perf_counter()
         test = evaluate(result.module, splits.test, TrainConfig(batch_size=64), next(result.module.parameters()).device)
@@ -85,8 +93,15 @@ def main() -> None:
     setup = {"backbone": SPEC, "data": args.data, "size": args.size, "epochs": args.epochs, "train_images": 1000,
              "val_images": 500, "test_images": len(splits.test), "batch_size": 32, "optimizer": "adamw",
              "label_smoothing": 0.1, "augmentation": "none", "torch_threads": __import__("torch").get_num_threads()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"setup": setup, "results": rows}, indent=1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # a partial rerun replaces its methods' rows and keeps the others
+        earlier = json.loads(out.read_text())
+        if earlier["setup"] == setup:
+            done = {row["method"] for row in rows}
+            rows = [row for row in earlier["results"] if row["method"] not in done] + rows
+            rows.sort(key=lambda row: list(METHODS).index(row["method"]))
+    out.write_text(json.dumps({"setup": setup, "results": rows}, indent=1))
     print("| method | lr | val acc | test acc | trainable params | s/epoch |")
     print("|---|---|---|---|---|---|")
     for row in rows:

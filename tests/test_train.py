@@ -105,3 +105,13 @@ def test_a_run_interrupted_by_sigint_resumes_to_the_same_weights(tmp_path):
     assert weights and all(torch.equal(first[k], second[k]) for k in weights)
     assert [json.loads(line)["val_accuracy"] for line in (straight / "metrics.jsonl").read_text().splitlines()] == \
         [json.loads(line)["val_accuracy"] for line in (broken / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_diverging_run_stops_with_the_step_and_the_learning_rate(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=4).eval()
+    data = _toy_task()
+    result = rewrite(trace(model, data.tensors[0][:2]), load_rules(ROOT / "rules" / "full_finetune.yaml"))
+    with pytest.raises(UtuneError, match=r"the training loss is (nan|inf) at epoch \d+, step \d+: training diverged; "
+                                         r"lower --lr \(now 1e\+12\)"):
+        train(result.module, data, data, TrainConfig(epochs=3, lr=1e12, warmup_epochs=0, clip_grad=0), tmp_path)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from utune_fx.errors import UtuneError
 from utune_fx.train.checkpoint import load_checkpoint, save_checkpoint
 from utune_fx.train.config import TrainConfig
 from utune_fx.train.optim import create_optimizer, create_schedule
@@ -167,6 +168,9 @@ def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, pr
                 with _autocast(device, config):
                     logits = runner(images).float()
                 loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise UtuneError(f"the training loss is {loss.item()} at epoch {progress['epoch'] + 1}, step "
+                                     f"{progress['step'] + 1}: training diverged; lower --lr (now {config.lr:g})")
                 (loss * len(labels) / total).backward()
                 running["train_loss"] += loss.item() * len(labels)
                 running["train_accuracy"] += (logits.argmax(-1) == labels).sum().item()
