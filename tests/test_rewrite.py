@@ -268,3 +268,17 @@ def test_parallel_prefix_adds_attention_over_the_prefix(written_out):
         expected = module.proj(module.merge(frozen + branch))
         torch.testing.assert_close(result.module(x), expected, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(result.module(x), module(x), atol=1e-3)
+
+
+def test_tuners_start_from_the_seed_whatever_ran_before():
+    model, x = _model("vit")
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = rewrite(trace(model, x), load_rules(RULES / "dual_utuner.yaml")).module
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left as it was
+    torch.rand(1000)
+    second = rewrite(trace(model, x), load_rules(RULES / "dual_utuner.yaml")).module
+    other = rewrite(trace(model, x), load_rules(RULES / "dual_utuner.yaml"), seed=1).module
+    tuners = [n for n, _ in first.named_parameters() if n.startswith("utune.") and n.endswith("down.weight")]
+    assert tuners and all(torch.equal(first.get_parameter(n), second.get_parameter(n)) for n in tuners)
+    assert not torch.equal(first.get_parameter(tuners[0]), other.get_parameter(tuners[0]))

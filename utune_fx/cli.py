@@ -98,7 +98,7 @@ def _train(args: argparse.Namespace) -> int:
     check_run_directory(out, args.resume)
     status = Console(stderr=True)
     with status.status(f"building {args.model}"):
-        result = tuned_model(args.model, args.rules, args.input_shape, args.frontend)
+        result = tuned_model(args.model, args.rules, args.input_shape, args.frontend, args.seed)
     with status.status(f"reading {args.data}"):
         splits = load_splits(result, args.data, shots=args.shots, train_size=args.train_size, val_size=args.val_size,
                              seed=args.seed, augment=not args.no_augment, skip_bad_images=args.skip_bad_images)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import torch
 from torch import fx
 
 from utune_fx.match import MatchContext, RuleSet, match_rules
@@ -57,9 +58,11 @@ class RewriteResult:
         return self.trainable_parameters / self.base_parameters if self.base_parameters else 0.0
 
 
-def rewrite(gm: fx.GraphModule, rule_sets: RuleSet | Sequence[RuleSet]) -> RewriteResult:
+def rewrite(gm: fx.GraphModule, rule_sets: RuleSet | Sequence[RuleSet], seed: int = 0) -> RewriteResult:
     """Insert every rule's tuners into ``gm`` (in place, like PEFT's get_peft_model:
-    the graph and the base parameters it shares with the model are frozen)."""
+    the graph and the base parameters it shares with the model are frozen). Tuners are
+    initialised from ``seed`` (the caller's RNG is left as it was), so the same rules on
+    the same model start from the same tuners whatever ran before."""
     rule_sets = [rule_sets] if isinstance(rule_sets, RuleSet) else list(rule_sets)
     base = sum(p.numel() for p in gm.parameters())
     ctx = MatchContext(gm)
@@ -67,10 +70,12 @@ def rewrite(gm: fx.GraphModule, rule_sets: RuleSet | Sequence[RuleSet]) -> Rewri
     for parameter in gm.parameters():
         parameter.requires_grad_(False)
     summaries = []
-    for found in matched:
-        added, trained = apply_rule(gm, found, ctx)
-        gm.graph.lint()
-        gm.recompile()
-        summaries.append(RuleSummary(found.rule.name, found.rule.tuner, found.rule.position, len(found.regions),
-                                     added, trained, [r.scope for r in found.regions]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for found in matched:
+            added, trained = apply_rule(gm, found, ctx)
+            gm.graph.lint()
+            gm.recompile()
+            summaries.append(RuleSummary(found.rule.name, found.rule.tuner, found.rule.position, len(found.regions),
+                                         added, trained, [r.scope for r in found.regions]))
     return RewriteResult(gm, summaries, base, rule_sets)

@@ -19,7 +19,8 @@ from utune_fx.rewrite.artifact import MANIFEST, TunedSource, data_config_of, loa
 TUNED = "tuned"
 
 
-def tuned_model(model: str, rules: list[str] | None, input_shapes: list[str] | None, frontend: str):
+def tuned_model(model: str, rules: list[str] | None, input_shapes: list[str] | None, frontend: str,
+                seed: int = 0):
     """A RewriteResult from an artifact directory, or from a model spec rewritten with rule files."""
     from utune_fx.match import load_rules
     from utune_fx.rewrite import rewrite
@@ -37,7 +38,7 @@ def tuned_model(model: str, rules: list[str] | None, input_shapes: list[str] | N
                          "or the directory cli.py rewrite wrote")
     rule_sets = [load_rules(path) for path in rules]
     loaded = load_model(model, input_shapes)
-    result = rewrite(trace(loaded.model, loaded.inputs, frontend=frontend, name=loaded.name), rule_sets)
+    result = rewrite(trace(loaded.model, loaded.inputs, frontend=frontend, name=loaded.name), rule_sets, seed)
     result.source = TunedSource(model, input_shapes or [], frontend)
     result.data_config = data_config_of(loaded.model)
     return result
