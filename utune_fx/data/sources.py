@@ -12,6 +12,7 @@ lazily) and class names; choosing images and transforms is the caller's job.
 
 from __future__ import annotations
 
+import abc
 import io
 import pickle
 import struct
@@ -31,7 +32,7 @@ DIGITS_TEST_FRACTION = 0.2
 PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 
 
-class ImagePool:
+class ImagePool(abc.ABC):
     """Images of one split: ``labels`` up front, pixels on demand."""
 
     labels: np.ndarray
@@ -40,11 +41,13 @@ class ImagePool:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @abc.abstractmethod
     def describe(self, index: int) -> str:
-        raise NotImplementedError
+        """The image's path, or its place in an array file, for messages."""
 
+    @abc.abstractmethod
     def open(self, index: int) -> Image.Image:
-        raise NotImplementedError
+        """The image as stored (not yet converted)."""
 
     def verify(self, index: int) -> None:
         """Cheap check (headers, PNG checksums) that raises a PIL error on bad data."""

@@ -38,6 +38,7 @@ class MatchContext:
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
         self.order = {node: i for i, node in enumerate(self.nodes)}
+        self.by_name = {node.name: node for node in self.nodes}
         self.by_kind: dict[str, list[fx.Node]] = {}
         for node in self.nodes:
             self.by_kind.setdefault(node_info(node).op_kind, []).append(node)

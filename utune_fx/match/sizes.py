@@ -67,7 +67,7 @@ def layer_channels(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
 
 def _attention_heads(node: fx.Node, ctx: MatchContext) -> int:
     info = node_info(node).attention
-    query = next((n for n in ctx.nodes if n.name == info.query), None) if info is not None else None
+    query = ctx.by_name.get(info.query) if info is not None else None
     shape = node_info(query).shape if query is not None else None
     return math.prod(shape[1:-2]) if shape and len(shape) >= 3 else 0
 

@@ -109,12 +109,24 @@ def data_config_of(model: torch.nn.Module) -> dict | None:
     return timm.data.resolve_data_config(model=model)
 
 
-def load_tuned(directory: str | Path):
-    """Rebuild the base model, trace and rewrite it as recorded, load the tuner weights."""
-    from utune_fx.match import load_rules
+def build_tuned(source: TunedSource, rule_sets: list[Any], seed: int = 0):
+    """Build the model a spec names, trace it and rewrite it: a RewriteResult that knows its
+    source and its base model's data config (what save_tuned and training need)."""
     from utune_fx.rewrite import rewrite
     from utune_fx.specs import load_model
     from utune_fx.trace import trace
+
+    loaded = load_model(source.model, source.input_shapes or None)
+    gm = trace(loaded.model, loaded.inputs, frontend=source.frontend, name=loaded.name)
+    result = rewrite(gm, rule_sets, seed)
+    result.source = source
+    result.data_config = data_config_of(loaded.model)
+    return result
+
+
+def load_tuned(directory: str | Path):
+    """Rebuild the base model, trace and rewrite it as recorded, load the tuner weights."""
+    from utune_fx.match import load_rules
 
     directory = Path(directory)
     manifest = _read_manifest(directory)
@@ -137,11 +149,8 @@ def load_tuned(directory: str | Path):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(text)
             rule_sets.append(load_rules(folder / Path(entry["path"]).name))
-        loaded = load_model(manifest["model"], manifest["input_shapes"] or None)
-        gm = trace(loaded.model, loaded.inputs, frontend=manifest["frontend"], name=loaded.name)
-        result = rewrite(gm, rule_sets)
-    result.source = TunedSource(manifest["model"], manifest["input_shapes"], manifest["frontend"])
-    result.data_config = data_config_of(loaded.model)
+        result = build_tuned(TunedSource(manifest["model"], manifest["input_shapes"], manifest["frontend"]),
+                             rule_sets)
     if base_sha256(result.module) != manifest["base_sha256"]:
         raise UtuneError(f"{directory}: the base model {manifest['model']} now has other weights than the ones it "
                          f"was tuned on (tuned with {manifest['versions']}); use the same weights and versions")

@@ -54,6 +54,7 @@ class AttentionCall:
     extra: fx.Node | None  # sdpa's mask, or the softmax input of a written-out attention
     form: AttentionForm
     scale: fx.Node | None = None  # a scale factor the graph computes (times form.scale)
+    parts: tuple[fx.Node, ...] = ()  # a written-out attention's inner nodes (QK^T, softmax, ...)
 
     @property
     def reads(self) -> tuple:
@@ -66,7 +67,8 @@ def attention_call(found: RuleMatch, region: Region, node: fx.Node, ctx: MatchCo
         raise fail(found, region, f"{found.rule.tuner} needs an attention whose queries, keys and values are "
                                   "visible in the graph (scaled_dot_product_attention or softmax(QK^T)V), not a "
                                   "module such as nn.MultiheadAttention")
-    by_name = {n.name: n for n in ctx.nodes}
+    by_name = ctx.by_name
+    parts = tuple(by_name[name] for name in info.parts if name in by_name)
     query, key, value = (by_name[name] for name in (info.query, info.key, info.value))
     if node.target is F.scaled_dot_product_attention:
         argument = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"), node.args))
@@ -75,11 +77,11 @@ def attention_call(found: RuleMatch, region: Region, node: fx.Node, ctx: MatchCo
         if isinstance(scale, fx.Node) or isinstance(causal, fx.Node):
             raise fail(found, region, f"{node.name}: scale and is_causal must be constants in the traced graph")
         mask = argument.get("attn_mask")
-        return AttentionCall(node, query, key, value, mask, AttentionForm("sdpa", scale, bool(causal)))
-    return _written_out_call(found, region, node, [by_name[p] for p in info.parts if p in by_name])
+        return AttentionCall(node, query, key, value, mask, AttentionForm("sdpa", scale, bool(causal)), parts=parts)
+    return _written_out_call(found, region, node, parts)
 
 
-def _written_out_call(found: RuleMatch, region: Region, node: fx.Node, parts: list[fx.Node]) -> AttentionCall:
+def _written_out_call(found: RuleMatch, region: Region, node: fx.Node, parts: tuple[fx.Node, ...]) -> AttentionCall:
     """softmax(s * Q K^T + bias) V: the tensors as its matmuls read them, and the constant s."""
     softmax = next((p for p in parts if node_info(p).op_kind == "softmax"), None)
     scores = next((p for p in parts if node_info(p).op_kind == "matmul"), None)
@@ -104,7 +106,7 @@ def _written_out_call(found: RuleMatch, region: Region, node: fx.Node, parts: li
                 raise fail(found, region, f"{step.name}: cannot read the attention's scale from {factor}")
         step = on_path
     return AttentionCall(node, query, _untransposed(transposed), matmul_operands(node)[1], logits,
-                         AttentionForm("logits", scale), scale_node)
+                         AttentionForm("logits", scale), scale_node, parts)
 
 
 def _ancestors(node: fx.Node, limit: int = 16) -> set[fx.Node]:
@@ -292,7 +294,8 @@ def insert_prompts(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext, safe
             env, _ = replay(env, [call.key, call.value], call.node.prev, layout_free=free)
         if not config.deep and index + 1 < len(regions):
             handlers = {call.node: _handler(call) for call in calls}
-            env, _ = replay(env, [region.output], region.output, handlers, layout_free=free)
+            inner = {part for call in calls for part in call.parts}  # the handlers stand for them
+            env, _ = replay(env, [region.output], region.output, handlers, layout_free=free, skip=inner)
             stream, stream_source = env[region.output], region.output
         for j, call in enumerate(calls):
             site = attention_site(found, region, call)

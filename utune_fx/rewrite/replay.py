@@ -14,7 +14,8 @@ copied but mapped:
   its class token apart from the patch tokens (EVA applies rotary embeddings
   to the patch tokens only): the prompts take that tensor unchanged, with no
   positional transform, like class tokens;
-* nodes a caller handles itself (``handlers``: the attention of a replayed block);
+* nodes a caller handles itself (``handlers``: the attention of a replayed block;
+  ``skip``: the inner nodes a handler stands for, such as a written-out softmax);
 * with ``layout_free``, ops that only move tokens around without touching their
   channels (Swin's window partition and reverse, cyclic shifts, crops, the
   [B, H, W, C] <-> [B, H*W, C] views) are skipped: tokens outside the image grid
@@ -90,7 +91,7 @@ def _positional_split(node: fx.Node, members: set[fx.Node]) -> fx.Node | None:
     return sources.pop() if len(sources) == 1 and None not in sources else None
 
 
-_LAYOUT = ("reshape", "permute", "pad", "getitem", "other")
+_TOKEN_MOVES = ("reshape", "permute", "pad", "getitem", "other")  # kinds that may only move tokens
 
 
 def repeat_channels(tokens, times: int):
@@ -103,7 +104,7 @@ def _layout_move(node: fx.Node) -> int | None:
     inputs = [n for n in node.all_input_nodes if node_info(n).shape]
     shape = node_info(node).shape
     source = node_info(inputs[0]).shape if len(inputs) == 1 else None
-    if node_info(node).op_kind not in _LAYOUT or not shape or not source:
+    if node_info(node).op_kind not in _TOKEN_MOVES or not shape or not source:
         return None
     if shape[-1] == source[-1]:
         return 1
@@ -113,7 +114,8 @@ def _layout_move(node: fx.Node) -> int | None:
 
 def replay(env: dict[fx.Node, fx.Node], targets: list[fx.Node], after: fx.Node,
            handlers: dict[fx.Node, Handler] | None = None,
-           layout_free: set[fx.Node] | frozenset = frozenset()) -> tuple[dict[fx.Node, fx.Node], fx.Node]:
+           layout_free: set[fx.Node] | frozenset = frozenset(),
+           skip: set[fx.Node] | frozenset = frozenset()) -> tuple[dict[fx.Node, fx.Node], fx.Node]:
     """Copy the nodes from ``env``'s keys to ``targets`` reading ``env``'s values, inserted after
     ``after`` (handlers insert theirs at the same point). Returns the extended env and the
     last node inserted."""
@@ -122,11 +124,10 @@ def replay(env: dict[fx.Node, fx.Node], targets: list[fx.Node], after: fx.Node,
     nodes = [n for n in closure(list(env), targets) if n not in env]
     members = set(nodes)
     graph = targets[0].graph
-    skipped = {part for n in handlers for part in _parts_of(n)}
     anchor = after.next  # inserting before one fixed node keeps the copies in order
     created: list[fx.Node] = []
     for node in nodes:
-        if node in skipped:
+        if node in skip:
             continue
         source = _positional_split(node, members)
         if source is not None and source in env:
@@ -152,11 +153,3 @@ def replay(env: dict[fx.Node, fx.Node], targets: list[fx.Node], after: fx.Node,
             graph.erase_node(node)
             env = {k: v for k, v in env.items() if v is not node}
     return env, anchor.prev
-
-
-def _parts_of(attention: fx.Node) -> tuple[fx.Node, ...]:
-    info = node_info(attention).attention
-    if info is None:
-        return ()
-    by_name = {n.name: n for n in attention.graph.nodes}
-    return tuple(by_name[name] for name in info.parts if name in by_name)

@@ -89,7 +89,8 @@ def _batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int
 @torch.no_grad()
 def evaluate(module: nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device) -> dict:
     module.eval()
-    loader = DataLoader(dataset, batch_size=config.batch_size * 2, num_workers=config.workers)
+    loader = DataLoader(dataset, batch_size=config.batch_size * 2, num_workers=config.workers,
+                        generator=torch.Generator())  # leaves the global RNG to training
     loss = correct = seen = 0.0
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
@@ -158,12 +159,18 @@ def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, pr
                                               "train_accuracy": 0.0, "images": 0, "seconds": 0.0})
     bar = EpochProgress(progress["epoch"] + 1, config.epochs, sum(map(len, batches)))
     bar.advance(sum(len(b) for group in groups[:progress["step"]] for b in group))
+    remaining = groups[progress["step"]:]
+    # one loader per epoch (workers start once); items are seeded per image, so prefetching changes nothing;
+    # its own generator keeps it from drawing on the global RNG, which dropout uses and the checkpoint keeps
+    loader = iter(DataLoader(seeded, batch_sampler=[b for group in remaining for b in group],
+                             num_workers=config.workers, generator=torch.Generator().manual_seed(config.seed)))
+    trainable = [p for p in module.parameters() if p.requires_grad]
     with bar:
-        for group in groups[progress["step"]:]:
+        for group in remaining:
             tic = time.perf_counter()
-            loader = DataLoader(seeded, batch_sampler=group, num_workers=config.workers)
             total = sum(len(b) for b in group)
-            for images, labels in loader:
+            for _ in group:
+                images, labels = next(loader)
                 images, labels = images.to(device), labels.to(device)
                 with _autocast(device, config):
                     logits = runner(images).float()
@@ -176,7 +183,7 @@ def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, pr
                 running["train_accuracy"] += (logits.argmax(-1) == labels).sum().item()
                 running["images"] += len(labels)
             if config.clip_grad:
-                nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], config.clip_grad)
+                nn.utils.clip_grad_norm_(trainable, config.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step()

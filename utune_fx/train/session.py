@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from utune_fx.errors import UtuneError
-from utune_fx.rewrite.artifact import MANIFEST, TunedSource, data_config_of, load_tuned, save_tuned
+from utune_fx.rewrite.artifact import MANIFEST, TunedSource, build_tuned, load_tuned, save_tuned
 
 TUNED = "tuned"
 
@@ -23,9 +23,6 @@ def tuned_model(model: str, rules: list[str] | None, input_shapes: list[str] | N
                 seed: int = 0):
     """A RewriteResult from an artifact directory, or from a model spec rewritten with rule files."""
     from utune_fx.match import load_rules
-    from utune_fx.rewrite import rewrite
-    from utune_fx.specs import load_model
-    from utune_fx.trace import trace
 
     directory = Path(model)
     for candidate in (directory, directory / TUNED):
@@ -37,11 +34,7 @@ def tuned_model(model: str, rules: list[str] | None, input_shapes: list[str] | N
         raise UtuneError(f"{model} is not a tuned artifact directory; give a model spec with --rules FILE, "
                          "or the directory cli.py rewrite wrote")
     rule_sets = [load_rules(path) for path in rules]
-    loaded = load_model(model, input_shapes)
-    result = rewrite(trace(loaded.model, loaded.inputs, frontend=frontend, name=loaded.name), rule_sets, seed)
-    result.source = TunedSource(model, input_shapes or [], frontend)
-    result.data_config = data_config_of(loaded.model)
-    return result
+    return build_tuned(TunedSource(model, input_shapes or [], frontend), rule_sets, seed)
 
 
 def _input_size(module: fx.GraphModule, data_config: dict | None) -> tuple[int, int, int]:

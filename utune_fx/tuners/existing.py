@@ -11,13 +11,16 @@ from dataclasses import dataclass, field
 from utune_fx.tuners import RegionSize, TunerConfig, check_positive_int, register_tuner
 
 
-@register_tuner("bitfit", positions=("none",))
 @dataclass
-class BitFitConfig(TunerConfig):
-    """BitFit: the biases inside the region train; nothing is inserted."""
-
+class _NothingAdded(TunerConfig):
     def added_parameters(self, size: RegionSize) -> int:
         return 0
+
+
+@register_tuner("bitfit", positions=("none",))
+@dataclass
+class BitFitConfig(_NothingAdded):
+    """BitFit: the biases inside the region train; nothing is inserted."""
 
     def trained_parameters(self, size: RegionSize) -> int:
         return size.biases
@@ -43,11 +46,8 @@ class HeadConfig(TunerConfig):
 
 @register_tuner("full", positions=("none",))
 @dataclass
-class FullConfig(TunerConfig):
+class FullConfig(_NothingAdded):
     """Full fine-tuning of the region: every parameter inside it trains."""
-
-    def added_parameters(self, size: RegionSize) -> int:
-        return 0
 
     def trained_parameters(self, size: RegionSize) -> int:
         return size.weights
