@@ -48,6 +48,8 @@ class RewriteResult:
     rule_sets: list[RuleSet] = field(default_factory=list)
     source: Any = None  # artifact.TunedSource, when known: what save_tuned records
     data_config: dict | None = None  # timm's input settings of the base model (size, mean, std, ...)
+    example_inputs: tuple = ()  # the inputs it was traced with (export and benchmarks reuse their shapes)
+    base_model: Any = None  # the eager model it was traced from (shares the frozen weights)
 
     @property
     def trainable_parameters(self) -> int:

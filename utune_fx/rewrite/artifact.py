@@ -121,6 +121,7 @@ def build_tuned(source: TunedSource, rule_sets: list[Any], seed: int = 0):
     result = rewrite(gm, rule_sets, seed)
     result.source = source
     result.data_config = data_config_of(loaded.model)
+    result.example_inputs, result.base_model = loaded.inputs, loaded.model
     return result
 
 
