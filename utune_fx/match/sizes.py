@@ -84,14 +84,17 @@ def region_size(region: Region, ctx: MatchContext, position: int = 0) -> RegionS
     channels_in = weighted[0][1][0] if weighted else fallback
     channels_out = weighted[-1][1][1] if weighted else fallback
     single = weighted[0][0] if len(weighted) == 1 else None
-    fan_in = 0
+    fan_in, groups = 0, 1
     if single is not None:
         weights = [p for name, p in parameters_of(single, ctx).items() if not name.endswith("bias") and p.dim() >= 2]
         fan_in = weights[0][0].numel() if weights else 0
+        module = ctx.node_ctx.modules.get(str(single.target)) if single.op == "call_module" else None
+        groups = getattr(module, "groups", 1)
     return RegionSize(
         channels_in=channels_in,
         channels_out=channels_out,
         fan_in=fan_in,
+        groups=groups,
         biases=sum(p.numel() for name, p in parameters.items() if name.endswith("bias")),
         weights=sum(p.numel() for p in parameters.values()),
         heads=sum(_attention_heads(n, ctx) for n in ordered if node_info(n).op_kind == "attention"),

@@ -37,11 +37,25 @@ def _first_weighted(region: Region, ctx: MatchContext) -> fx.Node | None:
     return min((n for n in region.nodes if node_info(n).op_kind in _WEIGHTED), key=ctx.order.__getitem__, default=None)
 
 
+_AXIS_1_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _normalises_axis_1(node: fx.Node, ctx: MatchContext) -> bool:
+    if node_info(node).op_kind != "norm":
+        return False
+    if node.op == "call_module":
+        return isinstance(ctx.node_ctx.modules.get(str(node.target)), _AXIS_1_NORMS)
+    return getattr(node.target, "__name__", "") in ("batch_norm", "group_norm", "instance_norm")
+
+
 def _site(found: RuleMatch, region: Region, ctx: MatchContext, reads: fx.Node, writes: fx.Node) -> tuple[Site, bool]:
     """The tuner's site, and whether its output needs the output's view (Swin's
     blocks read [B, H, W, C] and write the same tokens as [B, H*W, C])."""
     anchor_op = _first_weighted(region, ctx)
-    channels_first = anchor_op is not None and node_info(anchor_op).op_kind == "conv"
+    if anchor_op is not None:
+        channels_first = node_info(anchor_op).op_kind == "conv"
+    else:  # no linear or conv: a norm of feature maps (BatchNorm, GroupNorm) still says where channels are
+        channels_first = any(_normalises_axis_1(n, ctx) for n in region.nodes)
     in_shape, out_shape = node_info(reads).shape, node_info(writes).shape
     if not in_shape or not out_shape:
         raise fail(found, region, "the tuner needs tensors in and out")
@@ -88,7 +102,8 @@ def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Sit
         if not isinstance(module, nn.modules.conv._ConvNd):
             raise fail(found, region, f"LoRA on a functional convolution ({op.name}) is not supported; "
                                        "it needs an nn.Conv module")
-        geometry = ConvGeometry(module.kernel_size, module.stride, module.padding, module.dilation)
+        geometry = ConvGeometry(module.kernel_size, module.stride, module.padding, module.dilation,
+                                groups=module.groups)
     channels_in, channels_out = channels
     rank = len(node_info(op).shape or ())
     return Site(channels_in, channels_out, rank, kind == "conv", geometry), x, op

@@ -33,6 +33,7 @@ class RegionSize:
     channels_in: int  # channels of the region's input (last axis of tokens, axis 1 of NCHW maps)
     channels_out: int
     fan_in: int = 0  # weight elements per output channel of a single linear/conv (LoRA's A)
+    groups: int = 1  # groups of that conv (depthwise: one per channel)
     biases: int = 0  # bias elements inside the region (BitFit)
     weights: int = 0  # all parameter elements inside the region (head, full tuning)
     heads: int = 0  # attention heads inside the region (gates of prefixes and prompts)
@@ -48,6 +49,7 @@ class ConvGeometry:
     padding: tuple[int, ...] | str
     dilation: tuple[int, ...]
     kind: str = "conv"
+    groups: int = 1
 
 
 @dataclass(frozen=True)

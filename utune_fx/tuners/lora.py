@@ -3,7 +3,14 @@
 Initialised like PEFT: A kaiming-uniform (a = sqrt(5)), B zero. On a
 convolution A copies the kernel size, stride, padding and dilation of the
 frozen conv and B is 1x1, so the update has the conv's output shape; the
-product folds into the frozen weight.
+product B @ A folds into the frozen weight.
+
+A grouped conv (depthwise included) gets one low-rank update per group, A and
+B grouped like the conv, so B @ A has the grouped weight's shape and folds.
+A group's update cannot have a higher rank than its weight matrix
+[out/groups, in/groups * kernel], so the rank per group is capped there: a
+depthwise conv gets rank 1 per channel (PEFT instead splits the rank over the
+groups, which needs rank divisible by the number of channels).
 """
 
 from __future__ import annotations
@@ -27,16 +34,24 @@ class LoraBranch(nn.Module):
             self.lora_B = nn.Linear(rank, site.channels_out, bias=False)
         else:
             conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(target.kernel_size)]
-            self.lora_A = conv(site.channels_in, rank, target.kernel_size, target.stride, target.padding,
-                               target.dilation, bias=False)
-            self.lora_B = conv(rank, site.channels_out, 1, bias=False)
+            groups = target.groups
+            fan_in = site.channels_in // groups * math.prod(target.kernel_size)
+            rank = group_rank(rank, groups, site.channels_out, fan_in)
+            self.lora_A = conv(site.channels_in, rank * groups, target.kernel_size, target.stride, target.padding,
+                               target.dilation, groups=groups, bias=False)
+            self.lora_B = conv(rank * groups, site.channels_out, 1, groups=groups, bias=False)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()  # as PEFT
-        self.scaling = config.alpha / rank
+        self.scaling = config.alpha / config.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+
+def group_rank(rank: int, groups: int, channels_out: int, fan_in: int) -> int:
+    """Rank of each group's update: the configured rank, capped by a grouped weight's own rank."""
+    return rank if groups == 1 else min(rank, channels_out // groups, fan_in)
 
 
 @register_tuner("lora", positions=("reparameterised",), module=LoraBranch)
@@ -54,4 +69,6 @@ class LoraConfig(TunerConfig):
         check_dropout(self.dropout)
 
     def added_parameters(self, size: RegionSize) -> int:
-        return self.rank * ((size.fan_in or size.channels_in) + size.channels_out)
+        fan_in = size.fan_in or size.channels_in
+        rank = group_rank(self.rank, size.groups, size.channels_out, fan_in)
+        return rank * (size.groups * fan_in + size.channels_out)

@@ -96,6 +96,17 @@ class _PrefixTokens(nn.Module):
             self.values = nn.Parameter(values)
             self.reparam = None
 
+    def freeze(self) -> None:
+        """Replace the parameters (and the MLP) by the keys and values they make, as buffers."""
+        with torch.no_grad():
+            keys, values = (t.detach().clone() for t in self.keys_values())
+        for name in ("keys", "values", "embedding", "reparam"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.register_buffer("keys", keys)
+        self.register_buffer("values", values)
+        self.reparam = None
+
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reparam is None:
             return self.keys, self.values

@@ -1,0 +1,87 @@
+"""Find the layer a tuner folds into, as an nn.Module whose weights are the graph's own.
+
+    %y = call_module[blocks.0.mlp.fc1](%x)                  -> blocks.0.mlp.fc1 (nn.Linear)
+    %y = layer_norm(%x, (192,), weight=%w, bias=%b)         -> an nn.LayerNorm view whose
+         (%w, %b = get_attr blocks.0.norm1.weight / .bias)     weight and bias ARE those parameters
+
+Tracing through timm's LayerNorm leaves functional calls whose weights are
+get_attr nodes; the view lets the same merges write to them. A layer folds only
+when nothing else reads its weights: a module called twice (shared weights, or
+replayed on prompts) would change at every call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from utune_fx.trace import node_info
+
+_PASS_THROUGH = ("identity", "dropout")  # no-ops at inference between a layer and a tuner
+_FUNCTIONAL_VIEWS = {"layer_norm": "norm", "linear": "linear"}
+
+
+@dataclass
+class FoldTarget:
+    node: fx.Node
+    layer: nn.Module | None  # None: cannot fold into it, see reason
+    reason: str = ""
+    can_add_bias: bool = True  # a functional view cannot grow a bias the graph does not pass
+
+
+def layer_behind(node: fx.Node) -> fx.Node:
+    """The node that computes ``node``, skipping inference no-ops (dropout, identity)."""
+    while (node.op in ("call_module", "call_function", "call_method") and node_info(node).op_kind in _PASS_THROUGH
+           and len(node.all_input_nodes) == 1 and len(node.users) == 1):
+        node = node.all_input_nodes[0]
+    return node
+
+
+def fold_target(node: fx.Node, gm: fx.GraphModule) -> FoldTarget:
+    if node.op == "call_module":
+        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target]
+        if len(calls) > 1:
+            return FoldTarget(node, None, f"{node.target} is called {len(calls)} times (shared weights, or replayed "
+                                          "on prompts); folding would change every call")
+        return FoldTarget(node, gm.get_submodule(str(node.target)))
+    name = getattr(node.target, "__name__", str(node.target))
+    if node.op != "call_function" or name not in _FUNCTIONAL_VIEWS:
+        return FoldTarget(node, None, f"{node.name} ({node_info(node).op_kind or node.op}) is not a linear, conv "
+                                      "or norm layer whose weights folding can write")
+    arguments = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+    if arguments is None:
+        return FoldTarget(node, None, f"cannot read the arguments of {node.name}")
+    weights = {key: arguments.kwargs.get(key) for key in ("weight", "bias")}
+    parameters = {}
+    for key, arg in weights.items():
+        if arg is None:
+            continue
+        if not isinstance(arg, fx.Node) or arg.op != "get_attr" or len(arg.users) != 1 or sum(
+                n.op == "get_attr" and n.target == arg.target for n in gm.graph.nodes) != 1:
+            return FoldTarget(node, None, f"the {key} of {node.name} is computed or shared, not one parameter")
+        parameters[key] = gm.get_parameter(str(arg.target))
+    if "weight" not in parameters:
+        return FoldTarget(node, None, f"{node.name} has no weight to fold into")
+    weight = parameters["weight"]
+    if _FUNCTIONAL_VIEWS[name] == "norm":
+        view: nn.Module = nn.LayerNorm(tuple(arguments.kwargs["normalized_shape"]), elementwise_affine=False)
+    else:
+        view = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    view.weight = weight
+    view.bias = parameters.get("bias")
+    return FoldTarget(node, view, can_add_bias="bias" in parameters)
+
+
+def channel_axis(layer: nn.Module, node: fx.Node) -> int | None:
+    """Which axis of the layer's output holds the channels its weights index."""
+    if isinstance(layer, nn.Linear):
+        return -1
+    if isinstance(layer, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+        return 1
+    shape = node_info(node).shape
+    weight = getattr(layer, "weight", None)
+    if shape and weight is not None and weight.dim() == 1:
+        axes = [axis for axis in (-1, 1) if len(shape) > 1 and shape[axis] == weight.shape[0]]
+        return axes[0] if len(axes) == 1 else None
+    return None
