@@ -3,6 +3,8 @@
     with replace_directory(path) as staging:   # a fresh folder beside ``path``
         write files into staging
     # on success staging becomes ``path`` (the old one is removed); on error ``path`` is untouched
+
+    write_text(path, text)                      # files alike, through a temporary name beside them
 """
 
 from __future__ import annotations
@@ -38,3 +40,25 @@ def replace_directory(directory: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def replace_file(path: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """``with replace_file(path) as temporary:`` write ``temporary``; it becomes ``path`` on success."""
+    return _replace_file(Path(path))
+
+
+@contextlib.contextmanager
+def _replace_file(path: Path) -> Iterator[Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a whole text file so readers see the old content or the new, never a part."""
+    with replace_file(path) as temporary:
+        temporary.write_text(text)

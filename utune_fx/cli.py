@@ -5,6 +5,9 @@
     python cli.py rewrite MODEL_SPEC --rules FILE [--rules FILE2 ...] -o DIR
     python cli.py train DIR_OR_MODEL [--rules FILE ...] --data SPEC -o OUT [--epochs N --lr X ...] [--resume]
     python cli.py eval DIR --data SPEC [--split test|val]
+    python cli.py fold DIR -o OUT                   (these three: cli_deploy.py)
+    python cli.py export DIR -o model.onnx [--fold] [--opset N] [--tuners-as-inputs]
+    python cli.py bench DIR [--batch-sizes 1,32] [-o bench.json]
 
 User errors print one line, ``error: ...``, and exit with code 2; ``--debug``
 shows the traceback instead. ``match`` exits with 3 when a rule matches
@@ -21,6 +24,8 @@ import traceback
 
 from rich.console import Console
 
+from utune_fx.cli_deploy import add_deploy_commands
+from utune_fx.cli_support import add_output_flags, print_json
 from utune_fx.errors import EXIT_USER_ERROR, UtuneError
 from utune_fx.specs import DEFAULT_MODEL
 
@@ -31,8 +36,7 @@ def _inspect(args: argparse.Namespace) -> int:
     loaded, gm = _traced(args)
     report = inspect_graph(gm, loaded.model, loaded.name)
     if args.json:
-        json.dump(report, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        print_json(report)
     else:
         render(report, Console(width=max(Console().width, 120)))
     return 0
@@ -61,8 +65,7 @@ def _match(args: argparse.Namespace) -> int:
     loaded, gm = _traced(args)
     report = match_report(gm, loaded.model, rules, loaded.name)
     if args.json:
-        json.dump(report, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        print_json(report)
     else:
         render_match(report, Console(width=max(Console().width, 120)), args.explain)
     if report["empty_rules"] and not args.allow_empty:
@@ -112,8 +115,7 @@ def _train(args: argparse.Namespace) -> int:
                  soft_wrap=True)
     summary = run_training(result, splits, config, out, args.resume)
     if args.json:
-        json.dump(summary, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        print_json(summary)
         return 0
     test = summary.get("test_accuracy")
     print(f"best validation accuracy {summary['best_val_accuracy']:.1%} (epoch {summary['best_epoch']}), "
@@ -128,6 +130,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from utune_fx.atomic import write_text
     from utune_fx.train.plots import plot_confusion
     from utune_fx.train.session import evaluate_classes, load_splits, tuned_model
 
@@ -138,11 +141,10 @@ def _eval(args: argparse.Namespace) -> int:
     report = evaluate_classes(result.module, dataset, splits.classes) | {"split": split, "data": args.data}
     out = Path(args.output or args.directory)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    write_text(out / "eval.json", json.dumps(report, indent=1))
     plot_confusion(report, out / "confusion.png")
     if args.json:
-        json.dump(report, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        print_json(report)
         return 0
     worst = sorted(report["per_class"].items(), key=lambda item: item[1])[:3]
     print(f"{split} split of {args.data}: top-1 {report['top1']:.1%}, top-5 {report['top5']:.1%} "
@@ -195,8 +197,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default: str | None) -
                         help="example input shape, e.g. 2,3,224,224 or 2,16:int64; once per input")
     parser.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
                         help="tracer: torch.fx, torch.export, or fx falling back to export (default)")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    add_output_flags(parser, "print the report as JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,9 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("test", "val"), default="test",
                           help="the source's test split (default; validation when it has none) or validation")
     evaluate.add_argument("-o", "--output", metavar="DIR", help="where eval.json and confusion.png go (default DIR)")
-    evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
-    evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    add_output_flags(evaluate, "print the report as JSON")
     evaluate.set_defaults(run=_eval)
+
+    add_deploy_commands(commands)
     return parser
 
 

@@ -51,7 +51,7 @@ def base_sha256(module: torch.nn.Module) -> str:
     frozen = [(n, p) for n, p in module.named_parameters() if not p.requires_grad] + list(module.named_buffers())
     for name, tensor in sorted(frozen, key=lambda item: item[0]):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
     return digest.hexdigest()
 
 
@@ -83,6 +83,14 @@ def save_tuned(result: Any, rule_sets: list[Any], source: TunedSource, directory
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return directory
+
+
+def artifact_directory(path: str | Path) -> Path | None:
+    """The tuned artifact at ``path``, or in the ``tuned/`` folder of a training run there."""
+    for candidate in (Path(path), Path(path) / "tuned"):
+        if (candidate / MANIFEST).is_file():
+            return candidate
+    return None
 
 
 def _read_manifest(directory: Path) -> dict:

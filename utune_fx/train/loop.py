@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from utune_fx.atomic import write_text
 from utune_fx.errors import UtuneError
 from utune_fx.train.checkpoint import load_checkpoint, save_checkpoint
 from utune_fx.train.config import TrainConfig
@@ -143,7 +144,7 @@ def train(module: nn.Module, train_set: Dataset, val_set: Dataset, config: Train
     summary = _summary(module, progress, device)
     if test_set is not None:
         summary["test_accuracy"] = evaluate(runner, test_set, config, device)["accuracy"]
-    (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    write_text(out / SUMMARY, json.dumps(summary, indent=1))
     plot_curves(progress["history"], out / "curves.png")
     return summary
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from utune_fx.atomic import replace_file
+
 
 def _pyplot():
     import matplotlib
@@ -18,10 +20,9 @@ def _pyplot():
 
 def _save(figure, path: Path) -> None:
     figure.tight_layout()
-    temporary = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temporary, format="png", dpi=100)
+    with replace_file(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
     _pyplot().close(figure)
-    temporary.replace(path)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from torch import fx
 
+from utune_fx.atomic import write_text
 from utune_fx.errors import UtuneError
-from utune_fx.rewrite.artifact import MANIFEST, TunedSource, build_tuned, load_tuned, save_tuned
+from utune_fx.rewrite.artifact import TunedSource, artifact_directory, build_tuned, load_tuned, save_tuned
 
 TUNED = "tuned"
 
@@ -24,12 +25,11 @@ def tuned_model(model: str, rules: list[str] | None, input_shapes: list[str] | N
     """A RewriteResult from an artifact directory, or from a model spec rewritten with rule files."""
     from utune_fx.match import load_rules
 
-    directory = Path(model)
-    for candidate in (directory, directory / TUNED):
-        if (candidate / MANIFEST).is_file():
-            if rules:
-                raise UtuneError(f"{model} is a tuned artifact and brings its own rules; drop --rules")
-            return load_tuned(candidate)
+    directory = artifact_directory(model)
+    if directory is not None:
+        if rules:
+            raise UtuneError(f"{model} is a tuned artifact and brings its own rules; drop --rules")
+        return load_tuned(directory)
     if not rules:
         raise UtuneError(f"{model} is not a tuned artifact directory; give a model spec with --rules FILE, "
                          "or the directory cli.py rewrite wrote")
@@ -80,7 +80,7 @@ def run_training(result, splits, config, out: Path, resume: bool) -> dict:
     summary = train(result.module, splits.train, splits.val, config, out, resume=resume, test_set=splits.test)
     save_tuned(result, result.rule_sets, result.source, out / TUNED)
     summary["classes"] = len(splits.classes)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 

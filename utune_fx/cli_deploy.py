@@ -1,0 +1,142 @@
+"""The deployment commands of cli.py: parse, call the library, print.
+
+    python cli.py fold DIR -o OUT                  folded artifact + report (fold/)
+    python cli.py export DIR -o model.onnx [--fold] [--opset N] [--tuners-as-inputs]
+                                                   ONNX file, verified in ONNX Runtime (export/)
+    python cli.py bench DIR [--batch-sizes 1,32]   latency and throughput of four variants (bench.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+
+from utune_fx.cli_support import add_output_flags, print_json
+from utune_fx.errors import UtuneError
+
+
+def _fold(args: argparse.Namespace) -> int:
+    from utune_fx.fold.artifact import fold_artifact, save_folded
+    from utune_fx.fold.report import render_fold
+    from utune_fx.rewrite.artifact import artifact_directory
+
+    directory = artifact_directory(args.directory)
+    if directory is None:
+        raise UtuneError(f"{args.directory}: no tuned artifact here; write one with cli.py rewrite or train")
+    with Console(stderr=True).status(f"folding {directory}"):
+        result, folded, difference = fold_artifact(directory)
+    out = save_folded(directory, folded, difference, args.output)
+    if args.json:
+        print_json({"entries": folded.to_json(), "relative_difference": difference})
+    else:
+        tuned_elements = sum(t.numel() for t in result.module.state_dict().values())
+        render_fold(folded, difference, tuned_elements, Console(width=max(Console().width, 120)))
+        print(f"wrote {out}/ (folded.safetensors, fold.json, and the tuned artifact it came from)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from utune_fx.export import export_onnx
+    from utune_fx.fold.artifact import is_folded, load_for_inference
+    from utune_fx.rewrite.artifact import artifact_directory
+
+    directory = artifact_directory(args.directory)
+    if args.tuners_as_inputs and (args.fold or directory is not None and is_folded(directory)):
+        raise UtuneError("--tuners-as-inputs keeps the tuner tensors apart from the weights, folding merges them "
+                         "in; export the tuned artifact without --fold (not a folded one)")
+    status = Console(stderr=True)
+    with status.status(f"loading {args.directory}"):
+        result, module, folded = load_for_inference(args.directory, args.fold)
+    names = [name for name, p in result.module.named_parameters() if p.requires_grad] if args.tuners_as_inputs else []
+    with status.status(f"exporting to {args.output} (opset {args.opset}) and checking it in ONNX Runtime"):
+        exported = export_onnx(module, result.example_inputs, args.output, opset=args.opset, exporter=args.exporter,
+                               tuner_names=names)
+    report = {"path": str(exported.path), "exporter": exported.exporter, "opset": exported.opset,
+              "folded": folded is not None, "inputs": exported.input_names, "outputs": exported.output_names,
+              "tuner_inputs": len(exported.tuner_inputs), "external_data": exported.external_data,
+              "size_bytes": exported.size_bytes, "fallback": exported.fallback_reason,
+              "provider": exported.parity.provider,
+              "parity": [vars(check) for check in exported.parity.checks]}
+    if args.json:
+        print_json(report)
+        return 0
+    kind = f"folded ({folded.count('folded')} tuners merged, {folded.count('kept')} kept)" if folded else "tuned"
+    print(f"exported the {kind} model with the {exported.exporter} exporter, opset {exported.opset}, dynamic batch: "
+          f"{exported.path} ({exported.size_bytes / 2**20:.1f} MiB" + (", external data" if exported.external_data
+                                                                       else "") + ")")
+    if exported.fallback_reason:
+        print(f"  fell back: {exported.fallback_reason}")
+    for check in exported.parity.checks:
+        print(f"  ONNX Runtime ({exported.parity.provider}) vs PyTorch, batch {check.batch_size}: max abs error "
+              f"{check.max_abs_error:.1e}, relative {check.rel_error:.1e} ({check.dtype}: rtol {check.rtol:g}, "
+              f"atol {check.atol:g}) {'ok' if check.passed else 'FAILED'}")
+    if names:
+        print(f"  {len(names)} tuner tensors are graph inputs; feed another task's with "
+              f"utune_fx.export.tuner_feeds(ARTIFACT_DIR, {str(Path(args.output))!r})")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from utune_fx.atomic import write_text
+    from utune_fx.bench import benchmark, ratios
+    from utune_fx.train.session import tuned_model
+
+    batches = tuple(int(b) for b in args.batch_sizes.split(","))
+    if not batches or min(batches) < 1:
+        raise UtuneError(f"--batch-sizes {args.batch_sizes!r}: give positive integers separated by commas, e.g. 1,32")
+    with Console(stderr=True).status(f"loading {args.directory}"):
+        result = tuned_model(args.directory, None, None, "auto")
+    report = benchmark(result, batches, rounds=args.rounds, opset=args.opset) | {"artifact": str(args.directory)}
+    report["ratios"] = ratios(report)
+    out = Path(args.output)
+    write_text(out, json.dumps(report, indent=1))
+    if args.json:
+        print_json(report)
+        return 0
+    table = Table(box=None, pad_edge=False, title=f"Inference, {report['torch_threads']} threads, "
+                  f"{report['provider']} for ONNX Runtime ({report['rounds']} interleaved rounds)", title_justify="left")
+    for column in ("variant", "batch", "median ms", "images/s", "x base eager"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for row in report["rows"]:
+        table.add_row(row["variant"], str(row["batch"]), f"{row['median_ms']:.2f}", f"{row['images_per_s']:,.0f}",
+                      f"{row['vs_base']:.2f}")
+    Console(width=max(Console().width, 100)).print(table)
+    print(f"wrote {out}")
+    return 0
+
+
+def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
+    fold = commands.add_parser("fold", help="merge the tuners into the frozen weights where they are linear")
+    fold.add_argument("directory", metavar="DIR", help="a tuned artifact (or a training run's OUT)")
+    fold.add_argument("-o", "--output", required=True, metavar="OUT", help="directory for the folded artifact")
+    add_output_flags(fold, "print the fold report as JSON")
+    fold.set_defaults(run=_fold)
+
+    export = commands.add_parser("export", help="export to ONNX and check it against PyTorch in ONNX Runtime")
+    export.add_argument("directory", metavar="DIR", help="a tuned or folded artifact (or a training run's OUT)")
+    export.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="the ONNX file to write")
+    export.add_argument("--fold", action="store_true", help="fold the tuners into the weights first")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    export.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                        help="auto: torch's dynamo exporter, falling back to TorchScript (default)")
+    export.add_argument("--tuners-as-inputs", action="store_true",
+                        help="tuner tensors become graph inputs: one file serves every task tuned with the same rules")
+    add_output_flags(export, "print the export and parity report as JSON")
+    export.set_defaults(run=_export)
+
+    bench = commands.add_parser("bench", help="latency and throughput: base, tuned, folded, ONNX Runtime")
+    bench.add_argument("directory", metavar="DIR", help="a tuned artifact (or a training run's OUT)")
+    bench.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default 1,32)")
+    bench.add_argument("--rounds", type=int, default=30, help="timed calls per variant and batch size (default 30)")
+    bench.add_argument("--opset", type=int, default=18, help="ONNX opset of the exported model (default 18)")
+    bench.add_argument("-o", "--output", default="bench.json", metavar="FILE", help="JSON report (default bench.json)")
+    add_output_flags(bench, "print the report as JSON")
+    bench.set_defaults(run=_bench)

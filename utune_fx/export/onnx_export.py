@@ -1,0 +1,218 @@
+"""Export a (tuned) module to ONNX, checked and verified with ONNX Runtime before it is put in place.
+
+    export_onnx(result.module, result.example_inputs, "model.onnx")
+        -> model.onnx   inputs x[batch, 3, 224, 224]; outputs output[batch, 1000]; weights inside
+        -> ExportResult(exporter='dynamo', opset=18, external_data=False, size_bytes=..., parity=Parity(...))
+
+    export_onnx(..., tuner_names=trainable)       the tuner tensors become graph inputs named like the
+                                                  parameters (utune.mha.0.down.weight), not initializers:
+                                                  one file serves every task tuned with the same rules
+    a model over external_data_threshold bytes -> model.onnx + model.onnx.data (all weights, one file)
+
+Steps: eval mode; export (``auto``: the dynamo exporter, then TorchScript if it fails; see exporters.py);
+write into a staging folder beside ``path``; onnx.checker (path form, so external data is checked too);
+ONNX Runtime against PyTorch at batch 1 and 4 (verify.py; the tuner inputs are fed the module's own
+values); only then os.replace into ``path``. In ``auto`` mode an export that does not verify also falls
+back. A failure of every exporter is one UtuneError naming the op without a translation when the
+exporters' errors name one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from utune_fx.errors import UtuneError, first_line
+from utune_fx.export.exporters import (
+    EXPORTERS,
+    RUN,
+    Attempt,
+    ExportModule,
+    batched_inputs,
+    describe_failure,
+    eval_mode,
+    input_names_of,
+    node_calling,
+    output_names_for,
+)
+from utune_fx.export.feeds import TUNER_INPUTS_KEY
+from utune_fx.export.verify import ModuleFailure, Parity, verify_onnx
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    exporter: str  # 'dynamo' or 'torchscript': the one that produced the file
+    opset: int
+    input_names: list[str]  # data inputs, then the tuner inputs
+    output_names: list[str]
+    tuner_inputs: list[str] = field(default_factory=list)
+    external_data: bool = False  # weights in data_path next to the model
+    size_bytes: int = 0  # model file plus data file
+    fallback_reason: str | None = None  # why the preferred exporter was not used
+    data_path: Path | None = None
+    parity: Parity | None = None  # None when export_onnx(..., verify=False)
+
+
+def _serialized_size(model: onnx.ModelProto) -> int:
+    """Bytes of the model as one file; summed per part, as a whole over 2 GB cannot be serialised."""
+    graph = model.graph
+    parts = (*graph.initializer, *graph.node, *graph.input, *graph.output, *graph.value_info, *model.functions)
+    return sum(part.ByteSize() for part in parts)
+
+
+def _stage(model: onnx.ModelProto, staging: Path, name: str, threshold: int) -> bool:
+    """Write the model into ``staging`` under its final name(s), check it; True when the weights went external."""
+    external = _serialized_size(model) > threshold
+    # the data file's name is recorded in the model, so it is written under its final name
+    onnx.save_model(model, str(staging / name), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=f"{name}.data")
+    onnx.checker.check_model(str(staging / name))  # the path form also reads the external data
+    return external
+
+
+def _put_in_place(staging: Path, path: Path, external: bool) -> Path | None:
+    data = path.with_name(f"{path.name}.data")
+    if external:  # the data first: the model that names it appears last
+        _make_ordinary(staging / data.name)
+        os.replace(staging / data.name, data)
+    _make_ordinary(staging / path.name)
+    os.replace(staging / path.name, path)
+    if not external and data.exists():  # a stale data file of an earlier export of this path
+        data.unlink()
+    return data if external else None
+
+
+def _make_ordinary(file: Path) -> None:
+    """onnx writes the data file private (0600); exports are ordinary files like the rest."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)
+
+
+@dataclass
+class _Job:
+    """What every exporter gets, and what follows the export."""
+    wrapper: ExportModule
+    args: tuple
+    input_names: list[str]
+    output_names: list[str]
+    batched: list[bool]
+    opset: int
+    path: Path
+    threshold: int
+    verify: Callable[[Path], Parity] | None
+
+
+def _run(exporter: str, job: _Job) -> tuple[bool, Path | None, Parity | None] | Attempt:
+    """Export, stage, check, verify and put in place: (external, data path, parity), or why not."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{job.path.name}.", dir=job.path.parent))
+    try:
+        try:
+            model = RUN[exporter](job.wrapper, job.args, job.opset, job.input_names, job.output_names, job.batched)
+        except Exception as error:  # noqa: BLE001  (the exporters raise anything; each failure is reported)
+            return describe_failure(exporter, error)
+        _declare_tuner_inputs(model, job.wrapper.tuner_names, exporter)
+        staged = staging / job.path.name
+        try:
+            external = _stage(model, staging, job.path.name, job.threshold)
+        except onnx.checker.ValidationError as error:
+            return Attempt(exporter, f"onnx.checker rejects the model: {first_line(error)}")
+        parity = None
+        if job.verify:
+            try:
+                parity = job.verify(staged)
+            except ModuleFailure:
+                raise
+            except UtuneError as error:  # in auto mode the next exporter gets a go
+                return Attempt(exporter, str(error).replace(str(staged), "the export"))
+            parity.path = job.path
+        return external, _put_in_place(staging, job.path, external), parity
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _failure(attempts: list[Attempt], module: nn.Module, opset: int) -> UtuneError:
+    reasons = "; ".join(f"{a.exporter}: {a.reason}" for a in attempts)
+    op = next((a.op for a in attempts if a.op), None)
+    if op:
+        node = node_calling(module, op)
+        where = f" (graph node {node})" if node else ""
+        return UtuneError(f"cannot export to ONNX: {op}{where} has no ONNX translation in opset {opset} ({reasons}); "
+                          "try another opset, fold the tuners first if it belongs to a tuner, or replace the op")
+    return UtuneError(f"cannot export to ONNX in opset {opset} ({reasons}); try another exporter or opset, and "
+                      "keep data-dependent Python control flow out of the model")
+
+
+def _check_arguments(module: nn.Module, inputs: tuple, exporter: str, tuner_names: Sequence[str]) -> None:
+    if exporter not in ("auto", *EXPORTERS):
+        raise UtuneError(f"unknown exporter {exporter!r}; use auto, {' or '.join(EXPORTERS)}")
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise UtuneError("export needs example inputs that are all tensors (one per model input)")
+    parameters = dict(module.named_parameters())
+    unknown = [name for name in tuner_names if name not in parameters]
+    if unknown:
+        raise UtuneError(f"tuner name {unknown[0]} is not a parameter of the model; pass names from "
+                         "module.named_parameters(), such as the trainable ones")
+    if len(set(tuner_names)) != len(tuner_names):
+        raise UtuneError("tuner names repeat a name; pass each parameter once")
+
+
+def export_onnx(module: nn.Module, example_inputs: Any, path: str | Path, *, opset: int = 18,
+                exporter: str = "auto", tuner_names: Sequence[str] | None = None,
+                external_data_threshold: int = 2**31, verify: bool = True,
+                batch_sizes: Sequence[int] = (1, 4)) -> ExportResult:
+    """Export ``module`` to ``path`` with a dynamic batch axis (dim 0 of the batched inputs and of every
+    output); with ``verify`` the file is put in place only once ONNX Runtime matches PyTorch at
+    ``batch_sizes``. ``tuner_names``: parameters that become graph inputs (fixed shapes) named as the
+    parameters. Weights go to ``<path>.data`` when the model would exceed ``external_data_threshold``."""
+    path = Path(path)
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    tuner_names = list(tuner_names or [])
+    _check_arguments(module, inputs, exporter, tuner_names)
+    parameters = dict(module.named_parameters())
+    tuners = tuple(parameters[name].detach().clone() for name in tuner_names)
+    feeds = dict(zip(tuner_names, tuners))  # verified with the module's own tuner values
+    with eval_mode(module):
+        with torch.no_grad():
+            output_count = len(ExportModule(module, len(inputs))(*inputs))
+        check = (lambda staged: verify_onnx(staged, module, inputs, batch_sizes=batch_sizes, tuner_feeds=feeds))
+        job = _Job(ExportModule(module, len(inputs), tuner_names), inputs + tuners,
+                   input_names_of(module, len(inputs)) + tuner_names, output_names_for(output_count),
+                   batched_inputs(inputs), opset, path, external_data_threshold, check if verify else None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        attempts: list[Attempt] = []
+        for exporter_name in (EXPORTERS if exporter == "auto" else (exporter,)):
+            outcome = _run(exporter_name, job)
+            if isinstance(outcome, Attempt):
+                attempts.append(outcome)
+                continue
+            external, data, parity = outcome
+            size = path.stat().st_size + (data.stat().st_size if data else 0)
+            fallback = "; ".join(f"{a.exporter}: {a.reason}" for a in attempts) or None
+            return ExportResult(path, exporter_name, opset, job.input_names, job.output_names, tuner_names,
+                                external, size, fallback, data, parity)
+        raise _failure(attempts, module, opset)
+
+
+def _declare_tuner_inputs(model: onnx.ModelProto, tuner_names: list[str], exporter: str) -> None:
+    """Check the tuner tensors really are graph inputs and record them for tuner_feeds."""
+    inputs = {i.name for i in model.graph.input}
+    initializers = {i.name for i in model.graph.initializer}
+    lost = [name for name in tuner_names if name not in inputs or name in initializers]
+    if lost:
+        raise UtuneError(f"the {exporter} exporter did not keep tuner tensor {lost[0]} as a graph input (it does "
+                         "not reach the outputs, or became a constant); pass only tensors the outputs depend on")
+    if tuner_names:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = TUNER_INPUTS_KEY, json.dumps(tuner_names)

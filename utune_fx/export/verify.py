@@ -1,0 +1,217 @@
+"""ONNX Runtime against PyTorch, on fresh random inputs at several batch sizes.
+
+    verify_onnx("model.onnx", module, example_inputs, batch_sizes=(1, 4))
+        -> Parity(provider='CPUExecutionProvider', checks=[BatchParity(batch_size=1, max_abs_error=1.9e-06,
+                  rel_error=7.1e-07, dtype='float32', rtol=1e-04, atol=1e-05, passed=True), ...])
+        or UtuneError('model.onnx: ONNX Runtime (CPUExecutionProvider) differs from PyTorch at batch 4: ...')
+
+Inputs have the shapes of ``example_inputs`` but for dim 0 of the batched ones (exporters.batched_inputs);
+floats are standard normal, integer and bool inputs are drawn uniformly from the example's own range
+[min, max], unbatched inputs are used as given; all from ``seed``.
+
+An output passes when every element does, as in numpy.allclose: |ort - torch| <= atol + rtol * |torch|,
+with (rtol, atol) from TOLERANCES by the PyTorch output's dtype (integer and bool outputs: exact).
+Reported per batch size, worst over the outputs: the max abs error, and the relative error
+||ort - torch||_2 / ||torch||_2 (norm-based: elementwise ratios explode at elements near zero).
+
+Tolerances, measured on CPU (ONNX Runtime 1.31, torch 2.13, both exporters, batch 1 and 4) with the
+tuners set away from identity (normal(0, 0.05)):
+  float32   ViT-Ti/16 and ViT-S/16, Swin-T, ResNet-50, ConvNeXt-T at 224 px (dual_utuner, vpt_shallow, lora,
+            utuner_block) and the small test models: max abs error 1e-7 to 4.3e-6 on logits up to 4.9,
+            relative error at most 1.3e-6, at most 0.33 of the allowed error: rtol 1e-4, atol 1e-5.
+  float16   ViT-S/16 dual_utuner, Swin-T vpt_shallow, ResNet-50 lora, ConvNeXt-T utuner_block at 224 px
+            and the small test models in half precision: max abs error up to 4.4e-3 (ViT-S/16), relative
+            error at most 1.5e-3, at most 0.44 of the allowed error (PyTorch rounds every op's result to
+            half; ONNX Runtime's CPU provider computes many ops in float32): rtol 1e-2, atol 1e-2.
+  bfloat16  not measured: ONNX Runtime's CPU provider has no bfloat16 Conv, the first op of every image
+            model here, so these graphs do not load. The float16 values scaled by the ratio of the two formats' epsilons (2^-7 / 2^-10 = 8):
+            rtol 8e-2, atol 8e-2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from utune_fx.errors import UtuneError, first_line
+from utune_fx.export.exporters import batched_inputs, eval_mode
+
+
+class ModuleFailure(UtuneError):
+    """The PyTorch module itself rejects a batch size: no exporter can help."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+
+
+TOLERANCES = {
+    torch.float32: Tolerance(rtol=1e-4, atol=1e-5),
+    torch.float16: Tolerance(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: Tolerance(rtol=8e-2, atol=8e-2),  # scaled from float16, see above
+}
+EXACT = Tolerance(rtol=0.0, atol=0.0)  # integer and bool outputs
+
+
+@dataclass
+class BatchParity:
+    batch_size: int
+    max_abs_error: float
+    rel_error: float  # ||ort - torch||_2 / ||torch||_2, worst output
+    dtype: str  # of the output that came closest to failing; its tolerance follows
+    rtol: float
+    atol: float
+    passed: bool
+
+
+@dataclass
+class Parity:
+    path: Path
+    provider: str
+    checks: list[BatchParity]
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    def summary(self) -> str:
+        parts = ", ".join(f"batch {c.batch_size}: max abs {c.max_abs_error:.1e}, rel {c.rel_error:.1e}"
+                          for c in self.checks)
+        return f"ONNX Runtime ({self.provider}) matches PyTorch ({parts})"
+
+
+def providers() -> list[str]:
+    """CUDA when both torch and ONNX Runtime can use it, else the CPU."""
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def random_inputs(examples: Sequence[torch.Tensor], batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+    inputs = []
+    for example, is_batched in zip(examples, batched_inputs(examples)):
+        shape = (batch, *example.shape[1:]) if is_batched else tuple(example.shape)
+        if example.dtype.is_floating_point:
+            inputs.append(torch.randn(shape, generator=generator).to(example.dtype))
+        else:  # token ids, masks: stay inside the values the model was shown
+            low, high = (int(example.min()), int(example.max())) if example.numel() else (0, 0)
+            inputs.append(torch.randint(low, high + 1, shape, generator=generator).to(example.dtype))
+    return inputs
+
+
+def _compare(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float, float, Tolerance]:
+    """(max abs error, norm-relative error, worst |error| / allowed error, tolerance); ratio <= 1 passes."""
+    tolerance = TOLERANCES.get(want.dtype, EXACT) if want.dtype.is_floating_point else EXACT
+    reference = want.detach().cpu().double().numpy()
+    got = got.cpu().double().numpy()
+    error = np.abs(got - reference)
+    error[np.isnan(got) & np.isnan(reference)] = 0.0  # NaN where PyTorch has NaN matches
+    if not error.size:
+        return 0.0, 0.0, 0.0, tolerance
+    allowed = tolerance.atol + tolerance.rtol * np.abs(reference)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(error == 0, 0.0, error / allowed)
+    relative = float(np.linalg.norm(error) / max(float(np.linalg.norm(reference)), np.finfo(np.float64).tiny))
+    return float(error.max()), relative, float(np.nan_to_num(ratio, nan=np.inf).max()), tolerance
+
+
+def _ort_value(tensor: torch.Tensor | np.ndarray) -> ort.OrtValue:
+    """numpy has no bfloat16: such tensors travel as their bits, typed for ONNX Runtime."""
+    if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.bfloat16:
+        bits = tensor.detach().cpu().contiguous().view(torch.int16).numpy()
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx.TensorProto.BFLOAT16)
+    array = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+
+
+def _check(path: Path, batch: int, got: list[torch.Tensor], expected: list[torch.Tensor]) -> BatchParity:
+    if len(got) != len(expected):
+        raise UtuneError(f"{path}: the ONNX model has {len(got)} output(s), the module {len(expected)}; "
+                         "verify against the module that was exported")
+    worst, worst_ratio = None, -1.0
+    max_abs = rel = 0.0
+    for index, (ours, theirs) in enumerate(zip(got, expected)):
+        if tuple(ours.shape) != tuple(theirs.shape):
+            raise UtuneError(f"{path}: output {index} at batch {batch} has shape {list(ours.shape)} in ONNX Runtime, "
+                             f"{list(theirs.shape)} in PyTorch; the export fixed a size that should follow the batch")
+        abs_error, rel_error, ratio, tolerance = _compare(ours, theirs)
+        max_abs, rel = max(max_abs, abs_error), max(rel, rel_error)
+        if ratio > worst_ratio:
+            worst, worst_ratio = (str(theirs.dtype).removeprefix("torch."), tolerance), ratio
+    dtype, tolerance = worst if worst else ("float32", TOLERANCES[torch.float32])
+    return BatchParity(batch, max_abs, rel, dtype, tolerance.rtol, tolerance.atol, passed=worst_ratio <= 1.0)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only; the CPU provider warns about unused initializers
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers())
+    except Exception as error:
+        raise UtuneError(f"{path}: ONNX Runtime cannot load the model ({first_line(error)}); "
+                         "export it again, or with another opset") from error
+
+
+def _outputs(module: nn.Module, inputs: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
+    device = next(module.parameters(), torch.empty(0)).device
+    try:
+        with torch.no_grad():
+            output = module(*(x.to(device) for x in inputs))
+    except Exception as error:
+        raise ModuleFailure(f"the PyTorch module fails at batch {batch} ({first_line(error)}); it does not take "
+                            "every batch size: verify with batch sizes it accepts") from error
+    return [leaf for leaf in tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
+def verify_onnx(path: str | Path, module: nn.Module, example_inputs: Any, *, batch_sizes: Sequence[int] = (1, 4),
+                tuner_feeds: dict[str, np.ndarray | torch.Tensor] | None = None, seed: int = 0) -> Parity:
+    """Run ``path`` in ONNX Runtime and ``module`` in PyTorch on the same random inputs at each batch
+    size; the Parity when every output matches, else a one-line UtuneError with the numbers."""
+    path = Path(path)
+    examples = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    feeds = dict(tuner_feeds or {})
+    session = _session(path)
+    declared = [i.name for i in session.get_inputs()]
+    unknown = [name for name in feeds if name not in declared]
+    if unknown:
+        raise UtuneError(f"{path}: tuner feed {unknown[0]} is not an input of the model; "
+                         "feed the tensors of the tuner names it was exported with")
+    data_names = [name for name in declared if name not in feeds]
+    if len(data_names) != len(examples):
+        raise UtuneError(f"{path}: the model takes {len(data_names)} input(s) besides the tuner feeds "
+                         f"({', '.join(data_names[:3])}{', ...' if len(data_names) > 3 else ''}), example_inputs "
+                         f"has {len(examples)}; pass tuner_feeds (utune_fx.export.tuner_feeds) for a model "
+                         "exported with tuner inputs")
+    generator = torch.Generator().manual_seed(seed)
+    checks = []
+    with eval_mode(module):
+        for batch in batch_sizes:
+            inputs = random_inputs(examples, batch, generator)
+            expected = _outputs(module, inputs, batch)
+            values = {name: _ort_value(v) for name, v in {**dict(zip(data_names, inputs)), **feeds}.items()}
+            try:
+                got = session.run_with_ort_values(None, values)
+            except Exception as error:
+                raise UtuneError(f"{path}: ONNX Runtime cannot run batch {batch} ({first_line(error)}); the "
+                                 "exported graph may have fixed the example's batch size") from error
+            checks.append(_check(path, batch, [torch.from_dlpack(v) for v in got], expected))  # dlpack: bfloat16 too
+    parity = Parity(path, session.get_providers()[0], checks)
+    for check in checks:
+        if not check.passed:
+            raise UtuneError(f"{path}: ONNX Runtime ({parity.provider}) differs from PyTorch at batch "
+                             f"{check.batch_size}: max abs error {check.max_abs_error:.2e}, relative error "
+                             f"{check.rel_error:.2e} ({check.dtype} tolerance: rtol {check.rtol:.0e}, atol "
+                             f"{check.atol:.0e}); verify against the module that was exported, or export with "
+                             "the other exporter or another opset")
+    return parity

@@ -1,0 +1,105 @@
+"""Folded artifacts: a tuned artifact plus the folded weights and the fold report.
+
+    cli.py fold DIR -o OUT  ->  OUT/manifest.json, OUT/tuners.safetensors   (DIR's, unchanged: OUT
+                                                                             still rebuilds the tuned model)
+                                OUT/folded.safetensors   every tensor of the folded model; after a
+                                                         LoRA-only fold these load into the plain base model
+                                OUT/fold.json            the report (folded / constant / in place / kept,
+                                                         with reasons), the folded-vs-tuned difference,
+                                                         sha256 of folded.safetensors
+
+``load_folded`` rebuilds the tuned model, folds it again (folding is
+deterministic) and loads ``folded.safetensors`` into the result, checking every
+name and shape, so a damaged or mismatched file is one line, never a wrong model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from utune_fx.atomic import replace_directory
+from utune_fx.errors import UtuneError, first_line
+from utune_fx.fold import FoldResult, fold, folded_difference
+from utune_fx.rewrite.artifact import MANIFEST, TENSORS, load_tuned
+
+FOLD_FORMAT = "utune_fx.folded/1"
+FOLD_REPORT, FOLDED_TENSORS = "fold.json", "folded.safetensors"
+
+
+def is_folded(directory: str | Path) -> bool:
+    return (Path(directory) / FOLD_REPORT).is_file()
+
+
+def fold_artifact(directory: str | Path) -> tuple[object, FoldResult, float]:
+    """Load a tuned artifact and fold it: (the tuned RewriteResult, the fold, max relative
+    difference of folded vs tuned outputs on the example inputs)."""
+    result = load_tuned(directory)
+    folded = fold(result.module, result.summaries)
+    return result, folded, folded_difference(result.module, folded.module, result.example_inputs)
+
+
+def save_folded(directory: str | Path, folded: FoldResult, difference: float, out: str | Path) -> Path:
+    directory, out = Path(directory), Path(out)
+    tensors = {name: t.detach().contiguous().clone() for name, t in folded.module.state_dict().items()}
+    with replace_directory(out) as staging:
+        for name in (MANIFEST, TENSORS):
+            shutil.copyfile(directory / name, staging / name)
+        safetensors.torch.save_file(tensors, str(staging / FOLDED_TENSORS))
+        report = {"format": FOLD_FORMAT, "entries": folded.to_json(), "relative_difference": difference,
+                  "folded_sha256": hashlib.sha256((staging / FOLDED_TENSORS).read_bytes()).hexdigest()}
+        (staging / FOLD_REPORT).write_text(json.dumps(report, indent=1))
+    return out
+
+
+def load_folded(directory: str | Path) -> tuple[object, FoldResult]:
+    """The tuned RewriteResult and its fold, with the folded weights read from the artifact."""
+    directory = Path(directory)
+    try:
+        report = json.loads((directory / FOLD_REPORT).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UtuneError(f"{directory / FOLD_REPORT}: cannot read ({first_line(error)}); the folded artifact "
+                         "is damaged") from error
+    if not isinstance(report, dict) or report.get("format") != FOLD_FORMAT:
+        raise UtuneError(f"{directory / FOLD_REPORT}: not a utune_fx fold report (expected {FOLD_FORMAT!r})")
+    path = directory / FOLDED_TENSORS
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != report.get("folded_sha256"):
+        raise UtuneError(f"{path} is missing or does not match the sha256 in {FOLD_REPORT}; fold again with "
+                         f"cli.py fold")
+    result = load_tuned(directory)
+    folded = fold(result.module, result.summaries)
+    tensors = safetensors.torch.load_file(str(path))
+    expected = folded.module.state_dict()
+    if set(tensors) != set(expected):
+        missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise UtuneError(f"{path}: tensors do not fit the folded model (missing {missing[:3]}, unknown {unknown[:3]})")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+            raise UtuneError(f"{path}: {name} is {tensor.dtype} {list(tensor.shape)}, the folded model has "
+                             f"{expected[name].dtype} {list(expected[name].shape)}")
+    with torch.no_grad():
+        folded.module.load_state_dict(tensors, strict=True)
+    return result, folded
+
+
+def load_for_inference(path: str | Path, fold_it: bool = False) -> tuple[object, torch.nn.Module, FoldResult | None]:
+    """What export and bench run: a folded artifact's folded model, a tuned artifact (or a
+    training run's ``tuned/``) folded now when ``fold_it``, or the tuned model as it is."""
+    from utune_fx.rewrite.artifact import artifact_directory
+
+    directory = artifact_directory(path)
+    if directory is None:
+        raise UtuneError(f"{path}: no tuned or folded artifact here; write one with cli.py rewrite, train or fold")
+    if is_folded(directory):
+        result, folded = load_folded(directory)
+        return result, folded.module, folded
+    result = load_tuned(directory)
+    if not fold_it:
+        return result, result.module.eval(), None
+    folded = fold(result.module, result.summaries)
+    return result, folded.module, folded
