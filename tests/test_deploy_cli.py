@@ -151,3 +151,27 @@ def test_bench_times_four_variants_at_each_batch_size(tmp_path, capsys):
                                                                           "ort/folded eager")}
     assert "onnxruntime" in capsys.readouterr().out
     assert main(["bench", str(tuned), "--batch-sizes", "0"]) == 2
+
+
+def test_one_onnx_file_switches_between_two_trained_tasks(tmp_path, capsys):
+    """Two real training runs (digits, different seeds and shots) share one exported graph."""
+    spec = "timm:vit_tiny_patch16_224?img_size=16&patch_size=4&depth=2&num_classes=10&global_pool=avg"
+    fast = ["--epochs", "1", "--lr", "1e-2", "--no-augment", "--label-smoothing", "0"]
+    for run, seed in (("a", "0"), ("b", "1")):
+        assert main(["train", spec, "--rules", str(RULES / "dual_utuner.yaml"), "--data", "digits",
+                     "-o", str(tmp_path / run), "--seed", seed, *fast]) == 0
+    path = tmp_path / "shared.onnx"
+    assert main(["export", str(tmp_path / "a"), "-o", str(path), "--tuners-as-inputs"]) == 0
+    capsys.readouterr()
+    from utune_fx.export import tuner_feeds
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 16, 16)
+    outputs = {}
+    for run in ("a", "b"):
+        model = load_tuned(tmp_path / run / "tuned").module.eval()
+        feeds = tuner_feeds(tmp_path / run / "tuned", path)
+        outputs[run] = session.run(None, {"x": x.numpy(), **feeds})[0]
+        with torch.no_grad():
+            np.testing.assert_allclose(outputs[run], model(x).numpy(), rtol=1e-4, atol=1e-5)
+    assert np.abs(outputs["a"] - outputs["b"]).max() > 1e-3
