@@ -20,9 +20,11 @@ DEMO_MODEL := timm:vit_tiny_patch16_224?img_size=16&patch_size=4&depth=4&num_cla
 
 demo: $(STAMP)
 	$(BIN)/python cli.py inspect
-	rm -rf runs/demo
+	rm -rf runs/demo runs/demo-folded
 	$(BIN)/python cli.py train "$(DEMO_MODEL)" --rules rules/dual_utuner.yaml --data digits -o runs/demo \
 		--epochs 15 --lr 1e-2 --no-augment --label-smoothing 0
+	$(BIN)/python cli.py fold runs/demo -o runs/demo-folded
+	$(BIN)/python cli.py export runs/demo-folded -o runs/demo-folded/model.onnx
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -49,7 +49,8 @@ def test_fold_writes_an_artifact_and_leaves_the_tuned_one_alone(tmp_path, capsys
     before = _digest(tuned)
     assert main(["fold", str(tuned), "-o", str(tmp_path / "folded")]) == 0
     text = capsys.readouterr().out
-    assert "4 folded" in text and "merged into blocks.0.attn.qkv" in text and "relative difference" in text
+    assert "4 folded" in text and "utune.lora.{0..3}" in text and "blocks.{0,1}.attn.qkv" in text
+    assert "relative difference" in text
     assert _digest(tuned) == before
     report = json.loads((tmp_path / "folded" / FOLD_REPORT).read_text())
     assert [e["status"] for e in report["entries"]] == [FOLDED] * 4 and report["relative_difference"] < 1e-5
@@ -150,6 +151,8 @@ def test_bench_times_four_variants_at_each_batch_size(tmp_path, capsys):
     assert set(report["ratios"]) == {f"{k}@{b}" for b in (1, 2) for k in ("folded/base", "tuned/base",
                                                                           "ort/folded eager")}
     assert "onnxruntime" in capsys.readouterr().out
+    assert main(["bench", str(tuned), "--batch-sizes", "1", "--rounds", "1", "--json", "-o", str(out)]) == 0
+    assert len(json.loads(capsys.readouterr().out)["rows"]) == 4  # stdout is JSON only; the bar is on stderr
     assert main(["bench", str(tuned), "--batch-sizes", "0"]) == 2
 
 

@@ -23,3 +23,10 @@ def test_rules_reference_names_every_key_pattern_and_tuner():
     names = [*TOP_KEYS, *RULE_KEYS, *PREDICATE_KEYS, *load_prelude(), *TUNERS]
     names += [field for entry in TUNERS.values() for field in entry.fields()]
     assert [name for name in names if f"`{name}`" not in text] == []
+
+
+def test_deploy_doc_says_how_every_tuner_folds():
+    from utune_fx.tuners import TUNERS
+
+    text = (DOCS / "deploy.md").read_text()
+    assert [name for name in TUNERS if f"`{name}`" not in text] == []

@@ -200,3 +200,14 @@ def test_fold_keeps_training_mode_and_gradients_off(tmp_path):
     assert not folded.training and not any(p.requires_grad for p in folded.parameters())
     assert any(p.requires_grad for p in result.module.parameters())
     assert isinstance(folded.get_submodule("blocks.0.mlp.fc1"), nn.Linear)
+
+
+def test_rules_after_prompts_see_an_annotated_graph_and_fold_with_them(tmp_path):
+    """A second rule file reads the nodes the prompts inserted (it used to fail on their sum)."""
+    model, x = _model("vit")
+    rules = [load_rules(f"rules/{name}.yaml") for name in ("vpt_deep", "dual_utuner")]
+    result = _tuned(model, x, rules)
+    folded = fold(result.module, result.summaries)
+    statuses = {(e.rule, e.status) for e in folded.entries}
+    assert {("prompts", CONSTANT), ("mha", KEPT), ("ffn", KEPT)} <= statuses
+    assert folded_difference(result.module, folded.module, (x,)) < RTOL

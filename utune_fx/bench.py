@@ -7,13 +7,16 @@
                       at each batch size (1 and 32 by default): median latency, images/s, and the
                       ratio to base eager
 
-Calls are interleaved (one call of every variant per round, in a rotating order)
-so that drifts of a shared, noisy machine hit every variant alike; ratios
-within one run are what to compare, not absolute figures across runs.
+Calls are interleaved (one call of every variant per round, in a seeded random
+order) so that drifts of a shared, noisy machine hit every variant alike, and
+ONNX Runtime's threads do not spin after a run (by default they do, slowing
+whichever variant comes next); ratios within one run are what to compare, not
+absolute figures across runs.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import tempfile
 import time
@@ -23,11 +26,20 @@ from typing import Callable
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from utune_fx.export import export_onnx
 from utune_fx.export.verify import providers, random_inputs
 from utune_fx.fold import fold
+from utune_fx.trace.annotate import set_training
 
 
 @dataclass
@@ -41,7 +53,7 @@ class BenchRow:
 
 
 def _eager(module: torch.nn.Module, inputs: list[torch.Tensor]) -> Callable[[], object]:
-    module.eval()
+    set_training(module, False)
 
     def call() -> object:
         with torch.inference_mode():
@@ -52,7 +64,10 @@ def _eager(module: torch.nn.Module, inputs: list[torch.Tensor]) -> Callable[[], 
 def _onnxruntime(path: Path, inputs: list[torch.Tensor]) -> tuple[Callable[[], object], str]:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=providers())
+    options = ort.SessionOptions()
+    # ORT's threads spin after each run by default, which would slow whichever variant runs next
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=providers())
     names = [i.name for i in session.get_inputs()]
     feeds = {name: tensor.numpy() for name, tensor in zip(names, inputs)}
     return (lambda: session.run(None, feeds)), session.get_providers()[0]
@@ -67,7 +82,8 @@ def benchmark(result, batch_sizes: tuple[int, ...] = (1, 32), rounds: int = 30, 
     provider = ""
     with tempfile.TemporaryDirectory() as scratch, Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress, transient=True) as bar:
+            TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), disable=not progress,
+            transient=True) as bar:
         exported = export_onnx(folded.module, result.example_inputs, Path(scratch) / "model.onnx", opset=opset)
         task = bar.add_task("benchmark", total=len(batch_sizes) * 4 * (rounds + warmup), rate="")
         for batch in batch_sizes:
@@ -76,10 +92,9 @@ def benchmark(result, batch_sizes: tuple[int, ...] = (1, 32), rounds: int = 30, 
             variants = {"base eager": _eager(result.base_model, inputs), "tuned eager": _eager(result.module, inputs),
                         "folded eager": _eager(folded.module, inputs), "onnxruntime": ort_call}
             times: dict[str, list[float]] = {name: [] for name in variants}
-            names = list(variants)
+            order = random.Random(batch)
             for round_index in range(warmup + rounds):
-                shift = round_index % len(names)  # rotate who goes first
-                for name in names[shift:] + names[:shift]:
+                for name in order.sample(list(variants), len(variants)):  # no variant always follows another
                     start = time.perf_counter()
                     variants[name]()
                     if round_index >= warmup:

@@ -35,6 +35,7 @@ from utune_fx.fold.constants import fold_constants, remove_dead_tuner_nodes
 from utune_fx.fold.layers import channel_axis, fold_target, layer_behind
 from utune_fx.rewrite.attention_sites import TUNER_META
 from utune_fx.trace import node_info
+from utune_fx.trace.annotate import set_training
 from utune_fx.tuners.adapters import Adapter
 from utune_fx.tuners.lora import LoraBranch
 from utune_fx.tuners.prefix import GatedConcatAttention, _PrefixTokens
@@ -151,7 +152,8 @@ def _branch_reason(tuner: nn.Module, constant: bool) -> tuple[str, str]:
 def fold(module: fx.GraphModule, summaries: list | None = None) -> FoldResult:
     """Fold a rewritten model's tuners (on a copy); ``summaries``: the rewrite's rule summaries,
     to list the tuners that train existing weights (bitfit, head, full)."""
-    gm = copy.deepcopy(module).eval()
+    gm = copy.deepcopy(module)
+    set_training(gm, False)  # not eval(): graphs of the torch.export front end refuse it
     for parameter in gm.parameters():
         parameter.requires_grad_(False)
     entries: list[FoldEntry] = []
@@ -196,7 +198,11 @@ def fold(module: fx.GraphModule, summaries: list | None = None) -> FoldResult:
 def folded_difference(tuned: nn.Module, folded: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
     """Largest |folded - tuned| over the outputs, relative to the largest |tuned|."""
     with torch.no_grad():
-        expected, actual = tuned.eval()(*inputs), folded.eval()(*inputs)
+        modes = {m: m.training for m in tuned.modules()}
+        set_training(tuned, False)
+        expected, actual = tuned(*inputs), folded(*inputs)
+        for m, mode in modes.items():
+            m.training = mode
     pairs = list(zip(_tensors(expected), _tensors(actual)))
     scale = max(float(e.abs().max()) for e, _ in pairs) or 1.0
     return max(float((a.float() - e.float()).abs().max()) for e, a in pairs) / scale

@@ -27,6 +27,7 @@ from utune_fx.atomic import replace_directory
 from utune_fx.errors import UtuneError, first_line
 from utune_fx.fold import FoldResult, fold, folded_difference
 from utune_fx.rewrite.artifact import MANIFEST, TENSORS, load_tuned
+from utune_fx.trace.annotate import set_training
 
 FOLD_FORMAT = "utune_fx.folded/1"
 FOLD_REPORT, FOLDED_TENSORS = "fold.json", "folded.safetensors"
@@ -100,6 +101,7 @@ def load_for_inference(path: str | Path, fold_it: bool = False) -> tuple[object,
         return result, folded.module, folded
     result = load_tuned(directory)
     if not fold_it:
-        return result, result.module.eval(), None
+        set_training(result.module, False)
+        return result, result.module, None
     folded = fold(result.module, result.summaries)
     return result, folded.module, folded

@@ -153,6 +153,8 @@ def add_update(gm: fx.GraphModule, path: str, module: nn.Module, args: tuple, wr
         call = gm.graph.call_module(path, args)
     with gm.graph.inserting_after(call):
         total = gm.graph.call_function(operator.add, (writes, call))
+    # annotated (an add), so the rules that follow can read the graph around it
+    total.meta[META_KEY] = replace(node_info(writes), op_kind="add", op_name="add", attention=None, part_of=None)
     writes.replace_all_uses_with(total, delete_user_cb=lambda user: user not in (call, total))
     return total
 

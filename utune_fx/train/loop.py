@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from utune_fx.atomic import write_text
 from utune_fx.errors import UtuneError
+from utune_fx.trace.annotate import set_training
 from utune_fx.train.checkpoint import load_checkpoint, save_checkpoint
 from utune_fx.train.config import TrainConfig
 from utune_fx.train.optim import create_optimizer, create_schedule
@@ -89,7 +90,7 @@ def _batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int
 
 @torch.no_grad()
 def evaluate(module: nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device) -> dict:
-    module.eval()
+    set_training(module, False)  # not eval(): graphs of the torch.export front end refuse it
     loader = DataLoader(dataset, batch_size=config.batch_size * 2, num_workers=config.workers,
                         generator=torch.Generator())  # leaves the global RNG to training
     loss = correct = seen = 0.0
@@ -151,7 +152,7 @@ def train(module: nn.Module, train_set: Dataset, val_set: Dataset, config: Train
 
 def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, progress, interrupt) -> bool:
     """One epoch from ``progress['step']``; returns True when Ctrl-C asked to stop (at a step boundary)."""
-    module.train()
+    set_training(module, True)
     freeze_frozen_norm_statistics(module)
     seeded.epoch = progress["epoch"]
     batches = _batches(len(seeded), config.batch_size, config.seed, progress["epoch"])

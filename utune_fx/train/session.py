@@ -15,7 +15,14 @@ from torch import fx
 
 from utune_fx.atomic import write_text
 from utune_fx.errors import UtuneError
-from utune_fx.rewrite.artifact import TunedSource, artifact_directory, build_tuned, load_tuned, save_tuned
+from utune_fx.rewrite.artifact import (
+    TunedSource,
+    artifact_directory,
+    build_tuned,
+    load_tuned,
+    save_tuned,
+)
+from utune_fx.trace.annotate import set_training
 
 TUNED = "tuned"
 
@@ -88,7 +95,7 @@ def run_training(result, splits, config, out: Path, resume: bool) -> dict:
 def evaluate_classes(module: torch.nn.Module, dataset, classes: list[str], batch_size: int = 64) -> dict:
     from torch.utils.data import DataLoader
 
-    module.eval()
+    set_training(module, False)
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
     top5 = seen = 0
     for images, labels in DataLoader(dataset, batch_size=batch_size):
