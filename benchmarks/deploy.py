@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,13 +29,7 @@ from utune_fx.bench import benchmark, ratios  # noqa: E402
 from utune_fx.match import load_rules  # noqa: E402
 from utune_fx.rewrite.artifact import TunedSource, build_tuned  # noqa: E402
 
-LORA_RULES = """
-version: 1
-patterns:
-  vit_linear: {node: {kind: linear, scope: ["**.qkv", "**.proj", "**.fc1", "**.fc2"]}}
-rules:
-  - {name: lora, match: vit_linear, tuner: lora, settings: {rank: 8, alpha: 16}}
-"""
+LORA_RULES = ROOT / "benchmarks" / "rules" / "lora_vit_linears.yaml"
 
 
 def _tuned(spec: str, rules_path: Path):
@@ -60,14 +53,11 @@ def main() -> int:
     args = parser.parse_args()
     batches = tuple(int(b) for b in args.batch_sizes.split(","))
     reports = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        lora = Path(scratch) / "lora.yaml"
-        lora.write_text(LORA_RULES)
-        for name, rules in (("LoRA (folds)", lora), ("dual U-Tuner", ROOT / "rules" / "dual_utuner.yaml")):
-            print(f"{name}: building and timing timm:{args.model}", file=sys.stderr)
-            report = benchmark(_tuned(f"timm:{args.model}", rules), batches, rounds=args.rounds)
-            report["ratios"] = ratios(report)
-            reports[name] = report
+    for name, rules in (("LoRA (folds)", LORA_RULES), ("dual U-Tuner", ROOT / "rules" / "dual_utuner.yaml")):
+        print(f"{name}: building and timing timm:{args.model}", file=sys.stderr)
+        report = benchmark(_tuned(f"timm:{args.model}", rules), batches, rounds=args.rounds)
+        report["ratios"] = ratios(report)
+        reports[name] = report
     keys = list(next(iter(reports.values()))["ratios"])
     print(f"{args.model}, {args.rounds} interleaved rounds, torch threads "
           f"{next(iter(reports.values()))['torch_threads']}; median latency ratios")

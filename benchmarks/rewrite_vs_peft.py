@@ -24,18 +24,11 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LORA_RULES = """
-version: 1
-patterns:
-  vit_linear: {node: {kind: linear, scope: ["**.qkv", "**.proj", "**.fc1", "**.fc2"]}}
-rules:
-  - {name: lora, match: vit_linear, tuner: lora, settings: {rank: 8, alpha: 16}}
-"""
+LORA_RULES = ROOT / "benchmarks" / "rules" / "lora_vit_linears.yaml"
 VARIANTS = ("utune_fx dual U-Tuner", "utune_fx LoRA", "PEFT LoRA")
 
 
@@ -66,8 +59,7 @@ def worker(variant: str, batch: int, steps: int) -> dict:
         from utune_fx.rewrite import rewrite
         from utune_fx.trace import trace
         if variant == "utune_fx LoRA":
-            path = Path(tempfile.mkdtemp()) / "lora.yaml"
-            path.write_text(LORA_RULES)
+            path = LORA_RULES
         else:
             path = ROOT / "rules" / "dual_utuner.yaml"
         tuned = rewrite(trace(model, x[:2]), load_rules(path)).module
