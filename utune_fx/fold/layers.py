@@ -4,7 +4,8 @@
     %y = layer_norm(%x, (192,), weight=%w, bias=%b)         -> an nn.LayerNorm view whose
          (%w, %b = get_attr blocks.0.norm1.weight / .bias)     weight and bias ARE those parameters
 
-Tracing through timm's LayerNorm leaves functional calls whose weights are
+Tracing through timm's LayerNorm, and every graph of the torch.export front
+end (aten.linear, aten.layer_norm), leaves functional calls whose weights are
 get_attr nodes; the view lets the same merges write to them. A layer folds only
 when nothing else reads its weights: a module called twice (shared weights, or
 replayed on prompts) would change at every call.
@@ -45,7 +46,7 @@ def fold_target(node: fx.Node, gm: fx.GraphModule) -> FoldTarget:
             return FoldTarget(node, None, f"{node.target} is called {len(calls)} times (shared weights, or replayed "
                                           "on prompts); folding would change every call")
         return FoldTarget(node, gm.get_submodule(str(node.target)))
-    name = getattr(node.target, "__name__", str(node.target))
+    name = node_info(node).op_name  # F.linear and aten.linear.default alike (fx and torch.export graphs)
     if node.op != "call_function" or name not in _FUNCTIONAL_VIEWS:
         return FoldTarget(node, None, f"{node.name} ({node_info(node).op_kind or node.op}) is not a linear, conv "
                                       "or norm layer whose weights folding can write")
