@@ -85,6 +85,38 @@ def _stride(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int,
     return tuple(i // o for i, o in pairs)
 
 
+def _fits(reads: fx.Node, writes: fx.Node) -> bool:
+    """Same tokens (or feature map) on both sides, the channels (axis 1 of feature maps, the last
+    axis of tokens) aside; token layouts may differ ([B, C] for [B, 1, C])."""
+    a, b = node_info(reads).shape, node_info(writes).shape
+    if not a or not b or a[0] != b[0]:
+        return False
+    if len(a) == len(b) >= 4 and a[2:] == b[2:]:
+        return True
+    return math.prod(a[:-1]) == math.prod(b[:-1])
+
+
+def _parallel_input(region: Region, ctx: MatchContext) -> fx.Node:
+    """What a parallel tuner reads: the region input that has the output's tokens. An attention
+    whose queries are fewer than its keys (class attention, LeViT's subsampling attention) or
+    whose keys are fewer (Twins' and PVT's spatial reduction) produces an output per query, so
+    the tuner reads the tokens the query projection reads."""
+    fitting = [n for n in region.inputs if _fits(n, region.output)]
+    if fitting:
+        return fitting[0]
+    info = node_info(region.anchor).attention
+    node = ctx.by_name.get(info.query) if info is not None else None
+    for _ in range(16):  # back from the queries to their projection (which may sit outside the region)
+        if node is None:
+            break
+        if node_info(node).op_kind in _WEIGHTED:
+            source = data_inputs(node)[0]
+            return source if _fits(source, region.output) else region.inputs[0]
+        inputs = data_inputs(node)
+        node = inputs[0] if inputs else None
+    return region.inputs[0]
+
+
 def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Site, fx.Node, fx.Node]:
     weighted = [n for n in region.nodes if node_info(n).op_kind in _WEIGHTED]
     if len(weighted) != 1:
@@ -211,7 +243,7 @@ def apply_rule(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> tuple
             reads = (call.query, call.scale) if rule.config.parallel else (*call.reads, call.scale)
         else:
             writes = region.output
-            reads = writes if rule.position == "sequential" else region.inputs[0]
+            reads = writes if rule.position == "sequential" else _parallel_input(region, ctx)
             site, reshape = _site(found, region, ctx, reads, writes)
             reads = (reads,)
         module = entry.module(rule.config, site).to(**_placement(region, ctx, writes))
