@@ -8,6 +8,7 @@
     python cli.py fold DIR -o OUT                   (these three: cli_deploy.py)
     python cli.py export DIR -o model.onnx [--fold] [--opset N] [--tuners-as-inputs]
     python cli.py bench DIR [--batch-sizes 1,32] [-o bench.json]
+    python cli.py zoo [--models ci|all|NAMES] [-o DIR] [--markdown docs/coverage.md]
 
 User errors print one line, ``error: ...``, and exit with code 2; ``--debug``
 shows the traceback instead. ``match`` exits with 3 when a rule matches
@@ -200,6 +201,24 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default: str | None) -
     add_output_flags(parser, "print the report as JSON")
 
 
+def _zoo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from utune_fx.zoo import run_zoo
+
+    report = run_zoo(args.models, Path(args.output), args.jobs, args.timeout, args.memory_gb,
+                     Path(args.markdown) if args.markdown else None)
+    if args.json:
+        print_json({k: v for k, v in report.items() if k != "rows"})
+        return 0
+    for stage, (passed, total) in report["pass_rates"].items():
+        print(f"{stage:<9} {passed:>4} / {total:<4} {100 * passed / max(total, 1):5.1f}%")
+    for cause in report["causes"][:10]:
+        print(f"{cause['count']:>4}  {cause['cause']}")
+    print(f"wrote {args.output}/results.jsonl, report.json and {args.markdown or args.output + '/coverage.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cli.py", description="utune_fx: U-Tuning on torch.fx graphs")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -242,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_eval)
 
     add_deploy_commands(commands)
+
+    zoo = commands.add_parser("zoo", help="every timm architecture family through the whole chain")
+    zoo.add_argument("--models", default="ci", help="ci (the fixed sample), all (one per timm family), or names")
+    zoo.add_argument("-o", "--output", default="runs/zoo", metavar="DIR",
+                     help="results.jsonl (resumable), report.json (default runs/zoo)")
+    zoo.add_argument("--markdown", metavar="FILE", help="where the table goes (default DIR/coverage.md)")
+    zoo.add_argument("--jobs", type=int, default=2, help="models at a time (default 2)")
+    zoo.add_argument("--timeout", type=float, default=600, help="seconds per model (default 600)")
+    zoo.add_argument("--memory-gb", type=float, default=10, help="address space per model (default 10)")
+    add_output_flags(zoo, "print the pass rates and causes as JSON")
+    zoo.set_defaults(run=_zoo)
     return parser
 
 
