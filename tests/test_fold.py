@@ -238,3 +238,38 @@ def test_graphs_of_the_torch_export_front_end_fold_too(tmp_path):
         assert folded_difference(result.module, folded.module, (ids,)) < RTOL
         if expected is not None:
             assert [(n.op, str(n.target)) for n in folded.module.graph.nodes] == expected
+
+
+class FunctionalConvs(nn.Module):
+    """Convolutions as calls with parameter weights (what torch.export graphs hold), one grouped."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3)
+        self.bias = nn.Parameter(torch.randn(8) * 0.1)
+        self.depthwise = nn.Parameter(torch.randn(8, 1, 3, 3) * 0.3)
+
+    def forward(self, x):
+        y = torch.nn.functional.conv2d(x, self.weight, self.bias, stride=2, padding=1)
+        return torch.nn.functional.conv2d(y, self.depthwise, None, padding=1, groups=8) + y
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_lora_on_functional_convolutions_folds(tmp_path, frontend):
+    torch.manual_seed(0)
+    model, x = FunctionalConvs().eval(), torch.randn(2, 3, 16, 16)
+    rules = _rules(tmp_path, "version: 1\nrules:\n  - {name: lora, match: {node: {kind: conv}}, tuner: lora, "
+                             "settings: {rank: 2}}\n")
+    result = rewrite(trace(model, x, frontend=frontend), rules)
+    with torch.no_grad():
+        assert torch.equal(result.module(x), model(x))
+        for name, parameter in result.module.named_parameters():
+            if name.startswith("utune."):
+                parameter.normal_(0, 0.1)
+    branches = [m for n, m in result.module.named_modules() if n.startswith("utune.lora.") and n.count(".") == 2]
+    assert [(b.lora_A.stride, b.lora_A.groups) for b in branches] == [((2, 2), 1), ((1, 1), 8)]
+    folded = fold(result.module, result.summaries)
+    assert [e.status for e in folded.entries] == [FOLDED, FOLDED]
+    assert folded_difference(result.module, folded.module, (x,)) < RTOL
+    with torch.no_grad():
+        assert (result.module(x) - model(x)).abs().max() > 1e-3

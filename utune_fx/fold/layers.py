@@ -1,6 +1,7 @@
 """Find the layer a tuner folds into, as an nn.Module whose weights are the graph's own.
 
     %y = call_module[blocks.0.mlp.fc1](%x)                  -> blocks.0.mlp.fc1 (nn.Linear)
+    %y = conv2d(%x, %w, %b, [16, 16])                       -> an nn.Conv2d view (stride 16)
     %y = layer_norm(%x, (192,), weight=%w, bias=%b)         -> an nn.LayerNorm view whose
          (%w, %b = get_attr blocks.0.norm1.weight / .bias)     weight and bias ARE those parameters
 
@@ -17,10 +18,12 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
+from utune_fx.match.sizes import conv_arguments
+from utune_fx.rewrite.passes import functional_conv_geometry
 from utune_fx.trace import node_info
 
 _PASS_THROUGH = ("identity", "dropout")  # no-ops at inference between a layer and a tuner
-_FUNCTIONAL_VIEWS = {"layer_norm": "norm", "linear": "linear"}
+_FUNCTIONAL_VIEWS = {"layer_norm": "norm", "linear": "linear", "conv1d": "conv", "conv2d": "conv", "conv3d": "conv"}
 
 
 @dataclass
@@ -50,10 +53,14 @@ def fold_target(node: fx.Node, gm: fx.GraphModule) -> FoldTarget:
     if node.op != "call_function" or name not in _FUNCTIONAL_VIEWS:
         return FoldTarget(node, None, f"{node.name} ({node_info(node).op_kind or node.op}) is not a linear, conv "
                                       "or norm layer whose weights folding can write")
-    arguments = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
-    if arguments is None:
-        return FoldTarget(node, None, f"cannot read the arguments of {node.name}")
-    weights = {key: arguments.kwargs.get(key) for key in ("weight", "bias")}
+    if _FUNCTIONAL_VIEWS[name] == "conv":
+        arguments = conv_arguments(node)
+    else:
+        normalized = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+        if normalized is None:
+            return FoldTarget(node, None, f"cannot read the arguments of {node.name}")
+        arguments = normalized.kwargs
+    weights = {key: arguments.get(key) for key in ("weight", "bias")}
     parameters = {}
     for key, arg in weights.items():
         if arg is None:
@@ -66,7 +73,12 @@ def fold_target(node: fx.Node, gm: fx.GraphModule) -> FoldTarget:
         return FoldTarget(node, None, f"{node.name} has no weight to fold into")
     weight = parameters["weight"]
     if _FUNCTIONAL_VIEWS[name] == "norm":
-        view: nn.Module = nn.LayerNorm(tuple(arguments.kwargs["normalized_shape"]), elementwise_affine=False)
+        view: nn.Module = nn.LayerNorm(tuple(arguments["normalized_shape"]), elementwise_affine=False)
+    elif _FUNCTIONAL_VIEWS[name] == "conv":
+        geometry = functional_conv_geometry(node, gm)
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[weight.dim() - 2]
+        view = conv(weight.shape[1] * geometry.groups, weight.shape[0], geometry.kernel_size, geometry.stride,
+                    geometry.padding, geometry.dilation, groups=geometry.groups, bias=False, device="meta")
     else:
         view = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     view.weight = weight

@@ -45,6 +45,15 @@ def _is_parameter(gm: nn.Module, target: str) -> bool:
         return False
 
 
+_CONV_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def conv_arguments(op: fx.Node) -> dict:
+    """F.conv2d / aten.conv2d arguments by name (both take them in this order; normalising them
+    through torch's schemas is ambiguous for F.conv2d, whose padding may be a string)."""
+    return dict(zip(_CONV_ARGUMENTS, op.args)) | dict(op.kwargs)
+
+
 def layer_channels(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
     """(in, out) channels of a linear / conv / attention module from its weight."""
     if node.op == "call_module":
@@ -56,7 +65,7 @@ def layer_channels(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
     else:
         weights = [p for name, p in parameters_of(node, ctx).items() if not name.endswith("bias")]
         weight = weights[0] if weights else None
-        groups = node.args[6] if node_info(node).op_kind == "conv" and len(node.args) > 6 else 1
+        groups = conv_arguments(node).get("groups") or 1 if node_info(node).op_kind == "conv" else 1
     if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
         return None
     out_channels, in_channels = weight.shape[0], weight.shape[1] * groups

@@ -24,8 +24,14 @@ from torch import fx, nn
 from utune_fx.errors import UtuneError
 from utune_fx.match import MatchContext, Region, RuleMatch
 from utune_fx.match.predicates import data_inputs
-from utune_fx.match.sizes import layer_channels, parameters_of
-from utune_fx.rewrite.attention_sites import TUNER_META, attention_call, attention_site, fail, insert_prompts
+from utune_fx.match.sizes import conv_arguments, layer_channels, parameters_of
+from utune_fx.rewrite.attention_sites import (
+    TUNER_META,
+    attention_call,
+    attention_site,
+    fail,
+    insert_prompts,
+)
 from utune_fx.trace import node_info
 from utune_fx.trace.annotate import META_KEY
 from utune_fx.tuners import TUNERS, ConvGeometry, Site
@@ -117,13 +123,33 @@ def _parallel_input(region: Region, ctx: MatchContext) -> fx.Node:
     return region.inputs[0]
 
 
+def functional_conv_geometry(op: fx.Node, gm: fx.GraphModule) -> ConvGeometry | None:
+    """The geometry of F.conv2d / aten.conv2d(x, weight, bias, stride, padding, dilation, groups)."""
+    arguments = conv_arguments(op)
+    weight = arguments.get("weight")
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        return None
+    shape = gm.get_parameter(str(weight.target)).shape
+    dims = len(shape) - 2
+
+    def spread(value, default):
+        value = default if value is None else value
+        value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        return value * dims if len(value) == 1 else value
+    padding = arguments.get("padding")
+    return ConvGeometry(tuple(shape[2:]), spread(arguments.get("stride"), 1),
+                        padding if isinstance(padding, str) else spread(padding, 0),
+                        spread(arguments.get("dilation"), 1), groups=arguments.get("groups") or 1)
+
+
 def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Site, fx.Node, fx.Node]:
     weighted = [n for n in region.nodes if node_info(n).op_kind in _WEIGHTED]
     if len(weighted) != 1:
         raise fail(found, region, f"{found.rule.tuner} reparameterises one linear or conv; the region holds "
                                    f"{len(weighted)}; match single layers (e.g. {{node: {{kind: linear}}}})")
     op = weighted[0]
-    x = data_inputs(op)[0]
+    inputs = data_inputs(op) or [op.args[0]]  # a layer may read a constant (ConViT's pos_proj(rel_indices))
+    x = inputs[0]
     module = ctx.node_ctx.modules.get(str(op.target)) if op.op == "call_module" else None
     channels = layer_channels(op, ctx)
     if channels is None:
@@ -131,11 +157,12 @@ def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Sit
     kind = node_info(op).op_kind
     geometry = None
     if kind == "conv":
-        if not isinstance(module, nn.modules.conv._ConvNd):
-            raise fail(found, region, f"LoRA on a functional convolution ({op.name}) is not supported; "
-                                       "it needs an nn.Conv module")
-        geometry = ConvGeometry(module.kernel_size, module.stride, module.padding, module.dilation,
-                                groups=module.groups)
+        geometry = (ConvGeometry(module.kernel_size, module.stride, module.padding, module.dilation,
+                                 groups=module.groups)
+                    if isinstance(module, nn.modules.conv._ConvNd) else functional_conv_geometry(op, ctx.gm))
+        if geometry is None:
+            raise fail(found, region, f"cannot read the kernel, stride, padding and groups of {op.name}; "
+                                       "LoRA needs an nn.Conv module or a conv call with a parameter weight")
     channels_in, channels_out = channels
     rank = len(node_info(op).shape or ())
     return Site(channels_in, channels_out, rank, kind == "conv", geometry), x, op
