@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from utune_fx.match.patterns import MatchContext
+from utune_fx.match.predicates import data_inputs
 from utune_fx.match.structure import Region
 from utune_fx.trace import node_info
 from utune_fx.tuners import RegionSize
@@ -70,7 +71,12 @@ def layer_channels(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
         return None
     out_channels, in_channels = weight.shape[0], weight.shape[1] * groups
     if node_info(node).op_kind == "linear" and node.op == "call_function" and node_info(node).op_name in ("matmul", "mm"):
-        in_channels, out_channels = out_channels, in_channels  # x @ W: W is [in, out]
+        # x @ W (W [in, out]) or x @ W.T (BotNet's relative-position keys): read the widths off the tensors
+        inputs = data_inputs(node)
+        shapes = node_info(inputs[0]).shape if inputs else None, node_info(node).shape
+        if all(shapes):
+            return shapes[0][-1], shapes[1][-1]
+        in_channels, out_channels = out_channels, in_channels
     return in_channels, out_channels
 
 

@@ -91,35 +91,40 @@ def _stride(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int,
     return tuple(i // o for i, o in pairs)
 
 
-def _fits(reads: fx.Node, writes: fx.Node) -> bool:
-    """Same tokens (or feature map) on both sides, the channels (axis 1 of feature maps, the last
-    axis of tokens) aside; token layouts may differ ([B, C] for [B, 1, C])."""
+def _fits(reads: fx.Node, writes: fx.Node, loose: bool = False) -> bool:
+    """The same tokens (or feature map) on both sides, the channels (axis 1 of feature maps, the
+    last axis of tokens) aside; ``loose``: the same number of tokens in another layout ([B, C]
+    for [B, 1, C])."""
     a, b = node_info(reads).shape, node_info(writes).shape
     if not a or not b or a[0] != b[0]:
         return False
-    if len(a) == len(b) >= 4 and a[2:] == b[2:]:
+    if a[:-1] == b[:-1] or len(a) == len(b) >= 4 and a[2:] == b[2:]:
         return True
-    return math.prod(a[:-1]) == math.prod(b[:-1])
+    return loose and math.prod(a[:-1]) == math.prod(b[:-1])
+
+
+def _query_source(region: Region, ctx: MatchContext) -> fx.Node | None:
+    """What an attention's query projection reads (it may sit outside the region)."""
+    info = node_info(region.anchor).attention
+    node = ctx.by_name.get(info.query) if info is not None else None
+    for _ in range(16):
+        if node is None or node_info(node).op_kind in _WEIGHTED:
+            break
+        inputs = data_inputs(node)
+        node = inputs[0] if inputs else None
+    return data_inputs(node)[0] if node is not None and data_inputs(node) else None
 
 
 def _parallel_input(region: Region, ctx: MatchContext) -> fx.Node:
-    """What a parallel tuner reads: the region input that has the output's tokens. An attention
-    whose queries are fewer than its keys (class attention, LeViT's subsampling attention) or
-    whose keys are fewer (Twins' and PVT's spatial reduction) produces an output per query, so
-    the tuner reads the tokens the query projection reads."""
-    fitting = [n for n in region.inputs if _fits(n, region.output)]
-    if fitting:
-        return fitting[0]
-    info = node_info(region.anchor).attention
-    node = ctx.by_name.get(info.query) if info is not None else None
-    for _ in range(16):  # back from the queries to their projection (which may sit outside the region)
-        if node is None:
-            break
-        if node_info(node).op_kind in _WEIGHTED:
-            source = data_inputs(node)[0]
-            return source if _fits(source, region.output) else region.inputs[0]
-        inputs = data_inputs(node)
-        node = inputs[0] if inputs else None
+    """What a parallel tuner reads: the region input with the output's tokens. An attention whose
+    queries are fewer than its keys (class attention, LeViT's subsampling attention) or whose keys
+    are fewer (Twins' and PVT's spatial reduction) answers per query, so the tuner then reads the
+    tokens the query projection reads; a layout change of the same tokens is the last resort."""
+    query = _query_source(region, ctx)
+    for loose in (False, True):
+        for candidate in [*region.inputs, query]:
+            if candidate is not None and _fits(candidate, region.output, loose):
+                return candidate
     return region.inputs[0]
 
 

@@ -78,6 +78,8 @@ def sweep(names: list[str], results: Path, jobs: int = 2, timeout: float = 600, 
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=jobs) as pool, results.open("a") as sink:
+        if results.stat().st_size and not results.read_bytes().endswith(b"\n"):
+            sink.write("\n")  # end a line a killed sweep tore, so the next record stands alone
         task = bar.add_task("zoo", total=len(todo), last="")
         futures = {pool.submit(run_one, name, timeout, memory_gb): name for name in todo}
         for future in as_completed(futures):

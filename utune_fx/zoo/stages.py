@@ -39,13 +39,27 @@ class StageFailed(Exception):
     """A check of the chain did not hold (not an exception of the code under test)."""
 
 
-def input_size(name: str) -> tuple[int, ...]:
-    """The smallest input the model's pretrained config accepts."""
+def input_sizes(name: str) -> list[tuple[int, ...]]:
+    """Input sizes to try, smallest first: the config's minimum, then its default."""
     import timm
 
     config = timm.models.get_pretrained_cfg(name)
-    size = getattr(config, "min_input_size", None) or getattr(config, "input_size", None) or (3, 224, 224)
-    return tuple(size)
+    sizes = [getattr(config, "min_input_size", None), getattr(config, "input_size", None), (3, 224, 224)]
+    return list(dict.fromkeys(tuple(size) for size in sizes if size))
+
+
+def _accepted_size(model: torch.nn.Module, name: str, device: str) -> tuple[int, ...]:
+    """The smallest size the model runs on (some refuse their config's minimum, e.g. fixed-size
+    attention); the last candidate when none runs, so trace reports the model's own error."""
+    candidates = input_sizes(name)
+    for size in candidates[:-1]:
+        try:
+            with torch.no_grad():
+                model(torch.randn(1, *size, device=device))
+            return size
+        except Exception:  # the next, larger size
+            continue
+    return candidates[-1]
 
 
 def _outputs(value) -> list[torch.Tensor]:
@@ -70,7 +84,7 @@ def _build(name: str, record: dict):
     torch.manual_seed(0)
     with torch.device(device):
         model = timm.create_model(name, pretrained=False).eval()
-    size = input_size(name)
+    size = _accepted_size(model, name, device)  # on the meta device too: shapes only
     record["input_size"] = list(size)
     return model, torch.randn(2, *size, device=device)
 

@@ -1,0 +1,71 @@
+"""The zoo sweep: the fixed CI sample through the whole chain, resuming, bounds, the report."""
+
+import json
+
+import pytest
+
+from utune_fx.cli import main
+from utune_fx.zoo.catalog import CI_SAMPLE
+from utune_fx.zoo.report import coverage_report, render_markdown
+from utune_fx.zoo.runner import done_models, sweep
+
+# Networks without attention and without residual blocks: the unchanged rule files (attention
+# and FFN U-Tuners; LoRA on attention projections and on convolutions inside residual blocks)
+# find nothing to tune, and the chain says so at match. Fixing this is the zoo issue's work.
+KNOWN_GAPS = {"mixer_s32_224": "match", "densenet121": "match", "inception_v3": "match"}
+TRANSFORMERS = ("vit_", "deit_", "beit_", "eva02_", "swin", "cait_", "pit_", "xcit_", "coat_", "twins_", "maxvit_",
+                "coatnet_", "levit_", "mobilevit_", "efficientformer_", "fastvit_", "convit_", "crossvit_")
+
+
+def test_the_ci_sample_runs_the_whole_chain(tmp_path, capsys):
+    assert main(["zoo", "--models", "ci", "-o", str(tmp_path), "--json"]) == 0
+    rates = json.loads(capsys.readouterr().out)["pass_rates"]
+    records = done_models(tmp_path / "results.jsonl")
+    assert sorted(records) == sorted(CI_SAMPLE)
+    for name, record in records.items():
+        if name in KNOWN_GAPS:
+            assert record["error"]["stage"] == KNOWN_GAPS[name], record["error"]
+            continue
+        assert record["last_stage"] == "parity", (name, record["error"])
+        assert record["identity_difference"] <= 1e-6 and record["fold_difference"] <= 1e-4
+        if name.startswith(TRANSFORMERS):  # the dual U-Tuner finds attention and FFN in every transformer
+            assert record["found"]["mha"] > 0 and record["found"]["ffn"] > 0, (name, record["found"])
+    assert rates["parity"] == [len(CI_SAMPLE) - len(KNOWN_GAPS), len(CI_SAMPLE)]
+    assert (tmp_path / "coverage.md").read_text().startswith("# Coverage")
+
+
+def test_a_sweep_resumes_and_bounds_each_model(tmp_path):
+    results = tmp_path / "results.jsonl"
+    done = {"model": "resnet18", "stages": {}, "last_stage": "parity", "error": None, "found": {}}
+    results.write_text(json.dumps(done) + "\n" + '{"model": "torn')  # a kill mid-line
+    records = sweep(["resnet18", "vit_tiny_patch16_224"], results, jobs=1, timeout=0.5, progress=False)
+    assert records["resnet18"] == done  # not run again
+    assert records["vit_tiny_patch16_224"]["error"]["class"] == "Timeout"
+    assert set(done_models(results)) == {"resnet18", "vit_tiny_patch16_224"}
+
+
+def test_meta_models_are_counted_apart_and_causes_grouped():
+    def record(name, last, meta=False, error=None):
+        return {"model": name, "last_stage": last, "meta": meta, "found": {}, "stages": {}, "error": error}
+    error = {"stage": "export", "class": "UtuneError", "message": "cannot export aten::foo in blocks.3"}
+    records = {r["model"]: r for r in (record("a", "parity"), record("b", "rewrite", meta=True),
+                                         record("c", "fold", error=error), record("d", "fold",
+                                         error=dict(error, message="cannot export aten::foo in blocks.7")))}
+    report = coverage_report(records)
+    assert report["pass_rates"]["rewrite"] == [4, 4] and report["pass_rates"]["parity"] == [1, 3]
+    assert report["meta"] == ["b"]
+    assert report["causes"] == [{"cause": "export: UtuneError: cannot export aten::foo in blocks.N", "count": 2,
+                                 "models": ["c", "d"]}]
+    text = render_markdown(report, "Coverage", "preamble")
+    assert "| parity | 1 | 3 | 33.3% |" in text and "trace, match and rewrite only): b." in text
+
+
+def test_unknown_models_are_one_line_errors(tmp_path, capsys):
+    assert main(["zoo", "--models", "vit_tiny_patch16_224,not_a_model", "-o", str(tmp_path)]) == 2
+    assert "not_a_model is not a timm model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["ci"])
+def test_the_ci_sample_is_fixed_and_valid(which):
+    import timm
+    assert len(CI_SAMPLE) == 30 and set(CI_SAMPLE) <= set(timm.list_models())
