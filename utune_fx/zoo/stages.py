@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import utune_fx  # noqa: F401  (before timm)
-from utune_fx.errors import UtuneError, first_line
+from utune_fx.errors import UtuneError
 
 STAGES = ("build", "trace", "match", "rewrite", "identity", "train", "fold", "export", "parity")
 META_STAGES = STAGES[:4]
@@ -160,7 +160,7 @@ def run_chain(name: str) -> dict:
             work()
         except Exception as error:  # recorded, the sweep goes on
             record["error"] = {"stage": label, "class": type(error).__name__,
-                               "message": first_line(error)[:300], "where": traceback.format_exc(limit=-2)[-600:]}
+                               "message": (str(error).strip().splitlines() or [""])[0][:300], "where": traceback.format_exc(limit=-2)[-600:]}
             return False
         record["stages"][label] = round(time.perf_counter() - start, 3)
         record["last_stage"] = label
