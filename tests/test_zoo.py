@@ -27,7 +27,7 @@ def test_the_ci_sample_runs_the_whole_chain(tmp_path, capsys):
             assert record["error"]["stage"] == KNOWN_GAPS[name], record["error"]
             continue
         assert record["last_stage"] == "parity", (name, record["error"])
-        assert record["identity_difference"] <= 1e-6 and record["fold_difference"] <= 1e-4
+        assert record["identity_difference"] <= 1e-5 and record["fold_difference"] <= 1e-4
         if name.startswith(TRANSFORMERS):  # the dual U-Tuner finds attention and FFN in every transformer
             assert record["found"]["mha"] > 0 and record["found"]["ffn"] > 0, (name, record["found"])
     assert rates["parity"] == [len(CI_SAMPLE) - len(KNOWN_GAPS), len(CI_SAMPLE)]
