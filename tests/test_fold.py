@@ -215,24 +215,15 @@ def test_rules_after_prompts_see_an_annotated_graph_and_fold_with_them(tmp_path)
 
 def test_graphs_of_the_torch_export_front_end_fold_too(tmp_path):
     """aten.linear / aten.layer_norm calls with get_attr weights (a Hugging Face BERT)."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=16)
-    bert = transformers.BertModel(config, add_pooling_layer=False).eval()
+    pytest.importorskip("transformers")
+    from toy_models import BertLastHidden, small_bert
 
-    class LastHidden(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids):
-            return self.bert(input_ids=input_ids).last_hidden_state
-
+    bert = small_bert()
     ids = torch.randint(0, 64, (2, 8))
-    base = trace(LastHidden().eval(), ids)
+    base = trace(BertLastHidden(bert).eval(), ids)
     base_nodes = [(n.op, str(n.target)) for n in base.graph.nodes]
     for body, expected in ((FOLDABLE_MIX, None), (LORA_ONLY, base_nodes)):
-        result = _tuned(LastHidden().eval(), ids, _rules(tmp_path, body))
+        result = _tuned(BertLastHidden(bert).eval(), ids, _rules(tmp_path, body))
         folded = fold(result.module, result.summaries)
         assert {e.status for e in folded.entries} <= {FOLDED, IN_PLACE} and folded.count(FOLDED) >= 8
         assert folded_difference(result.module, folded.module, (ids,)) < RTOL

@@ -92,21 +92,12 @@ def test_export_front_end_gives_the_same_kinds_and_operations_as_fx():
 
 
 def test_hugging_face_bert_goes_through_torch_export():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=16)
-    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    pytest.importorskip("transformers")
+    from toy_models import BertLastHidden, small_bert
+
+    model = small_bert()
     ids = torch.randint(0, 64, (2, 8))
-
-    class LastHidden(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bert = model
-
-        def forward(self, input_ids):
-            return self.bert(input_ids=input_ids).last_hidden_state
-
-    wrapped = LastHidden().eval()
+    wrapped = BertLastHidden(model).eval()
     gm = trace(wrapped, ids)
     assert trace_report(gm).frontend == "export"
     with torch.no_grad():

@@ -188,3 +188,23 @@ class TinyGpt(nn.Module):
 
 def tiny_gpt(layers: int = 2):
     return TinyGpt(layers=layers)
+
+
+class BertLastHidden(nn.Module):
+    """A small Hugging Face BERT (2 layers, width 32) returning its last hidden state: a model only
+    the torch.export front end traces."""
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids):
+        return self.bert(input_ids=input_ids).last_hidden_state
+
+
+def small_bert() -> nn.Module:
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16)
+    return transformers.BertModel(config, add_pooling_layer=False).eval()

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import (
@@ -124,4 +123,4 @@ def ratios(report: dict) -> dict[str, float]:
         out[f"folded/base@{batch}"] = by["folded eager", batch] / by["base eager", batch]
         out[f"tuned/base@{batch}"] = by["tuned eager", batch] / by["base eager", batch]
         out[f"ort/folded eager@{batch}"] = by["onnxruntime", batch] / by["folded eager", batch]
-    return {key: float(np.round(value, 3)) for key, value in out.items()}
+    return {key: round(value, 3) for key, value in out.items()}

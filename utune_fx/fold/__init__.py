@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -32,7 +33,7 @@ from torch import fx, nn
 
 from utune_fx.fold import merges
 from utune_fx.fold.constants import fold_constants, remove_dead_tuner_nodes
-from utune_fx.fold.layers import channel_axis, fold_target, layer_behind
+from utune_fx.fold.layers import channel_axis, fold_target, layer_behind, layer_uses
 from utune_fx.rewrite.attention_sites import TUNER_META
 from utune_fx.trace import node_info
 from utune_fx.trace.annotate import set_training
@@ -42,7 +43,7 @@ from utune_fx.tuners.prefix import GatedConcatAttention, _PrefixTokens
 from utune_fx.tuners.prompts import PromptTokens
 from utune_fx.tuners.scale_shift import ScaleShift
 
-__all__ = ["FoldEntry", "FoldResult", "fold"]
+__all__ = ["FoldEntry", "FoldResult", "fold", "floating_outputs", "folded_difference", "relative_difference"]
 
 FOLDED, CONSTANT, IN_PLACE, KEPT = "folded", "constant", "in place", "kept"
 
@@ -99,7 +100,7 @@ def _tuner_axis(tuner: nn.Module) -> int:
     return 1 if isinstance(getattr(tuner, "down", None), nn.modules.conv._ConvNd) else -1
 
 
-def _merge(gm: fx.GraphModule, tuner: nn.Module, wiring: _Wiring) -> str | None:
+def _merge(gm: fx.GraphModule, tuner: nn.Module, wiring: _Wiring, uses: Counter) -> str | None:
     """Fold one tuner into its layer; None when done, else why not."""
     if wiring.update is not wiring.call:
         return "its output is reshaped to the region's (tokens read in one layout, written in another)"
@@ -110,7 +111,7 @@ def _merge(gm: fx.GraphModule, tuner: nn.Module, wiring: _Wiring) -> str | None:
     layer_node = layer_behind(wiring.writes)
     if position == "parallel" and (not isinstance(reads, fx.Node) or reads not in layer_node.all_input_nodes[:1]):
         return "its region is more than one linear or conv (U(x) runs beside a whole subgraph)"
-    target = fold_target(layer_node, gm)
+    target = fold_target(layer_node, gm, uses)
     layer = target.layer
     if layer is None:
         return target.reason
@@ -160,10 +161,11 @@ def fold(module: fx.GraphModule, summaries: list | None = None) -> FoldResult:
     calls = [n for n in gm.graph.nodes
              if n.op == "call_module" and TUNER_META in n.meta and str(n.target).startswith("utune.")]
     kept: list[tuple[fx.Node, nn.Module]] = []
+    uses = layer_uses(gm.graph)  # merges remove only tuner nodes, so the frozen layers' counts hold
     for call in calls:
         tag, tuner = call.meta[TUNER_META], gm.get_submodule(str(call.target))
         wiring = _wiring(call) if isinstance(tuner, (LoraBranch, Adapter, ScaleShift)) else None
-        reason = _merge(gm, tuner, wiring) if wiring is not None else None
+        reason = _merge(gm, tuner, wiring, uses) if wiring is not None else None
         if wiring is not None and reason is None:
             _unwire(gm, wiring)
             entries.append(FoldEntry(tag["rule"], tag["tuner"], str(call.target), FOLDED, "merged into "
@@ -203,14 +205,18 @@ def folded_difference(tuned: nn.Module, folded: nn.Module, inputs: tuple[torch.T
         expected, actual = tuned(*inputs), folded(*inputs)
         for m, mode in modes.items():
             m.training = mode
-    pairs = list(zip(_tensors(expected), _tensors(actual)))
-    scale = max(float(e.abs().max()) for e, _ in pairs) or 1.0
-    return max(float((a.float() - e.float()).abs().max()) for e, a in pairs) / scale
+    return relative_difference(actual, expected)
 
 
-def _tensors(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    return [t for item in value for t in _tensors(item)] if isinstance(value, (list, tuple)) else []
+def floating_outputs(value) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's output, however nested (tuples, dicts, dataclasses)."""
+    from torch.utils._pytree import tree_leaves
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def relative_difference(actual, expected) -> float:
+    """Largest |actual - expected| over the floating outputs, relative to the largest |expected|;
+    computed in float64."""
+    pairs = list(zip(floating_outputs(actual), floating_outputs(expected)))
+    scale = max(float(e.abs().max()) for _, e in pairs) or 1.0
+    return max(float((a.double() - e.double()).abs().max()) for a, e in pairs) / scale

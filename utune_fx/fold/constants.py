@@ -88,7 +88,7 @@ def remove_dead_tuner_nodes(gm: fx.GraphModule) -> None:
                 gm.graph.erase_node(node)
                 changed = True
     gm.delete_all_unused_submodules()
+    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in list(gm.named_buffers()):
-        if name.startswith(CONSTANT_PREFIX) and not any(
-                n.op == "get_attr" and n.target == name for n in gm.graph.nodes):
+        if name.startswith(CONSTANT_PREFIX) and name not in read:
             delattr(gm, name)

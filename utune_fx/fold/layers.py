@@ -14,6 +14,7 @@ replayed on prompts) would change at every call.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from torch import fx, nn
@@ -42,11 +43,16 @@ def layer_behind(node: fx.Node) -> fx.Node:
     return node
 
 
-def fold_target(node: fx.Node, gm: fx.GraphModule) -> FoldTarget:
+def layer_uses(graph: fx.Graph) -> Counter:
+    """How many nodes call each module or read each attribute: ("call_module" | "get_attr", target)."""
+    return Counter((n.op, str(n.target)) for n in graph.nodes if n.op in ("call_module", "get_attr"))
+
+
+def fold_target(node: fx.Node, gm: fx.GraphModule, uses: Counter) -> FoldTarget:
     if node.op == "call_module":
-        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target]
-        if len(calls) > 1:
-            return FoldTarget(node, None, f"{node.target} is called {len(calls)} times (shared weights, or replayed "
+        calls = uses[("call_module", str(node.target))]
+        if calls > 1:
+            return FoldTarget(node, None, f"{node.target} is called {calls} times (shared weights, or replayed "
                                           "on prompts); folding would change every call")
         return FoldTarget(node, gm.get_submodule(str(node.target)))
     name = node_info(node).op_name  # F.linear and aten.linear.default alike (fx and torch.export graphs)
@@ -65,8 +71,8 @@ def fold_target(node: fx.Node, gm: fx.GraphModule) -> FoldTarget:
     for key, arg in weights.items():
         if arg is None:
             continue
-        if not isinstance(arg, fx.Node) or arg.op != "get_attr" or len(arg.users) != 1 or sum(
-                n.op == "get_attr" and n.target == arg.target for n in gm.graph.nodes) != 1:
+        if not isinstance(arg, fx.Node) or arg.op != "get_attr" or len(arg.users) != 1 or \
+                uses[("get_attr", str(arg.target))] != 1:
             return FoldTarget(node, None, f"the {key} of {node.name} is computed or shared, not one parameter")
         parameters[key] = gm.get_parameter(str(arg.target))
     if "weight" not in parameters:

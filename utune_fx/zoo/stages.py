@@ -26,6 +26,7 @@ import torch
 
 import utune_fx  # noqa: F401  (before timm)
 from utune_fx.errors import UtuneError
+from utune_fx.fold import floating_outputs, relative_difference
 
 STAGES = ("build", "trace", "match", "rewrite", "identity", "train", "fold", "export", "parity")
 META_STAGES = STAGES[:4]
@@ -63,17 +64,6 @@ def _accepted_size(model: torch.nn.Module, name: str, device: str) -> tuple[int,
     return candidates[-1]
 
 
-def _outputs(value) -> list[torch.Tensor]:
-    from torch.utils._pytree import tree_leaves
-    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-def _relative(a, b) -> float:
-    pairs = list(zip(_outputs(a), _outputs(b)))
-    scale = max(float(y.abs().max()) for _, y in pairs) or 1.0
-    return max(float((x.double() - y.double()).abs().max()) for x, y in pairs) / scale
-
-
 def _build(name: str, record: dict):
     import timm
 
@@ -90,34 +80,34 @@ def _build(name: str, record: dict):
     return model, torch.randn(2, *size, device=device)
 
 
-def _float32_errors(tuned: torch.nn.Module, folded: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
-    """(unfolded float32 vs float64, folded float32 vs float64), relative: rounding or a real error."""
+def _float64_outputs(module: torch.nn.Module, x: torch.Tensor):
+    """The module's outputs computed in float64: what float32 rounding is measured against."""
     import copy
 
     from utune_fx.trace.annotate import set_training
 
-    reference = copy.deepcopy(tuned).double()
+    reference = copy.deepcopy(module).double()
     set_training(reference, False)
     with torch.no_grad():
-        exact = reference(x.double())
-        return _relative(tuned(x), exact), _relative(folded(x), exact)
+        return reference(x.double())
+
+
+def _float32_errors(tuned: torch.nn.Module, folded: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(unfolded float32 vs float64, folded float32 vs float64), relative: rounding or a real error."""
+    exact = _float64_outputs(tuned, x)
+    with torch.no_grad():
+        return relative_difference(tuned(x), exact), relative_difference(folded(x), exact)
 
 
 def _onnx_errors(path: Path, module: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
     """(PyTorch float32 vs float64, ONNX Runtime vs float64), relative to the largest output."""
-    import copy
-
     import onnxruntime as ort
-
-    from utune_fx.trace.annotate import set_training
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = [torch.from_numpy(a) for a in session.run(None, {session.get_inputs()[0].name: x.numpy()})]
-    reference = copy.deepcopy(module).double()
-    set_training(reference, False)
+    exact = _float64_outputs(module, x)
     with torch.no_grad():
-        exact = reference(x.double())
-        return _relative(module(x), exact), _relative(got, exact)
+        return relative_difference(module(x), exact), relative_difference(got, exact)
 
 
 def _train_step(module: torch.nn.Module, x: torch.Tensor) -> None:
@@ -129,7 +119,7 @@ def _train_step(module: torch.nn.Module, x: torch.Tensor) -> None:
     try:
         # scale-free: random-weight networks give outputs in the thousands
         loss = sum(out.float().square().mean() / out.detach().float().square().mean().clamp_min(1e-12)
-                   for out in _outputs(module(x)))
+                   for out in floating_outputs(module(x)))
         loss.backward()
     finally:
         set_training(module, False)
@@ -189,7 +179,7 @@ def run_chain(name: str) -> dict:
 
     def identity():
         with torch.no_grad():
-            difference = _relative(state["result"].module(state["x"]), state["expected"])
+            difference = relative_difference(state["result"].module(state["x"]), state["expected"])
         record["identity_difference"] = difference
         if difference > IDENTITY_RTOL:
             raise StageFailed(f"the rewritten model differs from the frozen one at init by {difference:.1e}")
