@@ -25,20 +25,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from utune_fx.export import export_onnx
 from utune_fx.export.verify import providers, random_inputs
 from utune_fx.fold import fold
 from utune_fx.trace.annotate import set_training
+from utune_fx.train.progress import count_progress
 
 
 @dataclass
@@ -79,10 +71,7 @@ def benchmark(result, batch_sizes: tuple[int, ...] = (1, 32), rounds: int = 30, 
     generator = torch.Generator().manual_seed(0)
     rows: list[BenchRow] = []
     provider = ""
-    with tempfile.TemporaryDirectory() as scratch, Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), disable=not progress,
-            transient=True) as bar:
+    with tempfile.TemporaryDirectory() as scratch, count_progress("rate", progress, transient=True) as bar:
         exported = export_onnx(folded.module, result.example_inputs, Path(scratch) / "model.onnx", opset=opset)
         task = bar.add_task("benchmark", total=len(batch_sizes) * 4 * (rounds + warmup), rate="")
         for batch in batch_sizes:

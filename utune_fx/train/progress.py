@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 class EpochProgress:
@@ -28,3 +35,11 @@ class EpochProgress:
         info = (f"loss {running['train_loss'] / seen:.3f}  acc {running['train_accuracy'] / seen:.1%}  "
                 f"{running['images'] / max(running['seconds'], 1e-9):.0f} img/s")
         self._progress.update(self._task, advance=images, info=info)
+
+
+def count_progress(field: str, enabled: bool = True, transient: bool = False) -> Progress:
+    """A bar over a count of items on stderr: description, done/total, ``{task.fields[<field>]}``,
+    elapsed and ETA (the benchmark's calls, the zoo's models)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn(f"{{task.fields[{field}]}}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not enabled, transient=transient)

@@ -21,15 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from utune_fx.train.progress import count_progress
 
 
 def done_models(results: Path) -> dict[str, dict]:
@@ -81,9 +73,7 @@ def sweep(names: list[str], results: Path, jobs: int = 2, timeout: float = 600, 
     results.parent.mkdir(parents=True, exist_ok=True)
     records = done_models(results)
     todo = [name for name in names if name not in records]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[last]}"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar, \
+    with count_progress("last", progress) as bar, \
             ThreadPoolExecutor(max_workers=jobs) as pool, results.open("a") as sink:
         if results.stat().st_size and not results.read_bytes().endswith(b"\n"):
             sink.write("\n")  # end a line a killed sweep tore, so the next record stands alone
