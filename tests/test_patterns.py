@@ -35,6 +35,9 @@ MODELS = {
     "efficientnet": lambda: _trace_timm("efficientnet_b0", 64),
     "plain_mlp": lambda: trace(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), torch.randn(2, 8)),
     "convs": lambda: trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval(), torch.randn(2, 3, 16, 16)),
+    "mixer": lambda: trace(timm.models.mlp_mixer.MlpMixer(num_classes=10, img_size=64, patch_size=16, num_blocks=2,
+                                                          embed_dim=64).eval(), torch.randn(2, 3, 64, 64)),
+    "densenet": lambda: _trace_timm("densenet121", 64, block_config=(1, 1, 1, 1)),
 }
 _cache: dict = {}
 
@@ -211,3 +214,55 @@ def test_region_cache_keeps_its_patterns_alive(tmp_path):
     del rules, pattern
     gc.collect()
     assert alive() is not None
+
+
+def test_outside_keeps_the_regions_in_no_region_of_another_pattern(tmp_path):
+    rules = _rules(tmp_path, """
+        version: 1
+        patterns:
+          loose_linear: {node: {kind: linear}, outside: transformer_block}
+          blocked_linear: {node: {kind: linear}, within: block, outside: transformer_block}
+        rules:
+          - {name: loose, match: loose_linear, tuner: lora}
+          - {name: blocked, match: blocked_linear, tuner: lora}
+        """)
+    loose, blocked = match_rules(context("vit").gm, rules, context("vit"))
+    assert [r.scope for r in loose.regions] == ["head"]  # every other linear is inside a ViT block
+    assert blocked.regions == [] and "none within 'block' and outside 'transformer_block'" in \
+        rules.rules[1].pattern.explain(context("vit"))
+    mixer_loose, mixer_blocked = match_rules(context("mixer").gm, rules, context("mixer"))
+    assert len(mixer_blocked.regions) == 8  # two blocks, each a token MLP and a channel MLP of two linears
+
+
+# the shipped LoRA rule: attention projections; every layer of attention-free residual blocks;
+# where neither exists, every layer but the classifier (its fallback rule)
+LORA_ROWS = [("vit", 6, None), ("resnet", 19, None), ("convnext", 12, None), ("mixer", 8, None),
+             ("densenet", None, 12), ("convs", None, 1)]
+
+
+@pytest.mark.parametrize("model,lora,plain", LORA_ROWS, ids=[row[0] for row in LORA_ROWS])
+def test_lora_rule_covers_attention_blocks_and_plain_networks(model, lora, plain):
+    found = {f.rule.name: f for f in match_rules(context(model).gm, load_rules("rules/lora.yaml"), context(model))}
+    assert len(found["lora"].regions) == (lora or 0)
+    assert len(found["lora_plain"].regions) == (plain or 0)
+    assert (found["lora_plain"].standby is None) == (lora is None)  # the fallback stands by when lora matched
+    if plain:
+        assert not any(r.anchor in context(model).node_ctx.feeds_output for r in found["lora_plain"].regions)
+
+
+def test_match_report_counts_a_covered_rule_as_tuned_and_a_standing_by_fallback_as_not_needed():
+    import io
+
+    from rich.console import Console
+
+    from utune_fx.match.report import match_report, render_match
+
+    rules = load_rules("rules/lora.yaml")
+    plain = match_report(context("densenet").gm, context("densenet").gm, rules, "densenet")
+    assert plain["empty_rules"] == []  # lora found nothing, but its fallback did
+    resnet = match_report(context("resnet").gm, context("resnet").gm, rules, "resnet")
+    assert resnet["empty_rules"] == []
+    out = io.StringIO()
+    render_match(resnet, Console(file=out, width=200), explain=False)
+    assert "rule lora_plain: lora at reparameterised on 'plain_layer'" in out.getvalue()
+    assert "not needed, a fallback for rule 'lora', which matched 19 region(s)" in out.getvalue()

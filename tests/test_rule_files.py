@@ -79,6 +79,9 @@ ERRORS = [
     ("!!python/object/apply:os.system ['echo hi']\n", r"bad\.yaml:1:1: .*(not allowed|constructor)"),
     ("version: 1\nrules:\n  - name: r\n    match: {node: {rank: two}}\n    tuner: lora\n",
      r"bad\.yaml:4:26: rules\[0\]\.match\.node\.rank: rank must be an integer"),
+    (GOOD_RULE + "    fallback_for: mha\n",  # a rule cannot stand in for itself, nor for a later rule
+     r"bad\.yaml:6:19: rules\[0\]\.fallback_for: fallback_for names rule 'mha', which is not defined above this "
+     r"rule; rules above: none"),
 ]
 
 

@@ -258,7 +258,7 @@ def _capture(value: Located, names: dict[str, Predicate]) -> tuple[str, str]:
 WHERE_KEYS = {"same_channels": "[fc1.in, fc2.out]", "all_paths": "[fc1, fc2]"}
 
 
-def compile_graph(body: Located, name: str, within: Pattern | None) -> GraphPattern:
+def compile_graph(body: Located, name: str, within: Pattern | None, outside: Pattern | None = None) -> GraphPattern:
     fields = body.check_keys(("nodes", "edges", "absent", "through", "where", "anchor", "output"),
                              required=("nodes", "edges"))
     predicates = {key: compile_predicate(value) for key, value in fields["nodes"].mapping().items()}
@@ -295,7 +295,7 @@ def compile_graph(body: Located, name: str, within: Pattern | None) -> GraphPatt
     sinks = [n for n in connected if not any(e.source == n for e in edges)] or list(predicates)
     output = _choose(fields.get("output"), predicates, set(sinks), "output", rarest=False)
     return GraphPattern(name, predicates, edges, absent, through, anchor, output, same_channels, all_paths,
-                        within=within)
+                        within=within, outside=outside)
 
 
 # Rough frequency of op kinds in vision models: anchors on the rarest kind keep candidate lists short.

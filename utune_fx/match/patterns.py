@@ -8,6 +8,7 @@
     any_of:   [attention_graph, attention_module]              union
     pattern:  mlp                                              a reference (to add modifiers)
     within:   <pattern>                                        modifier: inside another's regions
+    outside:  <pattern>                                        modifier: inside none of another's regions
 
 Every form yields :class:`Region` s; ``explain`` returns the closest
 near-miss (which predicate failed on which node) when nothing matches.
@@ -28,7 +29,7 @@ from utune_fx.match.structure import Region, common_scope, find_residuals, group
 from utune_fx.trace import node_info
 
 FORMS = ("node", "graph", "scope", "residual", "block", "any_of", "pattern")
-MODIFIERS = ("within", "description")
+MODIFIERS = ("within", "outside", "description")
 
 
 class MatchContext:
@@ -98,12 +99,16 @@ def region_of(pattern: str, anchor: fx.Node, nodes: set[fx.Node], output: fx.Nod
 class Pattern(abc.ABC):
     name: str
     within: "Pattern | None" = field(default=None, kw_only=True)
+    outside: "Pattern | None" = field(default=None, kw_only=True)
 
     def find(self, ctx: MatchContext) -> list[Region]:
         regions = self.find_all(ctx)
         if self.within is not None:
-            outer = [r.nodes for r in ctx.regions(self.within)]
-            regions = [r for r in regions if any(r.anchor in nodes for nodes in outer)]
+            inside = set().union(*(r.nodes for r in ctx.regions(self.within)))
+            regions = [r for r in regions if r.anchor in inside]
+        if self.outside is not None:
+            inside = set().union(*(r.nodes for r in ctx.regions(self.outside)))
+            regions = [r for r in regions if r.anchor not in inside]
         return regions
 
     @abc.abstractmethod
@@ -112,9 +117,11 @@ class Pattern(abc.ABC):
 
     def explain(self, ctx: MatchContext) -> str:
         """Why nothing matched: the closest near-miss."""
-        found = self.find_all(ctx) if self.within is not None else []
+        found = self.find_all(ctx) if self.within is not None or self.outside is not None else []
         if found:
-            return f"{len(found)} region(s) found, none within '{self.within.name}'"
+            where = " and ".join(f"{word} '{pattern.name}'" for word, pattern in
+                                 (("within", self.within), ("outside", self.outside)) if pattern is not None)
+            return f"{len(found)} region(s) found, none {where}"
         return self.near_miss(ctx)
 
     def near_miss(self, ctx: MatchContext) -> str:
@@ -246,19 +253,20 @@ def compile_pattern(value: Located, name: str, resolve: Resolve) -> Pattern:
         raise value.fail(f"a pattern needs exactly one of {', '.join(FORMS)}; found {forms or 'none'}")
     form, body = forms[0], entries[forms[0]]
     within = resolve(entries["within"]) if "within" in entries else None
+    outside = resolve(entries["outside"]) if "outside" in entries else None
     if form == "node":
-        return NodePattern(name, compile_predicate(body), within=within)
+        return NodePattern(name, compile_predicate(body), within=within, outside=outside)
     if form == "graph":
-        return compile_graph(body, name, within)
+        return compile_graph(body, name, within, outside)
     if form == "scope":
-        return ScopePattern(name, body.text(), within=within)
+        return ScopePattern(name, body.text(), within=within, outside=outside)
     if form in ("residual", "block"):
         fields = body.check_keys(("contains",))
         inner = [resolve(item) for item in fields["contains"].items()] if "contains" in fields else []
-        return ContainerPattern(name, form, inner, within=within)
+        return ContainerPattern(name, form, inner, within=within, outside=outside)
     if form == "any_of":
         options = [resolve(item) for item in body.items()]
         if not options:
             raise body.fail("any_of needs at least one pattern")
-        return AnyOfPattern(name, options, within=within)
-    return RefPattern(name, resolve(body), within=within)
+        return AnyOfPattern(name, options, within=within, outside=outside)
+    return RefPattern(name, resolve(body), within=within, outside=outside)

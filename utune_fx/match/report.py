@@ -27,7 +27,8 @@ def match_report(gm: fx.GraphModule, model: nn.Module, rules: RuleSet, name: str
     ctx = MatchContext(gm)
     base = sum(p.numel() for p in model.parameters())
     entries = []
-    for found in match_rules(gm, rules, ctx):
+    matched = match_rules(gm, rules, ctx)
+    for found in matched:
         rule = found.rule
         regions = []
         for position, region in enumerate(found.regions):
@@ -42,17 +43,21 @@ def match_report(gm: fx.GraphModule, model: nn.Module, rules: RuleSet, name: str
             "trained_parameters": sum(r["trained_parameters"] for r in regions),
             "train": rule.train,
         }
-        if not regions:
+        if found.standby:
+            entry["standby"] = found.standby
+        elif not regions:
             entry["near_miss"] = (rule.pattern.explain(ctx) if not found.candidates else
                                   f"{found.candidates} region(s) matched the pattern; the rule's scope, "
                                   "layers or exclude selected none")
         entries.append(entry)
+    covered = {name for found in matched if found.regions for name in found.rule.fallback_for}
     added = sum(e["added_parameters"] for e in entries)
     return {
         "model": name, "rules": rules.path, "parameters": base, "results": entries,
         "added_parameters": added, "trained_parameters": sum(e["trained_parameters"] for e in entries),
         "added_share": added / base if base else 0.0,
-        "empty_rules": [e["rule"] for e in entries if not e["regions"]],
+        "empty_rules": [e["rule"] for e in entries  # a fallback that applied covers the rule it stands in for
+                        if not e["regions"] and "standby" not in e and e["rule"] not in covered],
     }
 
 
@@ -63,6 +68,9 @@ def render_match(report: dict[str, Any], console: Console, explain: bool) -> Non
         regions = entry["regions"]
         head = (f"rule [bold]{entry['rule']}[/bold]: {entry['tuner']} at {entry['position']} on "
                 f"'{entry['pattern']}' ({entry['where']})")
+        if "standby" in entry:
+            console.print(f"{head}: not needed, {entry['standby']}")
+            continue
         if not regions:
             console.print(f"{head}: [bold red]matches nothing[/bold red]")
             console.print(f"  {entry['near_miss']}" if explain else "  run with --explain to see the closest near-miss")

@@ -9,6 +9,9 @@ occurrence selection (``layers`` / ``first`` / ``last`` / ``every``), minus
 two that share a node (other than the input they read) the earlier in graph
 order stays, and the later is reported as dropped. Regions of different
 rules may overlap; the rewriter refuses a tuner on another tuner's nodes.
+A rule with ``fallback_for: [names]`` applies only where those (earlier)
+rules matched nothing: LoRA on every layer of a network that has neither
+attention nor residual blocks.
 docs/rules.md is the reference.
 """
 
@@ -32,7 +35,7 @@ PRELUDE = Path(__file__).with_name("prelude.yaml")
 VERSION = 1
 TOP_KEYS = ("version", "description", "imports", "patterns", "rules")
 RULE_KEYS = ("name", "description", "match", "tuner", "settings", "position", "scope", "layers", "first",
-             "last", "every", "exclude", "train")
+             "last", "every", "exclude", "train", "fallback_for")
 SELECT_KEYS = ("scope", "layers", "first", "last", "every")
 
 
@@ -81,6 +84,7 @@ class Rule:
     exclude: Selection | None
     train: list[str]
     where: str
+    fallback_for: list[str] = field(default_factory=list)  # applies only where these rules matched nothing
 
 
 @dataclass
@@ -97,6 +101,7 @@ class RuleMatch:
     regions: list[Region]
     candidates: int  # the pattern's regions before selection
     dropped: list[tuple[Region, str]]  # overlaps removed, with the reason
+    standby: str | None = None  # why a fallback rule did not apply
 
 
 # -- loading ---------------------------------------------------------------------------
@@ -239,8 +244,16 @@ def _rule(value: Located, loader: _Loader, names: set[str]) -> Rule:
     if "train" in entries:
         items = entries["train"].items() if isinstance(entries["train"].value, list) else [entries["train"]]
         train = [item.text() for item in items]
+    fallback_for = []
+    if "fallback_for" in entries:
+        listed = entries["fallback_for"]
+        for item in listed.items() if isinstance(listed.value, list) else [listed]:
+            if item.text() not in names:
+                raise item.fail(f"fallback_for names rule '{item.text()}', which is not defined above this rule; "
+                                f"rules above: {', '.join(sorted(names)) or 'none'}")
+            fallback_for.append(item.text())
     return Rule(name, loader.resolve(entries["match"]), tuner, _config(entries, tuner), position,
-                _selection(entries), exclude, train, str(value.where))
+                _selection(entries), exclude, train, str(value.where), fallback_for)
 
 
 def load_rules(path: str | Path) -> RuleSet:
@@ -299,8 +312,13 @@ def _without_overlaps(regions: list[Region], ctx: MatchContext) -> tuple[list[Re
 
 def match_rules(gm: fx.GraphModule, rules: RuleSet, ctx: MatchContext | None = None) -> list[RuleMatch]:
     ctx = ctx or MatchContext(gm)
-    results = []
+    results: list[RuleMatch] = []
     for rule in rules.rules:
+        matched = [(r.rule.name, len(r.regions)) for r in results if r.rule.name in rule.fallback_for and r.regions]
+        if matched:
+            results.append(RuleMatch(rule, [], 0, [], standby=f"a fallback for rule '{matched[0][0]}', which "
+                                                              f"matched {matched[0][1]} region(s)"))
+            continue
         found = ctx.regions(rule.pattern)
         kept, dropped = _without_overlaps(_select(rule, found), ctx)
         results.append(RuleMatch(rule, kept, len(found), dropped))

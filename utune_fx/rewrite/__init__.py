@@ -68,7 +68,8 @@ def rewrite(gm: fx.GraphModule, rule_sets: RuleSet | Sequence[RuleSet], seed: in
     rule_sets = [rule_sets] if isinstance(rule_sets, RuleSet) else list(rule_sets)
     base = sum(p.numel() for p in gm.parameters())
     ctx = MatchContext(gm)
-    matched = [found for rules in rule_sets for found in match_rules(gm, rules, ctx)]  # all on the frozen graph
+    matched = [found for rules in rule_sets for found in match_rules(gm, rules, ctx)  # all on the frozen graph
+               if not found.standby]  # a fallback whose rule matched does nothing
     for parameter in gm.parameters():
         parameter.requires_grad_(False)
     summaries = []
