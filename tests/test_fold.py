@@ -264,3 +264,41 @@ def test_lora_on_functional_convolutions_folds(tmp_path, frontend):
     assert folded_difference(result.module, folded.module, (x,)) < RTOL
     with torch.no_grad():
         assert (result.module(x) - model(x)).abs().max() > 1e-3
+
+
+class TransposedAndFixedConvs(nn.Module):
+    """A transposed conv (grouped, strided: LowFormer's upsampling) and a conv whose weight is a
+    buffer (a blur filter, as timm's BlurPool)."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 6, 4, stride=2, padding=1, output_padding=0, groups=2)
+        self.register_buffer("filt", torch.tensor([1.0, 2.0, 1.0]).outer(torch.tensor([1.0, 2.0, 1.0])).div(16)
+                             .expand(6, 1, 3, 3).contiguous())
+
+    def forward(self, x):
+        y = self.up(self.down(x))
+        return torch.nn.functional.conv2d(y, self.filt, padding=1, groups=6)
+
+
+def test_lora_on_transposed_convs_and_buffer_weights_folds(tmp_path):
+    torch.manual_seed(0)
+    model, x = TransposedAndFixedConvs().eval(), torch.randn(2, 3, 16, 16)
+    rules = _rules(tmp_path, "version: 1\nrules:\n  - {name: lora, match: {node: {kind: conv}}, tuner: lora, "
+                             "settings: {rank: 2}}\n")
+    result = rewrite(trace(model, x), rules)
+    with torch.no_grad():
+        assert torch.equal(result.module(x), model(x))
+        for name, parameter in result.module.named_parameters():
+            if name.startswith("utune."):
+                parameter.normal_(0, 0.1)
+        assert (result.module(x) - model(x)).abs().max() > 1e-3
+    up = result.module.get_submodule("utune.lora.1")
+    assert isinstance(up.lora_A, nn.ConvTranspose2d) and up.lora_A.groups == 2 and up.lora_A.stride == (2, 2)
+    report = match_report(trace(model, x), model, rules, "toy")
+    assert report["added_parameters"] == sum(p.numel() for n, p in result.module.named_parameters()
+                                             if n.startswith("utune."))
+    folded = fold(result.module, result.summaries)
+    assert [e.status for e in folded.entries] == [FOLDED] * 3
+    assert folded_difference(result.module, folded.module, (x,)) < RTOL

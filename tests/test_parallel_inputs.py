@@ -1,6 +1,11 @@
 """A parallel tuner beside an attention reads the tokens it produces outputs for: the query
 projection's input (class attention, LeViT's subsampling attention), or among several region
-inputs the one with the output's tokens (Twins' spatial reduction, SwinV2-CR's position MLP)."""
+inputs the one with the output's tokens (Twins' spatial reduction, SwinV2-CR's position MLP), or
+what the attention module itself reads (MViT pools its queries with a conv, LowFormer attends at a
+strided conv's resolution); when none has the output's tokens (Hiera pools its queries), the tuner
+joins the residual add and reads the shortcut."""
+
+import operator
 
 import pytest
 import timm
@@ -9,7 +14,7 @@ import torch
 from utune_fx.match import load_rules
 from utune_fx.match.predicates import data_inputs
 from utune_fx.rewrite import rewrite
-from utune_fx.trace import trace
+from utune_fx.trace import node_info, trace
 
 RULES = load_rules("rules/utuner_mha.yaml")
 
@@ -72,3 +77,49 @@ def test_class_attention_tuner_against_a_hook_reference():
     assert (expected - actual).abs().max() < 1e-5
     with torch.no_grad():
         assert (actual - model(x)).abs().max() > 1e-3  # the tuners act
+
+
+def _tuner_calls(result):
+    return [n for n in result.module.graph.nodes if n.op == "call_module" and str(n.target).startswith("utune.mha.")]
+
+
+@pytest.mark.parametrize("name,kwargs,joins", [
+    ("hiera_tiny_224", dict(embed_dim=32, num_heads=1, stages=(1, 1, 1, 1)), 3),  # 3 stage changes pool queries
+    ("sam2_hiera_tiny", dict(embed_dim=32, num_heads=1, stages=(1, 1, 1, 1), global_att_blocks=()), 3),  # windows
+])
+def test_tuners_beside_query_pooling_attention_join_the_residual_stream(name, kwargs, joins):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+    with torch.no_grad():  # Hiera zero-initialises its classifier
+        model.get_classifier().weight.normal_(0, 0.02)
+    x = torch.randn(2, 3, 224, 224)
+    result = rewrite(trace(model, x), RULES)
+    joined = 0
+    for call in _tuner_calls(result):
+        (total,) = call.users  # add(branch, tuner)
+        if any(u.target is operator.add and call.args[0] in u.args for u in total.users):  # x + (OP(x) + U(x))
+            joined += 1
+            assert node_info(call.args[0]).shape == node_info(total).shape
+    assert joined == joins
+    with torch.no_grad():
+        assert torch.equal(result.module(x), model(x))
+        for n, p in result.module.named_parameters():
+            if n.startswith("utune."):
+                p.normal_(0, 0.1)
+        assert not torch.allclose(result.module(x), model(x))
+
+
+@pytest.mark.parametrize("name,attention,reads", [
+    ("mvitv2_tiny", "stages.0.blocks.0.attn", "stages.0.blocks.0.attn.qkv"),  # not the pooling conv after it
+    ("lowformer_b0", "stages.2.1.attn.main.1", "stages.2.1.attn.main.1.conv_proj.conv"),  # before the strided conv
+])
+def test_tuners_read_what_the_attention_module_reads(name, attention, reads):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(2, 3, 224, 224)
+    result = rewrite(trace(model, x), RULES)
+    index = next(s for s in result.summaries if s.rule == "mha").scopes.index(attention)
+    calls, layer_input = _tuner_reads(result, reads)
+    assert calls[f"utune.mha.{index}"] is layer_input
+    with torch.no_grad():
+        assert torch.equal(result.module(x), model(x))

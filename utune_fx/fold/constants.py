@@ -16,6 +16,8 @@ forward; ``freeze`` turns those into buffers.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 
@@ -38,10 +40,7 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, object]) -> 
     args = fx.node.map_arg(node.args, env.__getitem__)
     kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
     if node.op == "get_attr":
-        value: object = gm
-        for part in str(node.target).split("."):
-            value = getattr(value, part)
-        return value
+        return operator.attrgetter(str(node.target))(gm)
     if node.op == "call_module":
         return gm.get_submodule(str(node.target))(*args, **kwargs)
     if node.op == "call_method":

@@ -14,9 +14,12 @@ replayed on prompts) would change at every call.
 
 from __future__ import annotations
 
+import operator
+
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
 from torch import fx, nn
 
 from utune_fx.match.sizes import conv_arguments
@@ -74,7 +77,7 @@ def fold_target(node: fx.Node, gm: fx.GraphModule, uses: Counter) -> FoldTarget:
         if not isinstance(arg, fx.Node) or arg.op != "get_attr" or len(arg.users) != 1 or \
                 uses[("get_attr", str(arg.target))] != 1:
             return FoldTarget(node, None, f"the {key} of {node.name} is computed or shared, not one parameter")
-        parameters[key] = gm.get_parameter(str(arg.target))
+        parameters[key] = operator.attrgetter(str(arg.target))(gm)  # a buffer too (a blur filter)
     if "weight" not in parameters:
         return FoldTarget(node, None, f"{node.name} has no weight to fold into")
     weight = parameters["weight"]
@@ -87,9 +90,15 @@ def fold_target(node: fx.Node, gm: fx.GraphModule, uses: Counter) -> FoldTarget:
                     geometry.padding, geometry.dilation, groups=geometry.groups, bias=False, device="meta")
     else:
         view = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    view.weight = weight
-    view.bias = parameters.get("bias")
+    view.weight, view.bias = _shared_parameter(weight), _shared_parameter(parameters.get("bias"))
     return FoldTarget(node, view, can_add_bias="bias" in parameters)
+
+
+def _shared_parameter(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    """A buffer (a blur filter) as a view's parameter: the same storage, so the fold's writes reach it."""
+    if tensor is None or isinstance(tensor, nn.Parameter):
+        return tensor
+    return nn.Parameter(tensor, requires_grad=False)
 
 
 def channel_axis(layer: nn.Module, node: fx.Node) -> int | None:

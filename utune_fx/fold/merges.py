@@ -54,6 +54,12 @@ def lora_delta(branch: LoraBranch) -> torch.Tensor:
     """s * B @ A with the target weight's shape ([out, in] or [out, in/groups, *kernel])."""
     a, b = branch.lora_A.weight.detach().float(), branch.lora_B.weight.detach().float()
     groups = getattr(branch.lora_A, "groups", 1)
+    if getattr(branch.lora_A, "transposed", False):  # A [in, r, *kernel], the weight [in, out/groups, *kernel]
+        rank = a.shape[1]
+        a_groups = a.reshape(groups, a.shape[0] // groups, rank, -1)  # [g, in/g, r, kernel]
+        b_groups = b.reshape(groups, b.shape[0] // groups, rank)  # [g, out/g, r]
+        delta = torch.einsum("girk,gor->giok", a_groups, b_groups).reshape(a.shape[0], -1, *a.shape[2:])
+        return delta * branch.scaling
     rank = a.shape[0] // groups
     a_groups = a.reshape(groups, rank, -1)  # [g, r, in/g * kernel]
     b_groups = b.reshape(groups, b.shape[0] // groups, rank)  # [g, out/g, r]

@@ -11,6 +11,7 @@ parameter counts from every parameter the region's nodes use.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import fx, nn
@@ -63,10 +64,12 @@ def layer_channels(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
             return module.embed_dim, module.embed_dim
         weight = getattr(module, "weight", None)
         groups = getattr(module, "groups", 1)
+        transposed = getattr(module, "transposed", False)  # nn.ConvTranspose: weight [in, out/groups, *kernel]
     else:
         weights = [p for name, p in parameters_of(node, ctx).items() if not name.endswith("bias")]
         weight = weights[0] if weights else None
         groups = conv_arguments(node).get("groups") or 1 if node_info(node).op_kind == "conv" else 1
+        transposed = False
     if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
         # a weight computed in the graph (NFNet's standardised convs): the widths of the tensors
         inputs = data_inputs(node)
@@ -75,6 +78,8 @@ def layer_channels(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
             return shapes[0][1], shapes[1][1]
         return None
     out_channels, in_channels = weight.shape[0], weight.shape[1] * groups
+    if transposed:
+        out_channels, in_channels = weight.shape[1] * groups, weight.shape[0]
     if node_info(node).op_kind == "linear" and node.op == "call_function" and node_info(node).op_name in ("matmul", "mm"):
         # x @ W (W [in, out]) or x @ W.T (BotNet's relative-position keys): read the widths off the tensors
         inputs = data_inputs(node)
@@ -83,6 +88,22 @@ def layer_channels(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
             return shapes[0][-1], shapes[1][-1]
         in_channels, out_channels = out_channels, in_channels
     return in_channels, out_channels
+
+
+def _weight_and_groups(node: fx.Node, ctx: MatchContext) -> tuple[torch.Tensor | None, int]:
+    """A layer's weight (a parameter, or a buffer: a blur filter) and its groups."""
+    if node.op == "call_module":
+        module = ctx.node_ctx.modules[str(node.target)]
+        weight = getattr(module, "weight", None)
+        return (weight if isinstance(weight, torch.Tensor) else None), getattr(module, "groups", 1)
+    arguments = conv_arguments(node) if node_info(node).op_kind == "conv" else {}
+    weight = arguments.get("weight")
+    if not isinstance(weight, fx.Node):
+        weights = [n for n in node.all_input_nodes if n.op == "get_attr" and n is not node.args[0]]
+        weight = weights[0] if weights else None
+    value = operator.attrgetter(str(weight.target))(ctx.gm) if isinstance(weight, fx.Node) and weight.op == "get_attr" \
+        else None
+    return (value if isinstance(value, torch.Tensor) else None), arguments.get("groups") or 1
 
 
 def _attention_heads(node: fx.Node, ctx: MatchContext) -> int:
@@ -106,10 +127,9 @@ def region_size(region: Region, ctx: MatchContext, position: int = 0) -> RegionS
     single = weighted[0][0] if len(weighted) == 1 else None
     fan_in, groups = 0, 1
     if single is not None:
-        weights = [p for name, p in parameters_of(single, ctx).items() if not name.endswith("bias") and p.dim() >= 2]
-        fan_in = weights[0][0].numel() if weights else 0
-        module = ctx.node_ctx.modules.get(str(single.target)) if single.op == "call_module" else None
-        groups = getattr(module, "groups", 1)
+        weight, groups = _weight_and_groups(single, ctx)
+        # weight elements per output channel: in/groups * kernel, for a transposed conv too
+        fan_in = weight.numel() // weighted[0][1][1] if weight is not None and weight.dim() >= 2 else 0
     return RegionSize(
         channels_in=channels_in,
         channels_out=channels_out,

@@ -103,38 +103,81 @@ def _fits(reads: fx.Node, writes: fx.Node, loose: bool = False) -> bool:
     return loose and math.prod(a[:-1]) == math.prod(b[:-1])
 
 
-def _query_source(region: Region, ctx: MatchContext) -> fx.Node | None:
-    """What an attention's query projection reads (it may sit outside the region)."""
+def _query_sources(region: Region, ctx: MatchContext) -> list[fx.Node]:
+    """What the weighted ops on an attention's query path read, nearest first, while they belong
+    to the attention's module: MViT pools the queries with a conv after the qkv linear, LowFormer
+    attends at a strided conv's resolution; the tokens the module itself reads come last."""
     info = node_info(region.anchor).attention
     node = ctx.by_name.get(info.query) if info is not None else None
-    for _ in range(16):
-        if node is None or node_info(node).op_kind in _WEIGHTED:
+    sources: list[fx.Node] = []
+    for _ in range(64):
+        if node is None:
             break
         inputs = data_inputs(node)
+        if node_info(node).op_kind in _WEIGHTED:
+            if sources and not _inside(node, region.scope):
+                break
+            if inputs:
+                sources.append(inputs[0])
         node = inputs[0] if inputs else None
-    return data_inputs(node)[0] if node is not None and data_inputs(node) else None
+    return sources
 
 
-def _parallel_input(region: Region, ctx: MatchContext) -> fx.Node:
-    """What a parallel tuner reads: the region input with the output's tokens. An attention whose
-    queries are fewer than its keys (class attention, LeViT's subsampling attention) or whose keys
-    are fewer (Twins' and PVT's spatial reduction) answers per query, so the tuner then reads the
-    tokens the query projection reads; a layout change of the same tokens is the last resort."""
-    query = _query_source(region, ctx)
+def _inside(node: fx.Node, scope: str) -> bool:
+    own = node_info(node).scope
+    return not scope or own == scope or own.startswith(scope + ".")
+
+
+# what lies between a sub-layer's output and the residual add it joins: layer scale, drop path,
+# and the layout moves of windowed attention (Hiera's mask units, SAM2's windows)
+_TO_RESIDUAL = ("identity", "dropout", "cast", "mul", "div", "reshape", "permute", "getitem", "pad")
+
+
+def _residual_join(output: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(the shortcut, the branch operand) of the residual add an output reaches: the residual stream
+    at the output's resolution, where an attention that pools its queries (Hiera) reads more tokens
+    than it writes."""
+    node = output
+    for _ in range(16):
+        users = [u for u in node.users if node_info(u).op_kind != "shape"]
+        if len(users) != 1:
+            return None
+        user = users[0]
+        if node_info(user).op_kind == "add":
+            others = [n for n in data_inputs(user) if n is not node]
+            return (others[0], node) if len(others) == 1 else None
+        if node_info(user).op_kind not in _TO_RESIDUAL:
+            return None
+        node = user
+    return None
+
+
+def _parallel_input(region: Region, ctx: MatchContext) -> tuple[fx.Node, fx.Node]:
+    """(what a parallel tuner reads, where it adds): the region input with the output's tokens. An
+    attention whose queries are fewer than its keys (class attention, LeViT's subsampling attention)
+    or whose keys are fewer (Twins' and PVT's spatial reduction) answers per query, so the tuner then
+    reads the tokens the query projections read; else it moves to the residual add the output joins
+    (x + OP(x) + U(x)) and reads the shortcut; a layout change of the same tokens is the last resort."""
+    pairs = [(source, region.output) for source in (*region.inputs, *_query_sources(region, ctx))]
+    join = _residual_join(region.output)
+    if join is not None:
+        pairs.append(join)
     for loose in (False, True):
-        for candidate in [*region.inputs, query]:
-            if candidate is not None and _fits(candidate, region.output, loose):
-                return candidate
-    return region.inputs[0]
+        for reads, writes in pairs:
+            if _fits(reads, writes, loose):
+                return reads, writes
+    return region.inputs[0], region.output
 
 
 def functional_conv_geometry(op: fx.Node, gm: fx.GraphModule) -> ConvGeometry | None:
     """The geometry of F.conv2d / aten.conv2d(x, weight, bias, stride, padding, dilation, groups)."""
+    if "transpose" in node_info(op).op_name:  # its arguments come in another order; nn.ConvTranspose serves
+        return None
     arguments = conv_arguments(op)
     weight = arguments.get("weight")
     if not isinstance(weight, fx.Node):
         return None
-    shape = gm.get_parameter(str(weight.target)).shape if weight.op == "get_attr" else node_info(weight).shape
+    shape = operator.attrgetter(str(weight.target))(gm).shape if weight.op == "get_attr" else node_info(weight).shape
     if not shape:
         return None
     dims = len(shape) - 2
@@ -165,7 +208,8 @@ def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Sit
     geometry = None
     if kind == "conv":
         geometry = (ConvGeometry(module.kernel_size, module.stride, module.padding, module.dilation,
-                                 groups=module.groups)
+                                 groups=module.groups, transposed=module.transposed,
+                                 output_padding=module.output_padding)
                     if isinstance(module, nn.modules.conv._ConvNd) else functional_conv_geometry(op, ctx.gm))
         if geometry is None:
             raise fail(found, region, f"cannot read the kernel, stride, padding and groups of {op.name}; "
@@ -276,8 +320,8 @@ def apply_rule(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> tuple
             site, writes = attention_site(found, region, call), call.node
             reads = (call.query, call.scale) if rule.config.parallel else (*call.reads, call.scale)
         else:
-            writes = region.output
-            reads = writes if rule.position == "sequential" else _parallel_input(region, ctx)
+            reads, writes = (region.output, region.output) if rule.position == "sequential" else \
+                _parallel_input(region, ctx)
             site, reshape = _site(found, region, ctx, reads, writes)
             reads = (reads,)
         module = entry.module(rule.config, site).to(**_placement(region, ctx, writes))

@@ -81,10 +81,7 @@ class ShapeBranches:
         if node.op == "placeholder":
             return self.inputs[placeholder_index] if placeholder_index < len(self.inputs) else args[0]
         if node.op == "get_attr":
-            value = self.root
-            for name in str(node.target).split("."):
-                value = getattr(value, name)
-            return value
+            return operator.attrgetter(str(node.target))(self.root)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":

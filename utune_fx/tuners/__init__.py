@@ -50,6 +50,8 @@ class ConvGeometry:
     dilation: tuple[int, ...]
     kind: str = "conv"
     groups: int = 1
+    transposed: bool = False  # nn.ConvTranspose: A is transposed like the conv, B stays 1x1
+    output_padding: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ product B @ A folds into the frozen weight.
 
 A grouped conv (depthwise included) gets one low-rank update per group, A and
 B grouped like the conv, so B @ A has the grouped weight's shape and folds.
+On a transposed conv A is a transposed conv like it (B still 1x1 after it).
 A group's update cannot have a higher rank than its weight matrix
 [out/groups, in/groups * kernel], so the rank per group is capped there: a
 depthwise conv gets rank 1 per channel (PEFT instead splits the rank over the
@@ -37,8 +38,13 @@ class LoraBranch(nn.Module):
             groups = target.groups
             fan_in = site.channels_in // groups * math.prod(target.kernel_size)
             rank = group_rank(rank, groups, site.channels_out, fan_in)
-            self.lora_A = conv(site.channels_in, rank * groups, target.kernel_size, target.stride, target.padding,
-                               target.dilation, groups=groups, bias=False)
+            if target.transposed:
+                transposed = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[len(target.kernel_size)]
+                self.lora_A = transposed(site.channels_in, rank * groups, target.kernel_size, target.stride,
+                                         target.padding, target.output_padding, groups, False, target.dilation)
+            else:
+                self.lora_A = conv(site.channels_in, rank * groups, target.kernel_size, target.stride, target.padding,
+                                   target.dilation, groups=groups, bias=False)
             self.lora_B = conv(rank * groups, site.channels_out, 1, groups=groups, bias=False)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)

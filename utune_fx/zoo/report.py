@@ -51,7 +51,7 @@ def _row(record: dict) -> str:
         record["model"],
         f"{record.get('parameters', 0) / 1e6:.1f}",
         "meta" if record.get("meta") else "",
-        f"{found.get('mha', 0)}/{found.get('ffn', 0)}/{found.get('lora', 0)}",
+        f"{found.get('mha', 0)}/{found.get('ffn', 0)}/{found.get('lora', 0) + found.get('lora_plain', 0)}",
         record.get("last_stage") or "-",
         f"{folded.get('folded', 0)}/{folded.get('kept', 0)}" if folded else "",
         f"{record['parity']:.0e}" if "parity" in record else "",
