@@ -11,6 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
 import utune_fx  # noqa: F401  (before timm)
 from utune_fx.errors import UtuneError
@@ -227,6 +228,61 @@ def test_an_op_without_an_onnx_translation_is_named_in_one_line(tmp_path):
                               r"translation in opset 18 \(dynamo: .*; torchscript: .*\)")
     assert "No ONNX function found" in message and "unrecognized namespace" in message
     assert list(tmp_path.iterdir()) == []  # nothing written, no staging left
+
+
+class _Clippable(nn.Module):
+    """A linear whose input and output are clamped to bounds held in buffers (Gemma 4's vision tower)."""
+
+    def __init__(self, bound):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.register_buffer("low", torch.tensor(-bound))
+        self.register_buffer("high", torch.tensor(bound))
+
+    def forward(self, x):
+        return self.linear(x.clamp(self.low, self.high)).clamp(self.low, self.high)
+
+
+class _ClampedNorms(nn.Module):
+    """RMSNorm with and without weight, and three clamps of one tensor with different bounds: onnxscript's
+    Min/Max -> Clip rewrite names every pair of bounds after that tensor, so the names collide."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.RMSNorm(8, eps=1e-6)
+        self.q, self.k, self.v = _Clippable(0.5), _Clippable(1.0), _Clippable(float("inf"))
+
+    def forward(self, x):
+        x = self.norm(x * 2)
+        return F.rms_norm(self.q(x) + self.k(x) * self.v(x), (8,))
+
+
+def test_rms_norm_and_clamps_sharing_an_input_export_with_dynamo(tmp_path):
+    torch.manual_seed(0)
+    model, path = _ClampedNorms(), tmp_path / "clamped.onnx"
+    exported = export_onnx(model, (torch.randn(2, 5, 8),), path)
+    assert (exported.exporter, exported.fallback_reason) == ("dynamo", None) and exported.parity.passed
+    graph = onnx.load(str(path)).graph
+    clips = [node for node in graph.node if node.op_type == "Clip"]
+    bounds = {t.name: float(onnx.numpy_helper.to_array(t)) for t in graph.initializer if not t.dims}
+    assert len(clips) == 6 and all(name in bounds for clip in clips for name in clip.input[1:])
+    assert {bounds[clip.input[2]] for clip in clips} == {0.5, 1.0, float("inf")}
+    x = torch.randn(3, 5, 8) * 4  # beyond the bounds: every clamp matters
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(path, {"x": x.numpy()})[0], model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _WobblyBranches(_Wobbly):
+    def forward(self, x):
+        y = torch.ops.utune_test.wobble(self.linear(x))
+        return y if y.sum() > -1e9 else -y
+
+
+def test_the_op_is_charged_to_the_exporter_that_named_it(tmp_path):
+    message = _one_line_error(lambda: export_onnx(_WobblyBranches(), (torch.randn(2, 4),), tmp_path / "w.onnx"),
+                              r"cannot export to ONNX: utune_test::wobble has no ONNX translation in the "
+                              r"torchscript exporter in opset 18 \(dynamo: .*; torchscript: .*\)")
+    assert "data-dependent" in message
 
 
 def test_a_parity_failure_is_one_line_with_the_numbers(tmp_path):

@@ -149,7 +149,31 @@ def export_dynamo(wrapper: ExportModule, args: tuple, opset: int, input_names: l
         program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, input_names=input_names,
                                     output_names=output_names, dynamic_shapes=(data + tuners,),
                                     optimize=True, verbose=False)  # one tuple: forward takes *tensors
+        _register_orphan_constants(program.model.graph)
         return program.model_proto
+
+
+def _register_orphan_constants(graph) -> None:
+    """Make initializers of the constants the optimizer left unregistered.
+
+    onnxscript 0.7's rewriter names the bounds of the Clip it fuses from Min/Max after the clamped value
+    (``mul_min``, ``mul_max``); when several clamps share an input (three projections clamping the same
+    normalised tensor, as Gemma 4's clippable linears do) the names collide and one pair only stays
+    registered (RewriteRuleSet skips a taken name without skipping the rewrite; onnxscript issue #2079).
+    NameFixPass then renames the others (``mul_min_1``), which the serialised graph names but never
+    defines: onnx.checker rejects it as not topologically sorted. Each such value still holds its own
+    bound, so registering it restores the graph the rewriter meant; graphs without one are untouched."""
+    import onnx_ir as ir
+
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for value in node.inputs:
+            if (value is not None and value.producer() is None and value.const_value is not None
+                    and not value.is_graph_input() and not value.is_initializer()):
+                base, suffix = value.name or "constant", 0
+                while value.name is None or value.name in graph.initializers:
+                    suffix += 1
+                    value.name = f"{base}_{suffix}"
+                graph.register_initializer(value)
 
 
 def export_torchscript(wrapper: ExportModule, args: tuple, opset: int, input_names: list[str],

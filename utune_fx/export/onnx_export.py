@@ -148,8 +148,11 @@ def _failure(attempts: list[Attempt], module: nn.Module, opset: int) -> UtuneErr
     if op:
         node = node_calling(module, op)
         where = f" (graph node {node})" if node else ""
-        return UtuneError(f"cannot export to ONNX: {op}{where} has no ONNX translation in opset {opset} ({reasons}); "
-                          "try another opset, fold the tuners first if it belongs to a tuner, or replace the op")
+        naming = [a.exporter for a in attempts if a.op == op]  # another exporter may have failed otherwise
+        by = "" if len(naming) == len(attempts) else f" in the {' and '.join(naming)} exporter"
+        return UtuneError(f"cannot export to ONNX: {op}{where} has no ONNX translation{by} in opset {opset} "
+                          f"({reasons}); try another opset, fold the tuners first if it belongs to a tuner, or "
+                          "replace the op")
     return UtuneError(f"cannot export to ONNX in opset {opset} ({reasons}); try another exporter or opset, and "
                       "keep data-dependent Python control flow out of the model")
 
