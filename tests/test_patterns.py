@@ -38,6 +38,13 @@ MODELS = {
     "mixer": lambda: trace(timm.models.mlp_mixer.MlpMixer(num_classes=10, img_size=64, patch_size=16, num_blocks=2,
                                                           embed_dim=64).eval(), torch.randn(2, 3, 64, 64)),
     "densenet": lambda: _trace_timm("densenet121", 64, block_config=(1, 1, 1, 1)),
+    # FFNs beyond fc1 -> act -> fc2: PVTv2's depthwise conv on the token grid, CAFormer's StarReLU
+    "pvt": lambda: _trace_timm("pvt_v2_b0", 64, depths=(1, 1, 1, 1)),
+    "caformer": lambda: trace(timm.models.metaformer.MetaFormer(
+        depths=(1, 1, 1, 1), dims=(16, 32, 64, 64),
+        token_mixers=[timm.models.metaformer.SepConv] * 2 + [timm.models.metaformer.Attention] * 2,
+        norm_layers=[timm.models.metaformer.LayerNorm2dNoBias] * 2 + [timm.models.metaformer.LayerNormNoBias] * 2,
+    ).eval(), torch.randn(2, 3, 64, 64)),
 }
 _cache: dict = {}
 
@@ -58,6 +65,7 @@ FIRES = [
     ("attention_module", "encoder", 3, "vit"),
     ("attention", "gpt", 2, "resnet"),
     ("mlp", "vit", 3, "efficientnet"),      # squeeze-excitation gates are no mlp
+    ("conv_mlp", "pvt", 4, "resnet"),       # no depthwise conv between 1x1 convs in a ResNet
     ("transformer_block", "swin", 4, "convnext"),
     ("ffn", "encoder", 3, "convnext"),      # ConvNeXt has mlps but no attention
     ("residual", "resnet", 8, "plain_mlp"),
@@ -266,3 +274,22 @@ def test_match_report_counts_a_covered_rule_as_tuned_and_a_standing_by_fallback_
     render_match(resnet, Console(file=out, width=200), explain=False)
     assert "rule lora_plain: lora at reparameterised on 'plain_layer'" in out.getvalue()
     assert "not needed, a fallback for rule 'lora', which matched 19 region(s)" in out.getvalue()
+
+
+# transformer families whose FFN is no plain fc1 -> act -> fc2: every attention block gets its ffn
+CONV_FFN_TRANSFORMERS = [("pvt", 4), ("caformer", 2)]
+
+
+@pytest.mark.parametrize("model,layers", CONV_FFN_TRANSFORMERS, ids=[t[0] for t in CONV_FFN_TRANSFORMERS])
+def test_transformer_patterns_find_convolutional_and_written_out_ffns(model, layers):
+    assert count("attention", model) == count("ffn", model) == count("transformer_block", model) == layers
+
+
+def test_caformer_mlp_with_written_out_starrelu_fires_in_conv_and_attention_blocks():
+    assert count("mlp", "caformer") == 4  # the SepConv (ConvFormer) blocks' mlps too; ffn keeps the 2 with attention
+    assert count("conv_mlp", "caformer") == 0
+
+
+def test_conv_mlp_is_an_inverted_residual_too_but_no_ffn_without_attention():
+    assert count("conv_mlp", "efficientnet") > 0
+    assert count("ffn", "efficientnet") == count("mlp", "efficientnet") == 0

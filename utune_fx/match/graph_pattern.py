@@ -3,7 +3,8 @@
     graph:
       nodes:   {qkv: {kind: linear}, attn: {kind: attention}, proj: {kind: linear}}
       edges:   ["qkv ->* attn", "attn ->* proj"]    '->' one edge, '->*' a chain of 'through' ops
-      through: [reshape, permute, getitem, split, dropout, ...]   ops a chain may pass (default: any)
+      through: [reshape, permute, getitem, split, dropout, ...]   ops a chain may pass (default: any);
+               an entry may be a node predicate: {kind: add, data_inputs: 1} (a bias add, no residual)
       absent:  ["proj -> gate"]                     edges that must not exist (negative context)
       where:   [{same_channels: [qkv.in, proj.out]}, {all_paths: [qkv, proj]}]
       anchor:  attn                                 matching starts at this (rare) node
@@ -29,7 +30,7 @@ from networkx.algorithms.isomorphism import DiGraphMatcher
 from torch import fx
 
 from utune_fx.match.patterns import MatchContext, Pattern, best_near_miss, region_of
-from utune_fx.match.predicates import Predicate, compile_predicate, data_inputs, tensor_inputs, tensor_users
+from utune_fx.match.predicates import NodeContext, Predicate, compile_predicate, data_inputs, tensor_inputs, tensor_users
 from utune_fx.match.source import Located
 from utune_fx.match.structure import Region
 from utune_fx.trace import OP_KINDS, node_info
@@ -46,12 +47,23 @@ class Edge:
     chain: bool  # '->*': through any number of 'through' ops; '->': one data edge
 
 
+@dataclass(frozen=True)
+class Through:
+    """The ops a '->*' chain may pass: op kinds, or nodes passing a predicate."""
+
+    kinds: frozenset[str]
+    predicates: tuple[Predicate, ...] = ()
+
+    def passes(self, node: fx.Node, ctx: NodeContext) -> bool:
+        return node_info(node).op_kind in self.kinds or any(p(node, ctx) is None for p in self.predicates)
+
+
 @dataclass
 class GraphPattern(Pattern):
     predicates: dict[str, Predicate]
     edges: list[Edge]
     absent: list[Edge]
-    through: frozenset[str] | None
+    through: Through | None
     anchor_name: str
     output_name: str
     same_channels: list[tuple[tuple[str, str], tuple[str, str]]] = field(default_factory=list)
@@ -73,7 +85,7 @@ class GraphPattern(Pattern):
                 for neighbour in [*tensor_inputs(node), *tensor_users(node)]:
                     if neighbour in seen or neighbour.op == "output":
                         continue
-                    passes = self.through is None or node_info(neighbour).op_kind in self.through
+                    passes = self.through is None or self.through.passes(neighbour, ctx.node_ctx)
                     could_be = any(p(neighbour, ctx.node_ctx) is None for p in self.predicates.values())
                     depth = node_hops + (1 if could_be and not passes else 0)
                     if depth > hops:
@@ -99,7 +111,7 @@ class GraphPattern(Pattern):
 
     # -- matching ------------------------------------------------------------------
     def _matches(self, anchor: fx.Node, ctx: MatchContext):
-        window = _Window(self._window(anchor, ctx), self.through)
+        window = _Window(self._window(anchor, ctx), self.through, ctx.node_ctx)
         allowed = {name: {n for n in window.nodes if self.predicates[name](n, ctx.node_ctx) is None}
                    for name in self.positive}
         allowed[self.anchor_name] &= {anchor}
@@ -136,7 +148,7 @@ class GraphPattern(Pattern):
             seen.add(node)
             if self.predicates[source](node, ctx.node_ctx) is None:
                 continue
-            if self.through is not None and node_info(node).op_kind not in self.through or len(seen) > _WINDOW_LIMIT:
+            if self.through is not None and not self.through.passes(node, ctx.node_ctx) or len(seen) > _WINDOW_LIMIT:
                 return False
             frontier.extend(data_inputs(node))
         return True
@@ -207,10 +219,11 @@ class GraphPattern(Pattern):
 class _Window:
     """Nodes around one anchor, with memoised '->*' reachability inside them."""
 
-    def __init__(self, nodes: list[fx.Node], through: frozenset[str] | None):
+    def __init__(self, nodes: list[fx.Node], through: Through | None, ctx: NodeContext):
         self.nodes = nodes
         self.inside = set(nodes)
         self.through = through
+        self.ctx = ctx
         self._reach: dict[fx.Node, set[fx.Node]] = {}
 
     def reach(self, start: fx.Node) -> set[fx.Node]:
@@ -222,7 +235,7 @@ class _Window:
                 if node in found:
                     continue
                 found.add(node)
-                if self.through is None or node_info(node).op_kind in self.through:
+                if self.through is None or self.through.passes(node, self.ctx):
                     frontier.extend(u for u in tensor_users(node) if u in self.inside)
             self._reach[start] = found
         return self._reach[start]
@@ -269,7 +282,9 @@ def compile_graph(body: Located, name: str, within: Pattern | None, outside: Pat
     through = None
     if "through" in fields:
         from utune_fx.match.predicates import _one_of
-        through = frozenset(_one_of(fields["through"], OP_KINDS, "op kind"))
+        entries = fields["through"].items() if isinstance(fields["through"].value, list) else [fields["through"]]
+        kinds = [k for e in entries if not isinstance(e.value, dict) for k in _one_of(e, OP_KINDS, "op kind")]
+        through = Through(frozenset(kinds), tuple(compile_predicate(e) for e in entries if isinstance(e.value, dict)))
     same_channels, all_paths = [], []
     for condition in fields["where"].items() if "where" in fields else []:
         entries = condition.check_keys(WHERE_KEYS)

@@ -94,6 +94,24 @@ def _is_pointwise(node: fx.Node, ctx: NodeContext) -> bool:
     return bool(shape) and set(shape[2:]) <= {1} and groups == 1
 
 
+def _is_depthwise(node: fx.Node, ctx: NodeContext) -> bool:
+    """A depthwise conv: one filter per channel (groups == in == out channels > 1), so it
+    mixes positions (tokens on their grid) but never channels."""
+    if node_info(node).op_kind != "conv":
+        return False
+    module = _module(node, ctx)
+    if module is not None:
+        groups, c_in, c_out = module.groups, module.in_channels, module.out_channels
+    else:
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+        shape = node_info(weight).shape if isinstance(weight, fx.Node) else None
+        if not shape or len(shape) < 2 or not isinstance(groups, int):
+            return False
+        c_out, c_in = shape[0], shape[1] * groups
+    return groups > 1 and groups == c_in == c_out
+
+
 def is_weight(node: fx.Node) -> bool:
     """A parameter or constant, possibly seen through layout ops (gamma.reshape(1, -1, 1, 1))."""
     while node_info(node).op_kind in ("permute", "reshape", "cast", "identity") and node.all_input_nodes:
@@ -180,11 +198,11 @@ def _compile_key(key: str, value: Located) -> Check:
                     return f"{name} is {actual}, not {expected}"
             return None
         return check_attr
-    if key in ("pointwise", "module", "feeds_output"):
+    if key in ("pointwise", "depthwise", "module", "feeds_output"):
         if not isinstance(value.value, bool):
             raise value.fail(f"{key} must be true or false")
         want = value.value
-        test = {"pointwise": lambda n, c: _is_pointwise(n, c), "module": lambda n, c: n.op == "call_module",
+        test = {"pointwise": lambda n, c: _is_pointwise(n, c), "depthwise": _is_depthwise, "module": lambda n, c: n.op == "call_module",
                 "feeds_output": lambda n, c: n in c.feeds_output}[key]
         return lambda n, c: None if test(n, c) == want else f"{key} is {not want}"
     if key == "data_inputs":
@@ -208,7 +226,7 @@ def _compile_key(key: str, value: Located) -> Check:
 
 
 PREDICATE_KEYS = ("kind", "op", "class", "scope", "inside", "rank", "shape", "dtype", "attr", "pointwise",
-                  "module", "data_inputs", "feeds_output", "any_of", "not")
+                  "depthwise", "module", "data_inputs", "feeds_output", "any_of", "not")
 
 
 class Predicate:
