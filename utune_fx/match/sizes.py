@@ -71,11 +71,13 @@ def layer_channels(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
         groups = conv_arguments(node).get("groups") or 1 if node_info(node).op_kind == "conv" else 1
         transposed = False
     if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
-        # a weight computed in the graph (NFNet's standardised convs): the widths of the tensors
+        # a weight computed in the graph (NFNet's standardised convs, a slice of a packed weight): the tensors' widths
         inputs = data_inputs(node)
         shapes = node_info(inputs[0]).shape if inputs else None, node_info(node).shape
         if node_info(node).op_kind == "conv" and all(shapes) and min(map(len, shapes)) >= 3:
             return shapes[0][1], shapes[1][1]
+        if node_info(node).op_kind == "linear" and all(shapes):  # a slice of a packed weight (in_proj_weight)
+            return shapes[0][-1], shapes[1][-1]
         return None
     out_channels, in_channels = weight.shape[0], weight.shape[1] * groups
     if transposed:
