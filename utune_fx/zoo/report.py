@@ -38,7 +38,10 @@ def coverage_report(records: dict[str, dict]) -> dict:
     for r in rows:
         if r.get("error"):
             examples.setdefault(_cause(r), []).append(r["model"])
+    found = [(r["model"], r.get("found", {})) for r in rows]
     return {"pass_rates": rates, "models": len(rows), "meta": sorted(r["model"] for r in rows if r.get("meta")),
+            "attention": sorted(name for name, f in found if f.get("mha") and f.get("ffn")),
+            "attention_without_ffn": sorted(name for name, f in found if f.get("mha") and not f.get("ffn")),
             "causes": [{"cause": cause, "count": n, "models": examples[cause]} for cause, n in causes.most_common()],
             "rows": rows}
 
@@ -74,6 +77,12 @@ def render_markdown(report: dict, title: str, preamble: str) -> str:
     for cause in report["causes"]:
         models = ", ".join(cause["models"][:6]) + (", ..." if len(cause["models"]) > 6 else "")
         lines.append(f"- **{cause['count']}** {cause['cause']} ({models})")
+    with_ffn, without = report.get("attention", []), report.get("attention_without_ffn", [])
+    lines += ["", "## What the dual U-Tuner finds", "",
+              f"Attention and FFN: {len(with_ffn)} models. Attention, no FFN found ({len(without)}; "
+              "bottleneck attention has none, the others are listed under what is left): "
+              f"{', '.join(without) if without else 'none'}. The others have no attention: "
+              "LoRA tunes their block layers, or every layer where they have no residual blocks."]
     lines += ["", "## Models", "",
               "| model | params (M) | device | mha/ffn/lora found | last stage | folded/kept | ORT max abs error "
               "| s | error |", "|---|---:|---|---|---|---|---:|---:|---|"]
