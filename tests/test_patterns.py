@@ -293,3 +293,20 @@ def test_caformer_mlp_with_written_out_starrelu_fires_in_conv_and_attention_bloc
 def test_conv_mlp_is_an_inverted_residual_too_but_no_ffn_without_attention():
     assert count("conv_mlp", "efficientnet") > 0
     assert count("ffn", "efficientnet") == count("mlp", "efficientnet") == 0
+
+
+def test_a_relative_position_mlp_shared_by_every_block_leaves_each_attention_its_own():
+    """ViT-SRelPos computes one relative-position MLP for all blocks: no graph input reaches it, so the
+    attention regions may share it, and each lives and reads where its block does."""
+    ctx = MatchContext(_trace_timm("vit_srelpos_small_patch16_224", 32, img_size=32, patch_size=8, depth=3))
+    (found,) = [f for f in match_rules(ctx.gm, load_rules("rules/utuner_mha.yaml"), ctx) if f.rule.name == "mha"]
+    assert [r.scope for r in found.regions] == [f"blocks.{i}.attn" for i in range(3)] and not found.dropped
+    assert [[i.name for i in r.inputs] for r in found.regions] == [[f"blocks_{i}_norm1"] for i in range(3)]
+
+
+def test_stage_changes_with_a_projected_shortcut_of_the_block_norm_are_transformer_blocks():
+    """Hiera's stage-changing blocks add attn(norm1(x)) to a pooled proj(norm1(x)): the norm is the
+    block's own, so the residual starts at x and the block holds its attention and its FFN."""
+    ctx = MatchContext(_trace_timm("hiera_tiny_224", 224, embed_dim=32, num_heads=1, stages=(1, 1, 1, 1)))
+    assert [r.scope for r in ctx.regions(PRELUDE["transformer_block"])] == [f"blocks.{i}" for i in range(4)]
+    assert [r.scope for r in ctx.regions(PRELUDE["ffn"])] == [f"blocks.{i}.mlp" for i in range(4)]

@@ -32,7 +32,7 @@ from torch import fx
 from utune_fx.match.patterns import MatchContext, Pattern, best_near_miss, region_of
 from utune_fx.match.predicates import NodeContext, Predicate, compile_predicate, data_inputs, tensor_inputs, tensor_users
 from utune_fx.match.source import Located
-from utune_fx.match.structure import Region
+from utune_fx.match.structure import Region, common_scope
 from utune_fx.trace import OP_KINDS, node_info
 
 _EDGE = re.compile(r"^\s*([A-Za-z_]\w*)\s*(->\*|->)\s*([A-Za-z_]\w*)\s*$")
@@ -187,8 +187,12 @@ class GraphPattern(Pattern):
                 sources = [n for name in merged if not any(e.target == name for e in self.edges) for n in merged[name]]
                 inputs = [i for s in sources for i in data_inputs(s) if i not in nodes]
                 output = merged[self.output_name][0]
-                regions.append(region_of(self.name, anchor, nodes, output,
-                                         {k: tuple(v) for k, v in merged.items()}, inputs))
+                region = region_of(self.name, anchor, nodes, output, {k: tuple(v) for k, v in merged.items()},
+                                   [i for i in inputs if i in ctx.input_dependent()] or inputs)
+                # where it reads and lives: its data path, not a constant branch shared with other blocks
+                region.scope = common_scope([node_info(n).scope for n in nodes if n in ctx.input_dependent()]
+                                            or [node_info(n).scope for n in nodes])
+                regions.append(region)
         return regions
 
     def _between(self, captures: dict[str, fx.Node], window: "_Window") -> set[fx.Node]:

@@ -47,6 +47,7 @@ class MatchContext:
         # id -> (pattern, regions): holding the pattern keeps its id from being reused
         self._regions: dict[int, tuple[Pattern, list[Region]]] = {}
         self._residuals: list[Region] | None = None
+        self._input_dependent: set[fx.Node] | None = None
 
     def candidates(self, predicate: Predicate) -> list[fx.Node]:
         if predicate.kinds is None:
@@ -63,6 +64,16 @@ class MatchContext:
                 region.index = index
             self._regions[key] = (pattern, found)
         return self._regions[key][1]
+
+    def input_dependent(self) -> set[fx.Node]:
+        """Nodes the graph's inputs reach (the rest is computed from parameters and constants)."""
+        if self._input_dependent is None:
+            found: set[fx.Node] = set()
+            for node in self.nodes:  # graph order: a node's inputs come before it
+                if node.op == "placeholder" or any(i in found for i in node.all_input_nodes):
+                    found.add(node)
+            self._input_dependent = found
+        return self._input_dependent
 
     def residuals(self) -> list[Region]:
         if self._residuals is None:

@@ -301,7 +301,8 @@ def _without_overlaps(regions: list[Region], ctx: MatchContext) -> tuple[list[Re
     kept: list[Region] = []
     dropped = []
     for region in sorted(regions, key=lambda r: (min(ctx.order[n] for n in r.nodes), -len(r.nodes))):
-        inner = region.nodes - set(region.inputs)
+        # what no graph input reaches may be shared (a relative-position MLP computed once for all blocks)
+        inner = (region.nodes - set(region.inputs)) & ctx.input_dependent()
         clash = next((k for k in kept if inner & (k.nodes - set(k.inputs))), None)
         if clash is None:
             kept.append(region)
