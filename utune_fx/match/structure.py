@@ -138,11 +138,24 @@ class _Residuals:
         start = self.dominators.get(add)
         if start is None or start is add or not _floating(start):
             return None
-        scope, start_scope = node_info(add).scope, node_info(start).scope
-        if scope and (start_scope == scope or start_scope.startswith(scope + ".")):
+        scope = node_info(add).scope
+        start = self._before_shared_norm(start, scope)
+        if start is None:
             return None  # two branches merged inside one module (CoaT's attention + conv term)
         found = self.between(start, add)
         return (start, found) if found is not None else None
+
+    @staticmethod
+    def _before_shared_norm(start: fx.Node, scope: str) -> fx.Node | None:
+        """Where branches that meet in ``scope`` start, if outside it: a norm inside the module that
+        feeds both a projected shortcut and the branch (Hiera's stage changes: proj(norm1(x)) +
+        attn(norm1(x))) is the block's own, so the skip starts at the norm's input."""
+        def inside(node: fx.Node) -> bool:
+            own = node_info(node).scope
+            return bool(scope) and (own == scope or own.startswith(scope + "."))
+        while inside(start) and _kind(start) == "norm" and len(data_inputs(start)) == 1:
+            start = data_inputs(start)[0]
+        return None if inside(start) else start
 
     def find(self) -> list[Region]:
         regions = []
