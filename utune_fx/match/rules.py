@@ -6,7 +6,8 @@
 A rule's regions: its pattern's regions, filtered by ``scope``, then
 occurrence selection (``layers`` / ``first`` / ``last`` / ``every``), minus
 ``exclude``, then the overlap policy: regions of one rule never overlap; of
-two that share a node (other than the input they read) the earlier in graph
+two that share a node (other than the input they read, or one no graph
+input reaches: a shared position MLP) the earlier in graph
 order stays, and the later is reported as dropped. Regions of different
 rules may overlap; the rewriter refuses a tuner on another tuner's nodes.
 A rule with ``fallback_for: [names]`` applies only where those (earlier)

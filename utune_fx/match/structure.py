@@ -7,7 +7,8 @@
   (``x + f(x)``, seen through identity, dropout and scaling by a weight, also
   when f reads other inputs, as CaiT's class attention does), or else where
   a node produced outside the module that writes the add dominates it on the
-  data flow from the first input (``f(x) + g(x)``, projected shortcuts); the
+  data flow from the first input (``f(x) + g(x)``, projected shortcuts; a norm
+  of that module feeding both branches is the block's own: Hiera); the
   region between holds a weighted op or a norm. ``x + pos_embed`` is none.
 - block: the residual regions written by one module, merged (a ViT block is
   two residuals, holding one attention and one mlp); two single-residual
