@@ -58,18 +58,11 @@ def conv_arguments(op: fx.Node) -> dict:
 
 def layer_channels(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
     """(in, out) channels of a linear / conv / attention module from its weight."""
-    if node.op == "call_module":
-        module = ctx.node_ctx.modules[str(node.target)]
-        if isinstance(module, nn.MultiheadAttention):
-            return module.embed_dim, module.embed_dim
-        weight = getattr(module, "weight", None)
-        groups = getattr(module, "groups", 1)
-        transposed = getattr(module, "transposed", False)  # nn.ConvTranspose: weight [in, out/groups, *kernel]
-    else:
-        weights = [p for name, p in parameters_of(node, ctx).items() if not name.endswith("bias")]
-        weight = weights[0] if weights else None
-        groups = conv_arguments(node).get("groups") or 1 if node_info(node).op_kind == "conv" else 1
-        transposed = False
+    module = ctx.node_ctx.modules.get(str(node.target)) if node.op == "call_module" else None
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim, module.embed_dim
+    weight, groups = _weight_and_groups(node, ctx)
+    transposed = getattr(module, "transposed", False)  # nn.ConvTranspose: weight [in, out/groups, *kernel]
     if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
         # a weight computed in the graph (NFNet's standardised convs, a slice of a packed weight): the tensors' widths
         inputs = data_inputs(node)

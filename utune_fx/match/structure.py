@@ -77,6 +77,12 @@ def common_scope(scopes: list[str]) -> str:
     return ".".join(prefix)
 
 
+def in_scope(node: fx.Node, scope: str) -> bool:
+    """The node was produced by the module at ``scope`` or one inside it ('' is the whole model)."""
+    own = node_info(node).scope
+    return not scope or own == scope or own.startswith(scope + ".")
+
+
 def _kind(node: fx.Node) -> str:
     return node_info(node).op_kind
 
@@ -152,8 +158,7 @@ class _Residuals:
         feeds both a projected shortcut and the branch (Hiera's stage changes: proj(norm1(x)) +
         attn(norm1(x))) is the block's own, so the skip starts at the norm's input."""
         def inside(node: fx.Node) -> bool:
-            own = node_info(node).scope
-            return bool(scope) and (own == scope or own.startswith(scope + "."))
+            return bool(scope) and in_scope(node, scope)
         while inside(start) and _kind(start) == "norm" and len(data_inputs(start)) == 1:
             start = data_inputs(start)[0]
         return None if inside(start) else start

@@ -25,6 +25,7 @@ from utune_fx.errors import UtuneError
 from utune_fx.match import MatchContext, Region, RuleMatch
 from utune_fx.match.predicates import data_inputs
 from utune_fx.match.sizes import conv_arguments, layer_channels, parameters_of
+from utune_fx.match.structure import in_scope
 from utune_fx.rewrite.attention_sites import (
     TUNER_META,
     attention_call,
@@ -115,17 +116,12 @@ def _query_sources(region: Region, ctx: MatchContext) -> list[fx.Node]:
             break
         inputs = data_inputs(node)
         if node_info(node).op_kind in _WEIGHTED:
-            if sources and not _inside(node, region.scope):
+            if sources and not in_scope(node, region.scope):
                 break
             if inputs:
                 sources.append(inputs[0])
         node = inputs[0] if inputs else None
     return sources
-
-
-def _inside(node: fx.Node, scope: str) -> bool:
-    own = node_info(node).scope
-    return not scope or own == scope or own.startswith(scope + ".")
 
 
 # what lies between a sub-layer's output and the residual add it joins: layer scale, drop path,
