@@ -334,8 +334,10 @@ def test_spec_and_folder_errors_say_what_to_do(tmp_path):
         load_data("tfds:mnist")
     with pytest.raises(UtuneError, match=rf"data path {tmp_path}/nowhere .* does not exist"):
         load_data(f"cifar:{tmp_path}/nowhere")
-    with pytest.raises(UtuneError, match=r"unknown option 'splits' .*the only option is split=FILE"):
+    with pytest.raises(UtuneError, match=r"unknown option 'splits' .*options: classes=.*; split=FILE"):
         load_data(f"imagefolder:{tmp_path}?splits=x.txt")
+    with pytest.raises(UtuneError, match=r"unknown option 'split' in data spec 'digits\?split=a'; options: classes="):
+        load_data("digits?split=a")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     with pytest.raises(UtuneError, match=rf"no images found under {tmp_path} "):

@@ -5,6 +5,7 @@
     cifar:PATH                     CIFAR-10/100 python batches, read by a safe unpickler
     npz:PATH                       x_/y_ arrays, or a JPEG-byte pack (train_bytes, ...)
     digits                         scikit-learn's bundled 8x8 digits
+    ANY?classes=dog,frog,7         only these classes (names or indices), relabelled 0.. in this order
 
 A :class:`Source` holds image pools (labels known up front, pixels decoded
 lazily) and class names; choosing images and transforms is the caller's job.
@@ -26,6 +27,7 @@ from PIL import Image
 from utune_fx.errors import UtuneError
 
 SCHEMES = ("imagefolder:PATH", "cifar:PATH", "npz:PATH", "digits")
+OPTIONS = {"classes": "classes=NAME_OR_INDEX,... keeps those classes", "split": "split=FILE (imagefolder only)"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DIGITS_TEST_FRACTION = 0.2
 # PIL reports bad image data through many exception types.
@@ -115,22 +117,64 @@ class Source:
 
 def read_source(spec: str) -> Source:
     """Parse a ``--data`` spec and read its source."""
-    scheme, _, rest = spec.partition(":")
-    if scheme == "digits" and not rest:
-        return read_digits()
-    readers = {"imagefolder": read_imagefolder, "cifar": read_cifar, "npz": read_npz}
-    if scheme not in readers or not rest:
-        raise UtuneError(f"unknown data spec {spec!r}; use one of {', '.join(SCHEMES)}")
-    location, _, query = rest.partition("?")
+    body, _, query = spec.partition("?")
     options = dict(parse_qsl(query, keep_blank_values=True))
-    allowed = {"split"} if scheme == "imagefolder" else set()
+    scheme, _, location = body.partition(":")
+    allowed = {"split", "classes"} if scheme == "imagefolder" else {"classes"}
     if unknown := sorted(set(options) - allowed):
-        raise UtuneError(f"unknown option {unknown[0]!r} in data spec {spec!r}; "
-                         + ("the only option is split=FILE" if allowed else f"{scheme}: takes no options"))
-    path = Path(location).expanduser()
-    if not path.exists():
-        raise UtuneError(f"data path {path} (from --data {spec}) does not exist; check the path")
-    return readers[scheme](path, **options)
+        raise UtuneError(f"unknown option {unknown[0]!r} in data spec {spec!r}; options: "
+                         + "; ".join(OPTIONS[name] for name in sorted(allowed)))
+    wanted = options.pop("classes", None)
+    if scheme == "digits" and not location:
+        source = read_digits()
+    else:
+        readers = {"imagefolder": read_imagefolder, "cifar": read_cifar, "npz": read_npz}
+        if scheme not in readers or not location:
+            raise UtuneError(f"unknown data spec {spec!r}; use one of {', '.join(SCHEMES)}")
+        path = Path(location).expanduser()
+        if not path.exists():
+            raise UtuneError(f"data path {path} (from --data {spec}) does not exist; check the path")
+        source = readers[scheme](path, **options)
+    return source if wanted is None else keep_classes(source, wanted, spec)
+
+
+class SubsetPool(ImagePool):
+    """Some images of another pool, with new labels."""
+
+    def __init__(self, pool: ImagePool, indices: np.ndarray, labels: np.ndarray):
+        self.pool, self.indices, self.labels, self.encoded = pool, indices, labels, pool.encoded
+
+    def describe(self, index: int) -> str:
+        return self.pool.describe(int(self.indices[index]))
+
+    def open(self, index: int) -> Image.Image:
+        return self.pool.open(int(self.indices[index]))
+
+
+def keep_classes(source: Source, wanted: str, spec: str) -> Source:
+    """Only the classes ``wanted`` names (``dog,frog`` or ``5,6``), labelled 0.. in the order given."""
+    chosen = []
+    for item in (part.strip() for part in wanted.split(",")):
+        if item in source.classes:
+            chosen.append(source.classes.index(item))
+        elif item.isdigit() and int(item) < len(source.classes):
+            chosen.append(int(item))
+        else:
+            raise UtuneError(f"class {item!r} in data spec {spec!r} is neither a class name nor an index below "
+                             f"{len(source.classes)}; the classes are {', '.join(source.classes[:12])}"
+                             + (", ..." if len(source.classes) > 12 else ""))
+    if len(set(chosen)) != len(chosen):
+        raise UtuneError(f"data spec {spec!r} names a class twice in classes={wanted}; name each once")
+    relabel = np.full(len(source.classes), -1, dtype=np.int64)
+    relabel[chosen] = np.arange(len(chosen))
+
+    def subset(pool: ImagePool | None) -> ImagePool | None:
+        if pool is None:
+            return None
+        kept = np.flatnonzero(relabel[pool.labels] >= 0)
+        return SubsetPool(pool, kept, relabel[pool.labels[kept]])
+    return Source([source.classes[c] for c in chosen], subset(source.train), subset(source.test),
+                  source.holdout_test)
 
 
 # --- imagefolder -------------------------------------------------------------------
