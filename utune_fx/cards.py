@@ -1,0 +1,81 @@
+"""Model cards: a JSON file that says how to build a pretrained model, used as a model spec.
+
+    python cli.py rewrite path/to/vit-split-cifar-a.json --rules rules/lora.yaml -o out/
+    python cli.py train path/to/card.json?num_classes=10 ...     options override the card's kwargs
+
+A card holds (only ``timm_model`` is required; other fields are kept as notes)::
+
+    {"timm_model": "vit_tiny_patch16_224",
+     "kwargs": {"img_size": 32, "patch_size": 4, "num_classes": 5, "depth": 6, ...},
+     "weights": "vit-split-cifar-a.safetensors",        default: the card's name with .safetensors
+     "normalisation": {"mean": [...], "std": [...]},     what the model was trained with
+     "crop_pct": 1.0}                                    default 1.0: evaluated on the whole image
+
+The weights (safetensors, relative paths from the card's folder) load through
+utune_fx/weights.py, so a re-sized classifier starts fresh and any other
+mismatch is named; ``?weights=none`` builds the same architecture randomly
+initialised. The model's ``pretrained_cfg`` gets the card's input size and
+normalisation, so training and evaluation transforms follow the card.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from utune_fx.errors import UtuneError, first_line
+
+
+def read_card(path: Path) -> dict:
+    if not path.is_file():
+        raise UtuneError(f"model card {path} does not exist; check the path")
+    try:
+        card = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UtuneError(f"model card {path}: not valid JSON ({first_line(error)})") from error
+    if not isinstance(card, dict) or not isinstance(card.get("timm_model"), str):
+        raise UtuneError(f"model card {path}: field 'timm_model' (a timm model name) is missing")
+    if not isinstance(card.get("kwargs", {}), dict):
+        raise UtuneError(f"model card {path}: field 'kwargs' must be an object of timm.create_model arguments")
+    norm = card.get("normalisation", {})
+    stats_ok = isinstance(norm, dict) and all(
+        isinstance(norm.get(key), list) and len(norm[key]) == 3 and all(isinstance(v, (int, float)) for v in norm[key])
+        for key in ("mean", "std") if key in norm)
+    if not stats_ok:
+        raise UtuneError(f"model card {path}: field 'normalisation' must be {{\"mean\": [r, g, b], \"std\": [r, g, b]}}")
+    return card
+
+
+def _weights_path(card: dict, path: Path, given) -> str | None:
+    if given is not None:
+        return None if str(given).lower() == "none" else str(given)
+    named = card.get("weights")
+    weights = path.parent / named if isinstance(named, str) else path.with_suffix(".safetensors")
+    if not weights.is_file():
+        raise UtuneError(f"model card {path}: its weights {weights} do not exist; put them there, "
+                         "pass --weights FILE, or ?weights=none for a random initialisation")
+    return str(weights)
+
+
+def create_from_card(spec, create_timm: Callable) -> nn.Module:
+    """Build the card's timm model with its kwargs (spec options override them) and weights."""
+    from utune_fx.specs import ModelSpec
+
+    path = Path(spec.target).expanduser()
+    card = read_card(path)
+    options = {**card.get("kwargs", {}), **spec.options}
+    options["weights"] = _weights_path(card, path, options.get("weights"))
+    if options["weights"] is None:
+        del options["weights"]
+    model = create_timm(ModelSpec(spec.text, "timm", card["timm_model"], None, options))
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    size = options.get("img_size", cfg.get("input_size", (3, 224, 224))[-1])
+    height, width = (size, size) if isinstance(size, int) else size
+    cfg["input_size"] = (options.get("in_chans", 3), height, width)
+    cfg.update({key: tuple(value) for key, value in card.get("normalisation", {}).items() if key in ("mean", "std")})
+    cfg["crop_pct"] = float(card.get("crop_pct", 1.0))
+    model.pretrained_cfg = cfg
+    return model
