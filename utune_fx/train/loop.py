@@ -104,9 +104,10 @@ def evaluate(module: nn.Module, dataset: Dataset, config: TrainConfig, device: t
     return {"loss": loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
 
 
-def train(module: nn.Module, train_set: Dataset, val_set: Dataset, config: TrainConfig, out: Path,
+def train(module: nn.Module, train_set: Dataset, val_set: Dataset | None, config: TrainConfig, out: Path,
           resume: bool = False, test_set: Dataset | None = None) -> dict:
-    """Train ``module``'s trainable parameters; writes checkpoint/, metrics.jsonl, summary.json, curves.png."""
+    """Train ``module``'s trainable parameters; writes checkpoint/, metrics.jsonl, summary.json, curves.png.
+    Without ``val_set`` (a final run on all the training images) no validation is measured."""
     from utune_fx.train.plots import plot_curves
 
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +135,9 @@ def train(module: nn.Module, train_set: Dataset, val_set: Dataset, config: Train
             if stopped:
                 save_checkpoint(out / CHECKPOINT, module, optimizer, schedule, progress)
                 raise KeyboardInterrupt
-            row = progress.pop("running") | {f"val_{k}": v for k, v in evaluate(runner, val_set, config, device).items()}
+            row = progress.pop("running")
+            if val_set is not None:
+                row |= {f"val_{k}": v for k, v in evaluate(runner, val_set, config, device).items()}
             progress["history"].append(row)
             progress["epoch"], progress["step"] = progress["epoch"] + 1, 0
             save_checkpoint(out / CHECKPOINT, module, optimizer, schedule, progress)
@@ -202,7 +205,7 @@ def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, pr
 
 def _summary(module: nn.Module, progress: dict, device: torch.device) -> dict:
     history = progress["history"]
-    best = max(history, key=lambda row: row["val_accuracy"]) if history else {}
+    best = max(history, key=lambda row: row["val_accuracy"]) if history and "val_accuracy" in history[0] else {}
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
@@ -210,7 +213,7 @@ def _summary(module: nn.Module, progress: dict, device: torch.device) -> dict:
     return {
         "epochs": len(history),
         "best_val_accuracy": best.get("val_accuracy"), "best_epoch": best.get("epoch"),
-        "last_val_accuracy": history[-1]["val_accuracy"] if history else None,
+        "last_val_accuracy": history[-1].get("val_accuracy") if history else None,
         "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "wall_seconds": progress["seconds"],
         "seconds_per_epoch": progress["seconds"] / max(len(history), 1),

@@ -2,6 +2,7 @@
 
     plot_curves:     loss and accuracy per epoch, train and validation
     plot_confusion:  the confusion matrix of an evaluation
+    plot_accuracy_vs_parameters:  methods as points, accuracy against trainable parameters (log x)
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt = _pyplot()
     epochs = [row["epoch"] for row in history]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        loss_axis.plot(epochs, [row[key] for row in history], marker="o", label=label)
-    for key, label in (("train_accuracy", "train"), ("val_accuracy", "validation")):
-        accuracy_axis.plot(epochs, [row[key] for row in history], marker="o", label=label)
+    present = [key for key in ("train", "val") if history and f"{key}_loss" in history[0]]  # no val: a final run
+    for key in present:
+        label = {"train": "train", "val": "validation"}[key]
+        loss_axis.plot(epochs, [row[f"{key}_loss"] for row in history], marker="o", label=label)
+        accuracy_axis.plot(epochs, [row[f"{key}_accuracy"] for row in history], marker="o", label=label)
     loss_axis.set(title="loss", xlabel="epoch")
     accuracy_axis.set(title="top-1 accuracy", xlabel="epoch", ylim=(0, 1))
     for axis in (loss_axis, accuracy_axis):
@@ -52,4 +54,25 @@ def plot_confusion(report: dict, path: Path) -> None:
     axis.set_xticklabels(classes, rotation=90, fontsize=7)
     axis.set_yticklabels(classes, fontsize=7)
     figure.colorbar(image, ax=axis)
+    _save(figure, path)
+
+
+def plot_accuracy_vs_parameters(rows: list[dict], path: Path, title: str) -> None:
+    """rows: {method, trainable_parameters, mean, std, group}; the PETL papers' figure, log-scale x."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8, 5))
+    markers = {"U-Tuner": ("o", "tab:red"), "earlier PETL": ("s", "tab:blue"), "baseline": ("^", "tab:gray")}
+    for group, (marker, colour) in markers.items():
+        chosen = [row for row in rows if row["group"] == group]
+        if chosen:
+            axis.errorbar([r["trainable_parameters"] for r in chosen], [100 * r["mean"] for r in chosen],
+                          yerr=[100 * r["std"] for r in chosen], fmt=marker, color=colour, capsize=3, label=group)
+    for row in rows:
+        axis.annotate(row["method"], (row["trainable_parameters"], 100 * row["mean"]), fontsize=7,
+                      xytext=(4, 3), textcoords="offset points")
+    axis.set_xscale("log")
+    axis.set(xlabel="trainable parameters (log scale)", ylabel="top-1 accuracy (%), mean +- std over seeds",
+             title=title)
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(loc="lower right")
     _save(figure, path)
