@@ -139,7 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--card", default=str(DATA / "vit-split-cifar-a.json"))
     parser.add_argument("--data", default=str(DATA / "cifar10-jpeg.npz"))
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "vit_split_cifar.jsonl"))
     parser.add_argument("--report", action="store_true", help="only write the table and plot from the results")
