@@ -242,6 +242,34 @@ def test_real_cifar10_jpeg_pack_gives_twenty_images():
     assert sorted(labels) == sorted(list(range(10)) * 2)  # 20 spread evenly: two per class
 
 
+def test_classes_option_keeps_those_classes_relabelled_in_the_order_given(tmp_path):
+    path = tmp_path / "ten.npz"
+    pixels = np.arange(40, dtype=np.uint8)[:, None, None].repeat(4, 1).repeat(4, 2)  # image i is all value i
+    np.savez(path, x_train=pixels[:30], y_train=np.arange(30) % 10, x_test=pixels[30:], y_test=np.arange(10),
+             classes=np.array([f"c{i}" for i in range(10)]))
+    splits = load_data(f"npz:{path}?classes=7,c2,5", input_size=(3, 4, 4), val_size=0, augment=False,
+                       data_config={"mean": (0, 0, 0), "std": (1, 1, 1)})
+    assert splits.classes == ["c7", "c2", "c5"]
+    originals = {round(float(image[0, 0, 0]) * 255) for image, _ in splits.train}
+    assert originals == {2, 12, 22, 5, 15, 25, 7, 17, 27}
+    assert all((round(float(image[0, 0, 0]) * 255) % 10) == [7, 2, 5][label] for image, label in splits.train)
+    assert sorted(splits.test.labels) == [0, 1, 2] and splits.test.pool.describe(0).endswith("x_test[2]")
+    digits = load_data("digits?classes=3,8", input_size=SMALL)
+    assert digits.classes == ["3", "8"] and set(digits.train.labels) == {0, 1}
+    for wanted, message in (("7,dog", r"class 'dog' in data spec .* is neither a class name nor an index below 10; "
+                                      r"the classes are c0, c1"),
+                            ("7,c7", r"names a class twice in classes=7,c7; name each once")):
+        with pytest.raises(UtuneError, match=message):
+            load_data(f"npz:{path}?classes={wanted}")
+
+
+@pytest.mark.skipif(not REAL_CIFAR.exists(), reason="shared CIFAR-10 pack not present")
+def test_real_cifar10_classes_5_to_9_are_the_transfer_task():
+    splits = load_data(f"npz:{REAL_CIFAR}?classes=5,6,7,8,9", input_size=(3, 32, 32), train_size=1000, val_size=0)
+    assert splits.classes == ["dog", "frog", "horse", "ship", "truck"]
+    assert np.bincount(splits.train.labels).tolist() == [200] * 5 and np.bincount(splits.test.labels).tolist() == [1000] * 5
+
+
 # --- digits and selection --------------------------------------------------------------
 
 def test_digits_holds_out_a_fixed_stratified_test_split():
