@@ -3,7 +3,8 @@
     python benchmarks/vit_split_cifar.py --report   ->  markdown on stdout, docs/images/vit_split_cifar.png
 
 Rows: every method with all its seeds finished. Accuracy is top-1 on the 5,000 test images, mean and
-sample standard deviation over the seeds; time per epoch is the mean over the seeds' runs.
+sample standard deviation over the seeds; time per epoch is the median of the seeds' runs (robust to
+one run slowed by other work on a shared machine).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def summarise(rows: list[dict], methods: dict) -> list[dict]:
             "trainable_parameters": finals[0]["trainable_parameters"],
             "share": finals[0]["trainable_parameters"] / finals[0]["backbone_parameters"],
             "mean": statistics.mean(accuracies), "std": statistics.stdev(accuracies), "seeds": len(accuracies),
-            "seconds_per_epoch": statistics.mean(row["seconds_per_epoch"] for row in finals if "seconds_per_epoch" in row),
+            "seconds_per_epoch": statistics.median(row["seconds_per_epoch"] for row in finals),
             "held_out": {lr: search.get(lr) for lr in grid},
         })
     return table
