@@ -84,11 +84,14 @@ def verdict(table: list[dict]) -> str:
         gap = 100 * (best["mean"] - first["mean"])
         close = gap <= 100 * max(best["std"], first["std"]) + 1.0
         holds = close and ratio > 10
+        head = by["linear probe"]["trainable_parameters"] if "linear probe" in by else 0
+        without_head = (best["trainable_parameters"] - head) / max(first["trainable_parameters"] - head, 1)
         lines.append(f"- (b) U-Tuner on the first layer close to the best earlier method with >10x fewer parameters: "
                      f"**{'holds' if holds else 'does not hold'}**. First layer {_points(first)} with "
                      f"{first['trainable_parameters']:,} parameters; best earlier method {best['method']} "
-                     f"{_points(best)} with {best['trainable_parameters']:,} ({ratio:.1f}x as many); gap "
-                     f"{gap:+.1f} points (close = within one std plus 1 point: {'yes' if close else 'no'}).")
+                     f"{_points(best)} with {best['trainable_parameters']:,} ({ratio:.1f}x as many"
+                     + (f", {without_head:.1f}x without the {head:,}-parameter head both train" if head else "")
+                     + f"); gap {gap:+.1f} points (close = within one std plus 1 point: {'yes' if close else 'no'}).")
     variants = [row for row in table if row["group"] == "U-Tuner"]
     rivals = [by[name] for name in CLAIM_C if name in by]
     if variants and rivals:

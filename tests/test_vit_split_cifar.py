@@ -101,7 +101,7 @@ def test_the_table_and_verdict_follow_the_numbers(tmp_path, monkeypatch):
     assert "| linear probe | 1,000 | 0.10% | 62.0 +- 2.0 | 0.001 | 2.0 |" in text
     assert "(a) dual U-Tuner the best PETL method: **holds**" in text
     assert "(b) U-Tuner on the first layer close to the best earlier method with >10x fewer parameters: " \
-           "**holds**" in text and "(12.5x as many)" in text
+           "**holds**" in text and "(12.5x as many, 16.3x without the 1,000-parameter head both train)" in text
     assert "(c) U-Tuner variants beat VPT, adapter, prefix, bitfit and linear probing on the mean: **holds**" in text
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
     worse = rows + _finals("bitfit", [0.75] * 3, 3_000)
