@@ -58,21 +58,19 @@ def plot_confusion(report: dict, path: Path) -> None:
 
 
 def plot_accuracy_vs_parameters(rows: list[dict], path: Path, title: str) -> None:
-    """rows: {method, trainable_parameters, mean, std, group}; the PETL papers' figure, log-scale x."""
+    """rows: {method, trainable_parameters, mean, std, group}; the PETL papers' figure, log-scale x.
+    Each method has its own colour and a legend entry (labels beside the points would overlap)."""
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(8, 5))
-    markers = {"U-Tuner": ("o", "tab:red"), "earlier PETL": ("s", "tab:blue"), "baseline": ("^", "tab:gray")}
-    for group, (marker, colour) in markers.items():
-        chosen = [row for row in rows if row["group"] == group]
-        if chosen:
-            axis.errorbar([r["trainable_parameters"] for r in chosen], [100 * r["mean"] for r in chosen],
-                          yerr=[100 * r["std"] for r in chosen], fmt=marker, color=colour, capsize=3, label=group)
-    for row in rows:
-        axis.annotate(row["method"], (row["trainable_parameters"], 100 * row["mean"]), fontsize=7,
-                      xytext=(4, 3), textcoords="offset points")
+    figure, axis = plt.subplots(figsize=(10, 5))
+    markers = {"U-Tuner": "o", "earlier PETL": "s", "baseline": "^"}
+    colours = plt.get_cmap("tab20").colors
+    for index, row in enumerate(sorted(rows, key=lambda r: -r["mean"])):
+        axis.errorbar(row["trainable_parameters"], 100 * row["mean"], yerr=100 * row["std"], capsize=3,
+                      fmt=markers.get(row["group"], "D"), color=colours[index % len(colours)], markersize=7,
+                      label=f"{row['method']} ({row['group']})")
     axis.set_xscale("log")
     axis.set(xlabel="trainable parameters (log scale)", ylabel="top-1 accuracy (%), mean +- std over seeds",
              title=title)
     axis.grid(alpha=0.3, which="both")
-    axis.legend(loc="lower right")
+    axis.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title="best first")
     _save(figure, path)
