@@ -31,7 +31,8 @@ import torch  # noqa: E402
 from utune_fx.data import ImageDataset, load_data  # noqa: E402
 from utune_fx.errors import UtuneError  # noqa: E402
 from utune_fx.match import load_rules  # noqa: E402
-from utune_fx.rewrite.artifact import TunedSource, build_tuned  # noqa: E402
+from utune_fx.rewrite.artifact import TunedSource, build_tuned, data_config_of  # noqa: E402
+from utune_fx.specs import load_model  # noqa: E402
 from utune_fx.train import TrainConfig, train  # noqa: E402
 from utune_fx.train.progress import count_progress  # noqa: E402
 
@@ -85,8 +86,7 @@ def card_augmentation(mean, std):
 
 def make_splits(card: Path, data: Path, seed: int = 0):
     """(train 1,000, search-train 800, search-val 200, test 5,000) of classes 5-9, card-normalised."""
-    probe = build_tuned(TunedSource(str(card), [], "auto"), rule_sets(["linear_probe"], 5))
-    config = probe.data_config
+    config = data_config_of(load_model(str(card)).model)  # the card's size and normalisation
     splits = load_data(f"npz:{data}?classes={CLASSES}", input_size=config["input_size"], data_config=config,
                        train_size=1000, val_size=0, seed=seed, augment=False)
     chosen = splits.train
@@ -159,25 +159,22 @@ def main() -> None:
             bar.advance(task, sum(1 for row in rows if row["method"] in args.methods))
             for method in args.methods:
                 names, _, grid, suffix = METHODS[method]
-                spec = args.card + suffix
                 done = {(row["phase"], row["lr"], row["seed"]) for row in rows if row["method"] == method}
+
+                def record(phase: str, lr: float, seed: int, description: str, *datasets) -> None:
+                    if (phase, lr, seed) in done:
+                        return
+                    bar.update(task, description=f"{method}: {description}")
+                    row = {"setup": setup, "method": method, "phase": phase, "lr": lr, "seed": seed,
+                           **run_one(args.card + suffix, names, lr, seed, args.epochs, *datasets)}
+                    append_result(results, row)
+                    rows.append(row)
+                    bar.advance(task)
                 for lr in grid:
-                    if ("search", lr, 0) not in done:
-                        bar.update(task, description=f"{method}: lr {lr:g} on 800, held-out 200")
-                        row = {"setup": setup, "method": method, "phase": "search", "lr": lr, "seed": 0,
-                               **run_one(spec, names, lr, 0, args.epochs, search, held_out, None)}
-                        append_result(results, row)
-                        rows.append(row)
-                        bar.advance(task)
+                    record("search", lr, 0, f"lr {lr:g} on 800, held-out 200", search, held_out, None)
                 lr = chosen_lr(rows, method, grid)
-                for seed in SEEDS:
-                    if lr is not None and ("final", lr, seed) not in done:
-                        bar.update(task, description=f"{method}: lr {lr:g}, seed {seed} on 1,000")
-                        row = {"setup": setup, "method": method, "phase": "final", "lr": lr, "seed": seed,
-                               **run_one(spec, names, lr, seed, args.epochs, full, None, test)}
-                        append_result(results, row)
-                        rows.append(row)
-                        bar.advance(task)
+                for seed in SEEDS if lr is not None else ():
+                    record("final", lr, seed, f"lr {lr:g}, seed {seed} on 1,000", full, None, test)
     print(write_report(read_results(results, setup), setup, METHODS))
 
 

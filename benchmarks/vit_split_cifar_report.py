@@ -33,7 +33,7 @@ def summarise(rows: list[dict], methods: dict) -> list[dict]:
             "method": method, "group": group, "lr": finals[0]["lr"],
             "trainable_parameters": finals[0]["trainable_parameters"],
             "share": finals[0]["trainable_parameters"] / finals[0]["backbone_parameters"],
-            "mean": statistics.mean(accuracies), "std": statistics.stdev(accuracies), "seeds": len(accuracies),
+            "mean": statistics.mean(accuracies), "std": statistics.stdev(accuracies),
             "seconds_per_epoch": statistics.median(row["seconds_per_epoch"] for row in finals),
             "held_out": {lr: search.get(lr) for lr in grid},
         })

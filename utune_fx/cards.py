@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
-
 from torch import nn
 
 from utune_fx.errors import UtuneError, first_line
@@ -60,9 +58,9 @@ def _weights_path(card: dict, path: Path, given) -> str | None:
     return str(weights)
 
 
-def create_from_card(spec, create_timm: Callable) -> nn.Module:
+def create_from_card(spec) -> nn.Module:
     """Build the card's timm model with its kwargs (spec options override them) and weights."""
-    from utune_fx.specs import ModelSpec
+    from utune_fx.specs import ModelSpec, _create_timm, timm_input_size
 
     path = Path(spec.target).expanduser()
     card = read_card(path)
@@ -70,11 +68,9 @@ def create_from_card(spec, create_timm: Callable) -> nn.Module:
     options["weights"] = _weights_path(card, path, options.get("weights"))
     if options["weights"] is None:
         del options["weights"]
-    model = create_timm(ModelSpec(spec.text, "timm", card["timm_model"], None, options))
+    model = _create_timm(ModelSpec(spec.text, "timm", card["timm_model"], None, options))
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    size = options.get("img_size", cfg.get("input_size", (3, 224, 224))[-1])
-    height, width = (size, size) if isinstance(size, int) else size
-    cfg["input_size"] = (options.get("in_chans", 3), height, width)
+    cfg["input_size"] = timm_input_size(model, options) or (options.get("in_chans", 3), 224, 224)
     cfg.update({key: tuple(value) for key, value in card.get("normalisation", {}).items() if key in ("mean", "std")})
     cfg["crop_pct"] = float(card.get("crop_pct", 1.0))
     model.pretrained_cfg = cfg

@@ -155,7 +155,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
         return _create_timm(spec)
     if spec.source == "card":
         from utune_fx.cards import create_from_card
-        return create_from_card(spec, _create_timm)
+        return create_from_card(spec)
     found = _import_attribute(spec)
     where = f"{spec.target}:{spec.attribute}"
     if isinstance(found, nn.Module):
@@ -190,18 +190,19 @@ def parse_input_shape(text: str) -> tuple[tuple[int, ...], torch.dtype]:
     return shape, _DTYPES[dtype_name]
 
 
-def _timm_input_shape(model: nn.Module, spec: ModelSpec) -> tuple[int, ...] | None:
+def timm_input_size(model: nn.Module, options: dict) -> tuple[int, int, int] | None:
+    """(channels, height, width) from timm's pretrained config with the options' img_size/in_chans applied
+    (timm leaves the config at the pretrained size when img_size changes)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "input_size" not in cfg:
         return None
     channels, height, width = cfg["input_size"]
-    img_size = spec.options.get("img_size")
+    img_size = options.get("img_size")
     if isinstance(img_size, int):
         height = width = img_size
     elif isinstance(img_size, (list, tuple)) and len(img_size) == 2:
         height, width = img_size
-    channels = spec.options.get("in_chans", channels)
-    return (DEFAULT_BATCH, channels, height, width)
+    return options.get("in_chans", channels), height, width
 
 
 def make_inputs(shapes: list[tuple[tuple[int, ...], torch.dtype]], seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -222,8 +223,8 @@ def load_model(text: str, input_shapes: list[str] | None = None) -> LoadedModel:
         torch.manual_seed(0)
         model = build_model(spec).eval()
     if not parsed:
-        shape = _timm_input_shape(model, spec) if spec.source in ("timm", "card") else None
-        if shape is None:
+        size = timm_input_size(model, spec.options) if spec.source in ("timm", "card") else None
+        if size is None:
             raise UtuneError(f"cannot tell the input shape of {text!r}; pass --input-shape, e.g. --input-shape 2,3,224,224")
-        parsed = [(shape, torch.float32)]
+        parsed = [((DEFAULT_BATCH, *size), torch.float32)]
     return LoadedModel(spec, model, make_inputs(parsed))
