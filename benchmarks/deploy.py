@@ -59,16 +59,20 @@ def main() -> int:
         report["ratios"] = ratios(report)
         reports[name] = report
     keys = list(next(iter(reports.values()))["ratios"])
-    print(f"{args.model}, {args.rounds} interleaved rounds, torch threads "
-          f"{next(iter(reports.values()))['torch_threads']}; median latency ratios")
+    print(
+        f"{args.model}, {args.rounds} interleaved rounds, torch threads "
+        f"{next(iter(reports.values()))['torch_threads']}; median latency ratios"
+    )
     print(f"{'artifact':<16}" + "".join(f"{key:>24}" for key in keys))
     for name, report in reports.items():
         print(f"{name:<16}" + "".join(f"{report['ratios'][key]:>24.3f}" for key in keys))
     print("\nmedian ms")
     for name, report in reports.items():
         for row in report["rows"]:
-            print(f"{name:<16}{row['variant']:<14} batch {row['batch']:>3}: {row['median_ms']:9.2f} ms "
-                  f"{row['images_per_s']:9.1f} img/s")
+            print(
+                f"{name:<16}{row['variant']:<14} batch {row['batch']:>3}: {row['median_ms']:9.2f} ms "
+                f"{row['images_per_s']:9.1f} img/s"
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "reports": reports}, indent=1))

@@ -41,8 +41,10 @@ def _weights_missing(spec: str) -> str | None:
     repo = timm.models.get_pretrained_cfg(name).hf_hub_id
     if any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
         return None
-    return (f"pretrained weights of {name} (Hugging Face Hub {repo}); on a machine with network run once: "
-            f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\"")
+    return (
+        f"pretrained weights of {name} (Hugging Face Hub {repo}); on a machine with network run once: "
+        f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\""
+    )
 
 
 def _write_split(folder: Path) -> None:
@@ -54,8 +56,12 @@ def _write_split(folder: Path) -> None:
 
 
 def plan(config: dict, root: Path, datasets: list[str]) -> list[str]:
-    missing = [f"{name}: {need.format(root=root)}" for name in datasets
-               for need in config["datasets"][name]["needs"] if not Path(need.format(root=root)).exists()]
+    missing = [
+        f"{name}: {need.format(root=root)}"
+        for name in datasets
+        for need in config["datasets"][name]["needs"]
+        if not Path(need.format(root=root)).exists()
+    ]
     weights = _weights_missing(config["backbone"])
     return missing + ([weights] if weights else [])
 
@@ -82,8 +88,14 @@ def run(config: dict, root: Path, out: Path, datasets: list[str], methods: list[
                 train_config = TrainConfig(**settings, lr=config["methods"][method]["lr"])
                 resume = (run_dir / "checkpoint").is_dir()
                 summary = run_training(result, splits, train_config, run_dir, resume)
-            rows.append({"dataset": name, "method": method, "test_accuracy": summary.get("test_accuracy"),
-                         "trainable_millions": summary["trainable_parameters"] / 1e6})
+            rows.append(
+                {
+                    "dataset": name,
+                    "method": method,
+                    "test_accuracy": summary.get("test_accuracy"),
+                    "trainable_millions": summary["trainable_parameters"] / 1e6,
+                }
+            )
     return rows
 
 

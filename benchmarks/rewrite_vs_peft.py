@@ -42,9 +42,10 @@ def _resident_kb() -> int:
 
 def worker(variant: str, batch: int, steps: int) -> dict:
     sys.path.insert(0, str(ROOT))
-    import utune_fx  # noqa: F401
     import timm
     import torch
+
+    import utune_fx  # noqa: F401
 
     torch.manual_seed(0)
     model = timm.create_model("vit_base_patch16_224", pretrained=False).train()
@@ -52,12 +53,15 @@ def worker(variant: str, batch: int, steps: int) -> dict:
     start = time.perf_counter()
     if variant == "PEFT LoRA":
         import peft
-        tuned = peft.get_peft_model(model, peft.LoraConfig(
-            r=8, lora_alpha=16, target_modules=r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"))
+
+        tuned = peft.get_peft_model(
+            model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))")
+        )
     else:
         from utune_fx.match import load_rules
         from utune_fx.rewrite import rewrite
         from utune_fx.trace import trace
+
         if variant == "utune_fx LoRA":
             path = LORA_RULES
         else:
@@ -79,8 +83,13 @@ def worker(variant: str, batch: int, steps: int) -> dict:
     before = _resident_kb()  # model and tuners in place; optimizer state and activations to come
     step()  # warm-up
     times = [step() for _ in range(steps)]
-    return {"variant": variant, "setup_s": setup, "step_s": statistics.median(times),
-            "peak_mb": max(_peak_kb() - before, 0) / 1024, "trainable": sum(p.numel() for p in trainable)}
+    return {
+        "variant": variant,
+        "setup_s": setup,
+        "step_s": statistics.median(times),
+        "peak_mb": max(_peak_kb() - before, 0) / 1024,
+        "trainable": sum(p.numel() for p in trainable),
+    }
 
 
 def main() -> None:
@@ -93,13 +102,18 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.batch, args.steps)))
         return
     from rich.progress import Progress
+
     rows = []
     with Progress() as progress:
         task = progress.add_task("variants", total=len(VARIANTS))
         for variant in VARIANTS:
             progress.update(task, description=variant)
-            done = subprocess.run([sys.executable, __file__, "--worker", variant, "--batch", str(args.batch),
-                                   "--steps", str(args.steps)], capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [sys.executable, __file__, "--worker", variant, "--batch", str(args.batch), "--steps", str(args.steps)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             progress.advance(task)
     peft_row = next(r for r in rows if r["variant"] == "PEFT LoRA")
@@ -107,9 +121,11 @@ def main() -> None:
     print("| variant | trainable | set-up s | step s | step / PEFT | training peak MB | peak / PEFT |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['variant']} | {row['trainable']:,} | {row['setup_s']:.2f} | {row['step_s']:.2f} "
-              f"| {row['step_s'] / peft_row['step_s']:.2f} | {row['peak_mb']:.0f} "
-              f"| {row['peak_mb'] / max(peft_row['peak_mb'], 1):.2f} |")
+        print(
+            f"| {row['variant']} | {row['trainable']:,} | {row['setup_s']:.2f} | {row['step_s']:.2f} "
+            f"| {row['step_s'] / peft_row['step_s']:.2f} | {row['peak_mb']:.0f} "
+            f"| {row['peak_mb'] / max(peft_row['peak_mb'], 1):.2f} |"
+        )
 
 
 if __name__ == "__main__":

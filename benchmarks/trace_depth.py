@@ -26,11 +26,11 @@ import statistics
 import time
 from pathlib import Path
 
-import utune_fx  # noqa: F401  (torchvision compatibility before timm)
 import timm
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+import utune_fx  # noqa: F401  (torchvision compatibility before timm)
 from utune_fx.match import find_operations
 from utune_fx.trace.annotate import annotate
 from utune_fx.trace.fx_frontend import fx_trace
@@ -67,7 +67,13 @@ def main() -> None:
     x = torch.randn(1, 3, 224, 224)
     cases = [("vit_base_patch16_224", 12, {})] + [(f"ViT-B/16, {d} blocks", d, {"depth": d}) for d in args.depths]
     rows = []
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns) as progress:
         task = progress.add_task("tracing", total=len(cases))
         for label, depth, kwargs in cases:
@@ -79,15 +85,20 @@ def main() -> None:
             progress.advance(task)
 
     base = next(r for r in rows if r["model"].startswith("ViT-B/16") and r["blocks"] == min(args.depths))
-    print("\n| model | blocks | nodes | attention / ffn found | fx s | annotate s | match ms | total s "
-          "| per-block cost vs smallest (fx / annotate / match) |")
+    print(
+        "\n| model | blocks | nodes | attention / ffn found | fx s | annotate s | match ms | total s "
+        "| per-block cost vs smallest (fx / annotate / match) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
-        ratios = " / ".join(f"{(row[k] / row['blocks']) / (base[k] / base['blocks']):.2f}"
-                            for k in ("fx", "annotate", "match"))
+        ratios = " / ".join(
+            f"{(row[k] / row['blocks']) / (base[k] / base['blocks']):.2f}" for k in ("fx", "annotate", "match")
+        )
         total = row["fx"] + row["annotate"] + row["match"]
-        print(f"| {row['model']} | {row['blocks']} | {row['nodes']} | {row['attention']} / {row['ffn']} "
-              f"| {row['fx']:.3f} | {row['annotate']:.3f} | {1000 * row['match']:.1f} | {total:.3f} | {ratios} |")
+        print(
+            f"| {row['model']} | {row['blocks']} | {row['nodes']} | {row['attention']} / {row['ffn']} "
+            f"| {row['fx']:.3f} | {row['annotate']:.3f} | {1000 * row['match']:.1f} | {total:.3f} | {ratios} |"
+        )
     out = Path(__file__).parent / "results" / "trace_depth.json"
     out.parent.mkdir(exist_ok=True)
     tmp = out.with_suffix(".tmp")

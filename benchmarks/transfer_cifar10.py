@@ -23,8 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import utune_fx  # noqa: E402,F401  (before timm: makes torchvision importable with CPU torch)
 import torch  # noqa: E402
+
+import utune_fx  # noqa: E402,F401  (before timm: makes torchvision importable with CPU torch)
 from utune_fx.data import load_data  # noqa: E402
 from utune_fx.errors import UtuneError  # noqa: E402
 from utune_fx.match import load_rules  # noqa: E402
@@ -62,8 +63,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "transfer_cifar10.json"))
     args = parser.parse_args()
     _, data_config = build(METHODS["linear probe"][0], args.size)
-    splits = load_data(f"npz:{args.data}", input_size=(3, args.size, args.size), data_config=data_config,
-                       train_size=1000, val_size=500, seed=0, augment=False)
+    splits = load_data(
+        f"npz:{args.data}",
+        input_size=(3, args.size, args.size),
+        data_config=data_config,
+        train_size=1000,
+        val_size=500,
+        seed=0,
+        augment=False,
+    )
     rows = []
     for name in args.methods:
         rule_files, grid = METHODS[name]
@@ -88,24 +96,46 @@ def main() -> None:
         lr, summary, result = best
         tic = time.perf_counter()
         test = evaluate(result.module, splits.test, TrainConfig(batch_size=64), next(result.module.parameters()).device)
-        rows.append({"method": name, "rules": rule_files, "lr": lr, "val_accuracy": summary["last_val_accuracy"],
-                     "test_accuracy": test["accuracy"], "trainable_parameters": summary["trainable_parameters"],
-                     "seconds_per_epoch": summary["seconds_per_epoch"], "test_seconds": time.perf_counter() - tic,
-                     "val_accuracy_per_lr": tried})
+        rows.append(
+            {
+                "method": name,
+                "rules": rule_files,
+                "lr": lr,
+                "val_accuracy": summary["last_val_accuracy"],
+                "test_accuracy": test["accuracy"],
+                "trainable_parameters": summary["trainable_parameters"],
+                "seconds_per_epoch": summary["seconds_per_epoch"],
+                "test_seconds": time.perf_counter() - tic,
+                "val_accuracy_per_lr": tried,
+            }
+        )
         print(f"{name}: test {test['accuracy']:.1%}", file=sys.stderr)
         _save(Path(args.out), _setup(args, splits), rows)  # after each method: a long run keeps what it has
     rows = _save(Path(args.out), _setup(args, splits), rows)
     print("| method | lr | val acc | test acc | trainable params | s/epoch |")
     print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['method']} | {row['lr']:g} | {row['val_accuracy']:.1%} | {row['test_accuracy']:.1%} | "
-              f"{row['trainable_parameters']:,} | {row['seconds_per_epoch']:.1f} |")
+        print(
+            f"| {row['method']} | {row['lr']:g} | {row['val_accuracy']:.1%} | {row['test_accuracy']:.1%} | "
+            f"{row['trainable_parameters']:,} | {row['seconds_per_epoch']:.1f} |"
+        )
 
 
 def _setup(args, splits) -> dict:
-    return {"backbone": SPEC, "data": args.data, "size": args.size, "epochs": args.epochs, "train_images": 1000,
-             "val_images": 500, "test_images": len(splits.test), "batch_size": 32, "optimizer": "adamw",
-             "label_smoothing": 0.1, "augmentation": "none", "torch_threads": torch.get_num_threads()}
+    return {
+        "backbone": SPEC,
+        "data": args.data,
+        "size": args.size,
+        "epochs": args.epochs,
+        "train_images": 1000,
+        "val_images": 500,
+        "test_images": len(splits.test),
+        "batch_size": 32,
+        "optimizer": "adamw",
+        "label_smoothing": 0.1,
+        "augmentation": "none",
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _save(out: Path, setup: dict, rows: list[dict]) -> list[dict]:

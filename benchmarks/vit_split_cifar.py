@@ -25,9 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import utune_fx  # noqa: E402,F401  (before timm: makes torchvision importable with CPU torch)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+import utune_fx  # noqa: E402,F401  (before timm: makes torchvision importable with CPU torch)
 from utune_fx.data import ImageDataset, load_data  # noqa: E402
 from utune_fx.errors import UtuneError  # noqa: E402
 from utune_fx.match import load_rules  # noqa: E402
@@ -79,16 +80,29 @@ def card_augmentation(mean, std):
     """The card's recipe: reflect-pad 4 + random 32 crop, horizontal flip (timm's default random-resized
     crop would throw away most of a 32 px image)."""
     from torchvision import transforms
-    return transforms.Compose([transforms.RandomCrop(32, padding=4, padding_mode="reflect"),
-                               transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                               transforms.Normalize(mean, std)])
+
+    return transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4, padding_mode="reflect"),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
 
 
 def make_splits(card: Path, data: Path, seed: int = 0):
     """(train 1,000, search-train 800, search-val 200, test 5,000) of classes 5-9, card-normalised."""
     config = data_config_of(load_model(str(card)).model)  # the card's size and normalisation
-    splits = load_data(f"npz:{data}?classes={CLASSES}", input_size=config["input_size"], data_config=config,
-                       train_size=1000, val_size=0, seed=seed, augment=False)
+    splits = load_data(
+        f"npz:{data}?classes={CLASSES}",
+        input_size=config["input_size"],
+        data_config=config,
+        train_size=1000,
+        val_size=0,
+        seed=seed,
+        augment=False,
+    )
     chosen = splits.train
     rng = np.random.default_rng([seed, 2])
     held = np.sort(np.concatenate([rng.permutation(chosen.indices[chosen.labels == c])[:40] for c in range(5)]))
@@ -108,9 +122,13 @@ def run_one(spec: str, names: list[str], lr: float, seed: int, epochs: int, trai
         except UtuneError as error:  # diverged: this rate loses
             return {"diverged": str(error)}
     backbone = sum(p.numel() for p in result.base_model.parameters())
-    return {"val_accuracy": summary["last_val_accuracy"], "test_accuracy": summary.get("test_accuracy"),
-            "trainable_parameters": summary["trainable_parameters"], "backbone_parameters": backbone,
-            "seconds_per_epoch": summary["seconds_per_epoch"]}
+    return {
+        "val_accuracy": summary["last_val_accuracy"],
+        "test_accuracy": summary.get("test_accuracy"),
+        "trainable_parameters": summary["trainable_parameters"],
+        "backbone_parameters": backbone,
+        "seconds_per_epoch": summary["seconds_per_epoch"],
+    }
 
 
 def read_results(path: Path, setup: dict) -> list[dict]:
@@ -146,8 +164,16 @@ def main() -> None:
     args = parser.parse_args()
     from benchmarks.vit_split_cifar_report import write_report
 
-    setup = {"card": Path(args.card).name, "data": Path(args.data).name, "classes": CLASSES, "epochs": args.epochs,
-             "batch_size": 32, "train_images": 1000, "held_out": 200, "seeds": list(SEEDS)}
+    setup = {
+        "card": Path(args.card).name,
+        "data": Path(args.data).name,
+        "classes": CLASSES,
+        "epochs": args.epochs,
+        "batch_size": 32,
+        "train_images": 1000,
+        "held_out": 200,
+        "seeds": list(SEEDS),
+    }
     results = Path(args.results)
     if not args.report:
         torch.set_num_threads(min(torch.get_num_threads(), 2))
@@ -161,15 +187,32 @@ def main() -> None:
                 names, _, grid, suffix = METHODS[method]
                 done = {(row["phase"], row["lr"], row["seed"]) for row in rows if row["method"] == method}
 
-                def record(phase: str, lr: float, seed: int, description: str, *datasets) -> None:
+                def record(
+                    phase: str,
+                    lr: float,
+                    seed: int,
+                    description: str,
+                    *datasets,
+                    done=done,
+                    method=method,
+                    names=names,
+                    suffix=suffix,
+                ) -> None:
                     if (phase, lr, seed) in done:
                         return
                     bar.update(task, description=f"{method}: {description}")
-                    row = {"setup": setup, "method": method, "phase": phase, "lr": lr, "seed": seed,
-                           **run_one(args.card + suffix, names, lr, seed, args.epochs, *datasets)}
+                    row = {
+                        "setup": setup,
+                        "method": method,
+                        "phase": phase,
+                        "lr": lr,
+                        "seed": seed,
+                        **run_one(args.card + suffix, names, lr, seed, args.epochs, *datasets),
+                    }
                     append_result(results, row)
                     rows.append(row)
                     bar.advance(task)
+
                 for lr in grid:
                     record("search", lr, 0, f"lr {lr:g} on 800, held-out 200", search, held_out, None)
                 lr = chosen_lr(rows, method, grid)

@@ -27,26 +27,36 @@ def summarise(rows: list[dict], methods: dict) -> list[dict]:
         accuracies = [row["test_accuracy"] for row in finals if row.get("test_accuracy") is not None]
         if len(accuracies) < 3:
             continue
-        search = {row["lr"]: row.get("val_accuracy") for row in rows
-                  if row["method"] == method and row["phase"] == "search"}
-        table.append({
-            "method": method, "group": group, "lr": finals[0]["lr"],
-            "trainable_parameters": finals[0]["trainable_parameters"],
-            "share": finals[0]["trainable_parameters"] / finals[0]["backbone_parameters"],
-            "mean": statistics.mean(accuracies), "std": statistics.stdev(accuracies),
-            "seconds_per_epoch": statistics.median(row["seconds_per_epoch"] for row in finals),
-            "held_out": {lr: search.get(lr) for lr in grid},
-        })
+        search = {
+            row["lr"]: row.get("val_accuracy") for row in rows if row["method"] == method and row["phase"] == "search"
+        }
+        table.append(
+            {
+                "method": method,
+                "group": group,
+                "lr": finals[0]["lr"],
+                "trainable_parameters": finals[0]["trainable_parameters"],
+                "share": finals[0]["trainable_parameters"] / finals[0]["backbone_parameters"],
+                "mean": statistics.mean(accuracies),
+                "std": statistics.stdev(accuracies),
+                "seconds_per_epoch": statistics.median(row["seconds_per_epoch"] for row in finals),
+                "held_out": {lr: search.get(lr) for lr in grid},
+            }
+        )
     return table
 
 
 def _markdown_table(table: list[dict]) -> str:
-    lines = ["| method | trainable params | share of backbone | top-1 (mean +- std, 3 seeds) | lr | s/epoch |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | trainable params | share of backbone | top-1 (mean +- std, 3 seeds) | lr | s/epoch |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for row in table:
-        lines.append(f"| {row['method']} | {row['trainable_parameters']:,} | {row['share']:.2%} | "
-                     f"{100 * row['mean']:.1f} +- {100 * row['std']:.1f} | {row['lr']:g} | "
-                     f"{row['seconds_per_epoch']:.1f} |")
+        lines.append(
+            f"| {row['method']} | {row['trainable_parameters']:,} | {row['share']:.2%} | "
+            f"{100 * row['mean']:.1f} +- {100 * row['std']:.1f} | {row['lr']:g} | "
+            f"{row['seconds_per_epoch']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -55,9 +65,14 @@ def _search_table(table: list[dict]) -> str:
     lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |", "|---|" + "---:|" * len(rates)]
     for row in table:
         cells = [row["held_out"].get(lr) for lr in rates]
-        lines.append(f"| {row['method']} | " + " | ".join(
-            "" if lr not in row["held_out"] else "diverged" if value is None else f"{100 * value:.1f}"
-            for lr, value in zip(rates, cells)) + " |")
+        lines.append(
+            f"| {row['method']} | "
+            + " | ".join(
+                "" if lr not in row["held_out"] else "diverged" if value is None else f"{100 * value:.1f}"
+                for lr, value in zip(rates, cells)
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -74,9 +89,12 @@ def verdict(table: list[dict]) -> str:
         best = max(petl, key=lambda row: row["mean"])
         dual = by["dual U-Tuner"]
         holds = best["method"] == "dual U-Tuner"
-        lines.append(f"- (a) dual U-Tuner the best PETL method: **{'holds' if holds else 'does not hold'}**. "
-                     f"Dual U-Tuner {_points(dual)}; best PETL method {best['method']} {_points(best)}"
-                     + ("" if holds else f", {100 * (best['mean'] - dual['mean']):.1f} points above it") + ".")
+        lines.append(
+            f"- (a) dual U-Tuner the best PETL method: **{'holds' if holds else 'does not hold'}**. "
+            f"Dual U-Tuner {_points(dual)}; best PETL method {best['method']} {_points(best)}"
+            + ("" if holds else f", {100 * (best['mean'] - dual['mean']):.1f} points above it")
+            + "."
+        )
     earlier = [row for row in table if row["group"] == "earlier PETL"]
     if "U-Tuner first layer" in by and earlier:
         first, best = by["U-Tuner first layer"], max(earlier, key=lambda row: row["mean"])
@@ -86,32 +104,49 @@ def verdict(table: list[dict]) -> str:
         holds = close and ratio > 10
         head = by["linear probe"]["trainable_parameters"] if "linear probe" in by else 0
         without_head = (best["trainable_parameters"] - head) / max(first["trainable_parameters"] - head, 1)
-        lines.append(f"- (b) U-Tuner on the first layer close to the best earlier method with >10x fewer parameters: "
-                     f"**{'holds' if holds else 'does not hold'}**. First layer {_points(first)} with "
-                     f"{first['trainable_parameters']:,} parameters; best earlier method {best['method']} "
-                     f"{_points(best)} with {best['trainable_parameters']:,} ({ratio:.1f}x as many"
-                     + (f", {without_head:.1f}x without the {head:,}-parameter head both train" if head else "")
-                     + f"); gap {gap:+.1f} points (close = within one std plus 1 point: {'yes' if close else 'no'}).")
+        lines.append(
+            f"- (b) U-Tuner on the first layer close to the best earlier method with >10x fewer parameters: "
+            f"**{'holds' if holds else 'does not hold'}**. First layer {_points(first)} with "
+            f"{first['trainable_parameters']:,} parameters; best earlier method {best['method']} "
+            f"{_points(best)} with {best['trainable_parameters']:,} ({ratio:.1f}x as many"
+            + (f", {without_head:.1f}x without the {head:,}-parameter head both train" if head else "")
+            + f"); gap {gap:+.1f} points (close = within one std plus 1 point: {'yes' if close else 'no'})."
+        )
     variants = [row for row in table if row["group"] == "U-Tuner"]
     rivals = [by[name] for name in CLAIM_C if name in by]
     if variants and rivals:
         strongest = max(rivals, key=lambda row: row["mean"])
         beaten = [row for row in variants if row["mean"] > strongest["mean"]]
-        lines.append(f"- (c) U-Tuner variants beat VPT, adapter, prefix, bitfit and linear probing on the mean: "
-                     f"**{'holds' if len(beaten) == len(variants) else 'holds for some' if beaten else 'does not hold'}**"
-                     f". The strongest of those is {strongest['method']} {_points(strongest)}; "
-                     f"{len(beaten)} of {len(variants)} U-Tuner variants are above it"
-                     + (f" ({', '.join(row['method'] + ' ' + _points(row) for row in beaten)})" if beaten else "")
-                     + (f"; below it: {', '.join(row['method'] + ' ' + _points(row) for row in variants if row not in beaten)}"
-                        if len(beaten) < len(variants) else "") + ".")
+        lines.append(
+            f"- (c) U-Tuner variants beat VPT, adapter, prefix, bitfit and linear probing on the mean: "
+            f"**{'holds' if len(beaten) == len(variants) else 'holds for some' if beaten else 'does not hold'}**"
+            f". The strongest of those is {strongest['method']} {_points(strongest)}; "
+            f"{len(beaten)} of {len(variants)} U-Tuner variants are above it"
+            + (f" ({', '.join(row['method'] + ' ' + _points(row) for row in beaten)})" if beaten else "")
+            + (
+                f"; below it: {', '.join(row['method'] + ' ' + _points(row) for row in variants if row not in beaten)}"
+                if len(beaten) < len(variants)
+                else ""
+            )
+            + "."
+        )
     return "\n".join(lines)
 
 
 def write_report(rows: list[dict], setup: dict, methods: dict) -> str:
     table = summarise(rows, methods)
     if table:
-        plot_accuracy_vs_parameters([row for row in table if row["method"] != "linear probe, random backbone"],
-                                    PLOT, f"ViT (depth 6, width 192) on CIFAR-10 classes 5-9, 1,000 images, "
-                                    f"{setup['epochs']} epochs")
-    return "\n\n".join([_markdown_table(table), "Held-out accuracy (%) of the learning-rate search, seed 0:",
-                        _search_table(table), "Verdict:", verdict(table)])
+        plot_accuracy_vs_parameters(
+            [row for row in table if row["method"] != "linear probe, random backbone"],
+            PLOT,
+            f"ViT (depth 6, width 192) on CIFAR-10 classes 5-9, 1,000 images, {setup['epochs']} epochs",
+        )
+    return "\n\n".join(
+        [
+            _markdown_table(table),
+            "Held-out accuracy (%) of the learning-rate search, seed 0:",
+            _search_table(table),
+            "Verdict:",
+            verdict(table),
+        ]
+    )

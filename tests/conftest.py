@@ -1,7 +1,7 @@
-import utune_fx  # noqa: F401  (defines the torchvision op schemas before timm loads)
-
 import pytest
 import torch
+
+import utune_fx  # noqa: F401  (defines the torchvision op schemas before timm loads)
 
 
 @pytest.fixture(autouse=True)

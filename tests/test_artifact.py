@@ -35,6 +35,7 @@ def test_round_trip_is_exact_with_trained_tuners(artifact, tmp_path):
     safetensors.torch.save_file(tensors, str(artifact / TENSORS))
     manifest = json.loads((artifact / MANIFEST).read_text())
     import hashlib
+
     manifest["tensors_sha256"] = hashlib.sha256((artifact / TENSORS).read_bytes()).hexdigest()
     (artifact / MANIFEST).write_text(json.dumps(manifest))
     second = load_tuned(artifact)
@@ -47,25 +48,32 @@ def test_round_trip_is_exact_with_trained_tuners(artifact, tmp_path):
 
 def test_rules_with_imports_rebuild(tmp_path):
     (tmp_path / "lib.yaml").write_text("version: 1\npatterns:\n  qkv_linear: {node: {kind: linear, scope: '**.qkv'}}\n")
-    (tmp_path / "main.yaml").write_text(textwrap.dedent("""
+    (tmp_path / "main.yaml").write_text(
+        textwrap.dedent("""
         version: 1
         imports: [lib.yaml]
         rules: [{name: lora, match: qkv_linear, tuner: lora}]
-        """))
+        """)
+    )
     out = tmp_path / "tuned"
     assert main(["rewrite", SPEC, "--rules", str(tmp_path / "main.yaml"), "-o", str(out)]) == 0
     assert load_tuned(out).summaries[0].regions == 2
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda d: (d / TENSORS).unlink(), r"tuners\.safetensors is missing"),
-    (lambda d: (d / MANIFEST).unlink(), r"manifest\.json is missing"),
-    (lambda d: (d / TENSORS).write_bytes(b"garbage"), r"does not match the sha256 in manifest\.json"),
-    (lambda d: (d / MANIFEST).write_text("{not json"), r"manifest\.json: not valid JSON"),
-    (lambda d: (d / MANIFEST).write_text(json.dumps({"format": "other"})), r"not a utune_fx tuned artifact"),
-    (lambda d: (d / MANIFEST).write_text((d / MANIFEST).read_text().replace("hidden: 8", "hidden: 9")),
-     r"rule text of dual_utuner\.yaml does not match its sha256"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda d: (d / TENSORS).unlink(), r"tuners\.safetensors is missing"),
+        (lambda d: (d / MANIFEST).unlink(), r"manifest\.json is missing"),
+        (lambda d: (d / TENSORS).write_bytes(b"garbage"), r"does not match the sha256 in manifest\.json"),
+        (lambda d: (d / MANIFEST).write_text("{not json"), r"manifest\.json: not valid JSON"),
+        (lambda d: (d / MANIFEST).write_text(json.dumps({"format": "other"})), r"not a utune_fx tuned artifact"),
+        (
+            lambda d: (d / MANIFEST).write_text((d / MANIFEST).read_text().replace("hidden: 8", "hidden: 9")),
+            r"rule text of dual_utuner\.yaml does not match its sha256",
+        ),
+    ],
+)
 def test_damaged_artifacts_give_one_clear_line(artifact, damage, message):
     damage(artifact)
     with pytest.raises(UtuneError, match=message) as caught:
@@ -78,6 +86,7 @@ def test_a_failed_write_leaves_the_existing_artifact_intact(artifact, monkeypatc
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
+
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         main(["rewrite", SPEC, "--rules", RULES, "-o", str(artifact)])

@@ -5,9 +5,9 @@ ONNX export -> ONNX Runtime parity (utune_fx.zoo.stages.run_module_chain: the zo
 
 import pytest
 import torch
+from toy_models import minilm, transformer_decoder, transformer_encoder
 
 import utune_fx  # noqa: F401  (before transformers)
-from toy_models import minilm, transformer_decoder, transformer_encoder
 from utune_fx.fold import relative_difference
 from utune_fx.zoo.stages import STAGES, run_module_chain
 
@@ -36,8 +36,9 @@ def _scopes(state: dict, rule: str) -> list[str]:
     return [region.scope for region in state["matches"][rule].regions]
 
 
-def _check(record: dict, state: dict, *, frontend: str, mha: int, ffn: int, lora: int | None,
-           computed: int = 0) -> None:
+def _check(
+    record: dict, state: dict, *, frontend: str, mha: int, ffn: int, lora: int | None, computed: int = 0
+) -> None:
     """The whole chain ran and held. ``lora``: the LoRA tuners rules/lora.yaml inserts, or None where that
     depends on its fallback rules (what the dual U-Tuner finds is always exact); ``computed``: those on a
     linear whose weight the graph computes (a slice of a packed weight), kept as branches by fold."""
@@ -89,15 +90,17 @@ def test_transformer_decoder_with_memory_through_fx_and_the_whole_chain():
     state: dict = {}
     record = run_module_chain(model, inputs, "nn.TransformerDecoder", state=state)
     _check(record, state, frontend="fx", mha=4, ffn=2, lora=None)
-    assert _scopes(state, "mha") == [f"layers.{i}.{attention}" for i in range(2)
-                                     for attention in ("self_attn", "multihead_attn")]  # self, then cross
+    assert _scopes(state, "mha") == [
+        f"layers.{i}.{attention}" for i in range(2) for attention in ("self_attn", "multihead_attn")
+    ]  # self, then cross
 
 
 def test_transformer_decoder_through_torch_export_with_the_dual_utuner():
     model, inputs = _decoder()
     state: dict = {}
-    record = run_module_chain(model, inputs, "nn.TransformerDecoder", frontend="export", rule_files=("dual_utuner",),
-                              state=state)
+    record = run_module_chain(
+        model, inputs, "nn.TransformerDecoder", frontend="export", rule_files=("dual_utuner",), state=state
+    )
     _check(record, state, frontend="export", mha=4, ffn=2, lora=0)
 
 

@@ -22,8 +22,10 @@ def _json_report(capsys, *args):
 
 def test_json_report_has_everything_a_tool_needs(capsys):
     import timm
-    expected_parameters = sum(p.numel() for p in timm.create_model(
-        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).parameters())
+
+    expected_parameters = sum(
+        p.numel() for p in timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).parameters()
+    )
     report = _json_report(capsys, SMALL_VIT)
     assert report["frontend"] == "fx" and report["inputs"] == [[2, 3, 32, 32]]
     assert report["parameters"] == expected_parameters
@@ -35,10 +37,13 @@ def test_json_report_has_everything_a_tool_needs(capsys):
     assert report["opaque"] == [] and report["trace_seconds"] > 0
 
 
-@pytest.mark.parametrize("spec,scope", [
-    ("timm:vit_base_patch16_224", "blocks.{i}.{kind}"),
-    ("timm:swin_tiny_patch4_window7_224", None),
-])
+@pytest.mark.parametrize(
+    "spec,scope",
+    [
+        ("timm:vit_base_patch16_224", "blocks.{i}.{kind}"),
+        ("timm:swin_tiny_patch4_window7_224", None),
+    ],
+)
 def test_acceptance_models_list_12_attention_and_12_mlp_with_scopes(capsys, spec, scope):
     assert main(["inspect", spec]) == 0
     text = capsys.readouterr().out
@@ -66,14 +71,17 @@ def test_export_front_end_is_reported(capsys):
     assert "torch.fx could not trace it" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args,message", [
-    (["timm:vit_bse_patch16_224"], "unknown timm model"),
-    (["missing.py:build"], "model file 'missing.py' not found"),
-    ([f"{TOY}:not_a_model"], "not a torch.nn.Module"),
-    (["timm:resnet18", "--input-shape", "2,x"], "bad --input-shape"),
-    (["timm:resnet18", "--input-shape", "2,3,7"], "rejects example input(s) of shape 2x3x7"),
-    ([f"{TOY}:build_data_dependent_root", "--input-shape", "2,8"], "cannot be traced"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["timm:vit_bse_patch16_224"], "unknown timm model"),
+        (["missing.py:build"], "model file 'missing.py' not found"),
+        ([f"{TOY}:not_a_model"], "not a torch.nn.Module"),
+        (["timm:resnet18", "--input-shape", "2,x"], "bad --input-shape"),
+        (["timm:resnet18", "--input-shape", "2,3,7"], "rejects example input(s) of shape 2x3x7"),
+        ([f"{TOY}:build_data_dependent_root", "--input-shape", "2,8"], "cannot be traced"),
+    ],
+)
 def test_user_errors_exit_2_with_one_line(capsys, args, message):
     assert main(["inspect", *args]) == 2
     captured = capsys.readouterr()
@@ -90,11 +98,23 @@ def test_debug_shows_the_traceback(capsys):
 
 def test_cli_script_runs_as_a_program():
     env = {**os.environ, "COLUMNS": "120"}
-    done = subprocess.run([sys.executable, "cli.py", "inspect", "timm:nope_model"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(
+        [sys.executable, "cli.py", "inspect", "timm:nope_model"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 2
     assert done.stderr.startswith("error: unknown timm model 'nope_model'") and done.stderr.count("\n") == 1
-    done = subprocess.run([sys.executable, "cli.py", "inspect", SMALL_VIT, "--json"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(
+        [sys.executable, "cli.py", "inspect", SMALL_VIT, "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["operations"]["attention"]["count"] == 2

@@ -52,4 +52,5 @@ def test_shim_does_nothing_when_the_compiled_ops_load():
 
 def test_shim_does_nothing_once_torchvision_is_imported():
     import torchvision  # noqa: F401
+
     assert utune_fx._compat.ensure_torchvision_importable() is False

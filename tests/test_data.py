@@ -39,6 +39,7 @@ def _selected_paths(dataset) -> set[str]:
 
 # --- imagefolder -----------------------------------------------------------------------
 
+
 def test_imagefolder_class_folders_become_labels_and_images_are_resized(tmp_path):
     root = _image_folder(tmp_path / "birds", {"wren": 6, "crow": 4}, suffix=".jpg")
     splits = load_data(f"imagefolder:{root}", input_size=SMALL, val_size=2)
@@ -64,8 +65,10 @@ def test_imagefolder_train_and_test_folders_are_the_splits(tmp_path, test_folder
 def test_imagefolder_split_file_assigns_train_and_test(tmp_path):
     root = _image_folder(tmp_path / "images", {"x": 3, "y": 3})
     split = tmp_path / "split.txt"
-    split.write_text("# path role\nx/0.png train\nx/1.png train\nx/2.png test\n\n"
-                     "y/0.png train\ny/1.png train  # trailing comment\ny/2.png test\n")
+    split.write_text(
+        "# path role\nx/0.png train\nx/1.png train\nx/2.png test\n\n"
+        "y/0.png train\ny/1.png train  # trailing comment\ny/2.png test\n"
+    )
     splits = load_data(f"imagefolder:{root}?split={split}", input_size=SMALL, val_size=0)
     train_files = ("x/0.png", "x/1.png", "y/0.png", "y/1.png")
     assert sorted(_selected_paths(splits.train)) == [str(root / name) for name in train_files]
@@ -88,6 +91,7 @@ def test_unreadable_image_fails_naming_it_or_is_skipped(tmp_path):
 
 
 # --- cifar -----------------------------------------------------------------------------
+
 
 class _Python2Pickler(pickle._Pickler):
     """Writes bytes the way Python 2's cPickle wrote str (as the real CIFAR batches hold them)."""
@@ -186,11 +190,18 @@ def test_cifar_file_that_is_not_a_batch_dict_is_refused(tmp_path):
 
 # --- npz -------------------------------------------------------------------------------
 
+
 def test_npz_grayscale_arrays_become_three_equal_channels(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "gray.npz"
-    np.savez(path, x_train=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8), y_train=np.arange(12) % 3,
-             x_test=np.full((2, 8, 8), 255, np.uint8), y_test=np.array([2, 0]), classes=np.array(["a", "b", "c"]))
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8),
+        y_train=np.arange(12) % 3,
+        x_test=np.full((2, 8, 8), 255, np.uint8),
+        y_test=np.array([2, 0]),
+        classes=np.array(["a", "b", "c"]),
+    )
     splits = load_data(f"npz:{path}", input_size=SMALL, data_config=PLAIN, val_size=3)
     assert splits.classes == ["a", "b", "c"] and (len(splits.train), len(splits.val)) == (9, 3)
     assert np.bincount(splits.val.labels).tolist() == [1, 1, 1]  # stratified
@@ -207,10 +218,16 @@ def test_npz_jpeg_pack_reads_bytes_offsets_and_labels(tmp_path):
         encoded.append(np.frombuffer(stream.getvalue(), np.uint8))
     offsets = np.concatenate([[0], np.cumsum([len(e) for e in encoded])])
     path = tmp_path / "pack.npz"
-    np.savez(path, classes=np.array(["blue", "red"]), train_bytes=np.concatenate(encoded[:4]),
-             train_offsets=offsets[:5], train_labels=np.array(labels[:4]),
-             test_bytes=np.concatenate(encoded[4:]), test_offsets=offsets[4:] - offsets[4],
-             test_labels=np.array(labels[4:]))
+    np.savez(
+        path,
+        classes=np.array(["blue", "red"]),
+        train_bytes=np.concatenate(encoded[:4]),
+        train_offsets=offsets[:5],
+        train_labels=np.array(labels[:4]),
+        test_bytes=np.concatenate(encoded[4:]),
+        test_offsets=offsets[4:] - offsets[4],
+        test_labels=np.array(labels[4:]),
+    )
     splits = load_data(f"npz:{path}", input_size=SMALL, data_config=PLAIN, val_size=0, augment=False)
     assert splits.classes == ["blue", "red"] and len(splits.train) == 4
     for image, label in [*splits.train, *splits.test]:
@@ -227,8 +244,12 @@ def test_npz_without_expected_keys_names_the_keys_found(tmp_path):
 
 def test_npz_with_pickled_object_array_is_refused(tmp_path):
     path = tmp_path / "objects.npz"
-    np.savez(path, x_train=np.zeros((2, 4, 4), np.uint8), y_train=np.zeros(2, np.int64),
-             classes=np.array([{"a": 1}, None], dtype=object))
+    np.savez(
+        path,
+        x_train=np.zeros((2, 4, 4), np.uint8),
+        y_train=np.zeros(2, np.int64),
+        classes=np.array([{"a": 1}, None], dtype=object),
+    )
     with pytest.raises(UtuneError, match=r"cannot read .*objects.npz as plain npz arrays"):
         load_data(f"npz:{path}")
 
@@ -245,10 +266,21 @@ def test_real_cifar10_jpeg_pack_gives_twenty_images():
 def test_classes_option_keeps_those_classes_relabelled_in_the_order_given(tmp_path):
     path = tmp_path / "ten.npz"
     pixels = np.arange(40, dtype=np.uint8)[:, None, None].repeat(4, 1).repeat(4, 2)  # image i is all value i
-    np.savez(path, x_train=pixels[:30], y_train=np.arange(30) % 10, x_test=pixels[30:], y_test=np.arange(10),
-             classes=np.array([f"c{i}" for i in range(10)]))
-    splits = load_data(f"npz:{path}?classes=7,c2,5", input_size=(3, 4, 4), val_size=0, augment=False,
-                       data_config={"mean": (0, 0, 0), "std": (1, 1, 1)})
+    np.savez(
+        path,
+        x_train=pixels[:30],
+        y_train=np.arange(30) % 10,
+        x_test=pixels[30:],
+        y_test=np.arange(10),
+        classes=np.array([f"c{i}" for i in range(10)]),
+    )
+    splits = load_data(
+        f"npz:{path}?classes=7,c2,5",
+        input_size=(3, 4, 4),
+        val_size=0,
+        augment=False,
+        data_config={"mean": (0, 0, 0), "std": (1, 1, 1)},
+    )
     assert splits.classes == ["c7", "c2", "c5"]
     originals = {round(float(image[0, 0, 0]) * 255) for image, _ in splits.train}
     assert originals == {2, 12, 22, 5, 15, 25, 7, 17, 27}
@@ -256,9 +288,14 @@ def test_classes_option_keeps_those_classes_relabelled_in_the_order_given(tmp_pa
     assert sorted(splits.test.labels) == [0, 1, 2] and splits.test.pool.describe(0).endswith("x_test[2]")
     digits = load_data("digits?classes=3,8", input_size=SMALL)
     assert digits.classes == ["3", "8"] and set(digits.train.labels) == {0, 1}
-    for wanted, message in (("7,dog", r"class 'dog' in data spec .* is neither a class name nor an index below 10; "
-                                      r"the classes are c0, c1"),
-                            ("7,c7", r"names a class twice in classes=7,c7; name each once")):
+    for wanted, message in (
+        (
+            "7,dog",
+            r"class 'dog' in data spec .* is neither a class name nor an index below 10; "
+            r"the classes are c0, c1",
+        ),
+        ("7,c7", r"names a class twice in classes=7,c7; name each once"),
+    ):
         with pytest.raises(UtuneError, match=message):
             load_data(f"npz:{path}?classes={wanted}")
 
@@ -267,10 +304,14 @@ def test_classes_option_keeps_those_classes_relabelled_in_the_order_given(tmp_pa
 def test_real_cifar10_classes_5_to_9_are_the_transfer_task():
     splits = load_data(f"npz:{REAL_CIFAR}?classes=5,6,7,8,9", input_size=(3, 32, 32), train_size=1000, val_size=0)
     assert splits.classes == ["dog", "frog", "horse", "ship", "truck"]
-    assert np.bincount(splits.train.labels).tolist() == [200] * 5 and np.bincount(splits.test.labels).tolist() == [1000] * 5
+    assert (
+        np.bincount(splits.train.labels).tolist() == [200] * 5
+        and np.bincount(splits.test.labels).tolist() == [1000] * 5
+    )
 
 
 # --- digits and selection --------------------------------------------------------------
+
 
 def test_digits_holds_out_a_fixed_stratified_test_split():
     first = load_data("digits", input_size=SMALL, seed=0)
@@ -318,19 +359,23 @@ def test_val_is_carved_from_train_when_nothing_is_left_over(tmp_path):
     assert not _selected_paths(splits.train) & _selected_paths(splits.val)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"shots": 200}, r"class '0' has only \d+ training images, fewer than shots=200; lower --shots"),
-    ({"shots": 2, "train_size": 10}, "give shots .* or train_size .*, not both"),
-    ({"train_size": 5000}, r"train_size=5000 but the source has only 1438 training images"),
-    ({"val_size": 1.5}, r"val_size must be a fraction in \[0, 1\) or a count >= 0, got 1.5"),
-    ({"val_size": 1438}, r"val_size 1438 leaves no training images out of 1438"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"shots": 200}, r"class '0' has only \d+ training images, fewer than shots=200; lower --shots"),
+        ({"shots": 2, "train_size": 10}, "give shots .* or train_size .*, not both"),
+        ({"train_size": 5000}, r"train_size=5000 but the source has only 1438 training images"),
+        ({"val_size": 1.5}, r"val_size must be a fraction in \[0, 1\) or a count >= 0, got 1.5"),
+        ({"val_size": 1438}, r"val_size 1438 leaves no training images out of 1438"),
+    ],
+)
 def test_impossible_selections_are_refused(kwargs, message):
     with pytest.raises(UtuneError, match=message):
         load_data("digits", input_size=SMALL, **kwargs)
 
 
 # --- transforms ------------------------------------------------------------------------
+
 
 def test_train_images_are_augmented_and_eval_images_are_not():
     splits = load_data("digits", input_size=SMALL, shots=2)
@@ -355,6 +400,7 @@ def test_data_config_sets_normalisation(tmp_path):
 
 
 # --- errors ----------------------------------------------------------------------------
+
 
 def test_spec_and_folder_errors_say_what_to_do(tmp_path):
     schemes = "imagefolder:PATH, cifar:PATH, npz:PATH, digits"

@@ -22,8 +22,10 @@ RULES = Path(__file__).resolve().parents[1] / "rules"
 VIT = "timm:vit_tiny_patch16_224?img_size=32&patch_size=8&depth=2"
 SWIN = "timm:swin_tiny_patch4_window7_224?img_size=56&embed_dim=24&depths=[1,1]&num_heads=[1,2]"
 RESNET = "timm:resnet10t?num_classes=10"
-LORA_ONLY = "version: 1\nrules:\n  - {name: lora, match: {any_of: [{node: {kind: linear}, within: attention}, " \
-            "{node: {kind: conv}, within: block}]}, tuner: lora, settings: {rank: 4}}\n"
+LORA_ONLY = (
+    "version: 1\nrules:\n  - {name: lora, match: {any_of: [{node: {kind: linear}, within: attention}, "
+    "{node: {kind: conv}, within: block}]}, tuner: lora, settings: {rank: 4}}\n"
+)
 
 
 def _artifact(tmp_path, spec, rules_text=LORA_ONLY, seed=1, name="tuned"):
@@ -65,8 +67,7 @@ def test_fold_writes_an_artifact_and_leaves_the_tuned_one_alone(tmp_path, capsys
         assert torch.allclose(plain(*x), folded.module(*x), atol=1e-6)
 
 
-@pytest.mark.parametrize("spec,rule_file", [(VIT, "dual_utuner"), (SWIN, "lora"), (RESNET, "lora"),
-                                            (VIT, "vpt_deep")])
+@pytest.mark.parametrize("spec,rule_file", [(VIT, "dual_utuner"), (SWIN, "lora"), (RESNET, "lora"), (VIT, "vpt_deep")])
 def test_folded_models_match_onnx_runtime(tmp_path, spec, rule_file):
     tuned = _artifact(tmp_path, spec, (RULES / f"{rule_file}.yaml").read_text())
     result = load_tuned(tuned)
@@ -76,8 +77,12 @@ def test_folded_models_match_onnx_runtime(tmp_path, spec, rule_file):
     x = torch.randn(2, *result.example_inputs[0].shape[1:])
     session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0],
-                                   result.module(x).numpy(), rtol=1e-4, atol=1e-5)  # against the unfolded model
+        np.testing.assert_allclose(
+            session.run(None, {session.get_inputs()[0].name: x.numpy()})[0],
+            result.module(x).numpy(),
+            rtol=1e-4,
+            atol=1e-5,
+        )  # against the unfolded model
 
 
 def test_export_prints_parity_and_refuses_tuner_inputs_on_a_folded_model(tmp_path, capsys):
@@ -102,12 +107,15 @@ def test_export_json_lists_tuner_inputs(tmp_path, capsys):
     assert set(trainable) <= set(report["inputs"]) and all(check["passed"] for check in report["parity"])
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda d: (d / FOLDED_TENSORS).write_bytes(b"not safetensors"), "does not match the sha256"),
-    (lambda d: (d / FOLD_REPORT).write_text("{"), "cannot read"),
-    (lambda d: (d / FOLD_REPORT).unlink() or (d / MANIFEST).unlink(), "no tuned or folded artifact"),
-    (lambda d: (d / TENSORS).write_bytes(b"x"), "does not match the sha256"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda d: (d / FOLDED_TENSORS).write_bytes(b"not safetensors"), "does not match the sha256"),
+        (lambda d: (d / FOLD_REPORT).write_text("{"), "cannot read"),
+        (lambda d: (d / FOLD_REPORT).unlink() or (d / MANIFEST).unlink(), "no tuned or folded artifact"),
+        (lambda d: (d / TENSORS).write_bytes(b"x"), "does not match the sha256"),
+    ],
+)
 def test_damaged_folded_artifacts_are_one_line_errors(tmp_path, capsys, damage, message):
     tuned = _artifact(tmp_path, VIT)
     folded = tmp_path / "folded"
@@ -146,10 +154,12 @@ def test_bench_times_four_variants_at_each_batch_size(tmp_path, capsys):
     assert main(["bench", str(tuned), "--batch-sizes", "1,2", "--rounds", "2", "-o", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [(r["variant"], r["batch"]) for r in report["rows"]] == [
-        (v, b) for b in (1, 2) for v in ("base eager", "tuned eager", "folded eager", "onnxruntime")]
+        (v, b) for b in (1, 2) for v in ("base eager", "tuned eager", "folded eager", "onnxruntime")
+    ]
     assert all(r["calls"] == 2 and r["median_ms"] > 0 for r in report["rows"])
-    assert set(report["ratios"]) == {f"{k}@{b}" for b in (1, 2) for k in ("folded/base", "tuned/base",
-                                                                          "ort/folded eager")}
+    assert set(report["ratios"]) == {
+        f"{k}@{b}" for b in (1, 2) for k in ("folded/base", "tuned/base", "ort/folded eager")
+    }
     assert "onnxruntime" in capsys.readouterr().out
     assert main(["bench", str(tuned), "--batch-sizes", "1", "--rounds", "1", "--json", "-o", str(out)]) == 0
     assert len(json.loads(capsys.readouterr().out)["rows"]) == 4  # stdout is JSON only; the bar is on stderr
@@ -161,8 +171,24 @@ def test_one_onnx_file_switches_between_two_trained_tasks(tmp_path, capsys):
     spec = "timm:vit_tiny_patch16_224?img_size=16&patch_size=4&depth=2&num_classes=10&global_pool=avg"
     fast = ["--epochs", "1", "--lr", "1e-2", "--no-augment", "--label-smoothing", "0"]
     for run, seed in (("a", "0"), ("b", "1")):
-        assert main(["train", spec, "--rules", str(RULES / "dual_utuner.yaml"), "--data", "digits",
-                     "-o", str(tmp_path / run), "--seed", seed, *fast]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    spec,
+                    "--rules",
+                    str(RULES / "dual_utuner.yaml"),
+                    "--data",
+                    "digits",
+                    "-o",
+                    str(tmp_path / run),
+                    "--seed",
+                    seed,
+                    *fast,
+                ]
+            )
+            == 0
+        )
     path = tmp_path / "shared.onnx"
     assert main(["export", str(tmp_path / "a"), "-o", str(path), "--tuners-as-inputs"]) == 0
     capsys.readouterr()

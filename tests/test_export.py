@@ -61,13 +61,16 @@ def _one_line_error(call, match):
     return str(caught.value)
 
 
-@pytest.mark.parametrize("spec,rule_file,shapes", [
-    (VIT, "dual_utuner", ()),
-    (VIT, "prefix", ()),
-    (VIT, "vpt_shallow", ()),  # prompts replayed through the blocks: _prompt_attention nodes
-    (SWIN, "dual_utuner", ()),
-    (RESNET, "utuner_block", ("2,3,32,32",)),
-])
+@pytest.mark.parametrize(
+    "spec,rule_file,shapes",
+    [
+        (VIT, "dual_utuner", ()),
+        (VIT, "prefix", ()),
+        (VIT, "vpt_shallow", ()),  # prompts replayed through the blocks: _prompt_attention nodes
+        (SWIN, "dual_utuner", ()),
+        (RESNET, "utuner_block", ("2,3,32,32",)),
+    ],
+)
 def test_tuned_models_match_onnx_runtime_at_two_batch_sizes(tmp_path, spec, rule_file, shapes):
     result, _ = _tuned(spec, rule_file, shapes)
     path = tmp_path / "model.onnx"
@@ -107,31 +110,46 @@ def test_one_onnx_file_serves_two_tasks_through_tuner_inputs(tmp_path):
     x = torch.randn(2, 3, 32, 32).numpy()
     output_a, output_b = _run(path, {"x": x, **feeds_a})[0], _run(path, {"x": x, **feeds_b})[0]
     assert np.abs(output_a - output_b).max() > 1e-2  # the two tasks really differ
-    message = _one_line_error(lambda: verify_onnx(path, task_a.module, task_a.example_inputs, tuner_feeds=feeds_b),
-                              r"differs from PyTorch at batch 1: max abs error \d\.\d\de[+-]\d\d, relative error")
+    message = _one_line_error(
+        lambda: verify_onnx(path, task_a.module, task_a.example_inputs, tuner_feeds=feeds_b),
+        r"differs from PyTorch at batch 1: max abs error \d\.\d\de[+-]\d\d, relative error",
+    )
     assert "float32 tolerance: rtol 1e-04, atol 1e-05" in message
-    _one_line_error(lambda: verify_onnx(path, task_a.module, task_a.example_inputs),
-                    r"takes 19 input\(s\) besides the tuner feeds .* pass tuner_feeds")
+    _one_line_error(
+        lambda: verify_onnx(path, task_a.module, task_a.example_inputs),
+        r"takes 19 input\(s\) besides the tuner feeds .* pass tuner_feeds",
+    )
 
     wrong = {name: torch.from_numpy(array) for name, array in feeds_a.items()}
     wrong["utune.ffn.1.up.weight"] = torch.zeros(3, 8)
     safetensors.torch.save_file(wrong, str(tmp_path / "wrong.safetensors"))
-    _one_line_error(lambda: tuner_feeds(tmp_path / "wrong.safetensors", path),
-                    r"tuner tensor utune\.ffn\.1\.up\.weight has shape \[3, 8\], the model expects \[192, 8\]")
+    _one_line_error(
+        lambda: tuner_feeds(tmp_path / "wrong.safetensors", path),
+        r"tuner tensor utune\.ffn\.1\.up\.weight has shape \[3, 8\], the model expects \[192, 8\]",
+    )
 
 
 def test_tuner_files_that_do_not_fit_name_the_tensor(tmp_path):
     file = tmp_path / "tuners.safetensors"
-    safetensors.torch.save_file({"utune.a.0.down.weight": torch.zeros(4, 16), "utune.a.0.up.weight": torch.zeros(16, 4)},
-                                str(file))
+    safetensors.torch.save_file(
+        {"utune.a.0.down.weight": torch.zeros(4, 16), "utune.a.0.up.weight": torch.zeros(16, 4)}, str(file)
+    )
     assert list(tuner_feeds(tmp_path, ["utune.a.0.up.weight", "utune.a.0.down.weight"])) == [
-        "utune.a.0.up.weight", "utune.a.0.down.weight"]
-    _one_line_error(lambda: tuner_feeds(file, {"utune.a.0.down.weight": (8, 16), "utune.a.0.up.weight": (16, 4)}),
-                    r"utune\.a\.0\.down\.weight has shape \[4, 16\], the model expects \[8, 16\]")
-    _one_line_error(lambda: tuner_feeds(file, ["utune.a.0.down.weight", "utune.a.0.up.weight", "utune.a.1.up.weight"]),
-                    r"tuner tensor utune\.a\.1\.up\.weight is missing")
-    _one_line_error(lambda: tuner_feeds(file, ["utune.a.0.down.weight"]),
-                    r"tensor utune\.a\.0\.up\.weight is not a tuner input of the model")
+        "utune.a.0.up.weight",
+        "utune.a.0.down.weight",
+    ]
+    _one_line_error(
+        lambda: tuner_feeds(file, {"utune.a.0.down.weight": (8, 16), "utune.a.0.up.weight": (16, 4)}),
+        r"utune\.a\.0\.down\.weight has shape \[4, 16\], the model expects \[8, 16\]",
+    )
+    _one_line_error(
+        lambda: tuner_feeds(file, ["utune.a.0.down.weight", "utune.a.0.up.weight", "utune.a.1.up.weight"]),
+        r"tuner tensor utune\.a\.1\.up\.weight is missing",
+    )
+    _one_line_error(
+        lambda: tuner_feeds(file, ["utune.a.0.down.weight"]),
+        r"tensor utune\.a\.0\.up\.weight is not a tuner input of the model",
+    )
     torch.save({"w": torch.zeros(1)}, tmp_path / "tuners.pt")
     _one_line_error(lambda: tuner_feeds(tmp_path / "tuners.pt", ["w"]), r"read from safetensors only")
     _one_line_error(lambda: tuner_feeds(tmp_path / "elsewhere", ["w"]), r"not a tuned artifact directory")
@@ -223,9 +241,11 @@ class _Wobbly(nn.Module):
 
 def test_an_op_without_an_onnx_translation_is_named_in_one_line(tmp_path):
     gm = fx.symbolic_trace(_Wobbly())
-    message = _one_line_error(lambda: export_onnx(gm, (torch.randn(2, 4),), tmp_path / "w.onnx"),
-                              r"cannot export to ONNX: utune_test::wobble \(graph node wobble\) has no ONNX "
-                              r"translation in opset 18 \(dynamo: .*; torchscript: .*\)")
+    message = _one_line_error(
+        lambda: export_onnx(gm, (torch.randn(2, 4),), tmp_path / "w.onnx"),
+        r"cannot export to ONNX: utune_test::wobble \(graph node wobble\) has no ONNX "
+        r"translation in opset 18 \(dynamo: .*; torchscript: .*\)",
+    )
     assert "No ONNX function found" in message and "unrecognized namespace" in message
     assert list(tmp_path.iterdir()) == []  # nothing written, no staging left
 
@@ -279,9 +299,11 @@ class _WobblyBranches(_Wobbly):
 
 
 def test_the_op_is_charged_to_the_exporter_that_named_it(tmp_path):
-    message = _one_line_error(lambda: export_onnx(_WobblyBranches(), (torch.randn(2, 4),), tmp_path / "w.onnx"),
-                              r"cannot export to ONNX: utune_test::wobble has no ONNX translation in the "
-                              r"torchscript exporter in opset 18 \(dynamo: .*; torchscript: .*\)")
+    message = _one_line_error(
+        lambda: export_onnx(_WobblyBranches(), (torch.randn(2, 4),), tmp_path / "w.onnx"),
+        r"cannot export to ONNX: utune_test::wobble has no ONNX translation in the "
+        r"torchscript exporter in opset 18 \(dynamo: .*; torchscript: .*\)",
+    )
     assert "data-dependent" in message
 
 
@@ -290,8 +312,10 @@ def test_a_parity_failure_is_one_line_with_the_numbers(tmp_path):
     model, other = _Tiny(), _Tiny()
     path = tmp_path / "tiny.onnx"
     export_onnx(model, (torch.randn(2, 16),), path, exporter="torchscript")
-    _one_line_error(lambda: verify_onnx(path, other, (torch.randn(2, 16),)),
-                    r"tiny\.onnx: ONNX Runtime \(CPUExecutionProvider\) differs from PyTorch at batch 1: max abs error")
+    _one_line_error(
+        lambda: verify_onnx(path, other, (torch.randn(2, 16),)),
+        r"tiny\.onnx: ONNX Runtime \(CPUExecutionProvider\) differs from PyTorch at batch 1: max abs error",
+    )
 
 
 class _FixedBatch(_Tiny):
@@ -300,15 +324,20 @@ class _FixedBatch(_Tiny):
 
 
 def test_a_module_that_takes_one_batch_size_is_reported_as_such(tmp_path):
-    _one_line_error(lambda: export_onnx(_FixedBatch(), (torch.randn(2, 16),), tmp_path / "fixed.onnx"),
-                    r"^the PyTorch module fails at batch 1 \(RuntimeError: shape '\[2, 2, 2\]' is invalid")
+    _one_line_error(
+        lambda: export_onnx(_FixedBatch(), (torch.randn(2, 16),), tmp_path / "fixed.onnx"),
+        r"^the PyTorch module fails at batch 1 \(RuntimeError: shape '\[2, 2, 2\]' is invalid",
+    )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
     model, x = _Tiny(), (torch.randn(2, 16),)
-    _one_line_error(lambda: export_onnx(model, x, tmp_path / "m.onnx", tuner_names=["net.9.weight"]),
-                    r"tuner name net\.9\.weight is not a parameter of the model")
+    _one_line_error(
+        lambda: export_onnx(model, x, tmp_path / "m.onnx", tuner_names=["net.9.weight"]),
+        r"tuner name net\.9\.weight is not a parameter of the model",
+    )
     _one_line_error(lambda: export_onnx(model, x, tmp_path / "m.onnx", exporter="tflite"), r"unknown exporter 'tflite'")
-    _one_line_error(lambda: onnx_tuner_inputs(export_onnx(model, x, tmp_path / "m.onnx").path),
-                    r"exported without tuner inputs")
+    _one_line_error(
+        lambda: onnx_tuner_inputs(export_onnx(model, x, tmp_path / "m.onnx").path), r"exported without tuner inputs"
+    )

@@ -80,8 +80,9 @@ def test_foldable_mix_is_exact_and_leaves_no_tuner(arch, tmp_path):
     model, x = _model(arch)
     result = _tuned(model, x, _rules(tmp_path, FOLDABLE_MIX))
     folded = fold(result.module, result.summaries)
-    assert {e.status for e in folded.entries if e.rule != "head"} == {FOLDED}, [e for e in folded.entries
-                                                                                if e.status != FOLDED]
+    assert {e.status for e in folded.entries if e.rule != "head"} == {FOLDED}, [
+        e for e in folded.entries if e.status != FOLDED
+    ]
     assert [e.status for e in folded.entries if e.rule == "head"] == [IN_PLACE]
     assert not any(name.startswith("utune") for name, _ in folded.module.named_modules() if name)
     assert folded_difference(result.module, folded.module, (x,)) < RTOL
@@ -113,28 +114,64 @@ def test_lora_only_fold_is_the_base_graph_and_loads_into_the_plain_model(arch, t
 KINDS = [
     ("vit", "{name: t, match: {node: {kind: linear, scope: '**.qkv'}}, tuner: lora}", FOLDED, "blocks.0.attn.qkv"),
     ("resnet", "{name: t, match: {node: {kind: conv, scope: 'layer2.0.conv1'}}, tuner: lora}", FOLDED, "conv1"),
-    ("convnext", "{name: t, match: {node: {kind: conv, scope: '**.conv_dw'}}, tuner: lora, settings: {rank: 3}}",
-     FOLDED, "conv_dw"),
-    ("vit", "{name: t, match: {node: {kind: linear, scope: '**.fc1'}}, tuner: parallel_adapter, "
-            "settings: {activation: identity}}", FOLDED, "fc1"),
-    ("resnet", "{name: t, match: {node: {kind: conv, scope: 'layer2.0.conv1'}}, tuner: parallel_adapter, "
-               "settings: {activation: identity}}", FOLDED, "layer2.0.conv1"),  # 3x3 stride 2: centre tap
-    ("vit", "{name: t, match: {node: {kind: linear, scope: '**.proj'}}, tuner: sequential_adapter, "
-            "settings: {activation: identity}}", FOLDED, "proj"),
+    (
+        "convnext",
+        "{name: t, match: {node: {kind: conv, scope: '**.conv_dw'}}, tuner: lora, settings: {rank: 3}}",
+        FOLDED,
+        "conv_dw",
+    ),
+    (
+        "vit",
+        "{name: t, match: {node: {kind: linear, scope: '**.fc1'}}, tuner: parallel_adapter, "
+        "settings: {activation: identity}}",
+        FOLDED,
+        "fc1",
+    ),
+    (
+        "resnet",
+        "{name: t, match: {node: {kind: conv, scope: 'layer2.0.conv1'}}, tuner: parallel_adapter, "
+        "settings: {activation: identity}}",
+        FOLDED,
+        "layer2.0.conv1",
+    ),  # 3x3 stride 2: centre tap
+    (
+        "vit",
+        "{name: t, match: {node: {kind: linear, scope: '**.proj'}}, tuner: sequential_adapter, "
+        "settings: {activation: identity}}",
+        FOLDED,
+        "proj",
+    ),
     ("vit", "{name: t, match: {node: {kind: norm, scope: '**.norm1'}}, tuner: scale_shift}", FOLDED, "norm1"),
     ("resnet", "{name: t, match: {node: {kind: norm, scope: 'layer1.*.bn1'}}, tuner: scale_shift}", FOLDED, "bn1"),
-    ("convnext", "{name: t, match: {node: {kind: conv, scope: '**.fc2'}}, tuner: scale_shift, "
-                 "settings: {shift: false}}", FOLDED, "fc2"),
+    (
+        "convnext",
+        "{name: t, match: {node: {kind: conv, scope: '**.fc2'}}, tuner: scale_shift, settings: {shift: false}}",
+        FOLDED,
+        "fc2",
+    ),
     ("vit", "{name: t, match: ffn, tuner: bitfit}", IN_PLACE, "own weights"),
     ("vit", "{name: t, match: block, tuner: prompt, settings: {deep: true, length: 3}}", CONSTANT, "constant"),
-    ("vit", "{name: t, match: attention, tuner: prefix, settings: {reparam_hidden: 8, parallel: false}}", KEPT,
-     "constant tensors"),
+    (
+        "vit",
+        "{name: t, match: attention, tuner: prefix, settings: {reparam_hidden: 8, parallel: false}}",
+        KEPT,
+        "constant tensors",
+    ),
     # must not fold: nonlinear, or more than one layer
     ("vit", "{name: t, match: attention, tuner: parallel_adapter}", KEPT, "nonlinear"),
-    ("vit", "{name: t, match: ffn, tuner: parallel_adapter, settings: {activation: identity}}", KEPT,
-     "more than one linear"),
-    ("convnext", "{name: t, match: {node: {kind: conv, scope: '**.conv_dw'}}, tuner: parallel_adapter, "
-                 "settings: {activation: identity}}", KEPT, "groups"),
+    (
+        "vit",
+        "{name: t, match: ffn, tuner: parallel_adapter, settings: {activation: identity}}",
+        KEPT,
+        "more than one linear",
+    ),
+    (
+        "convnext",
+        "{name: t, match: {node: {kind: conv, scope: '**.conv_dw'}}, tuner: parallel_adapter, "
+        "settings: {activation: identity}}",
+        KEPT,
+        "groups",
+    ),
     ("vit", "{name: t, match: block, tuner: prompt, settings: {length: 3}}", KEPT, "change with the input"),
 ]
 
@@ -157,12 +194,15 @@ def test_each_tuner_kind_folds_or_says_why(arch, rule, status, reason, tmp_path)
 
 def test_weight_shared_by_prompt_replay_is_not_folded(tmp_path):
     model, x = _model("vit")
-    rules = _rules(tmp_path, """
+    rules = _rules(
+        tmp_path,
+        """
         version: 1
         rules:
           - {name: vpt, match: block, tuner: prompt, settings: {deep: true, length: 2}}
           - {name: ss, match: {node: {kind: linear, scope: '**.qkv'}}, tuner: scale_shift}
-        """)
+        """,
+    )
     result = _tuned(model, x, rules)
     entries = fold(result.module, result.summaries).entries
     kept = [e for e in entries if e.rule == "ss"]
@@ -249,8 +289,10 @@ class FunctionalConvs(nn.Module):
 def test_lora_on_functional_convolutions_folds(tmp_path, frontend):
     torch.manual_seed(0)
     model, x = FunctionalConvs().eval(), torch.randn(2, 3, 16, 16)
-    rules = _rules(tmp_path, "version: 1\nrules:\n  - {name: lora, match: {node: {kind: conv}}, tuner: lora, "
-                             "settings: {rank: 2}}\n")
+    rules = _rules(
+        tmp_path,
+        "version: 1\nrules:\n  - {name: lora, match: {node: {kind: conv}}, tuner: lora, settings: {rank: 2}}\n",
+    )
     result = rewrite(trace(model, x, frontend=frontend), rules)
     with torch.no_grad():
         assert torch.equal(result.module(x), model(x))
@@ -274,8 +316,10 @@ class TransposedAndFixedConvs(nn.Module):
         super().__init__()
         self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
         self.up = nn.ConvTranspose2d(8, 6, 4, stride=2, padding=1, output_padding=0, groups=2)
-        self.register_buffer("filt", torch.tensor([1.0, 2.0, 1.0]).outer(torch.tensor([1.0, 2.0, 1.0])).div(16)
-                             .expand(6, 1, 3, 3).contiguous())
+        self.register_buffer(
+            "filt",
+            torch.tensor([1.0, 2.0, 1.0]).outer(torch.tensor([1.0, 2.0, 1.0])).div(16).expand(6, 1, 3, 3).contiguous(),
+        )
 
     def forward(self, x):
         y = self.up(self.down(x))
@@ -285,8 +329,10 @@ class TransposedAndFixedConvs(nn.Module):
 def test_lora_on_transposed_convs_and_buffer_weights_folds(tmp_path):
     torch.manual_seed(0)
     model, x = TransposedAndFixedConvs().eval(), torch.randn(2, 3, 16, 16)
-    rules = _rules(tmp_path, "version: 1\nrules:\n  - {name: lora, match: {node: {kind: conv}}, tuner: lora, "
-                             "settings: {rank: 2}}\n")
+    rules = _rules(
+        tmp_path,
+        "version: 1\nrules:\n  - {name: lora, match: {node: {kind: conv}}, tuner: lora, settings: {rank: 2}}\n",
+    )
     result = rewrite(trace(model, x), rules)
     with torch.no_grad():
         assert torch.equal(result.module(x), model(x))
@@ -297,8 +343,9 @@ def test_lora_on_transposed_convs_and_buffer_weights_folds(tmp_path):
     up = result.module.get_submodule("utune.lora.1")
     assert isinstance(up.lora_A, nn.ConvTranspose2d) and up.lora_A.groups == 2 and up.lora_A.stride == (2, 2)
     report = match_report(trace(model, x), model, rules, "toy")
-    assert report["added_parameters"] == sum(p.numel() for n, p in result.module.named_parameters()
-                                             if n.startswith("utune."))
+    assert report["added_parameters"] == sum(
+        p.numel() for n, p in result.module.named_parameters() if n.startswith("utune.")
+    )
     folded = fold(result.module, result.summaries)
     assert [e.status for e in folded.entries] == [FOLDED] * 3
     assert folded_difference(result.module, folded.module, (x,)) < RTOL

@@ -6,8 +6,8 @@ import pytest
 import timm
 import torch
 from torch import nn
-
 from toy_models import DataDependentRoot, GatedNet, PadToMultiple, PerToken, transformer_encoder
+
 from utune_fx.errors import UtuneError
 from utune_fx.match import find_operations
 from utune_fx.trace import node_info, trace, trace_report
@@ -88,6 +88,7 @@ def test_export_front_end_gives_the_same_kinds_and_operations_as_fx():
 
     def summary(gm):
         return sorted((kind, r.scope, r.out_shape) for kind, regions in find_operations(gm).items() for r in regions)
+
     assert summary(by_fx) == summary(by_export)
 
 
@@ -130,6 +131,7 @@ def test_missing_required_input_is_reported():
     class TwoInputs(nn.Module):
         def forward(self, x, y):
             return x + y
+
     with pytest.raises(UtuneError, match="forward\\(\\) needs input 'y'.*one --input-shape per input"):
         trace(TwoInputs(), torch.randn(2, 3))
 

@@ -15,15 +15,35 @@ def _match(capsys, *args):
     return code, (json.loads(out.out) if out.out else None), out.err
 
 
-@pytest.mark.parametrize("spec,extra,attention_scopes,ffn_scopes", [
-    ("timm:vit_base_patch16_224", [], [f"blocks.{i}.attn" for i in range(12)], [f"blocks.{i}.mlp" for i in range(12)]),
-    ("timm:swin_tiny_patch4_window7_224", [],
-     [f"layers.{s}.blocks.{b}.attn" for s, d in enumerate((2, 2, 6, 2)) for b in range(d)],
-     [f"layers.{s}.blocks.{b}.mlp" for s, d in enumerate((2, 2, 6, 2)) for b in range(d)]),
-    ("timm:eva02_tiny_patch14_224?num_classes=10", [], [f"blocks.{i}.attn" for i in range(12)],
-     [f"blocks.{i}.mlp" for i in range(12)]),
-    ("tests/toy_models.py:tiny_gpt", ["--input-shape", "2,9:int64"], ["h.0.attn", "h.1.attn"], ["h.0.mlp", "h.1.mlp"]),
-])
+@pytest.mark.parametrize(
+    "spec,extra,attention_scopes,ffn_scopes",
+    [
+        (
+            "timm:vit_base_patch16_224",
+            [],
+            [f"blocks.{i}.attn" for i in range(12)],
+            [f"blocks.{i}.mlp" for i in range(12)],
+        ),
+        (
+            "timm:swin_tiny_patch4_window7_224",
+            [],
+            [f"layers.{s}.blocks.{b}.attn" for s, d in enumerate((2, 2, 6, 2)) for b in range(d)],
+            [f"layers.{s}.blocks.{b}.mlp" for s, d in enumerate((2, 2, 6, 2)) for b in range(d)],
+        ),
+        (
+            "timm:eva02_tiny_patch14_224?num_classes=10",
+            [],
+            [f"blocks.{i}.attn" for i in range(12)],
+            [f"blocks.{i}.mlp" for i in range(12)],
+        ),
+        (
+            "tests/toy_models.py:tiny_gpt",
+            ["--input-shape", "2,9:int64"],
+            ["h.0.attn", "h.1.attn"],
+            ["h.0.mlp", "h.1.mlp"],
+        ),
+    ],
+)
 def test_dual_utuner_rule_file_across_models(capsys, spec, extra, attention_scopes, ffn_scopes):
     code, report, err = _match(capsys, spec, "--rules", DUAL, *extra)
     assert code == 0, err
@@ -52,8 +72,10 @@ def test_rule_matching_nothing_exits_3_and_explains(capsys):
     assert "no attn: closest: node" in report["results"][0]["near_miss"]
     assert main(["match", "timm:resnet18", "--rules", DUAL, "--input-shape", "2,3,64,64", "--allow-empty"]) == 0
     capsys.readouterr()
-    assert main(["match", "timm:resnet18", "--rules", DUAL, "--input-shape", "2,3,64,64", "--explain",
-                 "--allow-empty"]) == 0
+    assert (
+        main(["match", "timm:resnet18", "--rules", DUAL, "--input-shape", "2,3,64,64", "--explain", "--allow-empty"])
+        == 0
+    )
     assert "matches nothing" in capsys.readouterr().out
 
 

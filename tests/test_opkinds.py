@@ -47,8 +47,11 @@ class EveryKind(nn.Module):
 
 
 def _kinds_by_name(gm):
-    return [(node_info(n).op_name, node_info(n).op_kind) for n in gm.graph.nodes
-            if n.op not in ("placeholder", "get_attr", "output")]
+    return [
+        (node_info(n).op_name, node_info(n).op_kind)
+        for n in gm.graph.nodes
+        if n.op not in ("placeholder", "get_attr", "output")
+    ]
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
@@ -87,7 +90,7 @@ class SdpaAttention(nn.Module):
 class WrittenOutAttention(SdpaAttention):
     def forward(self, x):
         q, k, v = self.split(x)
-        scores = (q * 8 ** -0.5) @ k.transpose(-2, -1)
+        scores = (q * 8**-0.5) @ k.transpose(-2, -1)
         weights = F.dropout(scores.softmax(dim=-1), 0.0, self.training)
         return self.proj(self.merge(weights @ v))
 

@@ -14,8 +14,10 @@ spec.loader.exec_module(paper_table)
 
 
 def test_missing_data_and_weights_are_listed_and_nothing_runs(tmp_path, capsys):
-    assert paper_table.main(["--data-root", str(tmp_path), "--datasets", "cub", "flowers", "--out",
-                             str(tmp_path / "out")]) == 2
+    assert (
+        paper_table.main(["--data-root", str(tmp_path), "--datasets", "cub", "flowers", "--out", str(tmp_path / "out")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"missing: cub: {tmp_path}/CUB_200_2011/images.txt" in err
     assert f"missing: flowers: {tmp_path}/flowers102/train" in err

@@ -23,16 +23,34 @@ def _tuner_reads(result, scope_of_query_linear):
     """The node each tuner call reads, and the data input of the given query projection."""
     graph = result.module.graph
     query = next(n for n in graph.nodes if n.op == "call_module" and n.target == scope_of_query_linear)
-    calls = {str(n.target): n.args[0] for n in graph.nodes if n.op == "call_module" and str(n.target).startswith("utune.mha.")}
+    calls = {
+        str(n.target): n.args[0]
+        for n in graph.nodes
+        if n.op == "call_module" and str(n.target).startswith("utune.mha.")
+    }
     return calls, data_inputs(query)[0]
 
 
-@pytest.mark.parametrize("name,kwargs,size,attention,query", [
-    ("cait_xxs24_224", dict(depth=1, depth_token_only=1, img_size=32, patch_size=16), 32,
-     "blocks_token_only.0.attn", "blocks_token_only.0.attn.q"),             # class attention: 1 query
-    ("levit_128s", {}, 224, "stages.1.downsample.attn_downsample", "stages.1.downsample.attn_downsample.q.ln.linear"),
-    ("twins_pcpvt_small", dict(depths=(1, 1, 1, 1)), 64, "blocks.0.0.attn", "blocks.0.0.attn.q"),  # keys reduced
-])
+@pytest.mark.parametrize(
+    "name,kwargs,size,attention,query",
+    [
+        (
+            "cait_xxs24_224",
+            dict(depth=1, depth_token_only=1, img_size=32, patch_size=16),
+            32,
+            "blocks_token_only.0.attn",
+            "blocks_token_only.0.attn.q",
+        ),  # class attention: 1 query
+        (
+            "levit_128s",
+            {},
+            224,
+            "stages.1.downsample.attn_downsample",
+            "stages.1.downsample.attn_downsample.q.ln.linear",
+        ),
+        ("twins_pcpvt_small", dict(depths=(1, 1, 1, 1)), 64, "blocks.0.0.attn", "blocks.0.0.attn.q"),  # keys reduced
+    ],
+)
 def test_parallel_tuners_read_the_query_tokens_and_start_as_identity(name, kwargs, size, attention, query):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
@@ -67,8 +85,11 @@ def test_class_attention_tuner_against_a_hook_reference():
         seen = {}  # class attention: what its q projection reads; self-attention: its own input
         reads = attention.q if hasattr(attention, "q") else attention
         hooks.append(reads.register_forward_pre_hook(lambda mod, inp, seen=seen: seen.__setitem__("q", inp[0])))
-        hooks.append(attention.register_forward_hook(
-            lambda mod, inp, out, seen=seen, tuner=tuners[f"utune.mha.{i}"]: out + tuner(seen["q"]).reshape_as(out)))
+        hooks.append(
+            attention.register_forward_hook(
+                lambda mod, inp, out, seen=seen, tuner=tuners[f"utune.mha.{i}"]: out + tuner(seen["q"]).reshape_as(out)
+            )
+        )
     model.head = result.module.get_submodule("head")
     with torch.no_grad():
         expected, actual = model(x), result.module(x)
@@ -83,10 +104,13 @@ def _tuner_calls(result):
     return [n for n in result.module.graph.nodes if n.op == "call_module" and str(n.target).startswith("utune.mha.")]
 
 
-@pytest.mark.parametrize("name,kwargs,joins", [
-    ("hiera_tiny_224", dict(embed_dim=32, num_heads=1, stages=(1, 1, 1, 1)), 3),  # 3 stage changes pool queries
-    ("sam2_hiera_tiny", dict(embed_dim=32, num_heads=1, stages=(1, 1, 1, 1), global_att_blocks=()), 3),  # windows
-])
+@pytest.mark.parametrize(
+    "name,kwargs,joins",
+    [
+        ("hiera_tiny_224", dict(embed_dim=32, num_heads=1, stages=(1, 1, 1, 1)), 3),  # 3 stage changes pool queries
+        ("sam2_hiera_tiny", dict(embed_dim=32, num_heads=1, stages=(1, 1, 1, 1), global_att_blocks=()), 3),  # windows
+    ],
+)
 def test_tuners_beside_query_pooling_attention_join_the_residual_stream(name, kwargs, joins):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
@@ -109,10 +133,13 @@ def test_tuners_beside_query_pooling_attention_join_the_residual_stream(name, kw
         assert not torch.allclose(result.module(x), model(x))
 
 
-@pytest.mark.parametrize("name,attention,reads", [
-    ("mvitv2_tiny", "stages.0.blocks.0.attn", "stages.0.blocks.0.attn.qkv"),  # not the pooling conv after it
-    ("lowformer_b0", "stages.2.1.attn.main.1", "stages.2.1.attn.main.1.conv_proj.conv"),  # before the strided conv
-])
+@pytest.mark.parametrize(
+    "name,attention,reads",
+    [
+        ("mvitv2_tiny", "stages.0.blocks.0.attn", "stages.0.blocks.0.attn.qkv"),  # not the pooling conv after it
+        ("lowformer_b0", "stages.2.1.attn.main.1", "stages.2.1.attn.main.1.conv_proj.conv"),  # before the strided conv
+    ],
+)
 def test_tuners_read_what_the_attention_module_reads(name, attention, reads):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()

@@ -7,8 +7,8 @@ import pytest
 import timm
 import torch
 from torch import nn
-
 from toy_models import TinyGpt, transformer_encoder
+
 from utune_fx.match import MatchContext, load_prelude, load_rules, match_rules
 from utune_fx.trace import trace
 
@@ -22,9 +22,13 @@ def _trace_timm(name, size, **kwargs):
 MODELS = {
     "vit": lambda: _trace_timm("vit_tiny_patch16_224", 32, img_size=32, patch_size=8, depth=3),
     "deit": lambda: _trace_timm("deit_tiny_patch16_224", 32, img_size=32, patch_size=8, depth=2),
-    "beit": lambda: _trace_timm("beit_base_patch16_224", 32, img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2),
+    "beit": lambda: _trace_timm(
+        "beit_base_patch16_224", 32, img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2
+    ),
     "eva": lambda: _trace_timm("eva02_tiny_patch14_224", 56, img_size=56, depth=2),
-    "swin": lambda: _trace_timm("swin_tiny_patch4_window7_224", 224, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
+    "swin": lambda: _trace_timm(
+        "swin_tiny_patch4_window7_224", 224, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)
+    ),
     "cait": lambda: _trace_timm("cait_xxs24_224", 32, img_size=32, patch_size=8, depth=2),
     "pit": lambda: _trace_timm("pit_ti_224", 224, depth=(1, 1, 1)),
     "maxvit": lambda: _trace_timm("maxvit_pico_rw_256", 64, img_size=64),
@@ -34,17 +38,25 @@ MODELS = {
     "convnext": lambda: _trace_timm("convnext_atto", 64, depths=(1, 1, 1, 1)),
     "efficientnet": lambda: _trace_timm("efficientnet_b0", 64),
     "plain_mlp": lambda: trace(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), torch.randn(2, 8)),
-    "convs": lambda: trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval(), torch.randn(2, 3, 16, 16)),
-    "mixer": lambda: trace(timm.models.mlp_mixer.MlpMixer(num_classes=10, img_size=64, patch_size=16, num_blocks=2,
-                                                          embed_dim=64).eval(), torch.randn(2, 3, 64, 64)),
+    "convs": lambda: trace(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval(), torch.randn(2, 3, 16, 16)
+    ),
+    "mixer": lambda: trace(
+        timm.models.mlp_mixer.MlpMixer(num_classes=10, img_size=64, patch_size=16, num_blocks=2, embed_dim=64).eval(),
+        torch.randn(2, 3, 64, 64),
+    ),
     "densenet": lambda: _trace_timm("densenet121", 64, block_config=(1, 1, 1, 1)),
     # FFNs beyond fc1 -> act -> fc2: PVTv2's depthwise conv on the token grid, CAFormer's StarReLU
     "pvt": lambda: _trace_timm("pvt_v2_b0", 64, depths=(1, 1, 1, 1)),
-    "caformer": lambda: trace(timm.models.metaformer.MetaFormer(
-        depths=(1, 1, 1, 1), dims=(16, 32, 64, 64),
-        token_mixers=[timm.models.metaformer.SepConv] * 2 + [timm.models.metaformer.Attention] * 2,
-        norm_layers=[timm.models.metaformer.LayerNorm2dNoBias] * 2 + [timm.models.metaformer.LayerNormNoBias] * 2,
-    ).eval(), torch.randn(2, 3, 64, 64)),
+    "caformer": lambda: trace(
+        timm.models.metaformer.MetaFormer(
+            depths=(1, 1, 1, 1),
+            dims=(16, 32, 64, 64),
+            token_mixers=[timm.models.metaformer.SepConv] * 2 + [timm.models.metaformer.Attention] * 2,
+            norm_layers=[timm.models.metaformer.LayerNorm2dNoBias] * 2 + [timm.models.metaformer.LayerNormNoBias] * 2,
+        ).eval(),
+        torch.randn(2, 3, 64, 64),
+    ),
 }
 _cache: dict = {}
 
@@ -64,10 +76,10 @@ FIRES = [
     ("attention_projected", "vit", 3, "encoder"),
     ("attention_module", "encoder", 3, "vit"),
     ("attention", "gpt", 2, "resnet"),
-    ("mlp", "vit", 3, "efficientnet"),      # squeeze-excitation gates are no mlp
-    ("conv_mlp", "pvt", 4, "resnet"),       # no depthwise conv between 1x1 convs in a ResNet
+    ("mlp", "vit", 3, "efficientnet"),  # squeeze-excitation gates are no mlp
+    ("conv_mlp", "pvt", 4, "resnet"),  # no depthwise conv between 1x1 convs in a ResNet
     ("transformer_block", "swin", 4, "convnext"),
-    ("ffn", "encoder", 3, "convnext"),      # ConvNeXt has mlps but no attention
+    ("ffn", "encoder", 3, "convnext"),  # ConvNeXt has mlps but no attention
     ("residual", "resnet", 8, "plain_mlp"),
     ("block", "resnet", 8, "plain_mlp"),
     ("linear", "plain_mlp", 2, "convs"),
@@ -93,8 +105,18 @@ def test_every_prelude_pattern_has_a_fires_row():
 
 
 # attention, ffn and transformer blocks with no name hints, across families
-TRANSFORMERS = [("vit", 3), ("deit", 2), ("beit", 2), ("eva", 2), ("swin", 4), ("cait", 4), ("pit", 3),
-                ("maxvit", 22), ("encoder", 3), ("gpt", 2)]
+TRANSFORMERS = [
+    ("vit", 3),
+    ("deit", 2),
+    ("beit", 2),
+    ("eva", 2),
+    ("swin", 4),
+    ("cait", 4),
+    ("pit", 3),
+    ("maxvit", 22),
+    ("encoder", 3),
+    ("gpt", 2),
+]
 
 
 @pytest.mark.parametrize("model,layers", TRANSFORMERS, ids=[t[0] for t in TRANSFORMERS])
@@ -125,67 +147,82 @@ def _rules(tmp_path, body: str):
 
 
 def _selected(tmp_path, selection: str, model: str = "vit") -> list[str]:
-    rules = _rules(tmp_path, f"""
+    rules = _rules(
+        tmp_path,
+        f"""
         version: 1
         rules:
           - name: r
             match: attention
             tuner: parallel_adapter
             {selection}
-        """)
+        """,
+    )
     (found,) = match_rules(context(model).gm, rules, context(model))
     return [r.scope for r in found.regions]
 
 
-@pytest.mark.parametrize("selection,expected", [
-    ("", [0, 1, 2]),
-    ("layers: 0", [0]),
-    ("layers: -1", [2]),
-    ("layers: '0:2'", [0, 1]),
-    ("layers: '1:'", [1, 2]),
-    ("layers: '::2'", [0, 2]),
-    ("layers: [0, '2:']", [0, 2]),
-    ("first: 2", [0, 1]),
-    ("last: 1", [2]),
-    ("every: 2", [0, 2]),
-    ("layers: 7", []),
-    ("scope: 'blocks.1.*'", [1]),
-    ("exclude: {layers: 1}", [0, 2]),
-    ("exclude: {scope: 'blocks.0.**'}", [1, 2]),
-    ("first: 2\n            exclude: {layers: 0}", [1]),
-])
+@pytest.mark.parametrize(
+    "selection,expected",
+    [
+        ("", [0, 1, 2]),
+        ("layers: 0", [0]),
+        ("layers: -1", [2]),
+        ("layers: '0:2'", [0, 1]),
+        ("layers: '1:'", [1, 2]),
+        ("layers: '::2'", [0, 2]),
+        ("layers: [0, '2:']", [0, 2]),
+        ("first: 2", [0, 1]),
+        ("last: 1", [2]),
+        ("every: 2", [0, 2]),
+        ("layers: 7", []),
+        ("scope: 'blocks.1.*'", [1]),
+        ("exclude: {layers: 1}", [0, 2]),
+        ("exclude: {scope: 'blocks.0.**'}", [1, 2]),
+        ("first: 2\n            exclude: {layers: 0}", [1]),
+    ],
+)
 def test_occurrence_selection_and_exclusion(tmp_path, selection, expected):
     assert _selected(tmp_path, selection) == [f"blocks.{i}.attn" for i in expected]
 
 
 def test_overlapping_regions_of_one_rule_keep_the_earlier_and_report_the_rest(tmp_path):
-    rules = _rules(tmp_path, """
+    rules = _rules(
+        tmp_path,
+        """
         version: 1
         rules:
           - name: blocks_or_attention
             match: {any_of: [transformer_block, attention]}
             tuner: parallel_adapter
-        """)
+        """,
+    )
     ctx = context("vit")
     (found,) = match_rules(ctx.gm, rules, ctx)
     assert [r.scope for r in found.regions] == ["blocks.0", "blocks.1", "blocks.2"]
     assert [(r.scope, why) for r, why in found.dropped] == [
-        (f"blocks.{i}.attn", f"overlaps the region kept at blocks.{i}") for i in range(3)]
+        (f"blocks.{i}.attn", f"overlaps the region kept at blocks.{i}") for i in range(3)
+    ]
 
 
 def test_rules_may_overlap_each_other(tmp_path):
-    rules = _rules(tmp_path, """
+    rules = _rules(
+        tmp_path,
+        """
         version: 1
         rules:
           - {name: blocks, match: transformer_block, tuner: parallel_adapter}
           - {name: attention, match: attention, tuner: lora}
-        """)
+        """,
+    )
     found = match_rules(context("vit").gm, rules, context("vit"))
     assert [len(f.regions) for f in found] == [3, 3]
 
 
 def test_user_graph_pattern_with_captures_and_scope_pattern(tmp_path):
-    rules = _rules(tmp_path, """
+    rules = _rules(
+        tmp_path,
+        """
         version: 1
         patterns:
           qk_softmax:
@@ -200,7 +237,8 @@ def test_user_graph_pattern_with_captures_and_scope_pattern(tmp_path):
         rules:
           - {name: softmax, match: qk_softmax, tuner: scale_shift}
           - {name: mlps, match: gpt_mlp_scope, tuner: parallel_adapter}
-        """)
+        """,
+    )
     ctx = context("gpt")
     softmax, mlps = match_rules(ctx.gm, rules, ctx)
     assert len(softmax.regions) == 2 and set(softmax.regions[0].captures) == {"scores", "probs"}
@@ -225,7 +263,9 @@ def test_region_cache_keeps_its_patterns_alive(tmp_path):
 
 
 def test_outside_keeps_the_regions_in_no_region_of_another_pattern(tmp_path):
-    rules = _rules(tmp_path, """
+    rules = _rules(
+        tmp_path,
+        """
         version: 1
         patterns:
           loose_linear: {node: {kind: linear}, outside: transformer_block}
@@ -233,19 +273,27 @@ def test_outside_keeps_the_regions_in_no_region_of_another_pattern(tmp_path):
         rules:
           - {name: loose, match: loose_linear, tuner: lora}
           - {name: blocked, match: blocked_linear, tuner: lora}
-        """)
+        """,
+    )
     loose, blocked = match_rules(context("vit").gm, rules, context("vit"))
     assert [r.scope for r in loose.regions] == ["head"]  # every other linear is inside a ViT block
-    assert blocked.regions == [] and "none within 'block' and outside 'transformer_block'" in \
-        rules.rules[1].pattern.explain(context("vit"))
+    assert blocked.regions == [] and "none within 'block' and outside 'transformer_block'" in rules.rules[
+        1
+    ].pattern.explain(context("vit"))
     mixer_loose, mixer_blocked = match_rules(context("mixer").gm, rules, context("mixer"))
     assert len(mixer_blocked.regions) == 8  # two blocks, each a token MLP and a channel MLP of two linears
 
 
 # the shipped LoRA rule: attention projections; every layer of attention-free residual blocks;
 # where neither exists, every layer but the classifier (its fallback rule)
-LORA_ROWS = [("vit", 6, None), ("resnet", 19, None), ("convnext", 12, None), ("mixer", 8, None),
-             ("densenet", None, 12), ("convs", None, 1)]
+LORA_ROWS = [
+    ("vit", 6, None),
+    ("resnet", 19, None),
+    ("convnext", 12, None),
+    ("mixer", 8, None),
+    ("densenet", None, 12),
+    ("convs", None, 1),
+]
 
 
 @pytest.mark.parametrize("model,lora,plain", LORA_ROWS, ids=[row[0] for row in LORA_ROWS])

@@ -25,17 +25,20 @@ def _vit_twice():
 def test_lora_matches_peft(tmp_path):
     model, x, same_weights = _vit_twice()
     rules = tmp_path / "lora.yaml"
-    rules.write_text(textwrap.dedent("""
+    rules.write_text(
+        textwrap.dedent("""
         version: 1
         patterns:
           transformer_linear:
             node: {kind: linear, scope: ["**.qkv", "**.proj", "**.fc1", "**.fc2"]}
         rules:
           - {name: lora, match: transformer_linear, tuner: lora, settings: {rank: 4, alpha: 8}}
-        """))
+        """)
+    )
     ours = rewrite(trace(model, x), load_rules(rules))
-    reference = peft.get_peft_model(same_weights, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                                  lora_dropout=0.0))
+    reference = peft.get_peft_model(
+        same_weights, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0)
+    )
 
     # Same tuner weights, away from identity: copy ours (after randomising B) into PEFT's.
     torch.manual_seed(1)
@@ -54,8 +57,11 @@ def test_lora_matches_peft(tmp_path):
     assert not torch.allclose(ours_out, model(x), atol=1e-3)
     torch.testing.assert_close(ours_out, peft_out, atol=1e-6, rtol=1e-6)
     peft_trainable = sum(p.numel() for p in reference.parameters() if p.requires_grad)
-    assert ours.trainable_parameters == peft_trainable == sum(
-        4 * (m.in_features + m.out_features) for s in regions for m in [model.get_submodule(s)])
+    assert (
+        ours.trainable_parameters
+        == peft_trainable
+        == sum(4 * (m.in_features + m.out_features) for s in regions for m in [model.get_submodule(s)])
+    )
 
 
 def test_ia3_matches_peft(tmp_path):
@@ -63,7 +69,8 @@ def test_ia3_matches_peft(tmp_path):
     utune_fx scales qkv's output and the FFN activation (fc2's input) by 1 + g."""
     model, x, same_weights = _vit_twice()
     rules = tmp_path / "ia3.yaml"
-    rules.write_text(textwrap.dedent("""
+    rules.write_text(
+        textwrap.dedent("""
         version: 1
         patterns:
           qkv: {node: {kind: linear, scope: "**.qkv"}}
@@ -71,10 +78,15 @@ def test_ia3_matches_peft(tmp_path):
         rules:
           - {name: attention, match: qkv, tuner: scale_shift, settings: {shift: false}}
           - {name: ffn, match: ffn_act, tuner: scale_shift, settings: {shift: false}}
-        """))
+        """)
+    )
     ours = rewrite(trace(model, x), load_rules(rules))
-    reference = peft.get_peft_model(same_weights, peft.IA3Config(
-        target_modules=r"blocks\.\d+\.(attn\.qkv|mlp\.fc2)", feedforward_modules=r"blocks\.\d+\.mlp\.fc2"))
+    reference = peft.get_peft_model(
+        same_weights,
+        peft.IA3Config(
+            target_modules=r"blocks\.\d+\.(attn\.qkv|mlp\.fc2)", feedforward_modules=r"blocks\.\d+\.mlp\.fc2"
+        ),
+    )
     peft_modules = dict(reference.base_model.model.named_modules())
     torch.manual_seed(2)
     for rule, suffix in (("attention", "attn.qkv"), ("ffn", "mlp.fc2")):
@@ -88,4 +100,8 @@ def test_ia3_matches_peft(tmp_path):
         ours_out, peft_out = ours.module(x), reference(x)
     assert not torch.allclose(ours_out, model(x), atol=1e-3)
     torch.testing.assert_close(ours_out, peft_out, atol=1e-5, rtol=1e-5)  # y + y*g vs y*(1+g): rounding only
-    assert ours.trainable_parameters == sum(p.numel() for p in reference.parameters() if p.requires_grad) == 2 * (576 + 768)
+    assert (
+        ours.trainable_parameters
+        == sum(p.numel() for p in reference.parameters() if p.requires_grad)
+        == 2 * (576 + 768)
+    )

@@ -22,8 +22,9 @@ from utune_fx.trace import trace, trace_report
 )
 def test_random_encoders_trace_exactly(layers, heads, head_dim, norm_first, activation, batch, tokens):
     width = heads * head_dim
-    layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, activation=activation,
-                                       batch_first=True, norm_first=norm_first)
+    layer = nn.TransformerEncoderLayer(
+        width, heads, 2 * width, dropout=0.0, activation=activation, batch_first=True, norm_first=norm_first
+    )
     model = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
     x = torch.randn(batch, tokens, width)
     gm = trace(model, x)

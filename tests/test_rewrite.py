@@ -15,8 +15,19 @@ from utune_fx.rewrite import rewrite
 from utune_fx.trace import trace
 
 RULES = Path(__file__).resolve().parents[1] / "rules"
-INSERTED = ["dual_utuner", "utuner_mha", "utuner_ffn", "utuner_block", "utuner_first_layer", "lora", "adapter",
-            "prefix", "prefix_parallel", "vpt_deep", "vpt_shallow"]
+INSERTED = [
+    "dual_utuner",
+    "utuner_mha",
+    "utuner_ffn",
+    "utuner_block",
+    "utuner_first_layer",
+    "lora",
+    "adapter",
+    "prefix",
+    "prefix_parallel",
+    "vpt_deep",
+    "vpt_shallow",
+]
 EXISTING = ["bitfit", "linear_probe", "full_finetune"]
 ATOL = {torch.float32: 1e-5}
 
@@ -113,8 +124,10 @@ def test_sequential_position_adds_u_of_the_region_output():
     model, x = _model("vit")
     result = rewrite(trace(model, x), load_rules(RULES / "adapter.yaml"))
     tuners = dict(result.module.named_modules())
-    hooks = [(block.mlp, lambda mod, inp, out, a=tuners[f"utune.ffn_adapter.{i}"]: out + a(out))
-             for i, block in enumerate(model.blocks)]
+    hooks = [
+        (block.mlp, lambda mod, inp, out, a=tuners[f"utune.ffn_adapter.{i}"]: out + a(out))
+        for i, block in enumerate(model.blocks)
+    ]
     _compare(result, model, x, hooks)
 
 
@@ -123,26 +136,33 @@ def test_reparameterised_lora_on_linears():
     result = rewrite(trace(model, x), load_rules(RULES / "lora.yaml"))
     tuners = dict(result.module.named_modules())
     linears = [layer for block in model.blocks for layer in (block.attn.qkv, block.attn.proj)]
-    hooks = [(layer, lambda mod, inp, out, a=tuners[f"utune.lora.{i}"]: out + a(inp[0]))
-             for i, layer in enumerate(linears)]
+    hooks = [
+        (layer, lambda mod, inp, out, a=tuners[f"utune.lora.{i}"]: out + a(inp[0])) for i, layer in enumerate(linears)
+    ]
     _compare(result, model, x, hooks)
 
 
 def test_lora_on_convolutions_and_adapters_on_feature_maps(tmp_path):
     model, x = _model("convnext")
-    rules = _rules(tmp_path, """
+    rules = _rules(
+        tmp_path,
+        """
         version: 1
         rules:
           - {name: convs, match: {node: {kind: conv, scope: "stages.*.blocks.*.conv_dw"}}, tuner: lora, settings: {rank: 4}}
           - {name: blocks, match: block, tuner: parallel_adapter, settings: {hidden: 4}}
-        """)
+        """,
+    )
     result = rewrite(trace(model, x), rules)
     tuners = dict(result.module.named_modules())
     blocks = [block for stage in model.stages for block in stage.blocks]
-    hooks = [(block.conv_dw, lambda mod, inp, out, a=tuners[f"utune.convs.{i}"]: out + a(inp[0]))
-             for i, block in enumerate(blocks)]
-    hooks += [(block, lambda mod, inp, out, a=tuners[f"utune.blocks.{i}"]: out + a(inp[0]))
-              for i, block in enumerate(blocks)]
+    hooks = [
+        (block.conv_dw, lambda mod, inp, out, a=tuners[f"utune.convs.{i}"]: out + a(inp[0]))
+        for i, block in enumerate(blocks)
+    ]
+    hooks += [
+        (block, lambda mod, inp, out, a=tuners[f"utune.blocks.{i}"]: out + a(inp[0])) for i, block in enumerate(blocks)
+    ]
     assert isinstance(tuners["utune.blocks.0"].down, nn.Conv2d)  # feature maps: 1x1 convs
     _compare(result, model, x, hooks)
 
@@ -164,14 +184,22 @@ def test_strided_adapters_on_downsampling_resnet_blocks():
 
 def test_scale_shift_on_norm_outputs(tmp_path):
     model, x = _model("vit")
-    result = rewrite(trace(model, x), _rules(tmp_path, """
+    result = rewrite(
+        trace(model, x),
+        _rules(
+            tmp_path,
+            """
         version: 1
         rules: [{name: ssf, match: norm, tuner: scale_shift}]
-        """))
+        """,
+        ),
+    )
     tuners = dict(result.module.named_modules())
     norms = [n for block in model.blocks for n in (block.norm1, block.norm2)] + [model.norm]
-    hooks = [(norm, lambda mod, inp, out, t=tuners[f"utune.ssf.{i}"]: out * (1 + t.scale) + t.shift)
-             for i, norm in enumerate(norms)]
+    hooks = [
+        (norm, lambda mod, inp, out, t=tuners[f"utune.ssf.{i}"]: out * (1 + t.scale) + t.shift)
+        for i, norm in enumerate(norms)
+    ]
     _compare(result, model, x, hooks)
 
 
@@ -188,27 +216,49 @@ def test_only_tuners_and_selected_parameters_train():
 
 def test_head_is_resized_to_num_classes(tmp_path):
     model, x = _model("vit")
-    result = rewrite(trace(model, x), _rules(tmp_path, """
+    result = rewrite(
+        trace(model, x),
+        _rules(
+            tmp_path,
+            """
         version: 1
         rules: [{name: classifier, match: head, tuner: head, settings: {num_classes: 5}}]
-        """))
+        """,
+        ),
+    )
     assert result.module(x).shape == (2, 5)
     assert result.summaries[0].added_parameters == 192 * 5 + 5 == result.trainable_parameters
 
 
 def test_refusals_are_clear(tmp_path):
     model, x = _model("swin")
-    with pytest.raises(UtuneError, match=r"rule 'stage' .*region layers.1: parallel_adapter at parallel needs input "
-                                         r"and output of one size but for the channels .*got 2x56x56x24 -> 2x28x28x48"):
-        rewrite(trace(model, x), _rules(tmp_path, "version: 1\nrules: [{name: stage, match: {scope: layers.1}, tuner: parallel_adapter}]\n"))
+    with pytest.raises(
+        UtuneError,
+        match=r"rule 'stage' .*region layers.1: parallel_adapter at parallel needs input "
+        r"and output of one size but for the channels .*got 2x56x56x24 -> 2x28x28x48",
+    ):
+        rewrite(
+            trace(model, x),
+            _rules(tmp_path, "version: 1\nrules: [{name: stage, match: {scope: layers.1}, tuner: parallel_adapter}]\n"),
+        )
     resnet, resnet_x = _model("resnet")
-    with pytest.raises(UtuneError, match=r"rule 'prompts' \(.*rules.yaml:3:9\), region layer1.0: prompts join the "
-                                         r"attention of a block; this region holds no attention"):
-        rewrite(trace(resnet, resnet_x), _rules(tmp_path, """
+    with pytest.raises(
+        UtuneError,
+        match=r"rule 'prompts' \(.*rules.yaml:3:9\), region layer1.0: prompts join the "
+        r"attention of a block; this region holds no attention",
+    ):
+        rewrite(
+            trace(resnet, resnet_x),
+            _rules(
+                tmp_path,
+                """
             version: 1
             rules: [{name: prompts, match: block, tuner: prompt}]
-            """))
+            """,
+            ),
+        )
     from toy_models import transformer_encoder
+
     for rule_file in ("prefix", "vpt_deep"):
         with pytest.raises(UtuneError, match=r"needs an attention whose queries, keys and values are visible"):
             rewrite(trace(transformer_encoder().eval(), torch.randn(2, 5, 32)), load_rules(RULES / f"{rule_file}.yaml"))
@@ -216,25 +266,43 @@ def test_refusals_are_clear(tmp_path):
     gm = trace(model, x)
     rewrite(gm, load_rules(RULES / "utuner_ffn.yaml"))
     with pytest.raises(UtuneError, match=r"holds tuner nodes of rule 'ffn'; a tuner on another tuner is refused"):
-        rewrite(gm, _rules(tmp_path, "version: 1\nrules: [{name: blocks, match: transformer_block, tuner: parallel_adapter}]\n"))
+        rewrite(
+            gm,
+            _rules(
+                tmp_path, "version: 1\nrules: [{name: blocks, match: transformer_block, tuner: parallel_adapter}]\n"
+            ),
+        )
 
 
 def test_train_key_selects_existing_parameters(tmp_path):
     model, x = _model("vit")
-    result = rewrite(trace(model, x), _rules(tmp_path, """
+    result = rewrite(
+        trace(model, x),
+        _rules(
+            tmp_path,
+            """
         version: 1
         rules:
           - {name: mha, match: attention, tuner: parallel_adapter, train: [biases, "norm.*"]}
-        """))
+        """,
+        ),
+    )
     trainable = {n for n, p in result.module.named_parameters() if p.requires_grad}
     existing = trainable - {n for n in trainable if n.startswith("utune.")}
-    assert existing == {"norm.weight", "norm.bias"} | {f"blocks.{i}.attn.{layer}.bias" for i in range(2)
-                                                       for layer in ("qkv", "proj")}
+    assert existing == {"norm.weight", "norm.bias"} | {
+        f"blocks.{i}.attn.{layer}.bias" for i in range(2) for layer in ("qkv", "proj")
+    }
     with pytest.raises(UtuneError, match=r"train pattern 'nothing\.\*' names no parameter"):
-        rewrite(trace(_model("vit")[0], x), _rules(tmp_path, """
+        rewrite(
+            trace(_model("vit")[0], x),
+            _rules(
+                tmp_path,
+                """
             version: 1
             rules: [{name: mha, match: attention, tuner: parallel_adapter, train: ["nothing.*"]}]
-            """))
+            """,
+            ),
+        )
 
 
 def test_several_rule_files_apply_in_order_and_may_overlap():
@@ -242,8 +310,12 @@ def test_several_rule_files_apply_in_order_and_may_overlap():
     with torch.no_grad():
         reference = model(x)
     result = rewrite(trace(model, x), [load_rules(RULES / "utuner_mha.yaml"), load_rules(RULES / "lora.yaml")])
-    assert [(s.rule, s.regions) for s in result.summaries] == [("mha", 2), ("classifier", 1), ("lora", 4),
-                                                                 ("classifier", 1)]
+    assert [(s.rule, s.regions) for s in result.summaries] == [
+        ("mha", 2),
+        ("classifier", 1),
+        ("lora", 4),
+        ("classifier", 1),
+    ]
     with torch.no_grad():
         assert torch.equal(result.module(x), reference)
     _randomise(result.module)
@@ -255,6 +327,7 @@ def test_several_rule_files_apply_in_order_and_may_overlap():
 @pytest.mark.parametrize("written_out", [False, True])
 def test_parallel_prefix_adds_attention_over_the_prefix(written_out):
     from test_opkinds import SdpaAttention, WrittenOutAttention
+
     module = (WrittenOutAttention if written_out else SdpaAttention)().eval()
     x = torch.randn(2, 5, 16)
     result = rewrite(trace(module, x), load_rules(RULES / "prefix_parallel.yaml"))
@@ -264,7 +337,7 @@ def test_parallel_prefix_adds_attention_over_the_prefix(written_out):
         prefix.values.normal_(0, 0.5)
         q, k, v = module.split(x)
         frozen = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        branch = torch.softmax(q @ prefix.keys.transpose(-2, -1) * 8 ** -0.5, dim=-1) @ prefix.values
+        branch = torch.softmax(q @ prefix.keys.transpose(-2, -1) * 8**-0.5, dim=-1) @ prefix.values
         expected = module.proj(module.merge(frozen + branch))
         torch.testing.assert_close(result.module(x), expected, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(result.module(x), module(x), atol=1e-3)

@@ -47,20 +47,27 @@ def test_inputs_are_repeatable():
     assert torch.equal(first, second)
 
 
-@pytest.mark.parametrize("text,input_shapes,message", [
-    ("timm:vit_bse_patch16_224", None, r"unknown timm model 'vit_bse_patch16_224' .*did you mean vit_base_patch16_224"),
-    ("vit_base_patch16_224", None, r"cannot read model spec .*did you mean timm:vit_base_patch16_224\?"),
-    ("timm:resnet18?bogus=1", None, r"timm model 'resnet18' rejects the options .*bogus"),
-    ("no_such_pkg.models:build", None, r"cannot import module 'no_such_pkg.models' .*is the package installed\?"),
-    ("missing/model.py:build", None, r"model file 'missing/model.py' not found"),
-    (f"{TOY}:nothing_here", None, r"has no attribute 'nothing_here'"),
-    (f"{TOY}:not_a_model", None, r"callable .*not_a_model returned int, not a torch.nn.Module"),
-    (f"{TOY}:shared_linear?x=1", None, r"is a module instance; options \['x'\] cannot apply"),
-    (f"{TOY}:build_gated_net", None, r"cannot tell the input shape .*pass --input-shape"),
-    ("timm:resnet18", ["2,three,4"], r"bad --input-shape '2,three,4'"),
-    ("timm:resnet18", ["2,3:complex"], r"bad dtype 'complex'"),
-    ("timm:resnet18", ["0,3,8,8"], r"bad --input-shape '0,3,8,8'"),
-])
+@pytest.mark.parametrize(
+    "text,input_shapes,message",
+    [
+        (
+            "timm:vit_bse_patch16_224",
+            None,
+            r"unknown timm model 'vit_bse_patch16_224' .*did you mean vit_base_patch16_224",
+        ),
+        ("vit_base_patch16_224", None, r"cannot read model spec .*did you mean timm:vit_base_patch16_224\?"),
+        ("timm:resnet18?bogus=1", None, r"timm model 'resnet18' rejects the options .*bogus"),
+        ("no_such_pkg.models:build", None, r"cannot import module 'no_such_pkg.models' .*is the package installed\?"),
+        ("missing/model.py:build", None, r"model file 'missing/model.py' not found"),
+        (f"{TOY}:nothing_here", None, r"has no attribute 'nothing_here'"),
+        (f"{TOY}:not_a_model", None, r"callable .*not_a_model returned int, not a torch.nn.Module"),
+        (f"{TOY}:shared_linear?x=1", None, r"is a module instance; options \['x'\] cannot apply"),
+        (f"{TOY}:build_gated_net", None, r"cannot tell the input shape .*pass --input-shape"),
+        ("timm:resnet18", ["2,three,4"], r"bad --input-shape '2,three,4'"),
+        ("timm:resnet18", ["2,3:complex"], r"bad dtype 'complex'"),
+        ("timm:resnet18", ["0,3,8,8"], r"bad --input-shape '0,3,8,8'"),
+    ],
+)
 def test_spec_errors_are_one_line_and_say_what_to_do(text, input_shapes, message):
     with pytest.raises(UtuneError, match=message) as caught:
         load_model(text, input_shapes)

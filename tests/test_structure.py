@@ -2,20 +2,23 @@
 
 import pytest
 import torch
-
 from toy_models import GluMlp, TokensWithPosEmbed
+
 from utune_fx.inspection import compress_scopes
 from utune_fx.match import common_scope, find_operations
 from utune_fx.trace import trace
 
 
-@pytest.mark.parametrize("scopes,expected", [
-    ([f"blocks.{i}.attn" for i in range(12)], ["blocks.{0..11}.attn"]),
-    (["blocks.0.attn", "blocks.2.attn"], ["blocks.{0,2}.attn"]),
-    (["head"], ["head"]),
-    (["layers.0.blocks.0.attn", "layers.1.blocks.1.attn"], ["layers.*.blocks.*.attn (2)"]),
-    (["a.0", "a.1", "a.2", "b"], ["a.{0..2}", "b"]),
-])
+@pytest.mark.parametrize(
+    "scopes,expected",
+    [
+        ([f"blocks.{i}.attn" for i in range(12)], ["blocks.{0..11}.attn"]),
+        (["blocks.0.attn", "blocks.2.attn"], ["blocks.{0,2}.attn"]),
+        (["head"], ["head"]),
+        (["layers.0.blocks.0.attn", "layers.1.blocks.1.attn"], ["layers.*.blocks.*.attn (2)"]),
+        (["a.0", "a.1", "a.2", "b"], ["a.{0..2}", "b"]),
+    ],
+)
 def test_compress_scopes(scopes, expected):
     assert compress_scopes(scopes) == expected
 
@@ -44,6 +47,7 @@ def test_gated_mlp_is_one_mlp_with_both_paths():
 
 def test_attention_operation_spans_projections():
     import timm
+
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1).eval()
     gm = trace(model, torch.randn(2, 3, 32, 32))
     (attention,) = find_operations(gm)["attention"]

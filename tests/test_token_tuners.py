@@ -9,10 +9,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-
 from test_opkinds import SdpaAttention, WrittenOutAttention
 from test_rewrite import _model, output_with
 from toy_models import tiny_gpt
+
 from utune_fx.match import load_rules
 from utune_fx.match.report import match_report
 from utune_fx.rewrite import rewrite
@@ -50,7 +50,9 @@ def test_concatenated_prefix_joins_keys_and_values_behind_a_gate(model):
         values = torch.cat([v, prefix.values.expand(2, -1, -1, -1)], dim=-2)
         joined = F.scaled_dot_product_attention(q, keys, values)
         gate = prefix.attend.gate
-        torch.testing.assert_close(result.module(x), module.proj(module.merge(frozen + gate * (joined - frozen))), **TOL)
+        torch.testing.assert_close(
+            result.module(x), module.proj(module.merge(frozen + gate * (joined - frozen))), **TOL
+        )
 
 
 def test_concatenated_prefix_keeps_a_causal_mask_on_the_real_keys():
@@ -72,6 +74,7 @@ def test_concatenated_prefix_keeps_a_causal_mask_on_the_real_keys():
             values = torch.cat([v, prefix.values.expand(B, -1, -1, -1)], dim=-2)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
         block.attn.forward = types.MethodType(forward, block.attn)
 
     for i, block in enumerate(model.h):
@@ -89,14 +92,15 @@ def _vit_with_real_prompts(model, prompts, deep):
         def hook(_, args):
             x = args[0]
             n.setdefault("tokens", x.shape[1])
-            real = x[:, :n["tokens"]]
+            real = x[:, : n["tokens"]]
             if index == 0 or deep:
                 return (torch.cat([real, prompts[index].expand(x.shape[0], -1, -1)], dim=1),)
             return None
+
         return hook
 
     handles = [b.register_forward_pre_hook(insert(i)) for i, b in enumerate(blocks) if i == 0 or deep]
-    handles.append(blocks[-1].register_forward_hook(lambda _, __, out: out[:, :n["tokens"]]))
+    handles.append(blocks[-1].register_forward_hook(lambda _, __, out: out[:, : n["tokens"]]))
     return handles
 
 
@@ -117,8 +121,9 @@ def test_prompts_equal_tokens_in_the_sequence_when_the_gates_are_open(arch, deep
 
 def test_deep_prompts_on_swin_are_keys_of_every_window():
     torch.manual_seed(0)
-    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=24, depths=(2, 1, 1, 1),
-                              num_heads=(2, 1, 1, 1)).eval()
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, embed_dim=24, depths=(2, 1, 1, 1), num_heads=(2, 1, 1, 1)
+    ).eval()
     x = torch.randn(2, 3, 224, 224)
     result = rewrite(trace(model, x), load_rules(RULES / "vpt_deep.yaml"))
     blocks = [b for layer in model.layers for b in layer.blocks]
@@ -135,14 +140,22 @@ def test_deep_prompts_on_swin_are_keys_of_every_window():
             if mask is not None:
                 bias = (bias + mask.unsqueeze(1).repeat(B_ // mask.shape[0], 1, 1, 1)).expand(B_, -1, -1, -1)
             frozen = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-            _, k_p, v_p = self.qkv(block.norm1(tokens)).reshape(1, -1, 3, self.num_heads, C // self.num_heads) \
-                .permute(2, 0, 3, 1, 4).unbind(0)
+            _, k_p, v_p = (
+                self.qkv(block.norm1(tokens))
+                .reshape(1, -1, 3, self.num_heads, C // self.num_heads)
+                .permute(2, 0, 3, 1, 4)
+                .unbind(0)
+            )
             open_ = torch.zeros(*bias.shape[:-1], k_p.shape[-2])
-            joined = F.scaled_dot_product_attention(q, torch.cat([k, k_p.expand(B_, -1, -1, -1)], -2),
-                                                    torch.cat([v, v_p.expand(B_, -1, -1, -1)], -2),
-                                                    attn_mask=torch.cat([bias.expand(B_, -1, -1, -1), open_.expand(B_, -1, -1, -1)], -1))
+            joined = F.scaled_dot_product_attention(
+                q,
+                torch.cat([k, k_p.expand(B_, -1, -1, -1)], -2),
+                torch.cat([v, v_p.expand(B_, -1, -1, -1)], -2),
+                attn_mask=torch.cat([bias.expand(B_, -1, -1, -1), open_.expand(B_, -1, -1, -1)], -1),
+            )
             y = frozen + gate * (joined - frozen)
             return self.proj(y.transpose(1, 2).reshape(B_, N, -1))
+
         block.attn.forward = types.MethodType(forward, block.attn)
 
     for i, (block, gate) in enumerate(zip(blocks, gates)):
@@ -201,17 +214,31 @@ def test_deep_prompt_keys_are_the_blocks_own_projection_without_position(arch):
 @pytest.mark.parametrize("rule_file", ["prefix", "vpt_shallow", "vpt_deep"])
 def test_token_tuner_artifacts_rebuild_with_their_saved_tokens(rule_file, tmp_path, capsys):
     import safetensors.torch
+
     from utune_fx.cli import main
     from utune_fx.rewrite.artifact import TENSORS, load_tuned
+
     out = tmp_path / "tuned"
-    assert main(["rewrite", "timm:vit_tiny_patch16_224?img_size=32&patch_size=8&depth=2",
-                 "--rules", str(RULES / f"{rule_file}.yaml"), "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "rewrite",
+                "timm:vit_tiny_patch16_224?img_size=32&patch_size=8&depth=2",
+                "--rules",
+                str(RULES / f"{rule_file}.yaml"),
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "2 adapted operation(s)" in capsys.readouterr().out
     saved = safetensors.torch.load_file(str(out / TENSORS))
     torch.manual_seed(123)  # a different seed: what loads must be the saved tensors, not a new init
     loaded = dict(load_tuned(out).module.named_parameters())
     assert {name for name in saved if name.startswith("utune.")} and all(
-        torch.equal(loaded[name], tensor) for name, tensor in saved.items())
+        torch.equal(loaded[name], tensor) for name, tensor in saved.items()
+    )
 
 
 def test_shallow_prompts_on_a_written_out_causal_decoder_follow_its_computed_scale():
@@ -236,9 +263,12 @@ def test_shallow_prompts_on_a_written_out_causal_decoder_follow_its_computed_sca
 
     for block in model.h:
         block.attn.forward = types.MethodType(attention, block.attn)
-    handles = [model.h[0].register_forward_pre_hook(
-        lambda _, args: (torch.cat([args[0], tokens.expand(args[0].shape[0], -1, -1)], dim=1),)),
-        model.h[-1].register_forward_hook(lambda _, __, out: out[:, :7])]
+    handles = [
+        model.h[0].register_forward_pre_hook(
+            lambda _, args: (torch.cat([args[0], tokens.expand(args[0].shape[0], -1, -1)], dim=1),)
+        ),
+        model.h[-1].register_forward_hook(lambda _, __, out: out[:, :7]),
+    ]
     torch.testing.assert_close(result.module(idx).detach(), output_with(model, idx, handles), **TOL)
 
 
@@ -247,6 +277,7 @@ def _vpt_swin_block(block, x, prompts):
     without relative position bias or shift mask); the prompts attend within every window too, and
     their outputs are averaged over the windows."""
     from timm.models.swin_transformer import window_partition, window_reverse
+
     B, H, W, C = x.shape
     attn, shift, size = block.attn, block.shift_size, block.window_size
     normed = block.norm1(x)
@@ -254,8 +285,13 @@ def _vpt_swin_block(block, x, prompts):
     windows = window_partition(shifted, size).reshape(-1, size[0] * size[1], C)
     q, k, v = attn.qkv(windows).reshape(*windows.shape[:2], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     per_window = windows.shape[0] // B
-    q_p, k_p, v_p = (t.repeat_interleave(per_window, 0) for t in attn.qkv(block.norm1(prompts))
-                     .reshape(B, prompts.shape[1], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0))
+    q_p, k_p, v_p = (
+        t.repeat_interleave(per_window, 0)
+        for t in attn.qkv(block.norm1(prompts))
+        .reshape(B, prompts.shape[1], 3, attn.num_heads, -1)
+        .permute(2, 0, 3, 1, 4)
+        .unbind(0)
+    )
     keys, values = torch.cat([k, k_p], -2), torch.cat([v, v_p], -2)
     bias = attn._get_rel_pos_bias().expand(q.shape[0], -1, -1, -1)
     if block.attn_mask is not None:
@@ -275,8 +311,9 @@ def test_shallow_prompts_on_swin_follow_vpts_swin_variant():
     """Prompts join every window, are averaged over windows, and cross patch merging as
     four copies side by side, as VPT's Swin code does; checked with every gate at 1."""
     torch.manual_seed(0)
-    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=24, depths=(2, 1, 1, 1),
-                              num_heads=(2, 1, 1, 2)).eval()
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, embed_dim=24, depths=(2, 1, 1, 1), num_heads=(2, 1, 1, 2)
+    ).eval()
     x = torch.randn(2, 3, 224, 224)
     result = rewrite(trace(model, x), load_rules(RULES / "vpt_shallow.yaml"))
     with torch.no_grad():
@@ -299,8 +336,10 @@ def test_shallow_prompts_on_swin_follow_vpts_swin_variant():
 def test_reparameterised_prefixes_start_as_the_frozen_model_and_train(parallel, tmp_path):
     model, x = _model("vit")
     path = tmp_path / "rules.yaml"
-    path.write_text("version: 1\nrules: [{name: prefix, match: attention, tuner: prefix, "
-                    f"settings: {{length: 4, reparam_hidden: 16, parallel: {str(parallel).lower()}}}}}]\n")
+    path.write_text(
+        "version: 1\nrules: [{name: prefix, match: attention, tuner: prefix, "
+        f"settings: {{length: 4, reparam_hidden: 16, parallel: {str(parallel).lower()}}}}}]\n"
+    )
     result = rewrite(trace(model, x), load_rules(path))
     with torch.no_grad():
         assert torch.equal(result.module(x), model(x))

@@ -37,8 +37,9 @@ TIMM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,kwargs,size,attention,mlp,blocks,transformer_blocks", TIMM_CASES,
-                         ids=[c[0] for c in TIMM_CASES])
+@pytest.mark.parametrize(
+    "name,kwargs,size,attention,mlp,blocks,transformer_blocks", TIMM_CASES, ids=[c[0] for c in TIMM_CASES]
+)
 def test_timm_trace_is_exact_and_structured(name, kwargs, size, attention, mlp, blocks, transformer_blocks):
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
     x = torch.randn(2, 3, size, size)
@@ -79,8 +80,11 @@ def test_vit_nodes_carry_scopes_shapes_and_kinds():
 
     # shapes agree with what the eager modules produce
     seen = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, tuple(out.shape)))
-             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, tuple(out.shape)))
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     with torch.no_grad():
         model(x)
     for hook in hooks:

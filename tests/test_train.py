@@ -84,10 +84,13 @@ def test_a_run_interrupted_by_sigint_resumes_to_the_same_weights(tmp_path):
     script.write_text(_SCRIPT.format(tests=str(ROOT / "tests"), rules=str(ROOT / "rules" / "dual_utuner.yaml")))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    subprocess.run([sys.executable, str(script), str(straight), "fresh", "0"], check=True, env=env,
-                   capture_output=True)
-    child = subprocess.Popen([sys.executable, str(script), str(broken), "fresh", "0.01"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    subprocess.run([sys.executable, str(script), str(straight), "fresh", "0"], check=True, env=env, capture_output=True)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(broken), "fresh", "0.01"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while not (broken / "metrics.jsonl").exists() and time.time() < deadline:  # interrupt during epoch 2
         time.sleep(0.05)
@@ -97,14 +100,14 @@ def test_a_run_interrupted_by_sigint_resumes_to_the_same_weights(tmp_path):
     assert child.returncode != 0, "the run was not interrupted"
     state = json.loads((broken / "checkpoint" / "state.json").read_text())["progress"]
     assert state["epoch"] == 1 and 0 < state["step"] < 4, state  # mid-epoch, at a step boundary
-    subprocess.run([sys.executable, str(script), str(broken), "resume", "0"], check=True, env=env,
-                   capture_output=True)
+    subprocess.run([sys.executable, str(script), str(broken), "resume", "0"], check=True, env=env, capture_output=True)
     first = safetensors.torch.load_file(str(straight / "checkpoint" / "tensors.safetensors"))
     second = safetensors.torch.load_file(str(broken / "checkpoint" / "tensors.safetensors"))
     weights = [k for k in first if k.startswith("model.")]
     assert weights and all(torch.equal(first[k], second[k]) for k in weights)
-    assert [json.loads(line)["val_accuracy"] for line in (straight / "metrics.jsonl").read_text().splitlines()] == \
-        [json.loads(line)["val_accuracy"] for line in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert [json.loads(line)["val_accuracy"] for line in (straight / "metrics.jsonl").read_text().splitlines()] == [
+        json.loads(line)["val_accuracy"] for line in (broken / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_a_diverging_run_stops_with_the_step_and_the_learning_rate(tmp_path):
@@ -112,6 +115,9 @@ def test_a_diverging_run_stops_with_the_step_and_the_learning_rate(tmp_path):
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=4).eval()
     data = _toy_task()
     result = rewrite(trace(model, data.tensors[0][:2]), load_rules(ROOT / "rules" / "full_finetune.yaml"))
-    with pytest.raises(UtuneError, match=r"the training loss is (nan|inf) at epoch \d+, step \d+: training diverged; "
-                                         r"lower --lr \(now 1e\+12\)"):
+    with pytest.raises(
+        UtuneError,
+        match=r"the training loss is (nan|inf) at epoch \d+, step \d+: training diverged; "
+        r"lower --lr \(now 1e\+12\)",
+    ):
         train(result.module, data, data, TrainConfig(epochs=3, lr=1e12, warmup_epochs=0, clip_grad=0), tmp_path)

@@ -33,8 +33,9 @@ def test_a_dual_u_tuner_learns_digits(run):
 def test_the_run_is_a_tuned_artifact_that_eval_reads(run, capsys):
     tuned = load_tuned(run / "tuned")
     saved = dict(tuned.module.named_parameters())
-    assert any(name.startswith("utune.") and p.abs().sum() > 0 for name, p in saved.items()
-               if name.endswith("up.weight"))  # trained, not the zero init
+    assert any(
+        name.startswith("utune.") and p.abs().sum() > 0 for name, p in saved.items() if name.endswith("up.weight")
+    )  # trained, not the zero init
     assert main(["eval", str(run), "--data", "digits", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     summary = json.loads((run / "summary.json").read_text())
@@ -48,18 +49,39 @@ def test_the_run_is_a_tuned_artifact_that_eval_reads(run, capsys):
 def test_user_errors_are_one_line(tmp_path, capsys):
     wrong = SPEC.replace("&num_classes=10", "")
     cases = [
-        (["train", wrong, "--rules", RULES, "--data", "digits", "-o", str(tmp_path / "a")],
-         r"the model has 1000 outputs but digits has 10 classes; add num_classes: 10"),
-        (["train", SPEC, "--rules", RULES, "--data", "digits", "-o", str(tmp_path / "b"), "--resume"],
-         r"checkpoint does not exist; run without --resume"),
-        (["train", SPEC, "--data", "digits", "-o", str(tmp_path / "c")], r"not a tuned artifact directory; give a "
-                                                                          r"model spec with --rules"),
-        (["train", SPEC, "--rules", RULES, "--data", f"imagefolder:{tmp_path / 'nowhere'}", "-o", str(tmp_path / "d")],
-         r"nowhere"),
-        (["train", SPEC, "--rules", RULES, "--data", "digits", "-o", str(tmp_path / "e"), "--optimizer", "adam"],
-         r"--optimizer must be one of adamw, sgd"),
+        (
+            ["train", wrong, "--rules", RULES, "--data", "digits", "-o", str(tmp_path / "a")],
+            r"the model has 1000 outputs but digits has 10 classes; add num_classes: 10",
+        ),
+        (
+            ["train", SPEC, "--rules", RULES, "--data", "digits", "-o", str(tmp_path / "b"), "--resume"],
+            r"checkpoint does not exist; run without --resume",
+        ),
+        (
+            ["train", SPEC, "--data", "digits", "-o", str(tmp_path / "c")],
+            r"not a tuned artifact directory; give a "
+            r"model spec with --rules",
+        ),
+        (
+            [
+                "train",
+                SPEC,
+                "--rules",
+                RULES,
+                "--data",
+                f"imagefolder:{tmp_path / 'nowhere'}",
+                "-o",
+                str(tmp_path / "d"),
+            ],
+            r"nowhere",
+        ),
+        (
+            ["train", SPEC, "--rules", RULES, "--data", "digits", "-o", str(tmp_path / "e"), "--optimizer", "adam"],
+            r"--optimizer must be one of adamw, sgd",
+        ),
     ]
     import re
+
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -69,6 +91,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 def test_an_unreadable_image_stops_the_run_unless_skipped(tmp_path, capsys):
     import numpy as np
     from PIL import Image
+
     for c in range(10):
         folder = tmp_path / "images" / f"class{c}"
         folder.mkdir(parents=True)
@@ -76,8 +99,19 @@ def test_an_unreadable_image_stops_the_run_unless_skipped(tmp_path, capsys):
             Image.fromarray(np.full((8, 8, 3), 20 * c + i, np.uint8)).save(folder / f"{i}.png")
     bad = tmp_path / "images" / "class3" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
-    argv = ["train", SPEC, "--rules", RULES, "--data", f"imagefolder:{tmp_path / 'images'}", "--epochs", "1",
-            "--val-size", "2", "--no-augment"]
+    argv = [
+        "train",
+        SPEC,
+        "--rules",
+        RULES,
+        "--data",
+        f"imagefolder:{tmp_path / 'images'}",
+        "--epochs",
+        "1",
+        "--val-size",
+        "2",
+        "--no-augment",
+    ]
     assert main([*argv, "-o", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "--skip-bad-images" in err and len(err.strip().splitlines()) == 1

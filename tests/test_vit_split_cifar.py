@@ -27,8 +27,15 @@ def tiny_task(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", **KWARGS)
     safetensors.torch.save_file(model.state_dict(), str(tmp_path / "card.safetensors"))
-    (tmp_path / "card.json").write_text(json.dumps({"timm_model": "vit_tiny_patch16_224", "kwargs": KWARGS,
-                                                    "normalisation": {"mean": [0.5] * 3, "std": [0.25] * 3}}))
+    (tmp_path / "card.json").write_text(
+        json.dumps(
+            {
+                "timm_model": "vit_tiny_patch16_224",
+                "kwargs": KWARGS,
+                "normalisation": {"mean": [0.5] * 3, "std": [0.25] * 3},
+            }
+        )
+    )
     rng = np.random.default_rng(0)
     labels = np.arange(2100) % 10
     pixels = (labels[:, None, None, None] * 20 + rng.integers(0, 40, (2100, 32, 32, 3))).astype(np.uint8)
@@ -55,6 +62,7 @@ def test_every_method_gets_a_fresh_five_class_head_from_its_shipped_rules(tiny_t
     card, _ = tiny_task
     names, _, _, suffix = bench.METHODS[method]
     from utune_fx.rewrite.artifact import TunedSource, build_tuned
+
     result = build_tuned(TunedSource(f"{card}{suffix}", [], "auto"), bench.rule_sets(names, 5), seed=1)
     head = result.module.get_submodule("head")
     assert head.weight.requires_grad and head.weight.shape == (5, 192)
@@ -74,8 +82,10 @@ def test_one_run_trains_on_all_images_and_reports_test_accuracy_and_time(tiny_ta
 
 
 def test_the_rate_is_chosen_on_held_out_accuracy_after_the_whole_grid_ties_going_to_the_smaller():
-    rows = [{"method": "m", "phase": "search", "lr": lr, "val_accuracy": acc}
-            for lr, acc in ((1e-3, 0.5), (3e-3, 0.6), (1e-2, 0.6))]
+    rows = [
+        {"method": "m", "phase": "search", "lr": lr, "val_accuracy": acc}
+        for lr, acc in ((1e-3, 0.5), (3e-3, 0.6), (1e-2, 0.6))
+    ]
     assert bench.chosen_lr(rows[:2], "m", (1e-3, 3e-3, 1e-2)) is None  # not all rates run yet
     assert bench.chosen_lr(rows, "m", (1e-3, 3e-3, 1e-2)) == 3e-3
     diverged = [rows[0], {"method": "m", "phase": "search", "lr": 3e-3, "diverged": "loss nan"}]
@@ -83,16 +93,30 @@ def test_the_rate_is_chosen_on_held_out_accuracy_after_the_whole_grid_ties_going
 
 
 def _finals(method, accuracies, parameters):
-    return [{"method": method, "phase": "final", "lr": 1e-3, "seed": s, "test_accuracy": a,
-             "trainable_parameters": parameters, "backbone_parameters": 1_000_000, "seconds_per_epoch": 2.0}
-            for s, a in enumerate(accuracies)]
+    return [
+        {
+            "method": method,
+            "phase": "final",
+            "lr": 1e-3,
+            "seed": s,
+            "test_accuracy": a,
+            "trainable_parameters": parameters,
+            "backbone_parameters": 1_000_000,
+            "seconds_per_epoch": 2.0,
+        }
+        for s, a in enumerate(accuracies)
+    ]
 
 
 def test_the_table_and_verdict_follow_the_numbers(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "PLOT", tmp_path / "plot.png")
-    rows = (_finals("linear probe", [0.60, 0.62, 0.64], 1_000) + _finals("lora", [0.70, 0.70, 0.70], 50_000)
-            + _finals("U-Tuner first layer", [0.69, 0.69, 0.70], 4_000) + _finals("dual U-Tuner", [0.72] * 3, 40_000)
-            + _finals("VPT deep", [0.65] * 2, 10_000))  # two seeds only: no row yet
+    rows = (
+        _finals("linear probe", [0.60, 0.62, 0.64], 1_000)
+        + _finals("lora", [0.70, 0.70, 0.70], 50_000)
+        + _finals("U-Tuner first layer", [0.69, 0.69, 0.70], 4_000)
+        + _finals("dual U-Tuner", [0.72] * 3, 40_000)
+        + _finals("VPT deep", [0.65] * 2, 10_000)
+    )  # two seeds only: no row yet
     table = report.summarise(rows, bench.METHODS)
     assert [row["method"] for row in table] == ["linear probe", "lora", "U-Tuner first layer", "dual U-Tuner"]
     assert table[0]["mean"] == pytest.approx(0.62) and table[0]["std"] == pytest.approx(0.02)
@@ -100,12 +124,16 @@ def test_the_table_and_verdict_follow_the_numbers(tmp_path, monkeypatch):
     text = report.write_report(rows, {"epochs": 8}, bench.METHODS)
     assert "| linear probe | 1,000 | 0.10% | 62.0 +- 2.0 | 0.001 | 2.0 |" in text
     assert "(a) dual U-Tuner the best PETL method: **holds**" in text
-    assert "(b) U-Tuner on the first layer close to the best earlier method with >10x fewer parameters: " \
-           "**holds**" in text and "(12.5x as many, 16.3x without the 1,000-parameter head both train)" in text
+    assert (
+        "(b) U-Tuner on the first layer close to the best earlier method with >10x fewer parameters: **holds**" in text
+        and "(12.5x as many, 16.3x without the 1,000-parameter head both train)" in text
+    )
     assert "(c) U-Tuner variants beat VPT, adapter, prefix, bitfit and linear probing on the mean: **holds**" in text
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
     worse = rows + _finals("bitfit", [0.75] * 3, 3_000)
     text = report.write_report(worse, {"epochs": 8}, bench.METHODS)
     assert "(a) dual U-Tuner the best PETL method: **does not hold**" in text and "3.0 points above it" in text
-    assert "(c) U-Tuner variants beat VPT, adapter, prefix, bitfit and linear probing on the mean: " \
-           "**does not hold**" in text
+    assert (
+        "(c) U-Tuner variants beat VPT, adapter, prefix, bitfit and linear probing on the mean: "
+        "**does not hold**" in text
+    )

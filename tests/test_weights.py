@@ -58,8 +58,12 @@ def _card(tmp_path, **fields) -> tuple[Path, torch.nn.Module]:
     torch.manual_seed(3)
     source = timm.create_model("vit_tiny_patch16_224", **KWARGS)
     safetensors.torch.save_file(source.state_dict(), str(tmp_path / "tiny.safetensors"))
-    card = {"timm_model": "vit_tiny_patch16_224", "kwargs": KWARGS,
-            "normalisation": {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}, **fields}
+    card = {
+        "timm_model": "vit_tiny_patch16_224",
+        "kwargs": KWARGS,
+        "normalisation": {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]},
+        **fields,
+    }
     (tmp_path / "tiny.json").write_text(json.dumps(card))
     return tmp_path / "tiny.json", source
 
@@ -88,9 +92,12 @@ def test_a_card_may_name_its_weights_and_broken_cards_say_which_field(tmp_path):
     card = json.loads(path.read_text()) | {"weights": "other.safetensors"}
     path.write_text(json.dumps(card))
     assert torch.equal(load_model(str(path)).model.head.weight, source.head.weight)
-    for text, message in (("{", "not valid JSON"), ('{"kwargs": {}}', "field 'timm_model'"),
-                          ('{"timm_model": "vit_tiny_patch16_224", "kwargs": [1]}', "field 'kwargs'"),
-                          ('{"timm_model": "resnet18", "normalisation": {"mean": [1]}}', "field 'normalisation'")):
+    for text, message in (
+        ("{", "not valid JSON"),
+        ('{"kwargs": {}}', "field 'timm_model'"),
+        ('{"timm_model": "vit_tiny_patch16_224", "kwargs": [1]}', "field 'kwargs'"),
+        ('{"timm_model": "resnet18", "normalisation": {"mean": [1]}}', "field 'normalisation'"),
+    ):
         path.write_text(text)
         with pytest.raises(UtuneError, match=rf"model card {path}: {message}"):
             load_model(str(path))
@@ -106,8 +113,11 @@ def test_only_safetensors_are_read_and_a_mis_shaped_tensor_is_named_with_both_sh
         load_model(f"{TINY}&weights={pickled}")
     path = tmp_path / "patch4.safetensors"
     safetensors.torch.save_file(other.state_dict(), str(path))
-    with pytest.raises(UtuneError, match=r"patch4.safetensors: patch_embed.proj.weight has shape \[192, 3, 4, 4\] "
-                                         r"but the model's is \[192, 3, 8, 8\]"):
+    with pytest.raises(
+        UtuneError,
+        match=r"patch4.safetensors: patch_embed.proj.weight has shape \[192, 3, 4, 4\] "
+        r"but the model's is \[192, 3, 8, 8\]",
+    ):
         load_model(f"{TINY}&weights={path}")
 
 
@@ -123,8 +133,10 @@ def test_the_weights_flag_is_recorded_in_the_spec_so_artifacts_rebuild(tmp_path,
     assert manifest["model"] == f"{spec}&weights={weights}"
     assert torch.equal(load_tuned(out).module.get_submodule("blocks.0.mlp.fc1").weight, source.blocks[0].mlp.fc1.weight)
     capsys.readouterr()
-    for args, message in (([f"{path}?weights={weights}"], "already names weights; give them once"),
-                          (["tests/toy_models.py:build_gated_net"], "--weights applies to timm:NAME and card")):
+    for args, message in (
+        ([f"{path}?weights={weights}"], "already names weights; give them once"),
+        (["tests/toy_models.py:build_gated_net"], "--weights applies to timm:NAME and card"),
+    ):
         assert main(["inspect", *args, "--weights", str(weights)]) == 2
         assert message in capsys.readouterr().err
 
@@ -136,8 +148,14 @@ def test_the_shipped_card_classifies_its_own_pre_training_classes():
 
     model = load_model(str(SHIPPED_CARD)).model.eval()
     config = data_config_of(model)
-    test = load_data(f"npz:{SHIPPED_CARD.parent / 'cifar10-jpeg.npz'}?classes=0,1,2,3,4", input_size=(3, 32, 32),
-                     data_config=config, train_size=5, val_size=0, augment=False).test
+    test = load_data(
+        f"npz:{SHIPPED_CARD.parent / 'cifar10-jpeg.npz'}?classes=0,1,2,3,4",
+        input_size=(3, 32, 32),
+        data_config=config,
+        train_size=5,
+        val_size=0,
+        augment=False,
+    ).test
     images = torch.stack([test[i][0] for i in range(0, 5000, 25)])
     labels = torch.tensor([test[i][1] for i in range(0, 5000, 25)])
     with torch.no_grad():

@@ -9,8 +9,26 @@ from utune_fx.zoo.catalog import CI_SAMPLE
 from utune_fx.zoo.report import coverage_report, render_markdown
 from utune_fx.zoo.runner import done_models, sweep
 
-TRANSFORMERS = ("vit_", "deit_", "beit_", "eva02_", "swin", "cait_", "pit_", "xcit_", "coat_", "twins_", "maxvit_",
-                "coatnet_", "levit_", "mobilevit_", "efficientformer_", "fastvit_", "convit_", "crossvit_")
+TRANSFORMERS = (
+    "vit_",
+    "deit_",
+    "beit_",
+    "eva02_",
+    "swin",
+    "cait_",
+    "pit_",
+    "xcit_",
+    "coat_",
+    "twins_",
+    "maxvit_",
+    "coatnet_",
+    "levit_",
+    "mobilevit_",
+    "efficientformer_",
+    "fastvit_",
+    "convit_",
+    "crossvit_",
+)
 
 
 def test_the_ci_sample_runs_the_whole_chain(tmp_path, capsys):
@@ -42,15 +60,23 @@ def test_a_sweep_resumes_and_bounds_each_model(tmp_path):
 def test_meta_models_are_counted_apart_and_causes_grouped():
     def record(name, last, meta=False, error=None):
         return {"model": name, "last_stage": last, "meta": meta, "found": {}, "stages": {}, "error": error}
+
     error = {"stage": "export", "class": "UtuneError", "message": "cannot export aten::foo in blocks.3"}
-    records = {r["model"]: r for r in (record("a", "parity"), record("b", "rewrite", meta=True),
-                                         record("c", "fold", error=error), record("d", "fold",
-                                         error=dict(error, message="cannot export aten::foo in blocks.7")))}
+    records = {
+        r["model"]: r
+        for r in (
+            record("a", "parity"),
+            record("b", "rewrite", meta=True),
+            record("c", "fold", error=error),
+            record("d", "fold", error=dict(error, message="cannot export aten::foo in blocks.7")),
+        )
+    }
     report = coverage_report(records)
     assert report["pass_rates"]["rewrite"] == [4, 4] and report["pass_rates"]["parity"] == [1, 3]
     assert report["meta"] == ["b"]
-    assert report["causes"] == [{"cause": "export: UtuneError: cannot export aten::foo in blocks.N", "count": 2,
-                                 "models": ["c", "d"]}]
+    assert report["causes"] == [
+        {"cause": "export: UtuneError: cannot export aten::foo in blocks.N", "count": 2, "models": ["c", "d"]}
+    ]
     text = render_markdown(report, "Coverage", "preamble")
     assert "| parity | 1 | 3 | 33.3% |" in text and "trace, match and rewrite only): b." in text
 
@@ -63,4 +89,5 @@ def test_unknown_models_are_one_line_errors(tmp_path, capsys):
 @pytest.mark.parametrize("which", ["ci"])
 def test_the_ci_sample_is_fixed_and_valid(which):
     import timm
+
     assert len(CI_SAMPLE) == 30 and set(CI_SAMPLE) <= set(timm.list_models())

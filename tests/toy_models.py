@@ -205,8 +205,14 @@ class BertLastHidden(nn.Module):
 def small_bert() -> nn.Module:
     import transformers
 
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=16)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
     return transformers.BertModel(config, add_pooling_layer=False).eval()
 
 

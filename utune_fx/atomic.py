@@ -1,10 +1,10 @@
 """Write a directory so that readers see the old one or the new one, never a mix.
 
-    with replace_directory(path) as staging:   # a fresh folder beside ``path``
-        write files into staging
-    # on success staging becomes ``path`` (the old one is removed); on error ``path`` is untouched
+with replace_directory(path) as staging:   # a fresh folder beside ``path``
+    write files into staging
+# on success staging becomes ``path`` (the old one is removed); on error ``path`` is untouched
 
-    write_text(path, text)                      # files alike, through a temporary name beside them
+write_text(path, text)                      # files alike, through a temporary name beside them
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 @contextlib.contextmanager

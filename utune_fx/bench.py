@@ -20,9 +20,9 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -49,6 +49,7 @@ def _eager(module: torch.nn.Module, inputs: list[torch.Tensor]) -> Callable[[], 
     def call() -> object:
         with torch.inference_mode():
             return module(*inputs)
+
     return call
 
 
@@ -64,8 +65,14 @@ def _onnxruntime(path: Path, inputs: list[torch.Tensor]) -> tuple[Callable[[], o
     return (lambda: session.run(None, feeds)), session.get_providers()[0]
 
 
-def benchmark(result, batch_sizes: tuple[int, ...] = (1, 32), rounds: int = 30, warmup: int = 3,
-              opset: int = 18, progress: bool = True) -> dict:
+def benchmark(
+    result,
+    batch_sizes: tuple[int, ...] = (1, 32),
+    rounds: int = 30,
+    warmup: int = 3,
+    opset: int = 18,
+    progress: bool = True,
+) -> dict:
     """Time base, tuned, folded and ONNX Runtime; returns {rows, device, provider, threads, ...}."""
     folded = fold(result.module, result.summaries)
     generator = torch.Generator().manual_seed(0)
@@ -77,8 +84,12 @@ def benchmark(result, batch_sizes: tuple[int, ...] = (1, 32), rounds: int = 30, 
         for batch in batch_sizes:
             inputs = random_inputs(result.example_inputs, batch, generator)
             ort_call, provider = _onnxruntime(exported.path, inputs)
-            variants = {"base eager": _eager(result.base_model, inputs), "tuned eager": _eager(result.module, inputs),
-                        "folded eager": _eager(folded.module, inputs), "onnxruntime": ort_call}
+            variants = {
+                "base eager": _eager(result.base_model, inputs),
+                "tuned eager": _eager(result.module, inputs),
+                "folded eager": _eager(folded.module, inputs),
+                "onnxruntime": ort_call,
+            }
             times: dict[str, list[float]] = {name: [] for name in variants}
             order = random.Random(batch)
             for round_index in range(warmup + rounds):
@@ -87,20 +98,33 @@ def benchmark(result, batch_sizes: tuple[int, ...] = (1, 32), rounds: int = 30, 
                     variants[name]()
                     if round_index >= warmup:
                         times[name].append(time.perf_counter() - start)
-                    bar.update(task, advance=1, description=f"batch {batch}: {name}",
-                               rate=f"{batch / (time.perf_counter() - start):,.0f} img/s")
+                    bar.update(
+                        task,
+                        advance=1,
+                        description=f"batch {batch}: {name}",
+                        rate=f"{batch / (time.perf_counter() - start):,.0f} img/s",
+                    )
             base = statistics.median(times["base eager"])
             for name, samples in times.items():
                 median = statistics.median(samples)
                 rows.append(BenchRow(name, batch, 1000 * median, batch / median, median / base, len(samples)))
-    return {"rows": [asdict(row) for row in rows], "provider": provider, "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "onnxruntime": _ort_version(), "rounds": rounds,
-            "input_shapes": [list(t.shape[1:]) for t in result.example_inputs],
-            "folded": folded.count("folded"), "kept": folded.count("kept"), "exporter": exported.exporter}
+    return {
+        "rows": [asdict(row) for row in rows],
+        "provider": provider,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "onnxruntime": _ort_version(),
+        "rounds": rounds,
+        "input_shapes": [list(t.shape[1:]) for t in result.example_inputs],
+        "folded": folded.count("folded"),
+        "kept": folded.count("kept"),
+        "exporter": exported.exporter,
+    }
 
 
 def _ort_version() -> str:
     import onnxruntime
+
     return onnxruntime.__version__
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 from torch import nn
 
 from utune_fx.errors import UtuneError, first_line
@@ -41,9 +42,11 @@ def read_card(path: Path) -> dict:
     norm = card.get("normalisation", {})
     stats_ok = isinstance(norm, dict) and all(
         isinstance(norm.get(key), list) and len(norm[key]) == 3 and all(isinstance(v, (int, float)) for v in norm[key])
-        for key in ("mean", "std") if key in norm)
+        for key in ("mean", "std")
+        if key in norm
+    )
     if not stats_ok:
-        raise UtuneError(f"model card {path}: field 'normalisation' must be {{\"mean\": [r, g, b], \"std\": [r, g, b]}}")
+        raise UtuneError(f'model card {path}: field \'normalisation\' must be {{"mean": [r, g, b], "std": [r, g, b]}}')
     return card
 
 
@@ -53,8 +56,10 @@ def _weights_path(card: dict, path: Path, given) -> str | None:
     named = card.get("weights")
     weights = path.parent / named if isinstance(named, str) else path.with_suffix(".safetensors")
     if not weights.is_file():
-        raise UtuneError(f"model card {path}: its weights {weights} do not exist; put them there, "
-                         "pass --weights FILE, or ?weights=none for a random initialisation")
+        raise UtuneError(
+            f"model card {path}: its weights {weights} do not exist; put them there, "
+            "pass --weights FILE, or ?weights=none for a random initialisation"
+        )
     return str(weights)
 
 

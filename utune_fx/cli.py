@@ -70,8 +70,11 @@ def _match(args: argparse.Namespace) -> int:
     else:
         render_match(report, Console(width=max(Console().width, 120)), args.explain)
     if report["empty_rules"] and not args.allow_empty:
-        print(f"error: rule(s) {', '.join(report['empty_rules'])} in {args.rules} match nothing in {loaded.name}; "
-              "see --explain, or pass --allow-empty", file=sys.stderr)
+        print(
+            f"error: rule(s) {', '.join(report['empty_rules'])} in {args.rules} match nothing in {loaded.name}; "
+            "see --explain, or pass --allow-empty",
+            file=sys.stderr,
+        )
         return EXIT_EMPTY_RULE
     return 0
 
@@ -103,27 +106,43 @@ def _train(args: argparse.Namespace) -> int:
     with status.status(f"building {args.model}"):
         result = tuned_model(args.model, args.rules, args.input_shape, args.frontend, args.seed)
     with status.status(f"reading {args.data}"):
-        splits = load_splits(result, args.data, shots=args.shots, train_size=args.train_size, val_size=args.val_size,
-                             seed=args.seed, augment=not args.no_augment, skip_bad_images=args.skip_bad_images)
+        splits = load_splits(
+            result,
+            args.data,
+            shots=args.shots,
+            train_size=args.train_size,
+            val_size=args.val_size,
+            seed=args.seed,
+            augment=not args.no_augment,
+            skip_bad_images=args.skip_bad_images,
+        )
     if not args.json:
         from utune_fx.rewrite.report import render_rewrite
+
         render_rewrite(result, result.source.model, Console(width=max(Console().width, 120)))
     for path in splits.skipped:
         status.print(f"skipped unreadable image {path}", soft_wrap=True)
-    status.print(f"{len(splits.train)} training, {len(splits.val)} validation"
-                 + (f", {len(splits.test)} test" if splits.test is not None else "") + f" images, "
-                 f"{len(splits.classes)} classes; {result.trainable_parameters:,} trainable parameters",
-                 soft_wrap=True)
+    status.print(
+        f"{len(splits.train)} training, {len(splits.val)} validation"
+        + (f", {len(splits.test)} test" if splits.test is not None else "")
+        + f" images, "
+        f"{len(splits.classes)} classes; {result.trainable_parameters:,} trainable parameters",
+        soft_wrap=True,
+    )
     summary = run_training(result, splits, config, out, args.resume)
     if args.json:
         print_json(summary)
         return 0
     test = summary.get("test_accuracy")
-    print(f"best validation accuracy {summary['best_val_accuracy']:.1%} (epoch {summary['best_epoch']}), "
-          f"last {summary['last_val_accuracy']:.1%}" + (f", test {test:.1%}" if test is not None else ""))
-    print(f"{summary['trainable_parameters']:,} trainable parameters, {summary['wall_seconds']:.1f} s "
-          f"({summary['seconds_per_epoch']:.1f} s/epoch) on {summary['device']}, "
-          f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB")
+    print(
+        f"best validation accuracy {summary['best_val_accuracy']:.1%} (epoch {summary['best_epoch']}), "
+        f"last {summary['last_val_accuracy']:.1%}" + (f", test {test:.1%}" if test is not None else "")
+    )
+    print(
+        f"{summary['trainable_parameters']:,} trainable parameters, {summary['wall_seconds']:.1f} s "
+        f"({summary['seconds_per_epoch']:.1f} s/epoch) on {summary['device']}, "
+        f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB"
+    )
     print(f"wrote {out}/ (tuned/, checkpoint/, metrics.jsonl, summary.json, curves.png)")
     return 0
 
@@ -148,15 +167,21 @@ def _eval(args: argparse.Namespace) -> int:
         print_json(report)
         return 0
     worst = sorted(report["per_class"].items(), key=lambda item: item[1])[:3]
-    print(f"{split} split of {args.data}: top-1 {report['top1']:.1%}, top-5 {report['top5']:.1%} "
-          f"on {report['images']} images; weakest classes " + ", ".join(f"{c} {a:.0%}" for c, a in worst))
+    print(
+        f"{split} split of {args.data}: top-1 {report['top1']:.1%}, top-5 {report['top5']:.1%} "
+        f"on {report['images']} images; weakest classes " + ", ".join(f"{c} {a:.0%}" for c, a in worst)
+    )
     print(f"wrote {out}/eval.json and {out}/confusion.png")
     return 0
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, metavar="SPEC",
-                        help="imagefolder:PATH, cifar:PATH, npz:PATH or digits (see docs/data.md)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="SPEC",
+        help="imagefolder:PATH, cifar:PATH, npz:PATH or digits (see docs/data.md)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds data selection, order, augmentation")
 
 
@@ -183,23 +208,45 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=type(value), default=value, help=f"{text} (default {value})")
     parser.add_argument("--shots", type=int, help="training images per class (few-shot)")
     parser.add_argument("--train-size", type=int, help="training images in all (VTAB-1k: 1000)")
-    parser.add_argument("--val-size", type=_share_or_count, default=0.1,
-                        help="validation share (0.1) or image count (500) (default 0.1)")
+    parser.add_argument(
+        "--val-size",
+        type=_share_or_count,
+        default=0.1,
+        help="validation share (0.1) or image count (500) (default 0.1)",
+    )
     parser.add_argument("--no-augment", action="store_true", help="train on eval transforms (no random crops/flips)")
-    parser.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out instead of stopping")
+    parser.add_argument(
+        "--skip-bad-images", action="store_true", help="leave unreadable images out instead of stopping"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in -o from its checkpoint")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
-    parser.add_argument("model", nargs="?" if default else None, default=default,
-                        help="timm:NAME[?opt=v&...], card.json, package.module:callable or file.py:callable"
-                        + (f" (default {default})" if default else ""))
-    parser.add_argument("--weights", metavar="FILE", help="pretrained weights (.safetensors) for a timm or card "
-                        "model; same as ?weights=FILE in the spec, so artifacts record them")
-    parser.add_argument("--input-shape", action="append", metavar="SHAPE[:DTYPE]",
-                        help="example input shape, e.g. 2,3,224,224 or 2,16:int64; once per input")
-    parser.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
-                        help="tracer: torch.fx, torch.export, or fx falling back to export (default)")
+    parser.add_argument(
+        "model",
+        nargs="?" if default else None,
+        default=default,
+        help="timm:NAME[?opt=v&...], card.json, package.module:callable or file.py:callable"
+        + (f" (default {default})" if default else ""),
+    )
+    parser.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="pretrained weights (.safetensors) for a timm or card "
+        "model; same as ?weights=FILE in the spec, so artifacts record them",
+    )
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="SHAPE[:DTYPE]",
+        help="example input shape, e.g. 2,3,224,224 or 2,16:int64; once per input",
+    )
+    parser.add_argument(
+        "--frontend",
+        choices=("auto", "fx", "export"),
+        default="auto",
+        help="tracer: torch.fx, torch.export, or fx falling back to export (default)",
+    )
     add_output_flags(parser, "print the report as JSON")
 
 
@@ -208,8 +255,14 @@ def _zoo(args: argparse.Namespace) -> int:
 
     from utune_fx.zoo import run_zoo
 
-    report = run_zoo(args.models, Path(args.output), args.jobs, args.timeout, args.memory_gb,
-                     Path(args.markdown) if args.markdown else None)
+    report = run_zoo(
+        args.models,
+        Path(args.output),
+        args.jobs,
+        args.timeout,
+        args.memory_gb,
+        Path(args.markdown) if args.markdown else None,
+    )
     if args.json:
         print_json({k: v for k, v in report.items() if k != "rows"})
         return 0
@@ -233,15 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     match = commands.add_parser("match", help="dry run: which regions each rule of a rule file selects")
     _add_model_arguments(match, None)
     match.add_argument("--rules", required=True, metavar="FILE", help="rule file (YAML), e.g. rules/dual_utuner.yaml")
-    match.add_argument("--explain", action="store_true",
-                       help="show candidates, selection and dropped overlaps, and the closest near-miss of empty rules")
+    match.add_argument(
+        "--explain",
+        action="store_true",
+        help="show candidates, selection and dropped overlaps, and the closest near-miss of empty rules",
+    )
     match.add_argument("--allow-empty", action="store_true", help="exit 0 even if a rule matches nothing")
     match.set_defaults(run=_match)
 
     rewrite = commands.add_parser("rewrite", help="insert the tuners the rules name; write a tuned artifact")
     _add_model_arguments(rewrite, None)
-    rewrite.add_argument("--rules", required=True, action="append", metavar="FILE",
-                         help="rule file (YAML); repeat to apply several, in order")
+    rewrite.add_argument(
+        "--rules",
+        required=True,
+        action="append",
+        metavar="FILE",
+        help="rule file (YAML); repeat to apply several, in order",
+    )
     rewrite.add_argument("-o", "--output", required=True, metavar="DIR", help="directory for the tuned artifact")
     rewrite.set_defaults(run=_rewrite)
 
@@ -256,8 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a tuned model")
     evaluate.add_argument("directory", metavar="DIR", help="a training run (OUT) or a tuned artifact")
     _add_data_arguments(evaluate)
-    evaluate.add_argument("--split", choices=("test", "val"), default="test",
-                          help="the source's test split (default; validation when it has none) or validation")
+    evaluate.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="the source's test split (default; validation when it has none) or validation",
+    )
     evaluate.add_argument("-o", "--output", metavar="DIR", help="where eval.json and confusion.png go (default DIR)")
     add_output_flags(evaluate, "print the report as JSON")
     evaluate.set_defaults(run=_eval)
@@ -266,8 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     zoo = commands.add_parser("zoo", help="every timm architecture family through the whole chain")
     zoo.add_argument("--models", default="ci", help="ci (the fixed sample), all (one per timm family), or names")
-    zoo.add_argument("-o", "--output", default="runs/zoo", metavar="DIR",
-                     help="results.jsonl (resumable), report.json (default runs/zoo)")
+    zoo.add_argument(
+        "-o",
+        "--output",
+        default="runs/zoo",
+        metavar="DIR",
+        help="results.jsonl (resumable), report.json (default runs/zoo)",
+    )
     zoo.add_argument("--markdown", metavar="FILE", help="where the table goes (default DIR/coverage.md)")
     zoo.add_argument("--jobs", type=int, default=2, help="models at a time (default 2)")
     zoo.add_argument("--timeout", type=float, default=600, help="seconds per model (default 600)")

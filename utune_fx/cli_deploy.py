@@ -1,9 +1,9 @@
 """The deployment commands of cli.py: parse, call the library, print.
 
-    python cli.py fold DIR -o OUT                  folded artifact + report (fold/)
-    python cli.py export DIR -o model.onnx [--fold] [--opset N] [--tuners-as-inputs]
-                                                   ONNX file, verified in ONNX Runtime (export/)
-    python cli.py bench DIR [--batch-sizes 1,32]   latency and throughput of four variants (bench.py)
+python cli.py fold DIR -o OUT                  folded artifact + report (fold/)
+python cli.py export DIR -o model.onnx [--fold] [--opset N] [--tuners-as-inputs]
+                                               ONNX file, verified in ONNX Runtime (export/)
+python cli.py bench DIR [--batch-sizes 1,32]   latency and throughput of four variants (bench.py)
 """
 
 from __future__ import annotations
@@ -46,37 +46,55 @@ def _export(args: argparse.Namespace) -> int:
 
     directory = artifact_directory(args.directory)
     if args.tuners_as_inputs and (args.fold or directory is not None and is_folded(directory)):
-        raise UtuneError("--tuners-as-inputs keeps the tuner tensors apart from the weights, folding merges them "
-                         "in; export the tuned artifact without --fold (not a folded one)")
+        raise UtuneError(
+            "--tuners-as-inputs keeps the tuner tensors apart from the weights, folding merges them "
+            "in; export the tuned artifact without --fold (not a folded one)"
+        )
     status = Console(stderr=True)
     with status.status(f"loading {args.directory}"):
         result, module, folded = load_for_inference(args.directory, args.fold)
     names = [name for name, p in result.module.named_parameters() if p.requires_grad] if args.tuners_as_inputs else []
     with status.status(f"exporting to {args.output} (opset {args.opset}) and checking it in ONNX Runtime"):
-        exported = export_onnx(module, result.example_inputs, args.output, opset=args.opset, exporter=args.exporter,
-                               tuner_names=names)
-    report = {"path": str(exported.path), "exporter": exported.exporter, "opset": exported.opset,
-              "folded": folded is not None, "inputs": exported.input_names, "outputs": exported.output_names,
-              "tuner_inputs": len(exported.tuner_inputs), "external_data": exported.external_data,
-              "size_bytes": exported.size_bytes, "fallback": exported.fallback_reason,
-              "provider": exported.parity.provider,
-              "parity": [vars(check) for check in exported.parity.checks]}
+        exported = export_onnx(
+            module, result.example_inputs, args.output, opset=args.opset, exporter=args.exporter, tuner_names=names
+        )
+    report = {
+        "path": str(exported.path),
+        "exporter": exported.exporter,
+        "opset": exported.opset,
+        "folded": folded is not None,
+        "inputs": exported.input_names,
+        "outputs": exported.output_names,
+        "tuner_inputs": len(exported.tuner_inputs),
+        "external_data": exported.external_data,
+        "size_bytes": exported.size_bytes,
+        "fallback": exported.fallback_reason,
+        "provider": exported.parity.provider,
+        "parity": [vars(check) for check in exported.parity.checks],
+    }
     if args.json:
         print_json(report)
         return 0
     kind = f"folded ({folded.count('folded')} tuners merged, {folded.count('kept')} kept)" if folded else "tuned"
-    print(f"exported the {kind} model with the {exported.exporter} exporter, opset {exported.opset}, dynamic batch: "
-          f"{exported.path} ({exported.size_bytes / 2**20:.1f} MiB" + (", external data" if exported.external_data
-                                                                       else "") + ")")
+    print(
+        f"exported the {kind} model with the {exported.exporter} exporter, opset {exported.opset}, dynamic batch: "
+        f"{exported.path} ({exported.size_bytes / 2**20:.1f} MiB"
+        + (", external data" if exported.external_data else "")
+        + ")"
+    )
     if exported.fallback_reason:
         print(f"  fell back: {exported.fallback_reason}")
     for check in exported.parity.checks:
-        print(f"  ONNX Runtime ({exported.parity.provider}) vs PyTorch, batch {check.batch_size}: max abs error "
-              f"{check.max_abs_error:.1e}, relative {check.rel_error:.1e} ({check.dtype}: rtol {check.rtol:g}, "
-              f"atol {check.atol:g}) {'ok' if check.passed else 'FAILED'}")
+        print(
+            f"  ONNX Runtime ({exported.parity.provider}) vs PyTorch, batch {check.batch_size}: max abs error "
+            f"{check.max_abs_error:.1e}, relative {check.rel_error:.1e} ({check.dtype}: rtol {check.rtol:g}, "
+            f"atol {check.atol:g}) {'ok' if check.passed else 'FAILED'}"
+        )
     if names:
-        print(f"  {len(names)} tuner tensors are graph inputs; feed another task's with "
-              f"utune_fx.export.tuner_feeds(ARTIFACT_DIR, {str(Path(args.output))!r})")
+        print(
+            f"  {len(names)} tuner tensors are graph inputs; feed another task's with "
+            f"utune_fx.export.tuner_feeds(ARTIFACT_DIR, {str(Path(args.output))!r})"
+        )
     return 0
 
 
@@ -101,13 +119,23 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report)
         return 0
-    table = Table(box=None, pad_edge=False, title=f"Inference, {report['torch_threads']} threads, "
-                  f"{report['provider']} for ONNX Runtime ({report['rounds']} interleaved rounds)", title_justify="left")
+    table = Table(
+        box=None,
+        pad_edge=False,
+        title=f"Inference, {report['torch_threads']} threads, "
+        f"{report['provider']} for ONNX Runtime ({report['rounds']} interleaved rounds)",
+        title_justify="left",
+    )
     for column in ("variant", "batch", "median ms", "images/s", "x base eager"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for row in report["rows"]:
-        table.add_row(row["variant"], str(row["batch"]), f"{row['median_ms']:.2f}", f"{row['images_per_s']:,.0f}",
-                      f"{row['vs_base']:.2f}")
+        table.add_row(
+            row["variant"],
+            str(row["batch"]),
+            f"{row['median_ms']:.2f}",
+            f"{row['images_per_s']:,.0f}",
+            f"{row['vs_base']:.2f}",
+        )
     Console(width=max(Console().width, 100)).print(table)
     print(f"wrote {out}")
     return 0
@@ -125,10 +153,17 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="the ONNX file to write")
     export.add_argument("--fold", action="store_true", help="fold the tuners into the weights first")
     export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    export.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
-                        help="auto: torch's dynamo exporter, falling back to TorchScript (default)")
-    export.add_argument("--tuners-as-inputs", action="store_true",
-                        help="tuner tensors become graph inputs: one file serves every task tuned with the same rules")
+    export.add_argument(
+        "--exporter",
+        choices=("auto", "dynamo", "torchscript"),
+        default="auto",
+        help="auto: torch's dynamo exporter, falling back to TorchScript (default)",
+    )
+    export.add_argument(
+        "--tuners-as-inputs",
+        action="store_true",
+        help="tuner tensors become graph inputs: one file serves every task tuned with the same rules",
+    )
     add_output_flags(export, "print the export and parity report as JSON")
     export.set_defaults(run=_export)
 

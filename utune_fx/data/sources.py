@@ -60,8 +60,7 @@ class ImagePool(abc.ABC):
         try:
             return self.open(index).convert("RGB")  # grayscale and RGBA become RGB
         except PIL_DECODE_ERRORS as error:
-            raise UtuneError(f"cannot decode image {self.describe(index)} ({error}); "
-                             "re-encode or delete it") from error
+            raise UtuneError(f"cannot decode image {self.describe(index)} ({error}); re-encode or delete it") from error
 
 
 class FilePool(ImagePool):
@@ -103,7 +102,7 @@ class JpegPackPool(ImagePool):
         return f"{self.name} image {index}"
 
     def open(self, index: int) -> Image.Image:
-        return Image.open(io.BytesIO(self.data[self.offsets[index]:self.offsets[index + 1]].tobytes()))
+        return Image.open(io.BytesIO(self.data[self.offsets[index] : self.offsets[index + 1]].tobytes()))
 
 
 @dataclass
@@ -122,8 +121,10 @@ def read_source(spec: str) -> Source:
     scheme, _, location = body.partition(":")
     allowed = {"split", "classes"} if scheme == "imagefolder" else {"classes"}
     if unknown := sorted(set(options) - allowed):
-        raise UtuneError(f"unknown option {unknown[0]!r} in data spec {spec!r}; options: "
-                         + "; ".join(OPTIONS[name] for name in sorted(allowed)))
+        raise UtuneError(
+            f"unknown option {unknown[0]!r} in data spec {spec!r}; options: "
+            + "; ".join(OPTIONS[name] for name in sorted(allowed))
+        )
     wanted = options.pop("classes", None)
     if scheme == "digits" and not location:
         source = read_digits()
@@ -160,9 +161,11 @@ def keep_classes(source: Source, wanted: str, spec: str) -> Source:
         elif item.isdigit() and int(item) < len(source.classes):
             chosen.append(int(item))
         else:
-            raise UtuneError(f"class {item!r} in data spec {spec!r} is neither a class name nor an index below "
-                             f"{len(source.classes)}; the classes are {', '.join(source.classes[:12])}"
-                             + (", ..." if len(source.classes) > 12 else ""))
+            raise UtuneError(
+                f"class {item!r} in data spec {spec!r} is neither a class name nor an index below "
+                f"{len(source.classes)}; the classes are {', '.join(source.classes[:12])}"
+                + (", ..." if len(source.classes) > 12 else "")
+            )
     if len(set(chosen)) != len(chosen):
         raise UtuneError(f"data spec {spec!r} names a class twice in classes={wanted}; name each once")
     relabel = np.full(len(source.classes), -1, dtype=np.int64)
@@ -173,15 +176,21 @@ def keep_classes(source: Source, wanted: str, spec: str) -> Source:
             return None
         kept = np.flatnonzero(relabel[pool.labels] >= 0)
         return SubsetPool(pool, kept, relabel[pool.labels[kept]])
-    return Source([source.classes[c] for c in chosen], subset(source.train), subset(source.test),
-                  source.holdout_test)
+
+    return Source([source.classes[c] for c in chosen], subset(source.train), subset(source.test), source.holdout_test)
 
 
 # --- imagefolder -------------------------------------------------------------------
 
+
 def _images_below(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def _class_folders(root: Path, known: list[str] | None = None) -> tuple[list[str], FilePool]:
@@ -191,16 +200,19 @@ def _class_folders(root: Path, known: list[str] | None = None) -> tuple[list[str
         raise UtuneError(f"no class folders under {root}; expected {root}/<class>/<image>.jpg, one folder per class")
     found = {folder.name: _images_below(folder) for folder in folders}
     if not any(found.values()):
-        raise UtuneError(f"no images found under {root} (looked for {', '.join(IMAGE_SUFFIXES)}); "
-                         "put images in one folder per class")
+        raise UtuneError(
+            f"no images found under {root} (looked for {', '.join(IMAGE_SUFFIXES)}); put images in one folder per class"
+        )
     classes = known if known is not None else [folder.name for folder in folders]
     paths, labels = [], []
     for name, images in found.items():
         if not images:
             raise UtuneError(f"class folder {root / name} has no images; add images or remove the folder")
         if name not in classes:
-            raise UtuneError(f"folder {root / name} is not a class of the training split; "
-                             "rename it or add the class to the training split")
+            raise UtuneError(
+                f"folder {root / name} is not a class of the training split; "
+                "rename it or add the class to the training split"
+            )
         paths += images
         labels += [classes.index(name)] * len(images)
     return classes, FilePool(paths, labels)
@@ -229,8 +241,9 @@ def _split_file(root: Path, split: str) -> Source:
     pools = {}
     for role, relatives in entries.items():
         if unknown := sorted({Path(r).parts[0] for r in relatives} - set(classes)):
-            raise UtuneError(f"{file}: class {unknown[0]!r} has test images but no training images; "
-                             "list some of its images as train")
+            raise UtuneError(
+                f"{file}: class {unknown[0]!r} has test images but no training images; list some of its images as train"
+            )
         pools[role] = FilePool([root / r for r in relatives], [classes.index(Path(r).parts[0]) for r in relatives])
     return Source(classes, pools["train"], pools["test"] if entries["test"] else None)
 
@@ -279,8 +292,10 @@ def _unpickle_dict(file: Path, keys: tuple[str, ...]) -> dict:
         content = {key.decode("latin-1") if isinstance(key, bytes) else key: value for key, value in content.items()}
     if not isinstance(content, dict) or any(key not in content for key in keys):
         found = sorted(content) if isinstance(content, dict) else type(content).__name__
-        raise UtuneError(f"{file} is not a CIFAR python batch: expected a dict with {', '.join(keys)}, "
-                         f"found {found}; use the original CIFAR python batches")
+        raise UtuneError(
+            f"{file} is not a CIFAR python batch: expected a dict with {', '.join(keys)}, "
+            f"found {found}; use the original CIFAR python batches"
+        )
     return content
 
 
@@ -288,8 +303,9 @@ def _cifar_batch(file: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     batch = _unpickle_dict(file, ("data", label_key))
     data, labels = batch["data"], np.asarray(batch[label_key], dtype=np.int64)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != (len(labels), 3 * 32 * 32):
-        raise UtuneError(f"{file}: 'data' is not a uint8 array of shape [{len(labels)}, 3072]; "
-                         "use the original CIFAR python batches")
+        raise UtuneError(
+            f"{file}: 'data' is not a uint8 array of shape [{len(labels)}, 3072]; use the original CIFAR python batches"
+        )
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels  # rows are channel-major
 
 
@@ -302,8 +318,10 @@ def read_cifar(root: Path) -> Source:
         train_files, test_file, meta_file = [root / "train"], root / "test", root / "meta"
         label_key, names_key = "fine_labels", "fine_label_names"
     else:
-        raise UtuneError(f"{root} holds neither data_batch_1..5 + test_batch (CIFAR-10) nor train + test (CIFAR-100); "
-                         "point cifar: at the extracted cifar-10-batches-py or cifar-100-python folder")
+        raise UtuneError(
+            f"{root} holds neither data_batch_1..5 + test_batch (CIFAR-10) nor train + test (CIFAR-100); "
+            "point cifar: at the extracted cifar-10-batches-py or cifar-100-python folder"
+        )
     for file in (test_file, meta_file):
         if not file.is_file():
             raise UtuneError(f"{file} is missing; keep the CIFAR folder as it was extracted")
@@ -323,8 +341,10 @@ ARRAY_KEYS, PACK_KEYS = ("x_train", "y_train"), ("train_bytes", "train_offsets",
 
 def _check_labels(labels: np.ndarray, class_count: int, where: str) -> None:
     if len(labels) and (labels.min() < 0 or labels.max() >= class_count):
-        raise UtuneError(f"{where}: labels run from {labels.min()} to {labels.max()} but there are "
-                         f"{class_count} classes; labels must be 0..{class_count - 1}")
+        raise UtuneError(
+            f"{where}: labels run from {labels.min()} to {labels.max()} but there are "
+            f"{class_count} classes; labels must be 0..{class_count - 1}"
+        )
 
 
 def _npz_split(archive, path: Path, split: str) -> ImagePool:
@@ -332,17 +352,23 @@ def _npz_split(archive, path: Path, split: str) -> ImagePool:
         pixels, labels = archive[f"x_{split}"], archive[f"y_{split}"]
         channels_ok = pixels.ndim == 3 or (pixels.ndim == 4 and pixels.shape[-1] in (1, 3, 4))
         if pixels.dtype != np.uint8 or not channels_ok:
-            raise UtuneError(f"{path}: x_{split} is {pixels.dtype} {list(pixels.shape)}; "
-                             "expected uint8 images [N, H, W] or [N, H, W, C] with C = 1, 3 or 4")
+            raise UtuneError(
+                f"{path}: x_{split} is {pixels.dtype} {list(pixels.shape)}; "
+                "expected uint8 images [N, H, W] or [N, H, W, C] with C = 1, 3 or 4"
+            )
         if len(pixels) != len(labels):
-            raise UtuneError(f"{path}: x_{split} has {len(pixels)} images but y_{split} {len(labels)} labels; "
-                             "give one label per image")
+            raise UtuneError(
+                f"{path}: x_{split} has {len(pixels)} images but y_{split} {len(labels)} labels; "
+                "give one label per image"
+            )
         return ArrayPool(pixels, labels, f"{path} x_{split}")
     offsets = archive[f"{split}_offsets"].astype(np.int64)
     pool = JpegPackPool(archive[f"{split}_bytes"], offsets, archive[f"{split}_labels"], f"{path} {split}")
     if len(offsets) != len(pool) + 1 or np.any(np.diff(offsets) < 0) or offsets[-1] > len(pool.data):
-        raise UtuneError(f"{path}: {split}_offsets must be N+1 ascending positions within {split}_bytes "
-                         f"for the N = {len(pool)} labels; rebuild the pack")
+        raise UtuneError(
+            f"{path}: {split}_offsets must be N+1 ascending positions within {split}_bytes "
+            f"for the N = {len(pool)} labels; rebuild the pack"
+        )
     return pool
 
 
@@ -351,14 +377,19 @@ def read_npz(path: Path) -> Source:
         with np.load(path, allow_pickle=False) as archive:
             keys = set(archive.files)
             if not (set(ARRAY_KEYS) <= keys or set(PACK_KEYS) <= keys):
-                raise UtuneError(f"{path} has keys {', '.join(sorted(keys)) or '(none)'}; expected "
-                                 f"{' + '.join(ARRAY_KEYS)} (arrays) or {' + '.join(PACK_KEYS)} (JPEG pack)")
+                raise UtuneError(
+                    f"{path} has keys {', '.join(sorted(keys)) or '(none)'}; expected "
+                    f"{' + '.join(ARRAY_KEYS)} (arrays) or {' + '.join(PACK_KEYS)} (JPEG pack)"
+                )
             train = _npz_split(archive, path, "train")
             has_test = {"x_test", "y_test"} <= keys or {"test_bytes", "test_offsets", "test_labels"} <= keys
             test = _npz_split(archive, path, "test") if has_test else None
             class_count = int(max(p.labels.max(initial=-1) for p in (train, test) if p is not None)) + 1
-            classes = [str(name) for name in archive["classes"]] if "classes" in keys else \
-                [str(label) for label in range(class_count)]
+            classes = (
+                [str(name) for name in archive["classes"]]
+                if "classes" in keys
+                else [str(label) for label in range(class_count)]
+            )
     except (ValueError, OSError, EOFError) as error:  # not a zip, or object arrays (pickles) inside
         raise UtuneError(f"cannot read {path} as plain npz arrays ({error}); save it with numpy.savez") from error
     for pool in (train, test):
@@ -369,11 +400,16 @@ def read_npz(path: Path) -> Source:
 
 # --- digits --------------------------------------------------------------------------
 
+
 def read_digits() -> Source:
     """scikit-learn's 1,797 8x8 digits; no test split of its own, so one is held out."""
     from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
 
     digits = load_digits()
     pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)  # values are 0..16
-    return Source([str(name) for name in digits.target_names], ArrayPool(pixels, digits.target, "digits"),
-                  None, holdout_test=DIGITS_TEST_FRACTION)
+    return Source(
+        [str(name) for name in digits.target_names],
+        ArrayPool(pixels, digits.target, "digits"),
+        None,
+        holdout_test=DIGITS_TEST_FRACTION,
+    )

@@ -18,12 +18,21 @@ from safetensors).
 from utune_fx.export.feeds import onnx_tuner_inputs, tuner_feeds
 from utune_fx.export.onnx_export import ExportResult, export_onnx
 from utune_fx.export.verify import (
-           TOLERANCES,
-           BatchParity,
-           Parity,
-           Tolerance,
-           verify_onnx,
+    TOLERANCES,
+    BatchParity,
+    Parity,
+    Tolerance,
+    verify_onnx,
 )
 
-__all__ = ["TOLERANCES", "BatchParity", "ExportResult", "Parity", "Tolerance", "export_onnx", "onnx_tuner_inputs",
-           "tuner_feeds", "verify_onnx"]
+__all__ = [
+    "TOLERANCES",
+    "BatchParity",
+    "ExportResult",
+    "Parity",
+    "Tolerance",
+    "export_onnx",
+    "onnx_tuner_inputs",
+    "tuner_feeds",
+    "verify_onnx",
+]

@@ -59,7 +59,7 @@ class ExportModule(nn.Module):
         self.tuner_names = list(tuner_names)
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        inputs, tuners = tensors[:self.input_count], tensors[self.input_count:]
+        inputs, tuners = tensors[: self.input_count], tensors[self.input_count :]
         if not self.tuner_names:
             output = self.module(*inputs)
         elif torch.jit.is_tracing():  # functional_call refuses the TorchScript tracer
@@ -132,23 +132,35 @@ def quiet() -> Iterator[None]:
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
-                warnings.catch_warnings():
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore")
             yield
     finally:
         logging.disable(previous)
 
 
-def export_dynamo(wrapper: ExportModule, args: tuple, opset: int, input_names: list[str],
-                  output_names: list[str], batched: list[bool]) -> onnx.ModelProto:
+def export_dynamo(
+    wrapper: ExportModule, args: tuple, opset: int, input_names: list[str], output_names: list[str], batched: list[bool]
+) -> onnx.ModelProto:
     batch = torch.export.Dim(BATCH_AXIS, min=1)
     data = tuple({0: batch} if is_batched else None for is_batched in batched)
     tuners = (None,) * (len(args) - len(batched))  # tuner tensors keep their shapes
     with quiet():
-        program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, input_names=input_names,
-                                    output_names=output_names, dynamic_shapes=(data + tuners,),
-                                    optimize=True, verbose=False)  # one tuple: forward takes *tensors
+        program = torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=(data + tuners,),
+            optimize=True,
+            verbose=False,
+        )  # one tuple: forward takes *tensors
         _register_orphan_constants(program.model.graph)
         return program.model_proto
 
@@ -167,8 +179,13 @@ def _register_orphan_constants(graph) -> None:
 
     for node in ir.traversal.RecursiveGraphIterator(graph):
         for value in node.inputs:
-            if (value is not None and value.producer() is None and value.const_value is not None
-                    and not value.is_graph_input() and not value.is_initializer()):
+            if (
+                value is not None
+                and value.producer() is None
+                and value.const_value is not None
+                and not value.is_graph_input()
+                and not value.is_initializer()
+            ):
                 base, suffix = value.name or "constant", 0
                 while value.name is None or value.name in graph.initializers:
                     suffix += 1
@@ -176,14 +193,23 @@ def _register_orphan_constants(graph) -> None:
                 graph.register_initializer(value)
 
 
-def export_torchscript(wrapper: ExportModule, args: tuple, opset: int, input_names: list[str],
-                       output_names: list[str], batched: list[bool]) -> onnx.ModelProto:
+def export_torchscript(
+    wrapper: ExportModule, args: tuple, opset: int, input_names: list[str], output_names: list[str], batched: list[bool]
+) -> onnx.ModelProto:
     axes = {name: {0: BATCH_AXIS} for name, is_batched in zip(input_names, batched) if is_batched}
     axes.update({name: {0: BATCH_AXIS} for name in output_names})
     with tempfile.TemporaryDirectory() as scratch, quiet():
         path = Path(scratch) / "model.onnx"
-        torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=opset, input_names=input_names,
-                          output_names=output_names, dynamic_axes=axes)
+        torch.onnx.export(
+            wrapper,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=axes,
+        )
         return onnx.load(str(path))  # also reads any external data the exporter wrote for > 2 GB
 
 

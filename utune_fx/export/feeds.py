@@ -34,12 +34,18 @@ def onnx_tuner_inputs(path: str | Path) -> Expected:
     model = onnx.load(str(path), load_external_data=False)  # the graph only, not the weights
     recorded = {prop.key: prop.value for prop in model.metadata_props}.get(TUNER_INPUTS_KEY)
     if recorded is None:
-        raise UtuneError(f"{path} was exported without tuner inputs; export it with tuner_names "
-                         "(the trainable parameter names) to feed tuners at run time")
+        raise UtuneError(
+            f"{path} was exported without tuner inputs; export it with tuner_names "
+            "(the trainable parameter names) to feed tuners at run time"
+        )
     inputs = {i.name: i.type.tensor_type for i in model.graph.input}
-    return {name: (tuple(d.dim_value for d in inputs[name].shape.dim),
-                   np.dtype(tensor_dtype_to_np_dtype(inputs[name].elem_type)))
-            for name in json.loads(recorded)}
+    return {
+        name: (
+            tuple(d.dim_value for d in inputs[name].shape.dim),
+            np.dtype(tensor_dtype_to_np_dtype(inputs[name].elem_type)),
+        )
+        for name in json.loads(recorded)
+    }
 
 
 def _expected(names: Sequence[str] | Mapping[str, Sequence[int]] | str | Path) -> Expected:
@@ -58,13 +64,16 @@ def _tensor_file(source: str | Path) -> Path:
             raise UtuneError(f"{source}: no {TENSORS} here; pass a tuned artifact directory or a .safetensors file")
         return path
     if source.suffix != ".safetensors" or not source.is_file():
-        raise UtuneError(f"{source}: not a tuned artifact directory or a .safetensors file; tuner tensors are "
-                         "read from safetensors only")
+        raise UtuneError(
+            f"{source}: not a tuned artifact directory or a .safetensors file; tuner tensors are "
+            "read from safetensors only"
+        )
     return source
 
 
-def tuner_feeds(source: str | Path,
-                names: Sequence[str] | Mapping[str, Sequence[int]] | str | Path) -> dict[str, np.ndarray]:
+def tuner_feeds(
+    source: str | Path, names: Sequence[str] | Mapping[str, Sequence[int]] | str | Path
+) -> dict[str, np.ndarray]:
     """Read the tuner tensors ``names`` expects from ``source`` as ONNX Runtime feeds (in ``names`` order)."""
     path = _tensor_file(source)
     expected = _expected(names)
@@ -73,23 +82,32 @@ def tuner_feeds(source: str | Path,
             found = set(handle.keys())
             missing, unexpected = [n for n in expected if n not in found], sorted(found - set(expected))
             if missing:
-                raise UtuneError(f"{path}: tuner tensor {missing[0]} is missing ({len(missing)} of {len(expected)} "
-                                 f"missing); was it written for other rules or another model?")
+                raise UtuneError(
+                    f"{path}: tuner tensor {missing[0]} is missing ({len(missing)} of {len(expected)} "
+                    f"missing); was it written for other rules or another model?"
+                )
             if unexpected:
-                raise UtuneError(f"{path}: tensor {unexpected[0]} is not a tuner input of the model "
-                                 f"({len(unexpected)} unexpected); export with the same tuner names as the artifact")
+                raise UtuneError(
+                    f"{path}: tensor {unexpected[0]} is not a tuner input of the model "
+                    f"({len(unexpected)} unexpected); export with the same tuner names as the artifact"
+                )
             tensors = {name: handle.get_tensor(name) for name in expected}
     except UtuneError:
         raise
     except Exception as error:  # safetensors raises its own types for damaged headers and bfloat16 in numpy
-        raise UtuneError(f"{path}: cannot read the tuner tensors ({first_line(error)}); "
-                         "write float32 tensors with safetensors") from error
+        raise UtuneError(
+            f"{path}: cannot read the tuner tensors ({first_line(error)}); write float32 tensors with safetensors"
+        ) from error
     for name, (shape, dtype) in expected.items():
         tensor = tensors[name]
         if shape is not None and tuple(tensor.shape) != shape:
-            raise UtuneError(f"{path}: tuner tensor {name} has shape {list(tensor.shape)}, the model expects "
-                             f"{list(shape)}; was it trained with other tuner settings?")
+            raise UtuneError(
+                f"{path}: tuner tensor {name} has shape {list(tensor.shape)}, the model expects "
+                f"{list(shape)}; was it trained with other tuner settings?"
+            )
         if dtype is not None and tensor.dtype != dtype:
-            raise UtuneError(f"{path}: tuner tensor {name} is {tensor.dtype}, the model expects {dtype}; "
-                             "export and train in the same dtype")
+            raise UtuneError(
+                f"{path}: tuner tensor {name} is {tensor.dtype}, the model expects {dtype}; "
+                "export and train in the same dtype"
+            )
     return tensors

@@ -75,8 +75,13 @@ def _stage(model: onnx.ModelProto, staging: Path, name: str, threshold: int) -> 
     """Write the model into ``staging`` under its final name(s), check it; True when the weights went external."""
     external = _serialized_size(model) > threshold
     # the data file's name is recorded in the model, so it is written under its final name
-    onnx.save_model(model, str(staging / name), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=f"{name}.data")
+    onnx.save_model(
+        model,
+        str(staging / name),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=f"{name}.data",
+    )
     onnx.checker.check_model(str(staging / name))  # the path form also reads the external data
     return external
 
@@ -103,6 +108,7 @@ def _make_ordinary(file: Path) -> None:
 @dataclass
 class _Job:
     """What every exporter gets, and what follows the export."""
+
     wrapper: ExportModule
     args: tuple
     input_names: list[str]
@@ -150,11 +156,15 @@ def _failure(attempts: list[Attempt], module: nn.Module, opset: int) -> UtuneErr
         where = f" (graph node {node})" if node else ""
         naming = [a.exporter for a in attempts if a.op == op]  # another exporter may have failed otherwise
         by = "" if len(naming) == len(attempts) else f" in the {' and '.join(naming)} exporter"
-        return UtuneError(f"cannot export to ONNX: {op}{where} has no ONNX translation{by} in opset {opset} "
-                          f"({reasons}); try another opset, fold the tuners first if it belongs to a tuner, or "
-                          "replace the op")
-    return UtuneError(f"cannot export to ONNX in opset {opset} ({reasons}); try another exporter or opset, and "
-                      "keep data-dependent Python control flow out of the model")
+        return UtuneError(
+            f"cannot export to ONNX: {op}{where} has no ONNX translation{by} in opset {opset} "
+            f"({reasons}); try another opset, fold the tuners first if it belongs to a tuner, or "
+            "replace the op"
+        )
+    return UtuneError(
+        f"cannot export to ONNX in opset {opset} ({reasons}); try another exporter or opset, and "
+        "keep data-dependent Python control flow out of the model"
+    )
 
 
 def _check_arguments(module: nn.Module, inputs: tuple, exporter: str, tuner_names: Sequence[str]) -> None:
@@ -165,16 +175,26 @@ def _check_arguments(module: nn.Module, inputs: tuple, exporter: str, tuner_name
     parameters = dict(module.named_parameters())
     unknown = [name for name in tuner_names if name not in parameters]
     if unknown:
-        raise UtuneError(f"tuner name {unknown[0]} is not a parameter of the model; pass names from "
-                         "module.named_parameters(), such as the trainable ones")
+        raise UtuneError(
+            f"tuner name {unknown[0]} is not a parameter of the model; pass names from "
+            "module.named_parameters(), such as the trainable ones"
+        )
     if len(set(tuner_names)) != len(tuner_names):
         raise UtuneError("tuner names repeat a name; pass each parameter once")
 
 
-def export_onnx(module: nn.Module, example_inputs: Any, path: str | Path, *, opset: int = 18,
-                exporter: str = "auto", tuner_names: Sequence[str] | None = None,
-                external_data_threshold: int = 2**31, verify: bool = True,
-                batch_sizes: Sequence[int] = (1, 4)) -> ExportResult:
+def export_onnx(
+    module: nn.Module,
+    example_inputs: Any,
+    path: str | Path,
+    *,
+    opset: int = 18,
+    exporter: str = "auto",
+    tuner_names: Sequence[str] | None = None,
+    external_data_threshold: int = 2**31,
+    verify: bool = True,
+    batch_sizes: Sequence[int] = (1, 4),
+) -> ExportResult:
     """Export ``module`` to ``path`` with a dynamic batch axis (dim 0 of the batched inputs and of every
     output); with ``verify`` the file is put in place only once ONNX Runtime matches PyTorch at
     ``batch_sizes``. ``tuner_names``: parameters that become graph inputs (fixed shapes) named as the
@@ -189,13 +209,24 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | Path, *, ops
     with eval_mode(module):
         with torch.no_grad():
             output_count = len(ExportModule(module, len(inputs))(*inputs))
-        check = (lambda staged: verify_onnx(staged, module, inputs, batch_sizes=batch_sizes, tuner_feeds=feeds))
-        job = _Job(ExportModule(module, len(inputs), tuner_names), inputs + tuners,
-                   input_names_of(module, len(inputs)) + tuner_names, output_names_for(output_count),
-                   batched_inputs(inputs), opset, path, external_data_threshold, check if verify else None)
+
+        def check(staged):
+            return verify_onnx(staged, module, inputs, batch_sizes=batch_sizes, tuner_feeds=feeds)
+
+        job = _Job(
+            ExportModule(module, len(inputs), tuner_names),
+            inputs + tuners,
+            input_names_of(module, len(inputs)) + tuner_names,
+            output_names_for(output_count),
+            batched_inputs(inputs),
+            opset,
+            path,
+            external_data_threshold,
+            check if verify else None,
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         attempts: list[Attempt] = []
-        for exporter_name in (EXPORTERS if exporter == "auto" else (exporter,)):
+        for exporter_name in EXPORTERS if exporter == "auto" else (exporter,):
             outcome = _run(exporter_name, job)
             if isinstance(outcome, Attempt):
                 attempts.append(outcome)
@@ -203,8 +234,19 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | Path, *, ops
             external, data, parity = outcome
             size = path.stat().st_size + (data.stat().st_size if data else 0)
             fallback = "; ".join(f"{a.exporter}: {a.reason}" for a in attempts) or None
-            return ExportResult(path, exporter_name, opset, job.input_names, job.output_names, tuner_names,
-                                external, size, fallback, data, parity)
+            return ExportResult(
+                path,
+                exporter_name,
+                opset,
+                job.input_names,
+                job.output_names,
+                tuner_names,
+                external,
+                size,
+                fallback,
+                data,
+                parity,
+            )
         raise _failure(attempts, module, opset)
 
 
@@ -214,8 +256,10 @@ def _declare_tuner_inputs(model: onnx.ModelProto, tuner_names: list[str], export
     initializers = {i.name for i in model.graph.initializer}
     lost = [name for name in tuner_names if name not in inputs or name in initializers]
     if lost:
-        raise UtuneError(f"the {exporter} exporter did not keep tuner tensor {lost[0]} as a graph input (it does "
-                         "not reach the outputs, or became a constant); pass only tensors the outputs depend on")
+        raise UtuneError(
+            f"the {exporter} exporter did not keep tuner tensor {lost[0]} as a graph input (it does "
+            "not reach the outputs, or became a constant); pass only tensors the outputs depend on"
+        )
     if tuner_names:
         entry = model.metadata_props.add()
         entry.key, entry.value = TUNER_INPUTS_KEY, json.dumps(tuner_names)

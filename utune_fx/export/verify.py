@@ -87,8 +87,9 @@ class Parity:
         return all(check.passed for check in self.checks)
 
     def summary(self) -> str:
-        parts = ", ".join(f"batch {c.batch_size}: max abs {c.max_abs_error:.1e}, rel {c.rel_error:.1e}"
-                          for c in self.checks)
+        parts = ", ".join(
+            f"batch {c.batch_size}: max abs {c.max_abs_error:.1e}, rel {c.rel_error:.1e}" for c in self.checks
+        )
         return f"ONNX Runtime ({self.provider}) matches PyTorch ({parts})"
 
 
@@ -141,14 +142,18 @@ def _ort_value(tensor: torch.Tensor | np.ndarray) -> ort.OrtValue:
 
 def _check(path: Path, batch: int, got: list[torch.Tensor], expected: list[torch.Tensor]) -> BatchParity:
     if len(got) != len(expected):
-        raise UtuneError(f"{path}: the ONNX model has {len(got)} output(s), the module {len(expected)}; "
-                         "verify against the module that was exported")
+        raise UtuneError(
+            f"{path}: the ONNX model has {len(got)} output(s), the module {len(expected)}; "
+            "verify against the module that was exported"
+        )
     worst, worst_ratio = None, -1.0
     max_abs = rel = 0.0
     for index, (ours, theirs) in enumerate(zip(got, expected)):
         if tuple(ours.shape) != tuple(theirs.shape):
-            raise UtuneError(f"{path}: output {index} at batch {batch} has shape {list(ours.shape)} in ONNX Runtime, "
-                             f"{list(theirs.shape)} in PyTorch; the export fixed a size that should follow the batch")
+            raise UtuneError(
+                f"{path}: output {index} at batch {batch} has shape {list(ours.shape)} in ONNX Runtime, "
+                f"{list(theirs.shape)} in PyTorch; the export fixed a size that should follow the batch"
+            )
         abs_error, rel_error, ratio, tolerance = _compare(ours, theirs)
         max_abs, rel = max(max_abs, abs_error), max(rel, rel_error)
         if ratio > worst_ratio:
@@ -163,8 +168,9 @@ def _session(path: Path) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), options, providers=providers())
     except Exception as error:
-        raise UtuneError(f"{path}: ONNX Runtime cannot load the model ({first_line(error)}); "
-                         "export it again, or with another opset") from error
+        raise UtuneError(
+            f"{path}: ONNX Runtime cannot load the model ({first_line(error)}); export it again, or with another opset"
+        ) from error
 
 
 def _outputs(module: nn.Module, inputs: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
@@ -173,13 +179,22 @@ def _outputs(module: nn.Module, inputs: list[torch.Tensor], batch: int) -> list[
         with torch.no_grad():
             output = module(*(x.to(device) for x in inputs))
     except Exception as error:
-        raise ModuleFailure(f"the PyTorch module fails at batch {batch} ({first_line(error)}); it does not take "
-                            "every batch size: verify with batch sizes it accepts") from error
+        raise ModuleFailure(
+            f"the PyTorch module fails at batch {batch} ({first_line(error)}); it does not take "
+            "every batch size: verify with batch sizes it accepts"
+        ) from error
     return [leaf for leaf in tree_leaves(output) if isinstance(leaf, torch.Tensor)]
 
 
-def verify_onnx(path: str | Path, module: nn.Module, example_inputs: Any, *, batch_sizes: Sequence[int] = (1, 4),
-                tuner_feeds: dict[str, np.ndarray | torch.Tensor] | None = None, seed: int = 0) -> Parity:
+def verify_onnx(
+    path: str | Path,
+    module: nn.Module,
+    example_inputs: Any,
+    *,
+    batch_sizes: Sequence[int] = (1, 4),
+    tuner_feeds: dict[str, np.ndarray | torch.Tensor] | None = None,
+    seed: int = 0,
+) -> Parity:
     """Run ``path`` in ONNX Runtime and ``module`` in PyTorch on the same random inputs at each batch
     size; the Parity when every output matches, else a one-line UtuneError with the numbers."""
     path = Path(path)
@@ -189,14 +204,18 @@ def verify_onnx(path: str | Path, module: nn.Module, example_inputs: Any, *, bat
     declared = [i.name for i in session.get_inputs()]
     unknown = [name for name in feeds if name not in declared]
     if unknown:
-        raise UtuneError(f"{path}: tuner feed {unknown[0]} is not an input of the model; "
-                         "feed the tensors of the tuner names it was exported with")
+        raise UtuneError(
+            f"{path}: tuner feed {unknown[0]} is not an input of the model; "
+            "feed the tensors of the tuner names it was exported with"
+        )
     data_names = [name for name in declared if name not in feeds]
     if len(data_names) != len(examples):
-        raise UtuneError(f"{path}: the model takes {len(data_names)} input(s) besides the tuner feeds "
-                         f"({', '.join(data_names[:3])}{', ...' if len(data_names) > 3 else ''}), example_inputs "
-                         f"has {len(examples)}; pass tuner_feeds (utune_fx.export.tuner_feeds) for a model "
-                         "exported with tuner inputs")
+        raise UtuneError(
+            f"{path}: the model takes {len(data_names)} input(s) besides the tuner feeds "
+            f"({', '.join(data_names[:3])}{', ...' if len(data_names) > 3 else ''}), example_inputs "
+            f"has {len(examples)}; pass tuner_feeds (utune_fx.export.tuner_feeds) for a model "
+            "exported with tuner inputs"
+        )
     generator = torch.Generator().manual_seed(seed)
     checks = []
     with eval_mode(module):
@@ -207,15 +226,19 @@ def verify_onnx(path: str | Path, module: nn.Module, example_inputs: Any, *, bat
             try:
                 got = session.run_with_ort_values(None, values)
             except Exception as error:
-                raise UtuneError(f"{path}: ONNX Runtime cannot run batch {batch} ({first_line(error)}); the "
-                                 "exported graph may have fixed the example's batch size") from error
+                raise UtuneError(
+                    f"{path}: ONNX Runtime cannot run batch {batch} ({first_line(error)}); the "
+                    "exported graph may have fixed the example's batch size"
+                ) from error
             checks.append(_check(path, batch, [torch.from_dlpack(v) for v in got], expected))  # dlpack: bfloat16 too
     parity = Parity(path, session.get_providers()[0], checks)
     for check in checks:
         if not check.passed:
-            raise UtuneError(f"{path}: ONNX Runtime ({parity.provider}) differs from PyTorch at batch "
-                             f"{check.batch_size}: max abs error {check.max_abs_error:.2e}, relative error "
-                             f"{check.rel_error:.2e} ({check.dtype} tolerance: rtol {check.rtol:.0e}, atol "
-                             f"{check.atol:.0e}); verify against the module that was exported, or export with "
-                             "the other exporter or another opset")
+            raise UtuneError(
+                f"{path}: ONNX Runtime ({parity.provider}) differs from PyTorch at batch "
+                f"{check.batch_size}: max abs error {check.max_abs_error:.2e}, relative error "
+                f"{check.rel_error:.2e} ({check.dtype} tolerance: rtol {check.rtol:.0e}, atol "
+                f"{check.atol:.0e}); verify against the module that was exported, or export with "
+                "the other exporter or another opset"
+            )
     return parity

@@ -158,8 +158,11 @@ def fold(module: fx.GraphModule, summaries: list | None = None) -> FoldResult:
     for parameter in gm.parameters():
         parameter.requires_grad_(False)
     entries: list[FoldEntry] = []
-    calls = [n for n in gm.graph.nodes
-             if n.op == "call_module" and TUNER_META in n.meta and str(n.target).startswith("utune.")]
+    calls = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_module" and TUNER_META in n.meta and str(n.target).startswith("utune.")
+    ]
     kept: list[tuple[fx.Node, nn.Module]] = []
     uses = layer_uses(gm.graph)  # merges remove only tuner nodes, so the frozen layers' counts hold
     for call in calls:
@@ -168,8 +171,15 @@ def fold(module: fx.GraphModule, summaries: list | None = None) -> FoldResult:
         reason = _merge(gm, tuner, wiring, uses) if wiring is not None else None
         if wiring is not None and reason is None:
             _unwire(gm, wiring)
-            entries.append(FoldEntry(tag["rule"], tag["tuner"], str(call.target), FOLDED, "merged into "
-                                     + _name(layer_behind(wiring.writes))))
+            entries.append(
+                FoldEntry(
+                    tag["rule"],
+                    tag["tuner"],
+                    str(call.target),
+                    FOLDED,
+                    "merged into " + _name(layer_behind(wiring.writes)),
+                )
+            )
             continue
         if isinstance(tuner, _PrefixTokens):
             tuner.freeze()
@@ -185,12 +195,26 @@ def fold(module: fx.GraphModule, summaries: list | None = None) -> FoldResult:
         if status == CONSTANT:  # now a buffer; the module stays only as the parent of its gates
             for name in [name for name, _ in tuner.named_parameters(recurse=False)]:
                 delattr(tuner, name)
-        entries.append(FoldEntry(tag["rule"], tag["tuner"], str(call.target), status,
-                                 reason or f"{type(tuner).__name__} has no merge rule"))
+        entries.append(
+            FoldEntry(
+                tag["rule"],
+                tag["tuner"],
+                str(call.target),
+                status,
+                reason or f"{type(tuner).__name__} has no merge rule",
+            )
+        )
     for summary in summaries or []:
         if summary.position == "none":
-            entries.append(FoldEntry(summary.rule, summary.tuner, ", ".join(summary.scopes) or "model", IN_PLACE,
-                                     "it trains the model's own weights, which are already in place"))
+            entries.append(
+                FoldEntry(
+                    summary.rule,
+                    summary.tuner,
+                    ", ".join(summary.scopes) or "model",
+                    IN_PLACE,
+                    "it trains the model's own weights, which are already in place",
+                )
+            )
     remove_dead_tuner_nodes(gm)
     gm.graph.lint()
     gm.recompile()
@@ -211,6 +235,7 @@ def folded_difference(tuned: nn.Module, folded: nn.Module, inputs: tuple[torch.T
 def floating_outputs(value) -> list[torch.Tensor]:
     """The floating-point tensors of a model's output, however nested (tuples, dicts, dataclasses)."""
     from torch.utils._pytree import tree_leaves
+
     return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 

@@ -52,8 +52,12 @@ def save_folded(directory: str | Path, folded: FoldResult, difference: float, ou
         for name in (MANIFEST, TENSORS):
             shutil.copyfile(directory / name, staging / name)
         safetensors.torch.save_file(tensors, str(staging / FOLDED_TENSORS))
-        report = {"format": FOLD_FORMAT, "entries": folded.to_json(), "relative_difference": difference,
-                  "folded_sha256": hashlib.sha256((staging / FOLDED_TENSORS).read_bytes()).hexdigest()}
+        report = {
+            "format": FOLD_FORMAT,
+            "entries": folded.to_json(),
+            "relative_difference": difference,
+            "folded_sha256": hashlib.sha256((staging / FOLDED_TENSORS).read_bytes()).hexdigest(),
+        }
         (staging / FOLD_REPORT).write_text(json.dumps(report, indent=1))
     return out
 
@@ -64,14 +68,16 @@ def load_folded(directory: str | Path) -> tuple[object, FoldResult]:
     try:
         report = json.loads((directory / FOLD_REPORT).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UtuneError(f"{directory / FOLD_REPORT}: cannot read ({first_line(error)}); the folded artifact "
-                         "is damaged") from error
+        raise UtuneError(
+            f"{directory / FOLD_REPORT}: cannot read ({first_line(error)}); the folded artifact is damaged"
+        ) from error
     if not isinstance(report, dict) or report.get("format") != FOLD_FORMAT:
         raise UtuneError(f"{directory / FOLD_REPORT}: not a utune_fx fold report (expected {FOLD_FORMAT!r})")
     path = directory / FOLDED_TENSORS
     if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != report.get("folded_sha256"):
-        raise UtuneError(f"{path} is missing or does not match the sha256 in {FOLD_REPORT}; fold again with "
-                         f"cli.py fold")
+        raise UtuneError(
+            f"{path} is missing or does not match the sha256 in {FOLD_REPORT}; fold again with cli.py fold"
+        )
     result = load_tuned(directory)
     folded = fold(result.module, result.summaries)
     tensors = safetensors.torch.load_file(str(path))
@@ -81,8 +87,10 @@ def load_folded(directory: str | Path) -> tuple[object, FoldResult]:
         raise UtuneError(f"{path}: tensors do not fit the folded model (missing {missing[:3]}, unknown {unknown[:3]})")
     for name, tensor in tensors.items():
         if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
-            raise UtuneError(f"{path}: {name} is {tensor.dtype} {list(tensor.shape)}, the folded model has "
-                             f"{expected[name].dtype} {list(expected[name].shape)}")
+            raise UtuneError(
+                f"{path}: {name} is {tensor.dtype} {list(tensor.shape)}, the folded model has "
+                f"{expected[name].dtype} {list(expected[name].shape)}"
+            )
     with torch.no_grad():
         folded.module.load_state_dict(tensors, strict=True)
     return result, folded

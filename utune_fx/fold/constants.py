@@ -60,8 +60,11 @@ def fold_constants(gm: fx.GraphModule) -> set[str]:
             if node in varying or node.op == "output":
                 continue
             env[node] = _evaluate(gm, node, env)
-            frontier = TUNER_META in node.meta and node.op != "get_attr" and any(
-                user in varying or user.op == "output" for user in node.users)
+            frontier = (
+                TUNER_META in node.meta
+                and node.op != "get_attr"
+                and any(user in varying or user.op == "output" for user in node.users)
+            )
             if not frontier or not isinstance(env[node], torch.Tensor):
                 continue
             name = f"{CONSTANT_PREFIX}{count}"
@@ -72,8 +75,11 @@ def fold_constants(gm: fx.GraphModule) -> set[str]:
             constant.meta.update(node.meta)
             node.replace_all_uses_with(constant)
     # a constant call's value reaches the input-dependent nodes only through the frontier
-    return {str(node.target) for node in gm.graph.nodes
-            if node.op == "call_module" and node not in varying and TUNER_META in node.meta}
+    return {
+        str(node.target)
+        for node in gm.graph.nodes
+        if node.op == "call_module" and node not in varying and TUNER_META in node.meta
+    }
 
 
 def remove_dead_tuner_nodes(gm: fx.GraphModule) -> None:

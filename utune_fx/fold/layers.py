@@ -15,7 +15,6 @@ replayed on prompts) would change at every call.
 from __future__ import annotations
 
 import operator
-
 from collections import Counter
 from dataclasses import dataclass
 
@@ -40,8 +39,12 @@ class FoldTarget:
 
 def layer_behind(node: fx.Node) -> fx.Node:
     """The node that computes ``node``, skipping inference no-ops (dropout, identity)."""
-    while (node.op in ("call_module", "call_function", "call_method") and node_info(node).op_kind in _PASS_THROUGH
-           and len(node.all_input_nodes) == 1 and len(node.users) == 1):
+    while (
+        node.op in ("call_module", "call_function", "call_method")
+        and node_info(node).op_kind in _PASS_THROUGH
+        and len(node.all_input_nodes) == 1
+        and len(node.users) == 1
+    ):
         node = node.all_input_nodes[0]
     return node
 
@@ -55,13 +58,21 @@ def fold_target(node: fx.Node, gm: fx.GraphModule, uses: Counter) -> FoldTarget:
     if node.op == "call_module":
         calls = uses[("call_module", str(node.target))]
         if calls > 1:
-            return FoldTarget(node, None, f"{node.target} is called {calls} times (shared weights, or replayed "
-                                          "on prompts); folding would change every call")
+            return FoldTarget(
+                node,
+                None,
+                f"{node.target} is called {calls} times (shared weights, or replayed "
+                "on prompts); folding would change every call",
+            )
         return FoldTarget(node, gm.get_submodule(str(node.target)))
     name = node_info(node).op_name  # F.linear and aten.linear.default alike (fx and torch.export graphs)
     if node.op != "call_function" or name not in _FUNCTIONAL_VIEWS:
-        return FoldTarget(node, None, f"{node.name} ({node_info(node).op_kind or node.op}) is not a linear, conv "
-                                      "or norm layer whose weights folding can write")
+        return FoldTarget(
+            node,
+            None,
+            f"{node.name} ({node_info(node).op_kind or node.op}) is not a linear, conv "
+            "or norm layer whose weights folding can write",
+        )
     if _FUNCTIONAL_VIEWS[name] == "conv":
         arguments = conv_arguments(node)
     else:
@@ -74,8 +85,12 @@ def fold_target(node: fx.Node, gm: fx.GraphModule, uses: Counter) -> FoldTarget:
     for key, arg in weights.items():
         if arg is None:
             continue
-        if not isinstance(arg, fx.Node) or arg.op != "get_attr" or len(arg.users) != 1 or \
-                uses[("get_attr", str(arg.target))] != 1:
+        if (
+            not isinstance(arg, fx.Node)
+            or arg.op != "get_attr"
+            or len(arg.users) != 1
+            or uses[("get_attr", str(arg.target))] != 1
+        ):
             return FoldTarget(node, None, f"the {key} of {node.name} is computed or shared, not one parameter")
         parameters[key] = operator.attrgetter(str(arg.target))(gm)  # a buffer too (a blur filter)
     if "weight" not in parameters:
@@ -86,8 +101,17 @@ def fold_target(node: fx.Node, gm: fx.GraphModule, uses: Counter) -> FoldTarget:
     elif _FUNCTIONAL_VIEWS[name] == "conv":
         geometry = functional_conv_geometry(node, gm)
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[weight.dim() - 2]
-        view = conv(weight.shape[1] * geometry.groups, weight.shape[0], geometry.kernel_size, geometry.stride,
-                    geometry.padding, geometry.dilation, groups=geometry.groups, bias=False, device="meta")
+        view = conv(
+            weight.shape[1] * geometry.groups,
+            weight.shape[0],
+            geometry.kernel_size,
+            geometry.stride,
+            geometry.padding,
+            geometry.dilation,
+            groups=geometry.groups,
+            bias=False,
+            device="meta",
+        )
     else:
         view = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     view.weight, view.bias = _shared_parameter(weight), _shared_parameter(parameters.get("bias"))

@@ -86,7 +86,8 @@ def _adapter_affine(adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor] | str
         return f"its activation {type(adapter.act).__name__} makes U(x) nonlinear in x"
     for projection in (adapter.down, adapter.up):
         if isinstance(projection, nn.modules.conv._ConvNd) and (
-                math.prod(projection.kernel_size) != 1 or projection.groups != 1):
+            math.prod(projection.kernel_size) != 1 or projection.groups != 1
+        ):
             return "its projections are not pointwise"
     scale = adapter.scale.detach().float() if adapter.scale is not None else torch.tensor(adapter.fixed_scale)
     up, down = _matrix(adapter.up), _matrix(adapter.down)
@@ -170,7 +171,9 @@ def merge_after(layer: nn.Module, matrix: torch.Tensor, shift: torch.Tensor, dia
             return f"{type(layer).__name__} has no affine weight and bias to absorb the scale and shift"
         scale = torch.diagonal(matrix)
         if layer.weight.shape != scale.shape:
-            return f"{type(layer).__name__}'s weight has shape {list(layer.weight.shape)}, the tuner {list(scale.shape)}"
+            return (
+                f"{type(layer).__name__}'s weight has shape {list(layer.weight.shape)}, the tuner {list(scale.shape)}"
+            )
         _assign(layer.weight, layer.weight.detach().float() * scale)
         _assign(layer.bias, bias * scale + shift)
         return None

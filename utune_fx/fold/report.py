@@ -28,7 +28,7 @@ def _rows(folded: FoldResult) -> list[tuple[str, str, int, str, str, str]]:
     rows = []
     for (rule, tuner, status, reason), entries in groups.items():
         if reason == _MERGED:
-            reason += ", ".join(compress_scopes([e.reason[len(_MERGED):] for e in entries]))
+            reason += ", ".join(compress_scopes([e.reason[len(_MERGED) :] for e in entries]))
         modules = ", ".join(compress_scopes([e.module for e in entries]))
         rows.append((rule, tuner, len(entries), modules, status, reason))
     return rows
@@ -43,6 +43,8 @@ def render_fold(folded: FoldResult, difference: float, tuned_parameters: int, co
     console.print(table)
     counts = Counter(entry.status for entry in folded.entries)
     parameters = sum(t.numel() for t in folded.module.state_dict().values())
-    console.print(", ".join(f"{n} {status}" for status, n in counts.items()) + "; folded vs tuned outputs: max "
-                  f"relative difference {difference:.2e}; {tuned_parameters:,} -> {parameters:,} tensor elements",
-                  soft_wrap=True)
+    console.print(
+        ", ".join(f"{n} {status}" for status, n in counts.items()) + "; folded vs tuned outputs: max "
+        f"relative difference {difference:.2e}; {tuned_parameters:,} -> {parameters:,} tensor elements",
+        soft_wrap=True,
+    )

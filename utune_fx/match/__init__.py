@@ -21,8 +21,19 @@ from utune_fx.match.rules import RuleMatch, RuleSet, load_prelude, load_rules, m
 from utune_fx.match.source import RuleError
 from utune_fx.match.structure import Region, common_scope
 
-__all__ = ["MatchContext", "Region", "RuleError", "RuleMatch", "RuleSet", "TARGETS", "common_scope",
-           "find_operations", "load_prelude", "load_rules", "match_rules"]
+__all__ = [
+    "MatchContext",
+    "Region",
+    "RuleError",
+    "RuleMatch",
+    "RuleSet",
+    "TARGETS",
+    "common_scope",
+    "find_operations",
+    "load_prelude",
+    "load_rules",
+    "match_rules",
+]
 
 # The prelude patterns `cli.py inspect` lists, in this order.
 TARGETS = ("attention", "mlp", "ffn", "block", "residual", "head", "linear", "conv", "norm")

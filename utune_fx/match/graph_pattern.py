@@ -30,7 +30,14 @@ from networkx.algorithms.isomorphism import DiGraphMatcher
 from torch import fx
 
 from utune_fx.match.patterns import MatchContext, Pattern, best_near_miss, region_of
-from utune_fx.match.predicates import NodeContext, Predicate, compile_predicate, data_inputs, tensor_inputs, tensor_users
+from utune_fx.match.predicates import (
+    NodeContext,
+    Predicate,
+    compile_predicate,
+    data_inputs,
+    tensor_inputs,
+    tensor_users,
+)
 from utune_fx.match.source import Located
 from utune_fx.match.structure import Region, common_scope
 from utune_fx.trace import OP_KINDS, node_info
@@ -112,8 +119,9 @@ class GraphPattern(Pattern):
     # -- matching ------------------------------------------------------------------
     def _matches(self, anchor: fx.Node, ctx: MatchContext):
         window = _Window(self._window(anchor, ctx), self.through, ctx.node_ctx)
-        allowed = {name: {n for n in window.nodes if self.predicates[name](n, ctx.node_ctx) is None}
-                   for name in self.positive}
+        allowed = {
+            name: {n for n in window.nodes if self.predicates[name](n, ctx.node_ctx) is None} for name in self.positive
+        }
         allowed[self.anchor_name] &= {anchor}
         if any(not nodes for nodes in allowed.values()):
             return
@@ -128,11 +136,13 @@ class GraphPattern(Pattern):
             for source in allowed[edge.source]:
                 reached = window.reach(source) if edge.chain else set(tensor_users(source))
                 for target in allowed[edge.target] & reached:
-                    graph.add_edge(source, target, direct=target in source.users,
-                                   chain=target in window.reach(source))
-        matcher = DiGraphMatcher(graph, self._pattern_graph(),
-                                 node_match=lambda g, p: p["role"] in g.get("roles", ()),
-                                 edge_match=lambda g, p: g["chain"] if p["chain"] else g["direct"])
+                    graph.add_edge(source, target, direct=target in source.users, chain=target in window.reach(source))
+        matcher = DiGraphMatcher(
+            graph,
+            self._pattern_graph(),
+            node_match=lambda g, p: p["role"] in g.get("roles", ()),
+            edge_match=lambda g, p: g["chain"] if p["chain"] else g["direct"],
+        )
         for mapping in matcher.subgraph_monomorphisms_iter():
             captures = {p: g for g, p in mapping.items()}
             if self._admissible(captures, window, ctx):
@@ -153,7 +163,7 @@ class GraphPattern(Pattern):
             frontier.extend(data_inputs(node))
         return True
 
-    def _admissible(self, captures: dict[str, fx.Node], window: "_Window", ctx: MatchContext) -> bool:
+    def _admissible(self, captures: dict[str, fx.Node], window: _Window, ctx: MatchContext) -> bool:
         for source, sink in self.all_paths:
             if not self._every_path_from(source, captures[sink], ctx):
                 return False
@@ -163,8 +173,11 @@ class GraphPattern(Pattern):
         for edge in self.absent:
             source = captures[edge.source]
             reached = window.reach(source) if edge.chain else set(tensor_users(source))
-            targets = [captures[edge.target]] if edge.target in captures else [
-                n for n in reached if self.predicates[edge.target](n, ctx.node_ctx) is None]
+            targets = (
+                [captures[edge.target]]
+                if edge.target in captures
+                else [n for n in reached if self.predicates[edge.target](n, ctx.node_ctx) is None]
+            )
             if any(t in reached for t in targets):
                 return False
         return True
@@ -187,15 +200,23 @@ class GraphPattern(Pattern):
                 sources = [n for name in merged if not any(e.target == name for e in self.edges) for n in merged[name]]
                 inputs = [i for s in sources for i in data_inputs(s) if i not in nodes]
                 output = merged[self.output_name][0]
-                region = region_of(self.name, anchor, nodes, output, {k: tuple(v) for k, v in merged.items()},
-                                   [i for i in inputs if i in ctx.input_dependent()] or inputs)
+                region = region_of(
+                    self.name,
+                    anchor,
+                    nodes,
+                    output,
+                    {k: tuple(v) for k, v in merged.items()},
+                    [i for i in inputs if i in ctx.input_dependent()] or inputs,
+                )
                 # where it reads and lives: its data path, not a constant branch shared with other blocks
-                region.scope = common_scope([node_info(n).scope for n in nodes if n in ctx.input_dependent()]
-                                            or [node_info(n).scope for n in nodes])
+                region.scope = common_scope(
+                    [node_info(n).scope for n in nodes if n in ctx.input_dependent()]
+                    or [node_info(n).scope for n in nodes]
+                )
                 regions.append(region)
         return regions
 
-    def _between(self, captures: dict[str, fx.Node], window: "_Window") -> set[fx.Node]:
+    def _between(self, captures: dict[str, fx.Node], window: _Window) -> set[fx.Node]:
         """Nodes on the chains between captured nodes."""
         inner = set()
         for edge in self.edges:
@@ -213,11 +234,17 @@ class GraphPattern(Pattern):
         window = self._window(anchor, ctx)
         for name in self.positive:
             if not any(self.predicates[name](n, ctx.node_ctx) is None for n in window):
-                return best_near_miss(self.predicates[name], [n for n in window if n is not anchor], ctx,
-                                      f"around {anchor.name} ({node_info(anchor).scope}) no {name}: ")
-        return (f"around {anchor.name} ({node_info(anchor).scope}) every node has a candidate, but no "
-                f"assignment satisfies the edges {[f'{e.source}->{e.target}' for e in self.edges]}"
-                + (", absent edges or channel conditions" if self.absent or self.same_channels else ""))
+                return best_near_miss(
+                    self.predicates[name],
+                    [n for n in window if n is not anchor],
+                    ctx,
+                    f"around {anchor.name} ({node_info(anchor).scope}) no {name}: ",
+                )
+        return (
+            f"around {anchor.name} ({node_info(anchor).scope}) every node has a candidate, but no "
+            f"assignment satisfies the edges {[f'{e.source}->{e.target}' for e in self.edges]}"
+            + (", absent edges or channel conditions" if self.absent or self.same_channels else "")
+        )
 
 
 class _Window:
@@ -276,8 +303,9 @@ WHERE_KEYS = {"same_channels": "[fc1.in, fc2.out]", "all_paths": "[fc1, fc2]"}
 
 
 def compile_graph(body: Located, name: str, within: Pattern | None, outside: Pattern | None = None) -> GraphPattern:
-    fields = body.check_keys(("nodes", "edges", "absent", "through", "where", "anchor", "output"),
-                             required=("nodes", "edges"))
+    fields = body.check_keys(
+        ("nodes", "edges", "absent", "through", "where", "anchor", "output"), required=("nodes", "edges")
+    )
     predicates = {key: compile_predicate(value) for key, value in fields["nodes"].mapping().items()}
     if not predicates:
         raise fields["nodes"].fail("a graph pattern needs at least one node")
@@ -286,6 +314,7 @@ def compile_graph(body: Located, name: str, within: Pattern | None, outside: Pat
     through = None
     if "through" in fields:
         from utune_fx.match.predicates import _one_of
+
         entries = fields["through"].items() if isinstance(fields["through"].value, list) else [fields["through"]]
         kinds = [k for e in entries if not isinstance(e.value, dict) for k in _one_of(e, OP_KINDS, "op kind")]
         through = Through(frozenset(kinds), tuple(compile_predicate(e) for e in entries if isinstance(e.value, dict)))
@@ -313,13 +342,34 @@ def compile_graph(body: Located, name: str, within: Pattern | None, outside: Pat
     anchor = _choose(fields.get("anchor"), predicates, connected or set(predicates), "anchor", rarest=True)
     sinks = [n for n in connected if not any(e.source == n for e in edges)] or list(predicates)
     output = _choose(fields.get("output"), predicates, set(sinks), "output", rarest=False)
-    return GraphPattern(name, predicates, edges, absent, through, anchor, output, same_channels, all_paths,
-                        within=within, outside=outside)
+    return GraphPattern(
+        name,
+        predicates,
+        edges,
+        absent,
+        through,
+        anchor,
+        output,
+        same_channels,
+        all_paths,
+        within=within,
+        outside=outside,
+    )
 
 
 # Rough frequency of op kinds in vision models: anchors on the rarest kind keep candidate lists short.
-_RARITY = {"attention": 0, "softmax": 1, "matmul": 2, "embedding": 3, "pool": 4, "conv": 5, "mul": 6,
-           "act": 7, "norm": 8, "linear": 9}
+_RARITY = {
+    "attention": 0,
+    "softmax": 1,
+    "matmul": 2,
+    "embedding": 3,
+    "pool": 4,
+    "conv": 5,
+    "mul": 6,
+    "act": 7,
+    "norm": 8,
+    "linear": 9,
+}
 
 
 def _choose(value: Located | None, predicates: dict[str, Predicate], among: set[str], what: str, rarest: bool) -> str:
@@ -335,4 +385,5 @@ def _choose(value: Located | None, predicates: dict[str, Predicate], among: set[
     def rarity(name: str) -> int:
         kinds = predicates[name].kinds
         return min((_RARITY.get(k, 10) for k in kinds), default=11) if kinds else 12
+
     return min(ordered, key=rarity)

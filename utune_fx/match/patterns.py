@@ -18,8 +18,8 @@ Graph patterns live in :mod:`.graph_pattern`.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 from torch import fx
 
@@ -55,7 +55,7 @@ class MatchContext:
         found = [n for kind in predicate.kinds for n in self.by_kind.get(kind, [])]
         return sorted(found, key=self.order.__getitem__)
 
-    def regions(self, pattern: "Pattern") -> list[Region]:
+    def regions(self, pattern: Pattern) -> list[Region]:
         """A pattern's regions in graph order, numbered; computed once per graph."""
         key = id(pattern)
         if key not in self._regions:
@@ -90,27 +90,51 @@ def _feeding_output(nodes: list[fx.Node]) -> set[fx.Node]:
         if node in found:
             continue
         found.add(node)
-        if node_info(node).op_kind in ("reshape", "permute", "getitem", "dropout", "identity", "cast", "reduce",
-                                       "pool", "norm", "act", "softmax"):
+        if node_info(node).op_kind in (
+            "reshape",
+            "permute",
+            "getitem",
+            "dropout",
+            "identity",
+            "cast",
+            "reduce",
+            "pool",
+            "norm",
+            "act",
+            "softmax",
+        ):
             frontier.extend(data_inputs(node))
     return found
 
 
-def region_of(pattern: str, anchor: fx.Node, nodes: set[fx.Node], output: fx.Node,
-              captures: dict[str, tuple[fx.Node, ...]] | None = None,
-              inputs: list[fx.Node] | None = None) -> Region:
+def region_of(
+    pattern: str,
+    anchor: fx.Node,
+    nodes: set[fx.Node],
+    output: fx.Node,
+    captures: dict[str, tuple[fx.Node, ...]] | None = None,
+    inputs: list[fx.Node] | None = None,
+) -> Region:
     """A region from its nodes: inputs are the data it reads from outside."""
     if inputs is None:
         inputs = [i for n in nodes for i in data_inputs(n) if i not in nodes]
-    return Region(pattern, 0, common_scope([node_info(n).scope for n in nodes]), anchor,
-                  tuple(dict.fromkeys(inputs)), output, frozenset(nodes), captures or {})
+    return Region(
+        pattern,
+        0,
+        common_scope([node_info(n).scope for n in nodes]),
+        anchor,
+        tuple(dict.fromkeys(inputs)),
+        output,
+        frozenset(nodes),
+        captures or {},
+    )
 
 
 @dataclass
 class Pattern(abc.ABC):
     name: str
-    within: "Pattern | None" = field(default=None, kw_only=True)
-    outside: "Pattern | None" = field(default=None, kw_only=True)
+    within: Pattern | None = field(default=None, kw_only=True)
+    outside: Pattern | None = field(default=None, kw_only=True)
 
     def find(self, ctx: MatchContext) -> list[Region]:
         regions = self.find_all(ctx)
@@ -130,8 +154,11 @@ class Pattern(abc.ABC):
         """Why nothing matched: the closest near-miss."""
         found = self.find_all(ctx) if self.within is not None or self.outside is not None else []
         if found:
-            where = " and ".join(f"{word} '{pattern.name}'" for word, pattern in
-                                 (("within", self.within), ("outside", self.outside)) if pattern is not None)
+            where = " and ".join(
+                f"{word} '{pattern.name}'"
+                for word, pattern in (("within", self.within), ("outside", self.outside))
+                if pattern is not None
+            )
             return f"{len(found)} region(s) found, none {where}"
         return self.near_miss(ctx)
 
@@ -157,8 +184,11 @@ class NodePattern(Pattern):
     predicate: Predicate
 
     def find_all(self, ctx: MatchContext) -> list[Region]:
-        return [region_of(self.name, n, {n}, n) for n in ctx.candidates(self.predicate)
-                if self.predicate(n, ctx.node_ctx) is None]
+        return [
+            region_of(self.name, n, {n}, n)
+            for n in ctx.candidates(self.predicate)
+            if self.predicate(n, ctx.node_ctx) is None
+        ]
 
     def near_miss(self, ctx: MatchContext) -> str:
         return best_near_miss(self.predicate, ctx.nodes, ctx)
@@ -190,6 +220,7 @@ class ScopePattern(Pattern):
     def near_miss(self, ctx: MatchContext) -> str:
         scopes = sorted({p for n in ctx.nodes for p, _ in node_info(n).scope_stack})
         import difflib
+
         close = difflib.get_close_matches(self.glob, scopes, n=3, cutoff=0.4)
         return f"no module path matches '{self.glob}'" + (f"; close: {', '.join(close)}" if close else "")
 
@@ -209,8 +240,18 @@ class ContainerPattern(Pattern):
         for candidate in candidates:
             held = {name: len(found & candidate.nodes) for name, found in anchors.items()}
             if all(held.values()):
-                regions.append(Region(self.name, 0, candidate.scope, candidate.anchor, candidate.inputs,
-                                      candidate.output, candidate.nodes, contains=held))
+                regions.append(
+                    Region(
+                        self.name,
+                        0,
+                        candidate.scope,
+                        candidate.anchor,
+                        candidate.inputs,
+                        candidate.output,
+                        candidate.nodes,
+                        contains=held,
+                    )
+                )
         return regions
 
     def near_miss(self, ctx: MatchContext) -> str:

@@ -13,8 +13,9 @@ when the rule file loads; unknown keys and op kinds are located errors.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from torch import fx, nn
 
@@ -59,6 +60,7 @@ def _one_of(value: Located, allowed: tuple[str, ...], what: str) -> list[str]:
     for name in names:
         if name not in allowed:
             import difflib
+
             close = difflib.get_close_matches(name, allowed, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise value.fail(f"unknown {what} '{name}'; {hint}valid: {', '.join(allowed)}")
@@ -141,25 +143,35 @@ def _normalise(value: Any) -> Any:
 def _compile_key(key: str, value: Located) -> Check:
     if key == "kind":
         kinds = set(_one_of(value, OP_KINDS, "op kind"))
-        return lambda n, c: None if node_info(n).op_kind in kinds else f"kind is {node_info(n).op_kind}, not {'|'.join(sorted(kinds))}"
+        return lambda n, c: (
+            None if node_info(n).op_kind in kinds else f"kind is {node_info(n).op_kind}, not {'|'.join(sorted(kinds))}"
+        )
     if key == "op":
         names = set(_strings(value, "op"))
-        return lambda n, c: None if node_info(n).op_name in names else f"op is {node_info(n).op_name}, not {'|'.join(sorted(names))}"
+        return lambda n, c: (
+            None if node_info(n).op_name in names else f"op is {node_info(n).op_name}, not {'|'.join(sorted(names))}"
+        )
     if key == "class":
         globs = [re.compile(re.escape(g).replace(r"\*", ".*") + "$") for g in _strings(value, "class")]
 
         def check_class(n: fx.Node, c: NodeContext) -> str | None:
             short, qualified = _class_names(n, c)
-            return None if any(g.match(short) or g.match(qualified) for g in globs) else f"class is {short or '(model)'}"
+            return (
+                None if any(g.match(short) or g.match(qualified) for g in globs) else f"class is {short or '(model)'}"
+            )
+
         return check_class
     if key in ("scope", "inside"):
         regexes = [scope_regex(g) for g in _strings(value, key)]
         if key == "scope":
-            return lambda n, c: None if any(r.fullmatch(node_info(n).scope) for r in regexes) else f"scope is '{node_info(n).scope}'"
+            return lambda n, c: (
+                None if any(r.fullmatch(node_info(n).scope) for r in regexes) else f"scope is '{node_info(n).scope}'"
+            )
 
         def check_inside(n: fx.Node, c: NodeContext) -> str | None:
             paths = [path for path, _ in node_info(n).scope_stack]
             return None if any(r.fullmatch(p) for r in regexes for p in paths) else f"not inside {value.plain()}"
+
         return check_inside
     if key == "rank":
         entries = value.items() if isinstance(value.value, list) else [value]
@@ -170,7 +182,12 @@ def _compile_key(key: str, value: Located) -> Check:
 
         def check_rank(n: fx.Node, c: NodeContext) -> str | None:
             shape = node_info(n).shape
-            return None if shape is not None and len(shape) in ranks else f"rank is {len(shape) if shape is not None else 'none'}"
+            return (
+                None
+                if shape is not None and len(shape) in ranks
+                else f"rank is {len(shape) if shape is not None else 'none'}"
+            )
+
         return check_rank
     if key == "shape":
         dims = [d.value for d in value.items()]
@@ -179,8 +196,13 @@ def _compile_key(key: str, value: Located) -> Check:
 
         def check_shape(n: fx.Node, c: NodeContext) -> str | None:
             shape = node_info(n).shape
-            ok = shape is not None and len(shape) == len(dims) and all(d in (None, "*") or d == s for d, s in zip(dims, shape))
+            ok = (
+                shape is not None
+                and len(shape) == len(dims)
+                and all(d in (None, "*") or d == s for d, s in zip(dims, shape))
+            )
             return None if ok else f"shape is {list(shape) if shape is not None else 'none'}"
+
         return check_shape
     if key == "dtype":
         dtypes = set(_one_of(value, _DTYPES, "dtype"))
@@ -197,13 +219,18 @@ def _compile_key(key: str, value: Located) -> Check:
                 if actual != expected:
                     return f"{name} is {actual}, not {expected}"
             return None
+
         return check_attr
     if key in ("pointwise", "depthwise", "module", "feeds_output"):
         if not isinstance(value.value, bool):
             raise value.fail(f"{key} must be true or false")
         want = value.value
-        test = {"pointwise": lambda n, c: _is_pointwise(n, c), "depthwise": _is_depthwise, "module": lambda n, c: n.op == "call_module",
-                "feeds_output": lambda n, c: n in c.feeds_output}[key]
+        test = {
+            "pointwise": lambda n, c: _is_pointwise(n, c),
+            "depthwise": _is_depthwise,
+            "module": lambda n, c: n.op == "call_module",
+            "feeds_output": lambda n, c: n in c.feeds_output,
+        }[key]
         return lambda n, c: None if test(n, c) == want else f"{key} is {not want}"
     if key == "data_inputs":
         if not isinstance(value.value, int) or isinstance(value.value, bool):
@@ -218,6 +245,7 @@ def _compile_key(key: str, value: Located) -> Check:
         def check_any(n: fx.Node, c: NodeContext) -> str | None:
             reasons = [option(n, c) for option in options]
             return None if any(r is None for r in reasons) else " and ".join(reasons)
+
         return check_any
     if key == "not":
         inner = compile_predicate(value)
@@ -225,8 +253,24 @@ def _compile_key(key: str, value: Located) -> Check:
     raise AssertionError(key)
 
 
-PREDICATE_KEYS = ("kind", "op", "class", "scope", "inside", "rank", "shape", "dtype", "attr", "pointwise",
-                  "depthwise", "module", "data_inputs", "feeds_output", "any_of", "not")
+PREDICATE_KEYS = (
+    "kind",
+    "op",
+    "class",
+    "scope",
+    "inside",
+    "rank",
+    "shape",
+    "dtype",
+    "attr",
+    "pointwise",
+    "depthwise",
+    "module",
+    "data_inputs",
+    "feeds_output",
+    "any_of",
+    "not",
+)
 
 
 class Predicate:

@@ -1,9 +1,9 @@
 """The dry run behind ``cli.py match``: what each rule would tune, and at what cost.
 
-    RuleSet + annotated graph --match_report--> dict (JSON-ready)
-    dict --render_match--> per rule: regions (scope, shapes, parameters), totals;
-                           with explain: candidates, selection, dropped overlaps,
-                           and for an empty rule the closest near-miss
+RuleSet + annotated graph --match_report--> dict (JSON-ready)
+dict --render_match--> per rule: regions (scope, shapes, parameters), totals;
+                       with explain: candidates, selection, dropped overlaps,
+                       and for an empty rule the closest near-miss
 """
 
 from __future__ import annotations
@@ -33,11 +33,21 @@ def match_report(gm: fx.GraphModule, model: nn.Module, rules: RuleSet, name: str
         regions = []
         for position, region in enumerate(found.regions):
             size = region_size(region, ctx, position)
-            regions.append({**region.as_dict(), "added_parameters": rule.config.added_parameters(size),
-                            "trained_parameters": rule.config.trained_parameters(size)})
+            regions.append(
+                {
+                    **region.as_dict(),
+                    "added_parameters": rule.config.added_parameters(size),
+                    "trained_parameters": rule.config.trained_parameters(size),
+                }
+            )
         entry = {
-            "rule": rule.name, "where": rule.where, "tuner": rule.tuner, "position": rule.position,
-            "pattern": rule.pattern.name, "candidates": found.candidates, "regions": regions,
+            "rule": rule.name,
+            "where": rule.where,
+            "tuner": rule.tuner,
+            "position": rule.position,
+            "pattern": rule.pattern.name,
+            "candidates": found.candidates,
+            "regions": regions,
             "dropped": [{"scope": r.scope, "index": r.index, "reason": why} for r, why in found.dropped],
             "added_parameters": sum(r["added_parameters"] for r in regions),
             "trained_parameters": sum(r["trained_parameters"] for r in regions),
@@ -46,28 +56,41 @@ def match_report(gm: fx.GraphModule, model: nn.Module, rules: RuleSet, name: str
         if found.standby:
             entry["standby"] = found.standby
         elif not regions:
-            entry["near_miss"] = (rule.pattern.explain(ctx) if not found.candidates else
-                                  f"{found.candidates} region(s) matched the pattern; the rule's scope, "
-                                  "layers or exclude selected none")
+            entry["near_miss"] = (
+                rule.pattern.explain(ctx)
+                if not found.candidates
+                else f"{found.candidates} region(s) matched the pattern; the rule's scope, "
+                "layers or exclude selected none"
+            )
         entries.append(entry)
     covered = {name for found in matched if found.regions for name in found.rule.fallback_for}
     added = sum(e["added_parameters"] for e in entries)
     return {
-        "model": name, "rules": rules.path, "parameters": base, "results": entries,
-        "added_parameters": added, "trained_parameters": sum(e["trained_parameters"] for e in entries),
+        "model": name,
+        "rules": rules.path,
+        "parameters": base,
+        "results": entries,
+        "added_parameters": added,
+        "trained_parameters": sum(e["trained_parameters"] for e in entries),
         "added_share": added / base if base else 0.0,
-        "empty_rules": [e["rule"] for e in entries  # a fallback that applied covers the rule it stands in for
-                        if not e["regions"] and "standby" not in e and e["rule"] not in covered],
+        "empty_rules": [
+            e["rule"]
+            for e in entries  # a fallback that applied covers the rule it stands in for
+            if not e["regions"] and "standby" not in e and e["rule"] not in covered
+        ],
     }
 
 
 def render_match(report: dict[str, Any], console: Console, explain: bool) -> None:
-    console.print(f"[bold]{report['rules']}[/bold] on [bold]{report['model']}[/bold] "
-                  f"({report['parameters']:,} parameters)")
+    console.print(
+        f"[bold]{report['rules']}[/bold] on [bold]{report['model']}[/bold] ({report['parameters']:,} parameters)"
+    )
     for entry in report["results"]:
         regions = entry["regions"]
-        head = (f"rule [bold]{entry['rule']}[/bold]: {entry['tuner']} at {entry['position']} on "
-                f"'{entry['pattern']}' ({entry['where']})")
+        head = (
+            f"rule [bold]{entry['rule']}[/bold]: {entry['tuner']} at {entry['position']} on "
+            f"'{entry['pattern']}' ({entry['where']})"
+        )
         if "standby" in entry:
             console.print(f"{head}: not needed, {entry['standby']}")
             continue
@@ -76,26 +99,36 @@ def render_match(report: dict[str, Any], console: Console, explain: bool) -> Non
             console.print(f"  {entry['near_miss']}" if explain else "  run with --explain to see the closest near-miss")
             continue
         cost = f"+{entry['added_parameters']:,} parameters" + (
-            f", {entry['trained_parameters']:,} existing ones trained" if entry["trained_parameters"] else "")
+            f", {entry['trained_parameters']:,} existing ones trained" if entry["trained_parameters"] else ""
+        )
         console.print(f"{head}: {len(regions)} region(s), {cost}")
         trains = entry["trained_parameters"] > 0
         table = Table(box=None, pad_edge=False, show_header=True)
         for column in ("#", "scope", "in -> out", "+ params") + (("trained",) if trains else ()):
-            table.add_column(column, justify="right" if column in ("#", "+ params", "trained") else "left",
-                             overflow="fold")
+            table.add_column(
+                column, justify="right" if column in ("#", "+ params", "trained") else "left", overflow="fold"
+            )
         for region in regions:
-            row = [str(region["index"]), region["scope"] or "(model)",
-                   f"{_shape(region['in_shape'])} -> {_shape(region['out_shape'])}", f"{region['added_parameters']:,}"]
+            row = [
+                str(region["index"]),
+                region["scope"] or "(model)",
+                f"{_shape(region['in_shape'])} -> {_shape(region['out_shape'])}",
+                f"{region['added_parameters']:,}",
+            ]
             table.add_row(*row, *([f"{region['trained_parameters']:,}"] if trains else []))
         console.print(table)
         if explain:
-            console.print(f"  pattern '{entry['pattern']}' found {entry['candidates']} region(s); "
-                          f"the rule's selection kept {len(regions) + len(entry['dropped'])}")
+            console.print(
+                f"  pattern '{entry['pattern']}' found {entry['candidates']} region(s); "
+                f"the rule's selection kept {len(regions) + len(entry['dropped'])}"
+            )
             for dropped in entry["dropped"]:
                 console.print(f"  dropped #{dropped['index']} ({dropped['scope']}): {dropped['reason']}")
         if entry["train"]:
             console.print(f"  also trains: {', '.join(entry['train'])}")
     total = sum(len(e["regions"]) for e in report["results"])
-    console.print(f"[bold]total[/bold]: {total} region(s), +{report['added_parameters']:,} parameters "
-                  f"({100 * report['added_share']:.2f}% of the model)"
-                  + (f", {report['trained_parameters']:,} existing parameters trained" if report["trained_parameters"] else ""))
+    console.print(
+        f"[bold]total[/bold]: {total} region(s), +{report['added_parameters']:,} parameters "
+        f"({100 * report['added_share']:.2f}% of the model)"
+        + (f", {report['trained_parameters']:,} existing parameters trained" if report["trained_parameters"] else "")
+    )

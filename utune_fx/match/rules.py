@@ -35,8 +35,22 @@ from utune_fx.tuners import TUNERS, TunerConfig, create_config
 PRELUDE = Path(__file__).with_name("prelude.yaml")
 VERSION = 1
 TOP_KEYS = ("version", "description", "imports", "patterns", "rules")
-RULE_KEYS = ("name", "description", "match", "tuner", "settings", "position", "scope", "layers", "first",
-             "last", "every", "exclude", "train", "fallback_for")
+RULE_KEYS = (
+    "name",
+    "description",
+    "match",
+    "tuner",
+    "settings",
+    "position",
+    "scope",
+    "layers",
+    "first",
+    "last",
+    "every",
+    "exclude",
+    "train",
+    "fallback_for",
+)
 SELECT_KEYS = ("scope", "layers", "first", "last", "every")
 
 
@@ -58,15 +72,21 @@ class Selection:
         if self.layers:
             chosen: set[fx.Node] = set()
             for item in self.layers:
-                picked = regions[item] if isinstance(item, slice) else [regions[item]] if -len(regions) <= item < len(regions) else []
+                picked = (
+                    regions[item]
+                    if isinstance(item, slice)
+                    else [regions[item]]
+                    if -len(regions) <= item < len(regions)
+                    else []
+                )
                 chosen.update(r.anchor for r in picked)
             regions = [r for r in regions if r.anchor in chosen]
         if self.first is not None:
-            regions = regions[:self.first]
+            regions = regions[: self.first]
         if self.last is not None:
-            regions = regions[-self.last:] if self.last else []
+            regions = regions[-self.last :] if self.last else []
         if self.every is not None:
-            regions = regions[::self.every]
+            regions = regions[:: self.every]
         return regions
 
     @property
@@ -107,6 +127,7 @@ class RuleMatch:
 
 # -- loading ---------------------------------------------------------------------------
 
+
 class _Loader:
     def __init__(self) -> None:
         self.raw: dict[str, Located] = {}  # pattern name -> definition
@@ -121,7 +142,9 @@ class _Loader:
         if "version" not in entries and path.resolve() != PRELUDE.resolve():
             raise root.fail(f"missing key 'version'; start the file with 'version: {VERSION}'")
         if "version" in entries and entries["version"].value != VERSION:
-            raise entries["version"].fail(f"unsupported version {entries['version'].value!r}; this utune_fx reads version {VERSION}")
+            raise entries["version"].fail(
+                f"unsupported version {entries['version'].value!r}; this utune_fx reads version {VERSION}"
+            )
         self.loaded.add(path.resolve())
         self.texts[path] = path.read_text(encoding="utf-8")
         for item in entries["imports"].items() if "imports" in entries else []:
@@ -131,12 +154,13 @@ class _Loader:
             if not target.is_file():
                 raise item.fail(f"imported file {item.value!r} not found next to {path.name}")
             self.load_file(target)
-        for name, definition in (entries["patterns"].mapping().items() if "patterns" in entries else []):
+        for name, definition in entries["patterns"].mapping().items() if "patterns" in entries else []:
             if not name.isidentifier():
                 raise definition.fail_key(f"pattern names are identifiers (letters, digits, _), not {name!r}")
             if name in self.raw:
-                raise definition.fail_key(f"pattern '{name}' is already defined at {self.raw[name].where}; "
-                                          "pick another name")
+                raise definition.fail_key(
+                    f"pattern '{name}' is already defined at {self.raw[name].where}; pick another name"
+                )
             self.raw[name] = definition
         return root
 
@@ -153,7 +177,7 @@ class _Loader:
     def pattern(self, name: str) -> Pattern:
         if name not in self.compiled:
             if name in self.compiling:
-                cycle = " -> ".join(self.compiling[self.compiling.index(name):] + [name])
+                cycle = " -> ".join(self.compiling[self.compiling.index(name) :] + [name])
                 raise self.raw[name].fail(f"patterns refer to each other in a cycle: {cycle}")
             self.compiling.append(name)
             self.compiled[name] = compile_pattern(self.raw[name], name, self.resolve)
@@ -181,8 +205,10 @@ def _layers(value: Located) -> list[int | slice]:
         except ValueError:
             numbers = []
         if not numbers or len(numbers) > 3 or (len(numbers) == 1 and numbers[0] is None):
-            raise item.fail(f"bad layers {item.value!r}; use an index (0, -1), a range 'start:stop[:step]' "
-                            "('0:6', '6:', '::2') or a list of them")
+            raise item.fail(
+                f"bad layers {item.value!r}; use an index (0, -1), a range 'start:stop[:step]' "
+                "('0:6', '6:', '::2') or a list of them"
+            )
         if len(numbers) == 3 and numbers[2] == 0:
             raise item.fail("a layers step cannot be 0")
         layers.append(numbers[0] if len(numbers) == 1 else slice(*numbers))
@@ -250,11 +276,23 @@ def _rule(value: Located, loader: _Loader, names: set[str]) -> Rule:
         listed = entries["fallback_for"]
         for item in listed.items() if isinstance(listed.value, list) else [listed]:
             if item.text() not in names:
-                raise item.fail(f"fallback_for names rule '{item.text()}', which is not defined above this rule; "
-                                f"rules above: {', '.join(sorted(names)) or 'none'}")
+                raise item.fail(
+                    f"fallback_for names rule '{item.text()}', which is not defined above this rule; "
+                    f"rules above: {', '.join(sorted(names)) or 'none'}"
+                )
             fallback_for.append(item.text())
-    return Rule(name, loader.resolve(entries["match"]), tuner, _config(entries, tuner), position,
-                _selection(entries), exclude, train, str(value.where), fallback_for)
+    return Rule(
+        name,
+        loader.resolve(entries["match"]),
+        tuner,
+        _config(entries, tuner),
+        position,
+        _selection(entries),
+        exclude,
+        train,
+        str(value.where),
+        fallback_for,
+    )
 
 
 def load_rules(path: str | Path) -> RuleSet:
@@ -275,8 +313,11 @@ def load_rules(path: str | Path) -> RuleSet:
         raise entries["rules"].fail("the rules list is empty; add a rule")
     patterns = {name: loader.pattern(name) for name in loader.raw}  # compile all: errors surface at load
     folder = Path(path).parent
-    sources = {os.path.relpath(file, folder): text for file, text in loader.texts.items()
-               if file.resolve() != PRELUDE.resolve()}
+    sources = {
+        os.path.relpath(file, folder): text
+        for file, text in loader.texts.items()
+        if file.resolve() != PRELUDE.resolve()
+    }
     return RuleSet(str(path), patterns, rules, sources)
 
 
@@ -289,6 +330,7 @@ def load_prelude() -> dict[str, Pattern]:
 
 
 # -- matching --------------------------------------------------------------------------
+
 
 def _select(rule: Rule, regions: list[Region]) -> list[Region]:
     chosen = rule.select.apply(regions)
@@ -318,8 +360,15 @@ def match_rules(gm: fx.GraphModule, rules: RuleSet, ctx: MatchContext | None = N
     for rule in rules.rules:
         matched = [(r.rule.name, len(r.regions)) for r in results if r.rule.name in rule.fallback_for and r.regions]
         if matched:
-            results.append(RuleMatch(rule, [], 0, [], standby=f"a fallback for rule '{matched[0][0]}', which "
-                                                              f"matched {matched[0][1]} region(s)"))
+            results.append(
+                RuleMatch(
+                    rule,
+                    [],
+                    0,
+                    [],
+                    standby=f"a fallback for rule '{matched[0][0]}', which matched {matched[0][1]} region(s)",
+                )
+            )
             continue
         found = ctx.regions(rule.pattern)
         kept, dropped = _without_overlaps(_select(rule, found), ctx)

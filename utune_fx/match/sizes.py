@@ -75,7 +75,11 @@ def layer_channels(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
     out_channels, in_channels = weight.shape[0], weight.shape[1] * groups
     if transposed:
         out_channels, in_channels = weight.shape[1] * groups, weight.shape[0]
-    if node_info(node).op_kind == "linear" and node.op == "call_function" and node_info(node).op_name in ("matmul", "mm"):
+    if (
+        node_info(node).op_kind == "linear"
+        and node.op == "call_function"
+        and node_info(node).op_name in ("matmul", "mm")
+    ):
         # x @ W (W [in, out]) or x @ W.T (BotNet's relative-position keys): read the widths off the tensors
         inputs = data_inputs(node)
         shapes = node_info(inputs[0]).shape if inputs else None, node_info(node).shape
@@ -96,8 +100,11 @@ def _weight_and_groups(node: fx.Node, ctx: MatchContext) -> tuple[torch.Tensor |
     if not isinstance(weight, fx.Node):
         weights = [n for n in node.all_input_nodes if n.op == "get_attr" and n is not node.args[0]]
         weight = weights[0] if weights else None
-    value = operator.attrgetter(str(weight.target))(ctx.gm) if isinstance(weight, fx.Node) and weight.op == "get_attr" \
+    value = (
+        operator.attrgetter(str(weight.target))(ctx.gm)
+        if isinstance(weight, fx.Node) and weight.op == "get_attr"
         else None
+    )
     return (value if isinstance(value, torch.Tensor) else None), arguments.get("groups") or 1
 
 
@@ -111,8 +118,13 @@ def _attention_heads(node: fx.Node, ctx: MatchContext) -> int:
 def region_size(region: Region, ctx: MatchContext, position: int = 0) -> RegionSize:
     """What tuners' sizes depend on; ``position``: the region's place among its rule's regions."""
     ordered = sorted(region.nodes, key=ctx.order.__getitem__)
-    weighted = [(n, io) for n in ordered if node_info(n).op_kind in ("linear", "conv", "attention")
-                for io in [layer_channels(n, ctx)] if io is not None]
+    weighted = [
+        (n, io)
+        for n in ordered
+        if node_info(n).op_kind in ("linear", "conv", "attention")
+        for io in [layer_channels(n, ctx)]
+        if io is not None
+    ]
     parameters: dict[str, torch.Tensor] = {}
     for node in ordered:
         parameters.update(parameters_of(node, ctx))

@@ -11,9 +11,10 @@ invalid YAML to a bad value found later by the validator, is a
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -106,39 +107,48 @@ def _where(mark: yaml.Mark, file: str) -> Where:
     return Where(file, mark.line + 1, mark.column + 1)
 
 
-def _to_located(node: yaml.Node, loader: yaml.SafeLoader, file: str, key: str,
-                open_nodes: frozenset[int] = frozenset()) -> Located:
+def _to_located(
+    node: yaml.Node, loader: yaml.SafeLoader, file: str, key: str, open_nodes: frozenset[int] = frozenset()
+) -> Located:
     where = _where(node.start_mark, file)
     if id(node) in open_nodes:
         raise RuleError(f"{where}: {key or '(top level)'}: an alias refers to its own parent; remove the cycle")
     open_nodes = open_nodes | {id(node)}
     if not isinstance(node, yaml.ScalarNode) and node.tag not in _PLAIN_TAGS:
-        raise RuleError(f"{where}: {key or '(top level)'}: tag {node.tag} is not allowed; "
-                        "rule files hold plain data only")
+        raise RuleError(
+            f"{where}: {key or '(top level)'}: tag {node.tag} is not allowed; rule files hold plain data only"
+        )
     if isinstance(node, yaml.MappingNode):
         entries: dict[str, Located] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
-                raise RuleError(f"{_where(key_node.start_mark, file)}: {key or '(top level)'}: "
-                                "keys must be plain names")
+                raise RuleError(
+                    f"{_where(key_node.start_mark, file)}: {key or '(top level)'}: keys must be plain names"
+                )
             name = key_node.value
             if name in entries:
-                raise RuleError(f"{_where(key_node.start_mark, file)}: {key + '.' if key else ''}{name}: "
-                                "key given twice; keep one")
+                raise RuleError(
+                    f"{_where(key_node.start_mark, file)}: {key + '.' if key else ''}{name}: key given twice; keep one"
+                )
             child = _to_located(value_node, loader, file, f"{key}.{name}" if key else name, open_nodes)
             child._key_where = _where(key_node.start_mark, file)  # type: ignore[attr-defined]
             entries[name] = child
         return Located(entries, where, key)
     if isinstance(node, yaml.SequenceNode):
-        return Located([_to_located(item, loader, file, f"{key}[{i}]", open_nodes)
-                         for i, item in enumerate(node.value)], where, key)
+        return Located(
+            [_to_located(item, loader, file, f"{key}[{i}]", open_nodes) for i, item in enumerate(node.value)],
+            where,
+            key,
+        )
     try:
         value = loader.construct_object(node, deep=True)
     except yaml.YAMLError as error:
         raise RuleError(f"{where}: {key or '(top level)'}: {str(error).splitlines()[0]}") from error
     if not isinstance(value, (str, int, float, bool)) and value is not None:
-        raise RuleError(f"{where}: {key or '(top level)'}: unsupported value {value!r}; "
-                        "use strings, numbers, booleans, lists and mappings")
+        raise RuleError(
+            f"{where}: {key or '(top level)'}: unsupported value {value!r}; "
+            "use strings, numbers, booleans, lists and mappings"
+        )
     return Located(value, where, key)
 
 

@@ -58,8 +58,13 @@ class Region:
 
     def as_dict(self) -> dict:
         return {
-            "pattern": self.pattern, "index": self.index, "scope": self.scope, "anchor": self.anchor.name,
-            "inputs": [n.name for n in self.inputs], "output": self.output.name, "num_nodes": len(self.nodes),
+            "pattern": self.pattern,
+            "index": self.index,
+            "scope": self.scope,
+            "anchor": self.anchor.name,
+            "inputs": [n.name for n in self.inputs],
+            "output": self.output.name,
+            "num_nodes": len(self.nodes),
             "in_shape": list(self.in_shape) if self.in_shape else None,
             "out_shape": list(self.out_shape) if self.out_shape else None,
             "captures": {k: [n.name for n in v] for k, v in self.captures.items()},
@@ -157,8 +162,10 @@ class _Residuals:
         """Where branches that meet in ``scope`` start, if outside it: a norm inside the module that
         feeds both a projected shortcut and the branch (Hiera's stage changes: proj(norm1(x)) +
         attn(norm1(x))) is the block's own, so the skip starts at the norm's input."""
+
         def inside(node: fx.Node) -> bool:
             return bool(scope) and in_scope(node, scope)
+
         while inside(start) and _kind(start) == "norm" and len(data_inputs(start)) == 1:
             start = data_inputs(start)[0]
         return None if inside(start) else start
@@ -196,8 +203,11 @@ def _follows(residual: Region, previous: Region) -> bool:
     return True
 
 
-_CONTAINERS = ("torch.nn.modules.container.Sequential", "torch.nn.modules.container.ModuleList",
-               "torch.nn.modules.container.ModuleDict")
+_CONTAINERS = (
+    "torch.nn.modules.container.Sequential",
+    "torch.nn.modules.container.ModuleList",
+    "torch.nn.modules.container.ModuleDict",
+)
 
 
 def _layer_scope(a: Region, b: Region) -> str | None:

@@ -17,8 +17,9 @@ computes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import fx
@@ -68,8 +69,12 @@ def rewrite(gm: fx.GraphModule, rule_sets: RuleSet | Sequence[RuleSet], seed: in
     rule_sets = [rule_sets] if isinstance(rule_sets, RuleSet) else list(rule_sets)
     base = sum(p.numel() for p in gm.parameters())
     ctx = MatchContext(gm)
-    matched = [found for rules in rule_sets for found in match_rules(gm, rules, ctx)  # all on the frozen graph
-               if not found.standby]  # a fallback whose rule matched does nothing
+    matched = [
+        found
+        for rules in rule_sets
+        for found in match_rules(gm, rules, ctx)  # all on the frozen graph
+        if not found.standby
+    ]  # a fallback whose rule matched does nothing
     for parameter in gm.parameters():
         parameter.requires_grad_(False)
     summaries = []
@@ -79,6 +84,15 @@ def rewrite(gm: fx.GraphModule, rule_sets: RuleSet | Sequence[RuleSet], seed: in
             added, trained = apply_rule(gm, found, ctx)
             gm.graph.lint()
             gm.recompile()
-            summaries.append(RuleSummary(found.rule.name, found.rule.tuner, found.rule.position, len(found.regions),
-                                         added, trained, [r.scope for r in found.regions]))
+            summaries.append(
+                RuleSummary(
+                    found.rule.name,
+                    found.rule.tuner,
+                    found.rule.position,
+                    len(found.regions),
+                    added,
+                    trained,
+                    [r.scope for r in found.regions],
+                )
+            )
     return RewriteResult(gm, summaries, base, rule_sets)

@@ -59,6 +59,7 @@ def _versions() -> dict[str, str]:
     import timm
 
     import utune_fx
+
     return {"utune_fx": getattr(utune_fx, "__version__", "0.1.0"), "torch": torch.__version__, "timm": timm.__version__}
 
 
@@ -72,9 +73,14 @@ def save_tuned(result: Any, rule_sets: list[Any], source: TunedSource, directory
             "model": source.model,
             "input_shapes": source.input_shapes,
             "frontend": source.frontend,
-            "rules": [{"path": rules.path, "sources": rules.sources,
-                       "sha256": {name: _sha256(text.encode()) for name, text in rules.sources.items()}}
-                      for rules in rule_sets],
+            "rules": [
+                {
+                    "path": rules.path,
+                    "sources": rules.sources,
+                    "sha256": {name: _sha256(text.encode()) for name, text in rules.sources.items()},
+                }
+                for rules in rule_sets
+            ],
             "versions": _versions(),
             "summary": [vars(s) for s in result.summaries],
             "tensors": {name: list(t.shape) for name, t in tensors.items()},
@@ -104,8 +110,10 @@ def _read_manifest(directory: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UtuneError(f"{path}: not valid JSON ({first_line(error)}); the artifact is damaged") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UtuneError(f"{path}: not a utune_fx tuned artifact (format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-                         f"expected {FORMAT!r})")
+        raise UtuneError(
+            f"{path}: not a utune_fx tuned artifact (format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+            f"expected {FORMAT!r})"
+        )
     return manifest
 
 
@@ -114,6 +122,7 @@ def data_config_of(model: torch.nn.Module) -> dict | None:
     if not hasattr(model, "pretrained_cfg"):
         return None
     import timm.data
+
     return timm.data.resolve_data_config(model=model)
 
 
@@ -150,19 +159,22 @@ def load_tuned(directory: str | Path):
             folder = Path(scratch) / str(index)
             for name, text in entry["sources"].items():
                 if _sha256(text.encode()) != entry["sha256"].get(name):
-                    raise UtuneError(f"{directory / MANIFEST}: rule text of {name} does not match its sha256; "
-                                     "the manifest was edited")
+                    raise UtuneError(
+                        f"{directory / MANIFEST}: rule text of {name} does not match its sha256; "
+                        "the manifest was edited"
+                    )
                 target = (folder / name).resolve()
                 if not target.is_relative_to(folder.resolve()):
                     raise UtuneError(f"{directory / MANIFEST}: rule source path {name!r} leaves the artifact")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(text)
             rule_sets.append(load_rules(folder / Path(entry["path"]).name))
-        result = build_tuned(TunedSource(manifest["model"], manifest["input_shapes"], manifest["frontend"]),
-                             rule_sets)
+        result = build_tuned(TunedSource(manifest["model"], manifest["input_shapes"], manifest["frontend"]), rule_sets)
     if base_sha256(result.module) != manifest["base_sha256"]:
-        raise UtuneError(f"{directory}: the base model {manifest['model']} now has other weights than the ones it "
-                         f"was tuned on (tuned with {manifest['versions']}); use the same weights and versions")
+        raise UtuneError(
+            f"{directory}: the base model {manifest['model']} now has other weights than the ones it "
+            f"was tuned on (tuned with {manifest['versions']}); use the same weights and versions"
+        )
     try:
         tensors = safetensors.torch.load_file(str(tensors_path))
     except Exception as error:
@@ -170,12 +182,15 @@ def load_tuned(directory: str | Path):
     expected = {name: p for name, p in result.module.named_parameters() if p.requires_grad}
     missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unknown:
-        raise UtuneError(f"{tensors_path}: tensors do not fit the rewritten model (missing {missing[:3]}, "
-                         f"unknown {unknown[:3]}); was it written for other rules or another model?")
+        raise UtuneError(
+            f"{tensors_path}: tensors do not fit the rewritten model (missing {missing[:3]}, "
+            f"unknown {unknown[:3]}); was it written for other rules or another model?"
+        )
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise UtuneError(f"{tensors_path}: {name} has shape {list(tensor.shape)}, the model expects "
-                             f"{list(expected[name].shape)}")
+            raise UtuneError(
+                f"{tensors_path}: {name} has shape {list(tensor.shape)}, the model expects {list(expected[name].shape)}"
+            )
         with torch.no_grad():
             expected[name].copy_(tensor)
     return result

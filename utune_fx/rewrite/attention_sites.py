@@ -64,9 +64,13 @@ class AttentionCall:
 def attention_call(found: RuleMatch, region: Region, node: fx.Node, ctx: MatchContext) -> AttentionCall:
     info = node_info(node).attention
     if node_info(node).op_kind != "attention" or node.op == "call_module" or info is None:
-        raise fail(found, region, f"{found.rule.tuner} needs an attention whose queries, keys and values are "
-                                  "visible in the graph (scaled_dot_product_attention or softmax(QK^T)V), not a "
-                                  "module such as nn.MultiheadAttention")
+        raise fail(
+            found,
+            region,
+            f"{found.rule.tuner} needs an attention whose queries, keys and values are "
+            "visible in the graph (scaled_dot_product_attention or softmax(QK^T)V), not a "
+            "module such as nn.MultiheadAttention",
+        )
     by_name = ctx.by_name
     parts = tuple(by_name[name] for name in info.parts if name in by_name)
     query, key, value = (by_name[name] for name in (info.query, info.key, info.value))
@@ -87,8 +91,11 @@ def _written_out_call(found: RuleMatch, region: Region, node: fx.Node, parts: tu
     scores = next((p for p in parts if node_info(p).op_kind == "matmul"), None)
     operands = matmul_operands(scores) if scores is not None else []
     if softmax is None or len(operands) != 2 or op_name(node) not in ("matmul", "bmm"):
-        raise fail(found, region, f"{node.name}: {found.rule.tuner} needs attention written as softmax(QK^T)V "
-                                  "with both matmuls in the graph")
+        raise fail(
+            found,
+            region,
+            f"{node.name}: {found.rule.tuner} needs attention written as softmax(QK^T)V with both matmuls in the graph",
+        )
     query, transposed = operands
     logits = data_inputs(softmax)[0]
     scale, scale_node, step = 1.0, None, logits
@@ -105,8 +112,16 @@ def _written_out_call(found: RuleMatch, region: Region, node: fx.Node, parts: tu
             else:
                 raise fail(found, region, f"{step.name}: cannot read the attention's scale from {factor}")
         step = on_path
-    return AttentionCall(node, query, _untransposed(transposed), matmul_operands(node)[1], logits,
-                         AttentionForm("logits", scale), scale_node, parts)
+    return AttentionCall(
+        node,
+        query,
+        _untransposed(transposed),
+        matmul_operands(node)[1],
+        logits,
+        AttentionForm("logits", scale),
+        scale_node,
+        parts,
+    )
 
 
 def _ancestors(node: fx.Node, limit: int = 16) -> set[fx.Node]:
@@ -131,8 +146,11 @@ def _untransposed(node: fx.Node) -> fx.Node:
 def attention_site(found: RuleMatch, region: Region, call: AttentionCall) -> Site:
     q_shape, out_shape = node_info(call.query).shape, node_info(call.node).shape
     if not q_shape or not out_shape or len(q_shape) < 3 or tuple(out_shape[:-1]) != tuple(q_shape[:-1]):
-        raise fail(found, region, f"queries {q_shape} and attention output {out_shape} do not line up as "
-                                  "[batch, heads..., tokens, width]")
+        raise fail(
+            found,
+            region,
+            f"queries {q_shape} and attention output {out_shape} do not line up as [batch, heads..., tokens, width]",
+        )
     return Site(q_shape[-1], out_shape[-1], len(q_shape), False, heads=tuple(q_shape[1:-2]), attention=call.form)
 
 
@@ -145,8 +163,9 @@ def tag_new_nodes(graph: fx.Graph, before: set[fx.Node], tag: dict) -> None:
                 node.meta[META_KEY] = replace(node.meta[META_KEY], shape=None, attention=None, part_of=None)
 
 
-def add_update(gm: fx.GraphModule, path: str, module: nn.Module, args: tuple, writes: fx.Node,
-               after: fx.Node | None = None) -> fx.Node:
+def add_update(
+    gm: fx.GraphModule, path: str, module: nn.Module, args: tuple, writes: fx.Node, after: fx.Node | None = None
+) -> fx.Node:
     """%u = call_module[path](*args); users of ``writes`` read writes + %u."""
     gm.add_submodule(path, module)
     with gm.graph.inserting_after(after or writes):
@@ -169,8 +188,12 @@ def _projection(found: RuleMatch, region: Region, tensor: fx.Node) -> fx.Node:
         if kind not in _PER_TOKEN or not data_inputs(node):
             break
         node = data_inputs(node)[0]
-    raise fail(found, region, f"cannot follow {tensor.name} back to the linear projection that makes it; prompts "
-                              "need the attention's keys and values to come from a linear layer")
+    raise fail(
+        found,
+        region,
+        f"cannot follow {tensor.name} back to the linear projection that makes it; prompts "
+        "need the attention's keys and values to come from a linear layer",
+    )
 
 
 def _output_projection(attention: fx.Node) -> fx.Node | None:
@@ -213,8 +236,11 @@ def _norm_before(node: fx.Node) -> fx.Node | None:
 def _attentions(found: RuleMatch, region: Region, ctx: MatchContext) -> list[AttentionCall]:
     nodes = sorted((n for n in region.nodes if node_info(n).op_kind == "attention"), key=ctx.order.__getitem__)
     if not nodes:
-        raise fail(found, region, "prompts join the attention of a block; this region holds no attention "
-                                  "(match transformer_block)")
+        raise fail(
+            found,
+            region,
+            "prompts join the attention of a block; this region holds no attention (match transformer_block)",
+        )
     return [attention_call(found, region, n, ctx) for n in nodes]
 
 
@@ -225,8 +251,12 @@ def _stream_input(found: RuleMatch, region: Region) -> fx.Node:
         entry = node_info(node).shape
         if shape and entry and len(entry) >= 3 and entry[-1] == shape[-1] and entry[0] == shape[0]:
             return node
-    raise fail(found, region, f"shallow prompts travel with the tokens through blocks that read and write tokens "
-                              f"[batch, ..., channels]; this block writes {shape}: use deep prompts (vpt_deep.yaml)")
+    raise fail(
+        found,
+        region,
+        f"shallow prompts travel with the tokens through blocks that read and write tokens "
+        f"[batch, ..., channels]; this block writes {shape}: use deep prompts (vpt_deep.yaml)",
+    )
 
 
 def _prompt_attention(query, key, value, prompt_keys, prompt_values, scale=None):
@@ -234,10 +264,12 @@ def _prompt_attention(query, key, value, prompt_keys, prompt_values, scale=None)
     With windowed attention (keys [B * windows, ...]) the prompts join every window and
     their outputs are averaged over the windows, as in VPT's Swin variant."""
     windows = key.shape[0] // query.shape[0]
-    query, prompt_keys, prompt_values = (t.repeat_interleave(windows, dim=0)
-                                         for t in (query, prompt_keys, prompt_values))
-    out = F.scaled_dot_product_attention(query, torch.cat([key, prompt_keys], -2),
-                                         torch.cat([value, prompt_values], -2), scale=scale)
+    query, prompt_keys, prompt_values = (
+        t.repeat_interleave(windows, dim=0) for t in (query, prompt_keys, prompt_values)
+    )
+    out = F.scaled_dot_product_attention(
+        query, torch.cat([key, prompt_keys], -2), torch.cat([value, prompt_values], -2), scale=scale
+    )
     return out.unflatten(0, (-1, windows)).mean(dim=1)
 
 
@@ -248,11 +280,13 @@ def _handler(call: AttentionCall):
         if call.scale is not None:  # a factor the graph computes, e.g. 1 / sqrt(k.size(-1))
             scale = graph.call_function(operator.mul, (call.scale, 1.0 if scale is None else scale))
         return graph.call_function(_prompt_attention, args, {"scale": scale})
+
     return handle
 
 
-def insert_prompts(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext, safe: str, placement: dict,
-                   tag: dict) -> int:
+def insert_prompts(
+    gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext, safe: str, placement: dict, tag: dict
+) -> int:
     """VPT prompts on every selected block; returns the parameters added."""
     config, before = found.rule.config, set(gm.graph.nodes)
     everywhere = frozenset(before)
@@ -265,8 +299,12 @@ def insert_prompts(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext, safe
         if config.deep:
             sources = {data_inputs(_projection(found, region, t))[0] for c in calls for t in (c.key, c.value)}
             if len(sources) != 1:
-                raise fail(found, region, "the keys and values of this block's attentions read different "
-                                          "inputs; deep prompts need one token stream per block")
+                raise fail(
+                    found,
+                    region,
+                    "the keys and values of this block's attentions read different "
+                    "inputs; deep prompts need one token stream per block",
+                )
             tokens_at = sources.pop()
             norm = _norm_before(tokens_at)
             width = node_info(tokens_at).shape[-1]

@@ -74,9 +74,13 @@ def _site(found: RuleMatch, region: Region, ctx: MatchContext, reads: fx.Node, w
     stride = _stride(in_shape, out_shape) if channels_first and found.rule.position == "parallel" else None
     if other_in != other_out and not same_tokens and stride is None:
         shapes = f"{'x'.join(map(str, in_shape))} -> {'x'.join(map(str, out_shape))}"
-        raise fail(found, region, f"{found.rule.tuner} at {found.rule.position} needs input and output of one "
-                                   f"size but for the channels (or feature maps downsampled by whole factors), "
-                                   f"got {shapes}; pick a region that keeps its size")
+        raise fail(
+            found,
+            region,
+            f"{found.rule.tuner} at {found.rule.position} needs input and output of one "
+            f"size but for the channels (or feature maps downsampled by whole factors), "
+            f"got {shapes}; pick a region that keeps its size",
+        )
     reshape = other_in != other_out and stride is None
     return Site(channels_in, channels_out, len(in_shape), channels_first, stride=stride), reshape
 
@@ -182,17 +186,26 @@ def functional_conv_geometry(op: fx.Node, gm: fx.GraphModule) -> ConvGeometry | 
         value = default if value is None else value
         value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         return value * dims if len(value) == 1 else value
+
     padding = arguments.get("padding")
-    return ConvGeometry(tuple(shape[2:]), spread(arguments.get("stride"), 1),
-                        padding if isinstance(padding, str) else spread(padding, 0),
-                        spread(arguments.get("dilation"), 1), groups=arguments.get("groups") or 1)
+    return ConvGeometry(
+        tuple(shape[2:]),
+        spread(arguments.get("stride"), 1),
+        padding if isinstance(padding, str) else spread(padding, 0),
+        spread(arguments.get("dilation"), 1),
+        groups=arguments.get("groups") or 1,
+    )
 
 
 def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Site, fx.Node, fx.Node]:
     weighted = [n for n in region.nodes if node_info(n).op_kind in _WEIGHTED]
     if len(weighted) != 1:
-        raise fail(found, region, f"{found.rule.tuner} reparameterises one linear or conv; the region holds "
-                                   f"{len(weighted)}; match single layers (e.g. {{node: {{kind: linear}}}})")
+        raise fail(
+            found,
+            region,
+            f"{found.rule.tuner} reparameterises one linear or conv; the region holds "
+            f"{len(weighted)}; match single layers (e.g. {{node: {{kind: linear}}}})",
+        )
     op = weighted[0]
     inputs = data_inputs(op) or [op.args[0]]  # a layer may read a constant (ConViT's pos_proj(rel_indices))
     x = inputs[0]
@@ -203,13 +216,26 @@ def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Sit
     kind = node_info(op).op_kind
     geometry = None
     if kind == "conv":
-        geometry = (ConvGeometry(module.kernel_size, module.stride, module.padding, module.dilation,
-                                 groups=module.groups, transposed=module.transposed,
-                                 output_padding=module.output_padding)
-                    if isinstance(module, nn.modules.conv._ConvNd) else functional_conv_geometry(op, ctx.gm))
+        geometry = (
+            ConvGeometry(
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                groups=module.groups,
+                transposed=module.transposed,
+                output_padding=module.output_padding,
+            )
+            if isinstance(module, nn.modules.conv._ConvNd)
+            else functional_conv_geometry(op, ctx.gm)
+        )
         if geometry is None:
-            raise fail(found, region, f"cannot read the kernel, stride, padding and groups of {op.name}; "
-                                       "LoRA needs an nn.Conv module or a conv call with a parameter weight")
+            raise fail(
+                found,
+                region,
+                f"cannot read the kernel, stride, padding and groups of {op.name}; "
+                "LoRA needs an nn.Conv module or a conv call with a parameter weight",
+            )
     channels_in, channels_out = channels
     rank = len(node_info(op).shape or ())
     return Site(channels_in, channels_out, rank, kind == "conv", geometry), x, op
@@ -221,8 +247,15 @@ def _annotate(node: fx.Node, like: fx.Node, kind: str, name: str, tag: dict) -> 
     node.meta[TUNER_META] = tag
 
 
-def _insert(gm: fx.GraphModule, path: str, module: nn.Module, reads: tuple[fx.Node, ...], writes: fx.Node, tag: dict,
-            reshape: bool) -> None:
+def _insert(
+    gm: fx.GraphModule,
+    path: str,
+    module: nn.Module,
+    reads: tuple[fx.Node, ...],
+    writes: fx.Node,
+    tag: dict,
+    reshape: bool,
+) -> None:
     gm.add_submodule(path, module)
     with gm.graph.inserting_after(writes):
         call = gm.graph.call_module(path, reads)
@@ -255,7 +288,9 @@ def _resize_head(gm: fx.GraphModule, found: RuleMatch, region: Region, ctx: Matc
     module = ctx.node_ctx.modules.get(str(op.target)) if op.op == "call_module" else None
     if not isinstance(module, nn.Linear):
         raise fail(found, region, "re-sizing needs the classifier to be an nn.Linear module")
-    new = nn.Linear(module.in_features, classes, bias=module.bias is not None).to(module.weight.device, module.weight.dtype)
+    new = nn.Linear(module.in_features, classes, bias=module.bias is not None).to(
+        module.weight.device, module.weight.dtype
+    )
     parent, _, name = str(op.target).rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, name, new)
     ctx.node_ctx.modules[str(op.target)] = new
@@ -272,8 +307,10 @@ def _train(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> dict[str,
             continue
         matched = {k: p for k, p in gm.named_parameters() if fnmatch.fnmatchcase(k, item)}
         if not matched:
-            raise UtuneError(f"rule '{found.rule.name}' ({found.rule.where}): train pattern '{item}' names no "
-                             "parameter; use 'biases', 'all' or a parameter-name glob such as 'head.*'")
+            raise UtuneError(
+                f"rule '{found.rule.name}' ({found.rule.where}): train pattern '{item}' names no "
+                "parameter; use 'biases', 'all' or a parameter-name glob such as 'head.*'"
+            )
         chosen.update(matched)
     return chosen
 
@@ -281,8 +318,12 @@ def _train(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> dict[str,
 def _refuse_tuner_on_tuner(found: RuleMatch, region: Region) -> None:
     earlier = next((n for n in region.nodes if TUNER_META in n.meta), None)
     if earlier is not None:
-        raise fail(found, region, f"the region holds tuner nodes of rule '{earlier.meta[TUNER_META]['rule']}'; "
-                                  "a tuner on another tuner is refused")
+        raise fail(
+            found,
+            region,
+            f"the region holds tuner nodes of rule '{earlier.meta[TUNER_META]['rule']}'; "
+            "a tuner on another tuner is refused",
+        )
 
 
 def apply_rule(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> tuple[int, int]:
@@ -316,8 +357,9 @@ def apply_rule(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> tuple
             site, writes = attention_site(found, region, call), call.node
             reads = (call.query, call.scale) if rule.config.parallel else (*call.reads, call.scale)
         else:
-            reads, writes = (region.output, region.output) if rule.position == "sequential" else \
-                _parallel_input(region, ctx)
+            reads, writes = (
+                (region.output, region.output) if rule.position == "sequential" else _parallel_input(region, ctx)
+            )
             site, reshape = _site(found, region, ctx, reads, writes)
             reads = (reads,)
         module = entry.module(rule.config, site).to(**_placement(region, ctx, writes))

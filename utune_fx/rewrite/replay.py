@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Callable
+from collections.abc import Callable
 
 from torch import fx
 
@@ -86,8 +86,9 @@ def _positional_split(node: fx.Node, members: set[fx.Node]) -> fx.Node | None:
     rank = len(node_info(node).shape or ())
     if not rank or dim % rank != rank - 2:
         return None
-    sources = {_token_slice_source(part, members | {part}) if isinstance(part, fx.Node) else None
-               for part in node.args[0]}
+    sources = {
+        _token_slice_source(part, members | {part}) if isinstance(part, fx.Node) else None for part in node.args[0]
+    }
     return sources.pop() if len(sources) == 1 and None not in sources else None
 
 
@@ -112,10 +113,14 @@ def _layout_move(node: fx.Node) -> int | None:
     return grows if not rest and grows > 1 and math.prod(shape) == math.prod(source) else None
 
 
-def replay(env: dict[fx.Node, fx.Node], targets: list[fx.Node], after: fx.Node,
-           handlers: dict[fx.Node, Handler] | None = None,
-           layout_free: set[fx.Node] | frozenset = frozenset(),
-           skip: set[fx.Node] | frozenset = frozenset()) -> tuple[dict[fx.Node, fx.Node], fx.Node]:
+def replay(
+    env: dict[fx.Node, fx.Node],
+    targets: list[fx.Node],
+    after: fx.Node,
+    handlers: dict[fx.Node, Handler] | None = None,
+    layout_free: set[fx.Node] | frozenset = frozenset(),
+    skip: set[fx.Node] | frozenset = frozenset(),
+) -> tuple[dict[fx.Node, fx.Node], fx.Node]:
     """Copy the nodes from ``env``'s keys to ``targets`` reading ``env``'s values, inserted after
     ``after`` (handlers insert theirs at the same point). Returns the extended env and the
     last node inserted."""

@@ -15,8 +15,9 @@ inputs; branches on ``self.training`` are taken as in eval mode.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import fx, nn
@@ -68,7 +69,9 @@ def check_inputs(model: nn.Module, inputs: Sequence[Any], name: str) -> None:
         ) from error
 
 
-def trace(model: nn.Module, example_inputs: Any, *, frontend: Frontend = "auto", name: str | None = None) -> fx.GraphModule:
+def trace(
+    model: nn.Module, example_inputs: Any, *, frontend: Frontend = "auto", name: str | None = None
+) -> fx.GraphModule:
     """Trace ``model`` on ``example_inputs`` (a tensor or a tuple) and annotate it."""
     if frontend not in ("auto", "fx", "export"):
         raise UtuneError(f"unknown front end {frontend!r}; use auto, fx or export")
@@ -85,8 +88,9 @@ def trace(model: nn.Module, example_inputs: Any, *, frontend: Frontend = "auto",
         annotate(gm, inputs)
     except Exception as error:
         check_inputs(model, inputs, name)
-        raise UtuneError(f"{name}: the traced graph does not run on the example inputs ({first_line(error)}); "
-                         "try --frontend export") from error
+        raise UtuneError(
+            f"{name}: the traced graph does not run on the example inputs ({first_line(error)}); try --frontend export"
+        ) from error
     set_training(gm, was_training)
     model.train(was_training)  # the graph shares the model's leaf modules
     report = TraceReport(
@@ -113,7 +117,9 @@ def _trace_with(model: nn.Module, inputs: tuple[Any, ...], frontend: Frontend, n
         except FxTraceFailure as error:
             fx_failure = str(error)
             if frontend == "fx":
-                raise UtuneError(f"{name} cannot be traced by torch.fx ({fx_failure}); try --frontend export") from error
+                raise UtuneError(
+                    f"{name} cannot be traced by torch.fx ({fx_failure}); try --frontend export"
+                ) from error
         if fx_result is not None and (frontend == "fx" or not fx_result.opaque):
             return fx_result.gm, fx_result, None
     try:
@@ -123,9 +129,11 @@ def _trace_with(model: nn.Module, inputs: tuple[Any, ...], frontend: Frontend, n
             return fx_result.gm, fx_result, None
         check_inputs(model, inputs, name)
         why = f"torch.fx: {fx_failure}; torch.export: {error}" if fx_failure else str(error)
-        raise UtuneError(f"{name} cannot be traced ({why}); make the failing code traceable "
-                         "or wrap it in a submodule so it can become a leaf") from error
+        raise UtuneError(
+            f"{name} cannot be traced ({why}); make the failing code traceable "
+            "or wrap it in a submodule so it can become a leaf"
+        ) from error
     if fx_result is not None:
         first = fx_result.opaque[0]
-        fx_failure = (f"{len(fx_result.opaque)} module(s) opaque to torch.fx, first {first.path}: {first.reason}")
+        fx_failure = f"{len(fx_result.opaque)} module(s) opaque to torch.fx, first {first.path}: {first.reason}"
     return gm, None, fx_failure

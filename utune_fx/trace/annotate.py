@@ -14,8 +14,9 @@ end here, so rules see the same annotations whichever traced the model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import fx

@@ -26,10 +26,24 @@ from torch import fx
 from utune_fx.trace.opkinds import matmul_operands
 
 # Ops allowed between QK^T and softmax, and between softmax and (.)V.
-_CHAIN_KINDS = frozenset({
-    "mul", "div", "add", "sub", "cast", "reshape", "permute", "dropout", "identity",
-    "linear", "getitem", "other", "norm", "arith",
-})
+_CHAIN_KINDS = frozenset(
+    {
+        "mul",
+        "div",
+        "add",
+        "sub",
+        "cast",
+        "reshape",
+        "permute",
+        "dropout",
+        "identity",
+        "linear",
+        "getitem",
+        "other",
+        "norm",
+        "arith",
+    }
+)
 _MAX_CHAIN = 8
 
 

@@ -18,8 +18,9 @@ import contextlib
 import io
 import logging
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -55,8 +56,7 @@ def _summary(error: BaseException) -> str:
 
 def export_trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
     dynamic = tuple(
-        {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
-        for x in example_inputs
+        {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs
     )
     try:
         with _quiet():

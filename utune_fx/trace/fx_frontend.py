@@ -26,10 +26,11 @@ from __future__ import annotations
 import inspect
 import os
 import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -85,8 +86,9 @@ class _Tracer(fx.Tracer):
     # symbolic sizes (GPT's causal mask[:, :, :T, :T]).
     proxy_buffer_attributes = True
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: set[str], autowrap: tuple[Any, ...],
-                 branches: ShapeBranches):
+    def __init__(
+        self, leaf_types: tuple[type, ...], leaf_paths: set[str], autowrap: tuple[Any, ...], branches: ShapeBranches
+    ):
         super().__init__(autowrap_functions=autowrap)
         self.leaf_types = leaf_types
         self.leaf_paths = leaf_paths
@@ -135,8 +137,11 @@ class _Tracer(fx.Tracer):
 def defaulted_inputs(model: nn.Module, n_given: int) -> dict[str, Any]:
     """forward() parameters beyond the example inputs, with their defaults."""
     specialised = {}
-    params = [p for p in inspect.signature(model.forward).parameters.values()
-              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    params = [
+        p
+        for p in inspect.signature(model.forward).parameters.values()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
     for param in params[n_given:]:
         if param.default is inspect.Parameter.empty:
             raise TypeError(f"forward() needs input '{param.name}' but only {n_given} example input(s) were given")
@@ -171,11 +176,13 @@ def _drop_specialised_inputs(graph: fx.Graph, n_inputs: int) -> None:
 
 def _leaf_function(fn: Any) -> Any:
     """``fn`` recorded as one call_function node when it receives a Proxy."""
+
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         proxy = next((a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)), None)
         if proxy is None:
             return fn(*args, **kwargs)
         return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+
     return wrapper
 
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import operator
 import os
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn

@@ -27,8 +27,9 @@ from utune_fx.errors import UtuneError, first_line
 TENSORS, STATE = "tensors.safetensors", "state.json"
 
 
-def save_checkpoint(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, schedule,
-                    progress: dict) -> None:
+def save_checkpoint(
+    directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, schedule, progress: dict
+) -> None:
     tensors = {f"model.{n}": p.detach().contiguous().cpu() for n, p in module.named_parameters() if p.requires_grad}
     optim_state = optimizer.state_dict()
     scalars: dict[str, dict] = {}
@@ -49,8 +50,10 @@ def save_checkpoint(directory: Path, module: nn.Module, optimizer: torch.optim.O
         "progress": progress,
         "optimizer": {"param_groups": optim_state["param_groups"], "scalars": scalars},
         "schedule": schedule.state_dict(),  # LambdaLR stores None for plain functions
-        "rng": {"python": [python_state[0], list(python_state[1]), python_state[2]],
-                "numpy": [numpy_state[0], int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])]},
+        "rng": {
+            "python": [python_state[0], list(python_state[1]), python_state[2]],
+            "numpy": [numpy_state[0], int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
+        },
     }
     with replace_directory(directory) as staging:
         safetensors.torch.save_file(tensors, str(staging / TENSORS))
@@ -65,13 +68,16 @@ def load_checkpoint(directory: Path, module: nn.Module, optimizer: torch.optim.O
     except FileNotFoundError as error:
         raise UtuneError(f"{directory}: no checkpoint to resume ({first_line(error)}); run without --resume") from error
     except Exception as error:
-        raise UtuneError(f"{directory}: the checkpoint is damaged ({first_line(error)}); "
-                         "remove it and run without --resume") from error
+        raise UtuneError(
+            f"{directory}: the checkpoint is damaged ({first_line(error)}); remove it and run without --resume"
+        ) from error
     trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    saved = {k[len("model."):] for k in tensors if k.startswith("model.")}
+    saved = {k[len("model.") :] for k in tensors if k.startswith("model.")}
     if saved != set(trainable):
-        raise UtuneError(f"{directory}: the checkpoint holds other trainable tensors than this model "
-                         f"(e.g. {sorted(saved ^ set(trainable))[:2]}); was it written for other rules?")
+        raise UtuneError(
+            f"{directory}: the checkpoint holds other trainable tensors than this model "
+            f"(e.g. {sorted(saved ^ set(trainable))[:2]}); was it written for other rules?"
+        )
     with torch.no_grad():
         for name, parameter in trainable.items():
             parameter.copy_(tensors[f"model.{name}"])

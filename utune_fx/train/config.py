@@ -14,15 +14,17 @@ class TrainConfig:
     batch_size: int = field(default=32, metadata={"help": "images per optimizer step (before accumulation)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     optimizer: str = field(default="adamw", metadata={"help": "adamw or sgd (momentum 0.9)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "decoupled weight decay; never on norms, biases, "
-                                                                "prompt/prefix tokens or gates"})
+    weight_decay: float = field(
+        default=0.05, metadata={"help": "decoupled weight decay; never on norms, biases, prompt/prefix tokens or gates"}
+    )
     warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up before the cosine decay"})
     label_smoothing: float = field(default=0.1, metadata={"help": "cross-entropy label smoothing"})
     accumulate: int = field(default=1, metadata={"help": "batches per optimizer step (gradient accumulation)"})
     clip_grad: float = field(default=1.0, metadata={"help": "max gradient norm; 0 for none"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when present), cuda, cpu"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA, float32 on CPU), "
-                                                             "bf16 or fp32"})
+    precision: str = field(
+        default="auto", metadata={"help": "auto (bf16 autocast on CUDA, float32 on CPU), bf16 or fp32"}
+    )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA)"})
     workers: int = field(default=0, metadata={"help": "data loader worker processes"})
     seed: int = field(default=0, metadata={"help": "seeds the data order, augmentation and tuner dropout"})
@@ -36,8 +38,11 @@ class TrainConfig:
             raise UtuneError(f"--lr must be positive, got {self.lr!r}")
         if not 0 <= self.label_smoothing < 1:
             raise UtuneError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        choices = {"optimizer": ("adamw", "sgd"), "device": ("auto", "cuda", "cpu"),
-                   "precision": ("auto", "bf16", "fp32")}
+        choices = {
+            "optimizer": ("adamw", "sgd"),
+            "device": ("auto", "cuda", "cpu"),
+            "precision": ("auto", "bf16", "fp32"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UtuneError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -85,14 +85,15 @@ def freeze_frozen_norm_statistics(module: nn.Module) -> None:
 
 def _batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    return [order[i:i + batch_size] for i in range(0, size, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, size, batch_size)]
 
 
 @torch.no_grad()
 def evaluate(module: nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device) -> dict:
     set_training(module, False)  # not eval(): graphs of the torch.export front end refuse it
-    loader = DataLoader(dataset, batch_size=config.batch_size * 2, num_workers=config.workers,
-                        generator=torch.Generator())  # leaves the global RNG to training
+    loader = DataLoader(
+        dataset, batch_size=config.batch_size * 2, num_workers=config.workers, generator=torch.Generator()
+    )  # leaves the global RNG to training
     loss = correct = seen = 0.0
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
@@ -104,8 +105,15 @@ def evaluate(module: nn.Module, dataset: Dataset, config: TrainConfig, device: t
     return {"loss": loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
 
 
-def train(module: nn.Module, train_set: Dataset, val_set: Dataset | None, config: TrainConfig, out: Path,
-          resume: bool = False, test_set: Dataset | None = None) -> dict:
+def train(
+    module: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    config: TrainConfig,
+    out: Path,
+    resume: bool = False,
+    test_set: Dataset | None = None,
+) -> dict:
     """Train ``module``'s trainable parameters; writes checkpoint/, metrics.jsonl, summary.json, curves.png.
     Without ``val_set`` (a final run on all the training images) no validation is measured."""
     from utune_fx.train.plots import plot_curves
@@ -159,16 +167,24 @@ def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, pr
     freeze_frozen_norm_statistics(module)
     seeded.epoch = progress["epoch"]
     batches = _batches(len(seeded), config.batch_size, config.seed, progress["epoch"])
-    groups = [batches[i:i + config.accumulate] for i in range(0, len(batches), config.accumulate)]
-    running = progress.setdefault("running", {"epoch": progress["epoch"] + 1, "train_loss": 0.0,
-                                              "train_accuracy": 0.0, "images": 0, "seconds": 0.0})
+    groups = [batches[i : i + config.accumulate] for i in range(0, len(batches), config.accumulate)]
+    running = progress.setdefault(
+        "running",
+        {"epoch": progress["epoch"] + 1, "train_loss": 0.0, "train_accuracy": 0.0, "images": 0, "seconds": 0.0},
+    )
     bar = EpochProgress(progress["epoch"] + 1, config.epochs, sum(map(len, batches)))
-    bar.advance(sum(len(b) for group in groups[:progress["step"]] for b in group))
-    remaining = groups[progress["step"]:]
+    bar.advance(sum(len(b) for group in groups[: progress["step"]] for b in group))
+    remaining = groups[progress["step"] :]
     # one loader per epoch (workers start once); items are seeded per image, so prefetching changes nothing;
     # its own generator keeps it from drawing on the global RNG, which dropout uses and the checkpoint keeps
-    loader = iter(DataLoader(seeded, batch_sampler=[b for group in remaining for b in group],
-                             num_workers=config.workers, generator=torch.Generator().manual_seed(config.seed)))
+    loader = iter(
+        DataLoader(
+            seeded,
+            batch_sampler=[b for group in remaining for b in group],
+            num_workers=config.workers,
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+    )
     trainable = [p for p in module.parameters() if p.requires_grad]
     with bar:
         for group in remaining:
@@ -181,8 +197,10 @@ def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, pr
                     logits = runner(images).float()
                 loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
                 if not torch.isfinite(loss):
-                    raise UtuneError(f"the training loss is {loss.item()} at epoch {progress['epoch'] + 1}, step "
-                                     f"{progress['step'] + 1}: training diverged; lower --lr (now {config.lr:g})")
+                    raise UtuneError(
+                        f"the training loss is {loss.item()} at epoch {progress['epoch'] + 1}, step "
+                        f"{progress['step'] + 1}: training diverged; lower --lr (now {config.lr:g})"
+                    )
                 (loss * len(labels) / total).backward()
                 running["train_loss"] += loss.item() * len(labels)
                 running["train_accuracy"] += (logits.argmax(-1) == labels).sum().item()
@@ -198,8 +216,12 @@ def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, pr
             if interrupt.requested:
                 return True
     images = max(running["images"], 1)
-    running.update(train_loss=running["train_loss"] / images, train_accuracy=running["train_accuracy"] / images,
-                   lr=schedule.get_last_lr()[0], images_per_second=running["images"] / max(running["seconds"], 1e-9))
+    running.update(
+        train_loss=running["train_loss"] / images,
+        train_accuracy=running["train_accuracy"] / images,
+        lr=schedule.get_last_lr()[0],
+        images_per_second=running["images"] / max(running["seconds"], 1e-9),
+    )
     return False
 
 
@@ -212,10 +234,12 @@ def _summary(module: nn.Module, progress: dict, device: torch.device) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return {
         "epochs": len(history),
-        "best_val_accuracy": best.get("val_accuracy"), "best_epoch": best.get("epoch"),
+        "best_val_accuracy": best.get("val_accuracy"),
+        "best_epoch": best.get("epoch"),
         "last_val_accuracy": history[-1].get("val_accuracy") if history else None,
         "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "wall_seconds": progress["seconds"],
         "seconds_per_epoch": progress["seconds"] / max(len(history), 1),
-        "peak_memory_bytes": peak, "device": str(device),
+        "peak_memory_bytes": peak,
+        "device": str(device),
     }

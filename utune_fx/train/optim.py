@@ -1,8 +1,8 @@
 """Optimizer and schedule over the trainable parameters only.
 
-    groups:   decay    = weights of tuner/selected layers
-              no_decay = biases, norm weights, prompt/prefix tokens, gates (1-D or token tensors)
-    schedule: linear warm-up to lr over warmup steps, then cosine to 0 (per optimizer step)
+groups:   decay    = weights of tuner/selected layers
+          no_decay = biases, norm weights, prompt/prefix tokens, gates (1-D or token tensors)
+schedule: linear warm-up to lr over warmup steps, then cosine to 0 (per optimizer step)
 """
 
 from __future__ import annotations
@@ -49,4 +49,5 @@ def create_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,8 +1,8 @@
 """Figures people would rather look at than read, written as PNG files (atomically).
 
-    plot_curves:     loss and accuracy per epoch, train and validation
-    plot_confusion:  the confusion matrix of an evaluation
-    plot_accuracy_vs_parameters:  methods as points, accuracy against trainable parameters (log x)
+plot_curves:     loss and accuracy per epoch, train and validation
+plot_confusion:  the confusion matrix of an evaluation
+plot_accuracy_vs_parameters:  methods as points, accuracy against trainable parameters (log x)
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from utune_fx.atomic import replace_file
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -49,8 +51,13 @@ def plot_confusion(report: dict, path: Path) -> None:
     size = max(4.0, 0.45 * len(classes))
     figure, axis = plt.subplots(figsize=(size + 1.5, size))
     image = axis.imshow(report["confusion"], cmap="Blues")
-    axis.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
-             title=f"top-1 {report['top1']:.1%} on {report['images']} images")
+    axis.set(
+        xticks=range(len(classes)),
+        yticks=range(len(classes)),
+        xlabel="predicted",
+        ylabel="true",
+        title=f"top-1 {report['top1']:.1%} on {report['images']} images",
+    )
     axis.set_xticklabels(classes, rotation=90, fontsize=7)
     axis.set_yticklabels(classes, fontsize=7)
     figure.colorbar(image, ax=axis)
@@ -65,12 +72,20 @@ def plot_accuracy_vs_parameters(rows: list[dict], path: Path, title: str) -> Non
     markers = {"U-Tuner": "o", "earlier PETL": "s", "baseline": "^"}
     colours = plt.get_cmap("tab20").colors
     for index, row in enumerate(sorted(rows, key=lambda r: -r["mean"])):
-        axis.errorbar(row["trainable_parameters"], 100 * row["mean"], yerr=100 * row["std"], capsize=3,
-                      fmt=markers.get(row["group"], "D"), color=colours[index % len(colours)], markersize=7,
-                      label=f"{row['method']} ({row['group']})")
+        axis.errorbar(
+            row["trainable_parameters"],
+            100 * row["mean"],
+            yerr=100 * row["std"],
+            capsize=3,
+            fmt=markers.get(row["group"], "D"),
+            color=colours[index % len(colours)],
+            markersize=7,
+            label=f"{row['method']} ({row['group']})",
+        )
     axis.set_xscale("log")
-    axis.set(xlabel="trainable parameters (log scale)", ylabel="top-1 accuracy (%), mean +- std over seeds",
-             title=title)
+    axis.set(
+        xlabel="trainable parameters (log scale)", ylabel="top-1 accuracy (%), mean +- std over seeds", title=title
+    )
     axis.grid(alpha=0.3, which="both")
     axis.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title="best first")
     _save(figure, path)

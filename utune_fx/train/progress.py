@@ -15,12 +15,18 @@ from rich.progress import (
 
 class EpochProgress:
     def __init__(self, epoch: int, epochs: int, images: int):
-        self._progress = Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                                  console=Console(stderr=True), transient=False)
+        self._progress = Progress(
+            TextColumn(f"epoch {epoch}/{epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
         self._task = self._progress.add_task("train", total=images, info="")
 
-    def __enter__(self) -> "EpochProgress":
+    def __enter__(self) -> EpochProgress:
         self._progress.start()
         return self
 
@@ -32,14 +38,24 @@ class EpochProgress:
 
     def update(self, images: int, running: dict) -> None:
         seen = max(running["images"], 1)
-        info = (f"loss {running['train_loss'] / seen:.3f}  acc {running['train_accuracy'] / seen:.1%}  "
-                f"{running['images'] / max(running['seconds'], 1e-9):.0f} img/s")
+        info = (
+            f"loss {running['train_loss'] / seen:.3f}  acc {running['train_accuracy'] / seen:.1%}  "
+            f"{running['images'] / max(running['seconds'], 1e-9):.0f} img/s"
+        )
         self._progress.update(self._task, advance=images, info=info)
 
 
 def count_progress(field: str, enabled: bool = True, transient: bool = False) -> Progress:
     """A bar over a count of items on stderr: description, done/total, ``{task.fields[<field>]}``,
     elapsed and ETA (the benchmark's calls, the zoo's models)."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn(f"{{task.fields[{field}]}}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=transient)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(f"{{task.fields[{field}]}}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=transient,
+    )

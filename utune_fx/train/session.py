@@ -1,8 +1,8 @@
 """What ``cli.py train`` and ``cli.py eval`` do, between parsing and the library.
 
-    train:  artifact dir or (model spec + rules) -> tuned model; --data -> splits checked against
-            the model's outputs; train -> OUT/{tuned/, checkpoint/, metrics.jsonl, summary.json, curves.png}
-    eval:   OUT or artifact dir + --data -> top-1, top-5, per-class accuracy, confusion matrix (JSON + PNG)
+train:  artifact dir or (model spec + rules) -> tuned model; --data -> splits checked against
+        the model's outputs; train -> OUT/{tuned/, checkpoint/, metrics.jsonl, summary.json, curves.png}
+eval:   OUT or artifact dir + --data -> top-1, top-5, per-class accuracy, confusion matrix (JSON + PNG)
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from utune_fx.trace.annotate import set_training
 TUNED = "tuned"
 
 
-def tuned_model(model: str, rules: list[str] | None, input_shapes: list[str] | None, frontend: str,
-                seed: int = 0):
+def tuned_model(model: str, rules: list[str] | None, input_shapes: list[str] | None, frontend: str, seed: int = 0):
     """A RewriteResult from an artifact directory, or from a model spec rewritten with rule files."""
     from utune_fx.match import load_rules
 
@@ -38,8 +37,10 @@ def tuned_model(model: str, rules: list[str] | None, input_shapes: list[str] | N
             raise UtuneError(f"{model} is a tuned artifact and brings its own rules; drop --rules")
         return load_tuned(directory)
     if not rules:
-        raise UtuneError(f"{model} is not a tuned artifact directory; give a model spec with --rules FILE, "
-                         "or the directory cli.py rewrite wrote")
+        raise UtuneError(
+            f"{model} is not a tuned artifact directory; give a model spec with --rules FILE, "
+            "or the directory cli.py rewrite wrote"
+        )
     rule_sets = [load_rules(path) for path in rules]
     return build_tuned(TunedSource(model, input_shapes or [], frontend), rule_sets, seed)
 
@@ -63,13 +64,16 @@ def _outputs(module: fx.GraphModule) -> int | None:
 def load_splits(result, data: str, **selection):
     from utune_fx.data import load_data
 
-    splits = load_data(data, input_size=_input_size(result.module, result.data_config),
-                       data_config=result.data_config, **selection)
+    splits = load_data(
+        data, input_size=_input_size(result.module, result.data_config), data_config=result.data_config, **selection
+    )
     outputs = _outputs(result.module)
     if outputs is not None and outputs != len(splits.classes):
-        raise UtuneError(f"the model has {outputs} outputs but {data} has {len(splits.classes)} classes; add "
-                         f"num_classes: {len(splits.classes)} to the head rule's settings (tuner: head), or "
-                         f"?num_classes={len(splits.classes)} to the model spec")
+        raise UtuneError(
+            f"the model has {outputs} outputs but {data} has {len(splits.classes)} classes; add "
+            f"num_classes: {len(splits.classes)} to the head rule's settings (tuner: head), or "
+            f"?num_classes={len(splits.classes)} to the model spec"
+        )
     return splits
 
 
@@ -100,11 +104,17 @@ def evaluate_classes(module: torch.nn.Module, dataset, classes: list[str], batch
     top5 = seen = 0
     for images, labels in DataLoader(dataset, batch_size=batch_size):
         logits = module(images)
-        confusion += torch.bincount(labels * len(classes) + logits.argmax(-1),
-                                    minlength=len(classes) ** 2).reshape(len(classes), len(classes))
+        confusion += torch.bincount(labels * len(classes) + logits.argmax(-1), minlength=len(classes) ** 2).reshape(
+            len(classes), len(classes)
+        )
         k = min(5, logits.shape[-1])
         top5 += (logits.topk(k, dim=-1).indices == labels[:, None]).any(-1).sum().item()
         seen += len(labels)
     per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
-    return {"images": seen, "top1": confusion.diag().sum().item() / max(seen, 1), "top5": top5 / max(seen, 1),
-            "per_class": dict(zip(classes, per_class)), "confusion": confusion.tolist()}
+    return {
+        "images": seen,
+        "top1": confusion.diag().sum().item() / max(seen, 1),
+        "top5": top5 / max(seen, 1),
+        "per_class": dict(zip(classes, per_class)),
+        "confusion": confusion.tolist(),
+    }

@@ -20,8 +20,9 @@ from __future__ import annotations
 import abc
 import dataclasses
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 POSITIONS = ("parallel", "sequential", "prompt", "prefix", "reparameterised", "none")
 
@@ -90,8 +91,10 @@ def check_dropout(value: float) -> None:
 
 
 def check_positive_int(name: str, value: object) -> None:
-    check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-          f"{name} must be a positive integer, got {value!r}")
+    check(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        f"{name} must be a positive integer, got {value!r}",
+    )
 
 
 @dataclass
@@ -133,6 +136,7 @@ def register_tuner(name: str, *, positions: tuple[str, ...], module: Callable | 
             raise ValueError(f"tuner {name!r}: positions must be from {POSITIONS}")
         TUNERS[name] = TunerEntry(name, config, positions, module)
         return config
+
     return decorate
 
 

@@ -22,7 +22,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "identity": nn
 
 
 class Adapter(nn.Module):
-    def __init__(self, config: "ParallelAdapterConfig | SequentialAdapterConfig", site: Site):
+    def __init__(self, config: ParallelAdapterConfig | SequentialAdapterConfig, site: Site):
         super().__init__()
         hidden = config.hidden
         if site.channels_first:
@@ -64,9 +64,14 @@ class ParallelAdapterConfig(TunerConfig):
 
     def __post_init__(self) -> None:
         check_positive_int("hidden", self.hidden)
-        check(self.activation in ACTIVATIONS, f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
-        check(self.scale == "learned" or isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool),
-              f"scale must be a number or 'learned', got {self.scale!r}")
+        check(
+            self.activation in ACTIVATIONS,
+            f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}",
+        )
+        check(
+            self.scale == "learned" or isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool),
+            f"scale must be a number or 'learned', got {self.scale!r}",
+        )
         check_dropout(self.dropout)
 
     def added_parameters(self, size: RegionSize) -> int:
@@ -84,7 +89,10 @@ class SequentialAdapterConfig(TunerConfig):
 
     def __post_init__(self) -> None:
         check_positive_int("hidden", self.hidden)
-        check(self.activation in ACTIVATIONS, f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        check(
+            self.activation in ACTIVATIONS,
+            f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}",
+        )
         check_dropout(self.dropout)
 
     def added_parameters(self, size: RegionSize) -> int:

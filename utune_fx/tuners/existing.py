@@ -1,7 +1,7 @@
 """Tuners that insert nothing: they make existing parameters trainable.
 
-    bitfit: the biases inside the regions      head: the classifier (optionally re-sized)
-    full:   every parameter inside the regions (the full fine-tuning baseline)
+bitfit: the biases inside the regions      head: the classifier (optionally re-sized)
+full:   every parameter inside the regions (the full fine-tuning baseline)
 """
 
 from __future__ import annotations

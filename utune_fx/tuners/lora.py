@@ -26,7 +26,7 @@ from utune_fx.tuners import RegionSize, Site, TunerConfig, check, check_dropout,
 
 
 class LoraBranch(nn.Module):
-    def __init__(self, config: "LoraConfig", site: Site):
+    def __init__(self, config: LoraConfig, site: Site):
         super().__init__()
         target = site.target
         rank = config.rank
@@ -39,12 +39,31 @@ class LoraBranch(nn.Module):
             fan_in = site.channels_in // groups * math.prod(target.kernel_size)
             rank = group_rank(rank, groups, site.channels_out, fan_in)
             if target.transposed:
-                transposed = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[len(target.kernel_size)]
-                self.lora_A = transposed(site.channels_in, rank * groups, target.kernel_size, target.stride,
-                                         target.padding, target.output_padding, groups, False, target.dilation)
+                transposed = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[
+                    len(target.kernel_size)
+                ]
+                self.lora_A = transposed(
+                    site.channels_in,
+                    rank * groups,
+                    target.kernel_size,
+                    target.stride,
+                    target.padding,
+                    target.output_padding,
+                    groups,
+                    False,
+                    target.dilation,
+                )
             else:
-                self.lora_A = conv(site.channels_in, rank * groups, target.kernel_size, target.stride, target.padding,
-                                   target.dilation, groups=groups, bias=False)
+                self.lora_A = conv(
+                    site.channels_in,
+                    rank * groups,
+                    target.kernel_size,
+                    target.stride,
+                    target.padding,
+                    target.dilation,
+                    groups=groups,
+                    bias=False,
+                )
             self.lora_B = conv(rank * groups, site.channels_out, 1, groups=groups, bias=False)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)

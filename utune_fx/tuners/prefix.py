@@ -40,11 +40,19 @@ class GatedConcatAttention(nn.Module):
             raise ValueError("GatedConcatAttention needs the site's attention form")
         self.form = site.attention
         self.gate = nn.Parameter(torch.zeros(*site.heads, 1, 1))
-        self.scale = site.attention.scale if site.attention.scale is not None else site.channels_in ** -0.5
+        self.scale = site.attention.scale if site.attention.scale is not None else site.channels_in**-0.5
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
-                extra: torch.Tensor | None, prefix_keys: torch.Tensor, prefix_values: torch.Tensor,
-                scale: float | torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        output: torch.Tensor,
+        extra: torch.Tensor | None,
+        prefix_keys: torch.Tensor,
+        prefix_values: torch.Tensor,
+        scale: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``scale``: a factor of the logits the frozen graph computes itself (times the site's)."""
         if prefix_keys.dim() == key.dim() and prefix_keys.shape[0] not in (1, key.shape[0]):
             windows = key.shape[0] // prefix_keys.shape[0]  # [B, ...] prompts for [B * windows, ...] keys
@@ -56,13 +64,16 @@ class GatedConcatAttention(nn.Module):
             mask = self._mask(query, key, extra, prefix_keys.shape[-2])
             joined = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.form.scale)
         else:
-            prefix_logits = (query @ prefix_keys.transpose(-2, -1)) * (self.scale if scale is None else self.scale * scale)
+            prefix_logits = (query @ prefix_keys.transpose(-2, -1)) * (
+                self.scale if scale is None else self.scale * scale
+            )
             logits = torch.cat([extra.expand(*prefix_logits.shape[:-1], extra.shape[-1]), prefix_logits], dim=-1)
             joined = torch.softmax(logits, dim=-1).to(values.dtype) @ values
         return self.gate.to(output.dtype) * (joined - output)
 
-    def _mask(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-              length: int) -> torch.Tensor | None:
+    def _mask(
+        self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, length: int
+    ) -> torch.Tensor | None:
         """The frozen call's mask (or causality) over the real keys; the prefix is open to every query."""
         if self.form.causal:
             mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
@@ -77,15 +88,15 @@ class _PrefixTokens(nn.Module):
     """K_p, V_p of shape [*heads, length, d]: free tensors, or made by a small MLP (Li & Liang's
     reparameterisation, which becomes constant tensors once trained)."""
 
-    def __init__(self, config: "PrefixConfig", site: Site, zero_values: bool):
+    def __init__(self, config: PrefixConfig, site: Site, zero_values: bool):
         super().__init__()
         heads, length = site.heads, config.length
         self.key_shape = (*heads, length, site.channels_in)
         self.value_shape = (*heads, length, site.channels_out)
-        scale = site.channels_in ** -0.5
+        scale = site.channels_in**-0.5
         if config.reparam_hidden:
             width = math.prod(heads) * site.channels_in
-            self.embedding = nn.Parameter(torch.randn(length, width) * width ** -0.5)
+            self.embedding = nn.Parameter(torch.randn(length, width) * width**-0.5)
             out = nn.Linear(config.reparam_hidden, math.prod(heads) * (site.channels_in + site.channels_out))
             nn.init.zeros_(out.weight)
             nn.init.zeros_(out.bias)
@@ -112,11 +123,13 @@ class _PrefixTokens(nn.Module):
             return self.keys, self.values
         heads, length = self.key_shape[:-2], self.key_shape[-2]
         keys, values = self.reparam(self.embedding).split(
-            [math.prod(heads) * self.key_shape[-1], math.prod(heads) * self.value_shape[-1]], dim=-1)
+            [math.prod(heads) * self.key_shape[-1], math.prod(heads) * self.value_shape[-1]], dim=-1
+        )
         keys = keys + self.embedding  # the embedding itself is the key at init; values start at zero
 
         def to_heads(t: torch.Tensor, width: int) -> torch.Tensor:
             return t.reshape(length, *heads, width).movedim(0, -2)
+
         return to_heads(keys, self.key_shape[-1]), to_heads(values, self.value_shape[-1])
 
 
@@ -124,10 +137,10 @@ class ParallelPrefix(_PrefixTokens):
     """softmax(Q K_p^T / sqrt(d)) V_p for queries [B, *heads, N, d]; site.channels_in is the
     query head width d, site.channels_out the value head width."""
 
-    def __init__(self, config: "PrefixConfig", site: Site):
+    def __init__(self, config: PrefixConfig, site: Site):
         super().__init__(config, site, zero_values=True)
         form = site.attention
-        self.scale = form.scale if form is not None and form.scale is not None else site.channels_in ** -0.5
+        self.scale = form.scale if form is not None and form.scale is not None else site.channels_in**-0.5
 
     def forward(self, query: torch.Tensor, scale: float | torch.Tensor | None = None) -> torch.Tensor:
         """``query`` as the attention's QK^T reads it; ``scale``: a factor the graph computes."""
@@ -139,7 +152,7 @@ class ParallelPrefix(_PrefixTokens):
 class ConcatPrefix(_PrefixTokens):
     """The gated concatenated prefix: reads Q, K, V, the attention's output and its mask/logits."""
 
-    def __init__(self, config: "PrefixConfig", site: Site):
+    def __init__(self, config: PrefixConfig, site: Site):
         super().__init__(config, site, zero_values=False)
         self.attend = GatedConcatAttention(site)
 
@@ -147,7 +160,7 @@ class ConcatPrefix(_PrefixTokens):
         return self.attend(query, key, value, output, extra, *self.keys_values(), scale)
 
 
-def build_prefix(config: "PrefixConfig", site: Site) -> nn.Module:
+def build_prefix(config: PrefixConfig, site: Site) -> nn.Module:
     return (ParallelPrefix if config.parallel else ConcatPrefix)(config, site)
 
 
@@ -158,14 +171,21 @@ class PrefixConfig(TunerConfig):
 
     length: int = field(default=10, metadata={"help": "number of prefix tokens"})
     reparam_hidden: int = field(default=0, metadata={"help": "hidden width of a reparameterisation MLP, 0 for none"})
-    parallel: bool = field(default=True, metadata={"help": "Res-Tuning's parallel form Attn(Q,K,V) + Attn(Q,K_p,V_p) "
-                                                              "(true), or keys and values concatenated behind a "
-                                                              "zero-initialised gate (false)"})
+    parallel: bool = field(
+        default=True,
+        metadata={
+            "help": "Res-Tuning's parallel form Attn(Q,K,V) + Attn(Q,K_p,V_p) "
+            "(true), or keys and values concatenated behind a "
+            "zero-initialised gate (false)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_positive_int("length", self.length)
-        check(isinstance(self.reparam_hidden, int) and self.reparam_hidden >= 0,
-              f"reparam_hidden must be 0 or a positive integer, got {self.reparam_hidden!r}")
+        check(
+            isinstance(self.reparam_hidden, int) and self.reparam_hidden >= 0,
+            f"reparam_hidden must be 0 or a positive integer, got {self.reparam_hidden!r}",
+        )
         check(isinstance(self.parallel, bool), f"parallel must be true or false, got {self.parallel!r}")
 
     def added_parameters(self, size: RegionSize) -> int:

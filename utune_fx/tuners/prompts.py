@@ -28,7 +28,7 @@ from utune_fx.tuners import RegionSize, Site, TunerConfig, check, check_positive
 class PromptTokens(nn.Module):
     """P: [length, channels] tokens, initialised uniformly like VPT (Xavier over the token width)."""
 
-    def __init__(self, config: "PromptConfig", site: Site):
+    def __init__(self, config: PromptConfig, site: Site):
         super().__init__()
         bound = (3.0 / site.channels_in) ** 0.5
         self.tokens = nn.Parameter(torch.empty(config.length, site.channels_in).uniform_(-bound, bound))
@@ -47,8 +47,12 @@ class PromptConfig(TunerConfig):
     """VPT: learnable tokens joined to the token sequence once (shallow) or before every selected block (deep)."""
 
     length: int = field(default=10, metadata={"help": "number of prompt tokens"})
-    deep: bool = field(default=False, metadata={"help": "new tokens before every selected block (VPT-deep); "
-                                                        "false: once, before the first selected block"})
+    deep: bool = field(
+        default=False,
+        metadata={
+            "help": "new tokens before every selected block (VPT-deep); false: once, before the first selected block"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_positive_int("length", self.length)

@@ -17,7 +17,7 @@ from utune_fx.tuners import RegionSize, Site, TunerConfig, check, register_tuner
 
 
 class ScaleShift(nn.Module):
-    def __init__(self, config: "ScaleShiftConfig", site: Site):
+    def __init__(self, config: ScaleShiftConfig, site: Site):
         super().__init__()
         self.scale = nn.Parameter(torch.zeros(site.channels_out))
         self.shift = nn.Parameter(torch.zeros(site.channels_out)) if config.shift else None

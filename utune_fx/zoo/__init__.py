@@ -30,8 +30,10 @@ def select_models(which: str) -> list[str]:
     names = [name.strip() for name in which.split(",") if name.strip()]
     unknown = [name for name in names if name not in timm.list_models()]
     if unknown or not names:
-        raise UtuneError(f"--models {which!r}: {unknown[0] if unknown else 'nothing'} is not a timm model; "
-                         "give 'ci', 'all' or timm names separated by commas")
+        raise UtuneError(
+            f"--models {which!r}: {unknown[0] if unknown else 'nothing'} is not a timm model; "
+            "give 'ci', 'all' or timm names separated by commas"
+        )
     return names
 
 
@@ -46,10 +48,12 @@ def run_zoo(which: str, out: Path, jobs: int, timeout: float, memory_gb: float, 
     records = sweep(names, out / "results.jsonl", jobs=jobs, timeout=timeout, memory_gb=memory_gb)
     report = coverage_report(records)
     write_text(out / "report.json", json.dumps(report, indent=1))
-    preamble = (f"`python cli.py zoo --models {which}` on {date.today().isoformat()}: {len(names)} models, "
-                f"torch {torch.__version__}, timm {timm.__version__}, {jobs} at a time, {timeout:.0f} s and "
-                f"{memory_gb:g} GB each. Every model: timm, pretrained=False, its smallest input size; rule files "
-                "rules/dual_utuner.yaml and rules/lora.yaml, unchanged.")
+    preamble = (
+        f"`python cli.py zoo --models {which}` on {date.today().isoformat()}: {len(names)} models, "
+        f"torch {torch.__version__}, timm {timm.__version__}, {jobs} at a time, {timeout:.0f} s and "
+        f"{memory_gb:g} GB each. Every model: timm, pretrained=False, its smallest input size; rule files "
+        "rules/dual_utuner.yaml and rules/lora.yaml, unchanged."
+    )
     text = render_markdown(report, "Coverage: the whole chain on timm architectures", preamble)
     write_text(markdown or out / "coverage.md", text)
     return report

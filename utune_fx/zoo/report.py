@@ -39,11 +39,15 @@ def coverage_report(records: dict[str, dict]) -> dict:
         if r.get("error"):
             examples.setdefault(_cause(r), []).append(r["model"])
     found = [(r["model"], r.get("found", {})) for r in rows]
-    return {"pass_rates": rates, "models": len(rows), "meta": sorted(r["model"] for r in rows if r.get("meta")),
-            "attention": sorted(name for name, f in found if f.get("mha") and f.get("ffn")),
-            "attention_without_ffn": sorted(name for name, f in found if f.get("mha") and not f.get("ffn")),
-            "causes": [{"cause": cause, "count": n, "models": examples[cause]} for cause, n in causes.most_common()],
-            "rows": rows}
+    return {
+        "pass_rates": rates,
+        "models": len(rows),
+        "meta": sorted(r["model"] for r in rows if r.get("meta")),
+        "attention": sorted(name for name, f in found if f.get("mha") and f.get("ffn")),
+        "attention_without_ffn": sorted(name for name, f in found if f.get("mha") and not f.get("ffn")),
+        "causes": [{"cause": cause, "count": n, "models": examples[cause]} for cause, n in causes.most_common()],
+        "rows": rows,
+    }
 
 
 def _row(record: dict) -> str:
@@ -65,26 +69,49 @@ def _row(record: dict) -> str:
 
 
 def render_markdown(report: dict, title: str, preamble: str) -> str:
-    lines = [f"# {title}", "", preamble, "", "## Pass rate per stage", "", "| stage | passed | of | rate |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        f"# {title}",
+        "",
+        preamble,
+        "",
+        "## Pass rate per stage",
+        "",
+        "| stage | passed | of | rate |",
+        "|---|---:|---:|---:|",
+    ]
     for stage, (passed, total) in report["pass_rates"].items():
         lines.append(f"| {stage} | {passed} | {total} | {100 * passed / max(total, 1):.1f}% |")
     meta = report["meta"]
-    lines += ["", f"Built on the meta device (above 300M parameters; trace, match and rewrite only): "
-              f"{', '.join(meta) if meta else 'none'}.", "", "## Failures by cause", ""]
+    lines += [
+        "",
+        f"Built on the meta device (above 300M parameters; trace, match and rewrite only): "
+        f"{', '.join(meta) if meta else 'none'}.",
+        "",
+        "## Failures by cause",
+        "",
+    ]
     if not report["causes"]:
         lines.append("None.")
     for cause in report["causes"]:
         models = ", ".join(cause["models"][:6]) + (", ..." if len(cause["models"]) > 6 else "")
         lines.append(f"- **{cause['count']}** {cause['cause']} ({models})")
     with_ffn, without = report.get("attention", []), report.get("attention_without_ffn", [])
-    lines += ["", "## What the dual U-Tuner finds", "",
-              f"Attention and FFN: {len(with_ffn)} models. Attention, no FFN found ({len(without)}; "
-              "bottleneck attention has none, the others are listed under what is left): "
-              f"{', '.join(without) if without else 'none'}. The others have no attention: "
-              "LoRA tunes their block layers, or every layer where they have no residual blocks."]
-    lines += ["", "## Models", "",
-              "| model | params (M) | device | mha/ffn/lora found | last stage | folded/kept | ORT max abs error "
-              "| s | error |", "|---|---:|---|---|---|---|---:|---:|---|"]
+    lines += [
+        "",
+        "## What the dual U-Tuner finds",
+        "",
+        f"Attention and FFN: {len(with_ffn)} models. Attention, no FFN found ({len(without)}; "
+        "bottleneck attention has none, the others are listed under what is left): "
+        f"{', '.join(without) if without else 'none'}. The others have no attention: "
+        "LoRA tunes their block layers, or every layer where they have no residual blocks.",
+    ]
+    lines += [
+        "",
+        "## Models",
+        "",
+        "| model | params (M) | device | mha/ffn/lora found | last stage | folded/kept | ORT max abs error "
+        "| s | error |",
+        "|---|---:|---|---|---|---|---:|---:|---|",
+    ]
     lines += [_row(record) for record in sorted(report["rows"], key=lambda r: r["model"])]
     return "\n".join(lines) + "\n"

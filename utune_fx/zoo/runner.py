@@ -41,20 +41,32 @@ def _limits(memory_gb: float) -> Callable[[], None]:
     def apply() -> None:
         limit = int(memory_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
     return apply
 
 
 def _failed(name: str, kind: str, message: str) -> dict:
-    return {"model": name, "stages": {}, "last_stage": None, "found": {},
-            "error": {"stage": "build", "class": kind, "message": message[:300]}}
+    return {
+        "model": name,
+        "stages": {},
+        "last_stage": None,
+        "found": {},
+        "error": {"stage": "build", "class": kind, "message": message[:300]},
+    }
 
 
 def run_one(name: str, timeout: float, memory_gb: float) -> dict:
     start = time.perf_counter()
     environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     try:
-        done = subprocess.run([sys.executable, "-m", "utune_fx.zoo.stages", name], capture_output=True, text=True,
-                              timeout=timeout, preexec_fn=_limits(memory_gb), env=environment)
+        done = subprocess.run(
+            [sys.executable, "-m", "utune_fx.zoo.stages", name],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            preexec_fn=_limits(memory_gb),
+            env=environment,
+        )
     except subprocess.TimeoutExpired:
         return _failed(name, "Timeout", f"did not finish within {timeout:.0f} s") | {"seconds": timeout}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -67,14 +79,18 @@ def run_one(name: str, timeout: float, memory_gb: float) -> dict:
     return record | {"seconds": round(time.perf_counter() - start, 1)}
 
 
-def sweep(names: list[str], results: Path, jobs: int = 2, timeout: float = 600, memory_gb: float = 10,
-          progress: bool = True) -> dict[str, dict]:
+def sweep(
+    names: list[str], results: Path, jobs: int = 2, timeout: float = 600, memory_gb: float = 10, progress: bool = True
+) -> dict[str, dict]:
     """Run what is not yet in ``results``; returns every record (old and new) by model."""
     results.parent.mkdir(parents=True, exist_ok=True)
     records = done_models(results)
     todo = [name for name in names if name not in records]
-    with count_progress("last", progress) as bar, \
-            ThreadPoolExecutor(max_workers=jobs) as pool, results.open("a") as sink:
+    with (
+        count_progress("last", progress) as bar,
+        ThreadPoolExecutor(max_workers=jobs) as pool,
+        results.open("a") as sink,
+    ):
         if results.stat().st_size and not results.read_bytes().endswith(b"\n"):
             sink.write("\n")  # end a line a killed sweep tore, so the next record stands alone
         task = bar.add_task("zoo", total=len(todo), last="")

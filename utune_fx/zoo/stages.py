@@ -124,8 +124,9 @@ def _float64_dtype(argument):
     return torch.float64 if isinstance(argument, torch.dtype) and argument == torch.float32 else argument
 
 
-def _float32_errors(tuned: torch.nn.Module, folded: torch.nn.Module,
-                    inputs: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+def _float32_errors(
+    tuned: torch.nn.Module, folded: torch.nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> tuple[float, float]:
     """(unfolded float32 vs float64, folded float32 vs float64), relative: rounding or a real error."""
     exact = _float64_outputs(tuned, inputs)
     with torch.no_grad():
@@ -165,8 +166,10 @@ def _train_step(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> di
     set_training(module, True)
     try:
         # scale-free: random-weight networks give outputs in the thousands
-        loss = sum(out.float().square().mean() / out.detach().float().square().mean().clamp_min(1e-12)
-                   for out in floating_outputs(module(*inputs)))
+        loss = sum(
+            out.float().square().mean() / out.detach().float().square().mean().clamp_min(1e-12)
+            for out in floating_outputs(module(*inputs))
+        )
         loss.backward()
     finally:
         set_training(module, False)
@@ -195,8 +198,15 @@ def run_chain(name: str) -> dict:
     return _run_stages(record, build, f"timm:{name}", "auto", RULE_FILES, {})
 
 
-def run_module_chain(model: torch.nn.Module, example_inputs, name: str, *, frontend: str = "auto",
-                     rule_files: tuple[str, ...] = RULE_FILES, state: dict | None = None) -> dict:
+def run_module_chain(
+    model: torch.nn.Module,
+    example_inputs,
+    name: str,
+    *,
+    frontend: str = "auto",
+    rule_files: tuple[str, ...] = RULE_FILES,
+    state: dict | None = None,
+) -> dict:
     """``model`` on ``example_inputs`` (a tensor or a tuple: token ids, a decoder's memory, ...) through
     the chain; the same record as ``run_chain``, its build stage only records the input shapes.
     ``rule_files``: names in rules/, applied in order. ``state``, when given, receives the chain's
@@ -216,8 +226,7 @@ def run_module_chain(model: torch.nn.Module, example_inputs, name: str, *, front
     return _run_stages(record, build, name, frontend, rule_files, {} if state is None else state)
 
 
-def _run_stages(record: dict, build_model, spec: str, frontend: str, rule_files: tuple[str, ...],
-                state: dict) -> dict:
+def _run_stages(record: dict, build_model, spec: str, frontend: str, rule_files: tuple[str, ...], state: dict) -> dict:
     from utune_fx.export import export_onnx, verify_onnx
     from utune_fx.fold import fold, folded_difference
     from utune_fx.match import load_rules, match_rules
@@ -229,8 +238,12 @@ def _run_stages(record: dict, build_model, spec: str, frontend: str, rule_files:
         try:
             work()
         except Exception as error:  # recorded, the sweep goes on
-            record["error"] = {"stage": label, "class": type(error).__name__,
-                               "message": (str(error).strip().splitlines() or [""])[0][:300], "where": traceback.format_exc(limit=-2)[-600:]}
+            record["error"] = {
+                "stage": label,
+                "class": type(error).__name__,
+                "message": (str(error).strip().splitlines() or [""])[0][:300],
+                "where": traceback.format_exc(limit=-2)[-600:],
+            }
             return False
         record["stages"][label] = round(time.perf_counter() - start, 3)
         record["last_stage"] = label
@@ -286,13 +299,16 @@ def _run_stages(record: dict, build_model, spec: str, frontend: str, rule_files:
         noise, error = _float32_errors(result.module, state["folded"].module, state["inputs"])
         record["fold_float32_noise"] = noise
         if not error <= 4 * noise:
-            raise StageFailed(f"folded and unfolded outputs differ by {difference:.1e} (relative), "
-                              f"{error:.1e} from float64 against float32's own {noise:.1e}")
+            raise StageFailed(
+                f"folded and unfolded outputs differ by {difference:.1e} (relative), "
+                f"{error:.1e} from float64 against float32's own {noise:.1e}"
+            )
 
     def exported():
         state["scratch"] = tempfile.mkdtemp(prefix="utune_zoo_")
-        exported = export_onnx(state["folded"].module, state["inputs"], Path(state["scratch"]) / "model.onnx",
-                               verify=False)
+        exported = export_onnx(
+            state["folded"].module, state["inputs"], Path(state["scratch"]) / "model.onnx", verify=False
+        )
         record["exporter"] = exported.exporter
         state["onnx"] = exported.path
 
@@ -315,6 +331,7 @@ def _run_stages(record: dict, build_model, spec: str, frontend: str, rule_files:
             break
     if "scratch" in state:
         import shutil
+
         shutil.rmtree(state["scratch"], ignore_errors=True)
     return record
 
