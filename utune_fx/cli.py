@@ -274,9 +274,19 @@ def _zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _program_name() -> str:
+    """How the user called us, for usage lines: the console script or ``python cli.py``."""
+    return "utune-fx" if os.path.basename(sys.argv[0]).startswith("utune-fx") else "cli.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cli.py", description="utune_fx: U-Tuning on torch.fx graphs")
+    import utune_fx
+    from utune_fx.rulefiles import shipped_rule_names
+
+    parser = argparse.ArgumentParser(prog=_program_name(), description="utune_fx: U-Tuning on torch.fx graphs")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"utune_fx {utune_fx.__version__}")
+    rules_help = f"rule file (YAML path), or a shipped one by name: {', '.join(shipped_rule_names())}"
     commands = parser.add_subparsers(dest="command", required=True)
 
     inspect = commands.add_parser("inspect", help="show what utune_fx sees in a model")
@@ -285,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     match = commands.add_parser("match", help="dry run: which regions each rule of a rule file selects")
     _add_model_arguments(match, None)
-    match.add_argument("--rules", required=True, metavar="FILE", help="rule file (YAML), e.g. rules/dual_utuner.yaml")
+    match.add_argument("--rules", required=True, metavar="FILE", help=rules_help)
     match.add_argument(
         "--explain",
         action="store_true",
@@ -301,14 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         action="append",
         metavar="FILE",
-        help="rule file (YAML); repeat to apply several, in order",
+        help=f"{rules_help}; repeat to apply several, in order",
     )
     rewrite.add_argument("-o", "--output", required=True, metavar="DIR", help="directory for the tuned artifact")
     rewrite.set_defaults(run=_rewrite)
 
     train = commands.add_parser("train", help="train a tuned model (an artifact, or a model spec with --rules)")
     _add_model_arguments(train, None)
-    train.add_argument("--rules", action="append", metavar="FILE", help="rule file(s) when MODEL is a model spec")
+    train.add_argument("--rules", action="append", metavar="FILE", help=f"when MODEL is a model spec: {rules_help}")
     train.add_argument("-o", "--output", required=True, metavar="OUT", help="run directory")
     _add_data_arguments(train)
     _add_training_arguments(train)

@@ -296,7 +296,11 @@ def _rule(value: Located, loader: _Loader, names: set[str]) -> Rule:
 
 
 def load_rules(path: str | Path) -> RuleSet:
-    """Load and check a rule file (and what it imports, and the prelude)."""
+    """Load and check a rule file (and what it imports, and the prelude). ``path`` may also name
+    a shipped rule file (``lora``); the RuleSet then records that file's full path."""
+    from utune_fx.rulefiles import rule_file_path
+
+    path = rule_file_path(path)  # `lora` -> the shipped lora.yaml; a path that exists wins
     loader = _Loader()
     loader.load_file(PRELUDE)
     loader.compiled.update(load_prelude())  # shared, so contexts cache the prelude's regions once
