@@ -26,7 +26,10 @@ demo: $(STAMP)
 	$(BIN)/python cli.py fold runs/demo -o runs/demo-folded
 	$(BIN)/python cli.py export runs/demo-folded -o runs/demo-folded/model.onnx
 
+# Lint and format drift fail the run before the tests start (settings: [tool.ruff] in pyproject.toml).
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
