@@ -18,6 +18,11 @@ let networkx's DiGraphMatcher enumerate subgraph monomorphisms of the pattern
 into the window with the predicates as node matches. Windows are local, so
 the cost grows linearly with the model. Matches sharing the anchor merge
 into one region (BERT's separate q, k, v projections).
+
+The search around one anchor may try at most GRAPH_SEARCH_STEPS candidate
+pairs (limits.py): nine unconstrained nodes joined by '->*' would otherwise
+enumerate billions of chains. Past the budget, matching stops with a
+located RuleError naming the pattern and the budget.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import re
 from dataclasses import dataclass, field
 
 import networkx as nx
-from networkx.algorithms.isomorphism import DiGraphMatcher
 from torch import fx
 
+from utune_fx.match import limits
+from utune_fx.match.graph_search import BudgetedMatcher, OverBudget, Window
 from utune_fx.match.patterns import MatchContext, Pattern, best_near_miss, region_of
 from utune_fx.match.predicates import (
     NodeContext,
@@ -38,7 +44,7 @@ from utune_fx.match.predicates import (
     tensor_inputs,
     tensor_users,
 )
-from utune_fx.match.source import Located
+from utune_fx.match.source import Located, RuleError
 from utune_fx.match.structure import Region, common_scope
 from utune_fx.trace import OP_KINDS, node_info
 
@@ -118,7 +124,7 @@ class GraphPattern(Pattern):
 
     # -- matching ------------------------------------------------------------------
     def _matches(self, anchor: fx.Node, ctx: MatchContext):
-        window = _Window(self._window(anchor, ctx), self.through, ctx.node_ctx)
+        window = Window(self._window(anchor, ctx), self.through, ctx.node_ctx)
         allowed = {
             name: {n for n in window.nodes if self.predicates[name](n, ctx.node_ctx) is None} for name in self.positive
         }
@@ -135,11 +141,14 @@ class GraphPattern(Pattern):
         for edge in self.edges:
             for source in allowed[edge.source]:
                 reached = window.reach(source) if edge.chain else set(tensor_users(source))
-                for target in allowed[edge.target] & reached:
+                targets = allowed[edge.target] & reached
+                window.spend(1 + len(targets))
+                for target in targets:
                     graph.add_edge(source, target, direct=target in source.users, chain=target in window.reach(source))
-        matcher = DiGraphMatcher(
+        matcher = BudgetedMatcher(
             graph,
             self._pattern_graph(),
+            window,
             node_match=lambda g, p: p["role"] in g.get("roles", ()),
             edge_match=lambda g, p: g["chain"] if p["chain"] else g["direct"],
         )
@@ -163,8 +172,9 @@ class GraphPattern(Pattern):
             frontier.extend(data_inputs(node))
         return True
 
-    def _admissible(self, captures: dict[str, fx.Node], window: _Window, ctx: MatchContext) -> bool:
+    def _admissible(self, captures: dict[str, fx.Node], window: Window, ctx: MatchContext) -> bool:
         for source, sink in self.all_paths:
+            window.spend(_WINDOW_LIMIT)  # what the walk may visit
             if not self._every_path_from(source, captures[sink], ctx):
                 return False
         for (a, a_side), (b, b_side) in self.same_channels:
@@ -173,6 +183,7 @@ class GraphPattern(Pattern):
         for edge in self.absent:
             source = captures[edge.source]
             reached = window.reach(source) if edge.chain else set(tensor_users(source))
+            window.spend(1 + len(reached))
             targets = (
                 [captures[edge.target]]
                 if edge.target in captures
@@ -190,12 +201,17 @@ class GraphPattern(Pattern):
                 continue
             merged: dict[str, list[fx.Node]] = {}
             nodes: set[fx.Node] = set()
-            for captures, window in self._matches(anchor, ctx):
-                for name, node in captures.items():
-                    merged.setdefault(name, [])
-                    if node not in merged[name]:
-                        merged[name].append(node)
-                nodes |= set(captures.values()) | self._between(captures, window)
+            try:
+                for captures, window in self._matches(anchor, ctx):
+                    for name, node in captures.items():
+                        merged.setdefault(name, [])
+                        if node not in merged[name]:
+                            merged[name].append(node)
+                    nodes |= set(captures.values()) | self._between(captures, window)
+            except OverBudget as over:
+                where = f"around node {anchor.name} ({node_info(anchor).scope or 'the model'})"
+                what = f"the graph search {where} took more than {over.budget:,} steps"
+                raise RuleError(f"{self.origin or self.name}: {what}; {limits.GRAPH_SEARCH_STEPS.advice()}") from None
             if merged:
                 sources = [n for name in merged if not any(e.target == name for e in self.edges) for n in merged[name]]
                 inputs = [i for s in sources for i in data_inputs(s) if i not in nodes]
@@ -216,12 +232,13 @@ class GraphPattern(Pattern):
                 regions.append(region)
         return regions
 
-    def _between(self, captures: dict[str, fx.Node], window: _Window) -> set[fx.Node]:
+    def _between(self, captures: dict[str, fx.Node], window: Window) -> set[fx.Node]:
         """Nodes on the chains between captured nodes."""
         inner = set()
         for edge in self.edges:
             if edge.chain:
                 source, target = captures[edge.source], captures[edge.target]
+                window.spend(1 + len(window.reach(source)))
                 inner |= {n for n in window.reach(source) if target in window.reach(n)}
         return inner
 
@@ -245,31 +262,6 @@ class GraphPattern(Pattern):
             f"assignment satisfies the edges {[f'{e.source}->{e.target}' for e in self.edges]}"
             + (", absent edges or channel conditions" if self.absent or self.same_channels else "")
         )
-
-
-class _Window:
-    """Nodes around one anchor, with memoised '->*' reachability inside them."""
-
-    def __init__(self, nodes: list[fx.Node], through: Through | None, ctx: NodeContext):
-        self.nodes = nodes
-        self.inside = set(nodes)
-        self.through = through
-        self.ctx = ctx
-        self._reach: dict[fx.Node, set[fx.Node]] = {}
-
-    def reach(self, start: fx.Node) -> set[fx.Node]:
-        """Nodes ``start`` reaches by data edges whose inner nodes are 'through' ops."""
-        if start not in self._reach:
-            found, frontier = set(), [u for u in tensor_users(start) if u in self.inside]
-            while frontier:
-                node = frontier.pop()
-                if node in found:
-                    continue
-                found.add(node)
-                if self.through is None or self.through.passes(node, self.ctx):
-                    frontier.extend(u for u in tensor_users(node) if u in self.inside)
-            self._reach[start] = found
-        return self._reach[start]
 
 
 def _channels(node: fx.Node, side: str) -> int | None:
@@ -309,6 +301,9 @@ def compile_graph(body: Located, name: str, within: Pattern | None, outside: Pat
     predicates = {key: compile_predicate(value) for key, value in fields["nodes"].mapping().items()}
     if not predicates:
         raise fields["nodes"].fail("a graph pattern needs at least one node")
+    if len(predicates) > limits.GRAPH_PATTERN_NODES.value():
+        what = f"{len(predicates)} nodes, more than {limits.GRAPH_PATTERN_NODES.value()}"
+        raise fields["nodes"].fail(f"{what}; {limits.GRAPH_PATTERN_NODES.advice()}")
     edges = [_parse_edge(item, predicates) for item in fields["edges"].items()]
     absent = [_parse_edge(item, predicates) for item in fields["absent"].items()] if "absent" in fields else []
     through = None

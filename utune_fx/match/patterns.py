@@ -23,7 +23,9 @@ from dataclasses import dataclass, field, replace
 
 from torch import fx
 
-from utune_fx.match.predicates import NodeContext, Predicate, compile_predicate, data_inputs, scope_regex
+from utune_fx.match import limits
+from utune_fx.match.globs import ScopeGlob
+from utune_fx.match.predicates import NodeContext, Predicate, compile_predicate, data_inputs
 from utune_fx.match.source import Located
 from utune_fx.match.structure import Region, common_scope, find_residuals, group_blocks
 from utune_fx.trace import node_info
@@ -135,6 +137,7 @@ class Pattern(abc.ABC):
     name: str
     within: Pattern | None = field(default=None, kw_only=True)
     outside: Pattern | None = field(default=None, kw_only=True)
+    origin: str = field(default="", kw_only=True)  # 'file:line:col: key' of its definition, for messages
 
     def find(self, ctx: MatchContext) -> list[Region]:
         regions = self.find_all(ctx)
@@ -199,13 +202,13 @@ class ScopePattern(Pattern):
     glob: str
 
     def find_all(self, ctx: MatchContext) -> list[Region]:
-        regex = scope_regex(self.glob)
-        root = "" if regex.fullmatch("") else None  # '**' also takes what the model itself computes
+        glob = ScopeGlob(self.glob)
+        root = "" if glob.fullmatch("") else None  # '**' also takes what the model itself computes
         groups: dict[str, set[fx.Node]] = {}
         for node in ctx.nodes:
             if node.op in ("placeholder", "output", "get_attr"):
                 continue
-            path = next((p for p, _ in node_info(node).scope_stack if regex.fullmatch(p)), root)
+            path = next((p for p, _ in node_info(node).scope_stack if glob.fullmatch(p)), root)
             if path is not None:
                 groups.setdefault(path, set()).add(node)
         regions = []
@@ -297,7 +300,13 @@ Resolve = Callable[[Located], Pattern]
 
 def compile_pattern(value: Located, name: str, resolve: Resolve) -> Pattern:
     """One pattern definition (a mapping with exactly one form key)."""
-    from utune_fx.match.graph_pattern import compile_graph
+    pattern = _compile_form(value, name, resolve)
+    pattern.origin = f"{value.where}: {value.key or name}"
+    return pattern
+
+
+def _compile_form(value: Located, name: str, resolve: Resolve) -> Pattern:
+    from utune_fx.match.graph_pattern import compile_graph  # here: graph_pattern imports this module
 
     entries = value.check_keys(FORMS + MODIFIERS)
     forms = [key for key in FORMS if key in entries]
@@ -311,7 +320,10 @@ def compile_pattern(value: Located, name: str, resolve: Resolve) -> Pattern:
     if form == "graph":
         return compile_graph(body, name, within, outside)
     if form == "scope":
-        return ScopePattern(name, body.text(), within=within, outside=outside)
+        glob = body.text()
+        if len(glob) > limits.RULE_NAME_LENGTH.value():
+            raise body.fail(f"a scope glob of {len(glob):,} characters; {limits.RULE_NAME_LENGTH.advice()}")
+        return ScopePattern(name, glob, within=within, outside=outside)
     if form in ("residual", "block"):
         fields = body.check_keys(("contains",))
         inner = [resolve(item) for item in fields["contains"].items()] if "contains" in fields else []

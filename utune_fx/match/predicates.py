@@ -12,13 +12,14 @@ when the rule file loads; unknown keys and op kinds are located errors.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import fx, nn
 
+from utune_fx.match import limits
+from utune_fx.match.globs import ClassGlob, ScopeGlob
 from utune_fx.match.source import Located
 from utune_fx.trace import OP_KINDS, node_info
 
@@ -34,25 +35,19 @@ class NodeContext:
     feeds_output: set[fx.Node]  # nodes whose value reaches the graph output through unweighted ops only
 
 
-def scope_regex(glob: str) -> re.Pattern[str]:
-    """Module-path globs: '*' is one path segment (or part of one), '**' any
-    number of segments: 'blocks.*.attn', 'layers.**.mlp', '**.qkv'."""
-    if glob == "**":
-        return re.compile(r".*")
-    regex = ""
-    for i, segment in enumerate(glob.split(".")):
-        if segment == "**":
-            regex += r"(?:[^.]+\.)*" if i == 0 else r"(?:\.[^.]+)*"
-            continue
-        if regex and not regex.endswith(r"\.)*"):
-            regex += r"\."
-        regex += "".join("[^.]*" if ch == "*" else "[^.]" if ch == "?" else re.escape(ch) for ch in segment)
-    return re.compile(regex)
-
-
 def _strings(value: Located, what: str) -> list[str]:
     items = value.items() if isinstance(value.value, list) else [value]
     return [item.text() for item in items]
+
+
+def _globs(value: Located, what: str) -> list[str]:
+    """Globs, each within the name-length limit (matching costs up to glob x name length)."""
+    globs = _strings(value, what)
+    longest = max(globs, key=len, default="")
+    if len(longest) > limits.RULE_NAME_LENGTH.value():
+        what = f"a {what} glob of {len(longest):,} characters"
+        raise value.fail(f"{what}; {limits.RULE_NAME_LENGTH.advice()}")
+    return globs
 
 
 def _one_of(value: Located, allowed: tuple[str, ...], what: str) -> list[str]:
@@ -152,25 +147,27 @@ def _compile_key(key: str, value: Located) -> Check:
             None if node_info(n).op_name in names else f"op is {node_info(n).op_name}, not {'|'.join(sorted(names))}"
         )
     if key == "class":
-        globs = [re.compile(re.escape(g).replace(r"\*", ".*") + "$") for g in _strings(value, "class")]
+        globs = [ClassGlob(g) for g in _globs(value, "class")]
 
         def check_class(n: fx.Node, c: NodeContext) -> str | None:
             short, qualified = _class_names(n, c)
             return (
-                None if any(g.match(short) or g.match(qualified) for g in globs) else f"class is {short or '(model)'}"
+                None
+                if any(g.fullmatch(short) or g.fullmatch(qualified) for g in globs)
+                else f"class is {short or '(model)'}"
             )
 
         return check_class
     if key in ("scope", "inside"):
-        regexes = [scope_regex(g) for g in _strings(value, key)]
+        globs = [ScopeGlob(g) for g in _globs(value, key)]
         if key == "scope":
             return lambda n, c: (
-                None if any(r.fullmatch(node_info(n).scope) for r in regexes) else f"scope is '{node_info(n).scope}'"
+                None if any(g.fullmatch(node_info(n).scope) for g in globs) else f"scope is '{node_info(n).scope}'"
             )
 
         def check_inside(n: fx.Node, c: NodeContext) -> str | None:
             paths = [path for path, _ in node_info(n).scope_stack]
-            return None if any(r.fullmatch(p) for r in regexes for p in paths) else f"not inside {value.plain()}"
+            return None if any(g.fullmatch(p) for g in globs for p in paths) else f"not inside {value.plain()}"
 
         return check_inside
     if key == "rank":

@@ -21,14 +21,16 @@ from __future__ import annotations
 import difflib
 import functools
 import os
-from dataclasses import dataclass, field, replace
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import fx
 
+from utune_fx.match import limits
 from utune_fx.match.patterns import MatchContext, Pattern, compile_pattern
-from utune_fx.match.predicates import scope_regex
-from utune_fx.match.source import Located, load_located
+from utune_fx.match.selection import SELECT_KEYS, Selection, selection
+from utune_fx.match.source import Located, RuleError, parse_located, read_rule_text
 from utune_fx.match.structure import Region
 from utune_fx.tuners import TUNERS, TunerConfig, create_config
 
@@ -51,47 +53,6 @@ RULE_KEYS = (
     "train",
     "fallback_for",
 )
-SELECT_KEYS = ("scope", "layers", "first", "last", "every")
-
-
-@dataclass
-class Selection:
-    scope: list[str] = field(default_factory=list)
-    layers: list[int | slice] = field(default_factory=list)
-    first: int | None = None
-    last: int | None = None
-    every: int | None = None
-
-    def apply(self, regions: list[Region]) -> list[Region]:
-        """Scope filter, then occurrence selection over what is left, numbered
-        from 0 in graph order (the numbers ``cli.py match`` shows)."""
-        if self.scope:
-            regexes = [scope_regex(g) for g in self.scope]
-            regions = [r for r in regions if any(x.fullmatch(r.scope) for x in regexes)]
-        regions = [replace(r, index=i) for i, r in enumerate(regions)]
-        if self.layers:
-            chosen: set[fx.Node] = set()
-            for item in self.layers:
-                picked = (
-                    regions[item]
-                    if isinstance(item, slice)
-                    else [regions[item]]
-                    if -len(regions) <= item < len(regions)
-                    else []
-                )
-                chosen.update(r.anchor for r in picked)
-            regions = [r for r in regions if r.anchor in chosen]
-        if self.first is not None:
-            regions = regions[: self.first]
-        if self.last is not None:
-            regions = regions[-self.last :] if self.last else []
-        if self.every is not None:
-            regions = regions[:: self.every]
-        return regions
-
-    @property
-    def empty(self) -> bool:
-        return not (self.scope or self.layers) and self.first is None and self.last is None and self.every is None
 
 
 @dataclass
@@ -136,8 +97,11 @@ class _Loader:
         self.loaded: set[Path] = set()
         self.texts: dict[Path, str] = {}
 
-    def load_file(self, path: Path) -> Located:
-        root = load_located(path)  # messages name the path as given
+    def load_file(self, path: Path, imported_by: Located | None = None) -> Located:
+        if imported_by is not None and len(self.loaded - {PRELUDE.resolve()}) >= limits.RULE_FILES.value():
+            raise imported_by.over(f"more than {limits.RULE_FILES.value()} files", limits.RULE_FILES)
+        text = read_rule_text(path)  # bounded: at most the byte limit is read
+        root = parse_located(text, str(path))  # messages name the path as given
         entries = root.check_keys(TOP_KEYS)
         if "version" not in entries and path.resolve() != PRELUDE.resolve():
             raise root.fail(f"missing key 'version'; start the file with 'version: {VERSION}'")
@@ -146,14 +110,14 @@ class _Loader:
                 f"unsupported version {entries['version'].value!r}; this utune_fx reads version {VERSION}"
             )
         self.loaded.add(path.resolve())
-        self.texts[path] = path.read_text(encoding="utf-8")
+        self.texts[path] = text
         for item in entries["imports"].items() if "imports" in entries else []:
-            target = path.parent / item.text()
+            target = path.parent / item.name("an imported file name")
             if target.resolve() in self.loaded:
                 continue
             if not target.is_file():
                 raise item.fail(f"imported file {item.value!r} not found next to {path.name}")
-            self.load_file(target)
+            self.load_file(target, item)
         for name, definition in entries["patterns"].mapping().items() if "patterns" in entries else []:
             if not name.isidentifier():
                 raise definition.fail_key(f"pattern names are identifiers (letters, digits, _), not {name!r}")
@@ -161,12 +125,15 @@ class _Loader:
                 raise definition.fail_key(
                     f"pattern '{name}' is already defined at {self.raw[name].where}; pick another name"
                 )
+            if len(self.raw) >= limits.RULE_PATTERNS.value():
+                what = f"more than {limits.RULE_PATTERNS.value()} patterns (the prelude's included)"
+                raise definition.over(what, limits.RULE_PATTERNS, at_key=True)
             self.raw[name] = definition
         return root
 
     def resolve(self, value: Located) -> Pattern:
         if isinstance(value.value, str):
-            name = value.value
+            name = value.name("a pattern name")
             if name not in self.raw:
                 close = difflib.get_close_matches(name, list(self.raw), n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
@@ -179,56 +146,20 @@ class _Loader:
             if name in self.compiling:
                 cycle = " -> ".join(self.compiling[self.compiling.index(name) :] + [name])
                 raise self.raw[name].fail(f"patterns refer to each other in a cycle: {cycle}")
+            if len(self.compiling) >= limits.PATTERN_REFERENCE_DEPTH.value():
+                chain = " -> ".join(self.compiling[:3] + ["..."] + self.compiling[-2:] + [name])
+                what = f"patterns refer to each other more than {len(self.compiling)} deep ({chain})"
+                raise self.raw[name].over(what, limits.PATTERN_REFERENCE_DEPTH)
             self.compiling.append(name)
             self.compiled[name] = compile_pattern(self.raw[name], name, self.resolve)
             self.compiling.pop()
         return self.compiled[name]
 
 
-def _int(value: Located, what: str, minimum: int) -> int:
-    if not isinstance(value.value, int) or isinstance(value.value, bool) or value.value < minimum:
-        raise value.fail(f"{what} must be an integer >= {minimum}, got {value.value!r}")
-    return value.value
-
-
-def _layers(value: Located) -> list[int | slice]:
-    items = value.items() if isinstance(value.value, list) else [value]
-    layers: list[int | slice] = []
-    for item in items:
-        if isinstance(item.value, int) and not isinstance(item.value, bool):
-            layers.append(item.value)
-            continue
-        text = str(item.value).strip() if isinstance(item.value, str) else ""
-        parts = text.split(":")
-        try:
-            numbers = [int(p) if p.strip() else None for p in parts]
-        except ValueError:
-            numbers = []
-        if not numbers or len(numbers) > 3 or (len(numbers) == 1 and numbers[0] is None):
-            raise item.fail(
-                f"bad layers {item.value!r}; use an index (0, -1), a range 'start:stop[:step]' "
-                "('0:6', '6:', '::2') or a list of them"
-            )
-        if len(numbers) == 3 and numbers[2] == 0:
-            raise item.fail("a layers step cannot be 0")
-        layers.append(numbers[0] if len(numbers) == 1 else slice(*numbers))
-    return layers
-
-
-def _selection(entries: dict[str, Located]) -> Selection:
-    selection = Selection()
-    if "scope" in entries:
-        value = entries["scope"]
-        selection.scope = [i.text() for i in value.items()] if isinstance(value.value, list) else [value.text()]
-    if "layers" in entries:
-        selection.layers = _layers(entries["layers"])
-    if "first" in entries:
-        selection.first = _int(entries["first"], "first", 0)
-    if "last" in entries:
-        selection.last = _int(entries["last"], "last", 0)
-    if "every" in entries:
-        selection.every = _int(entries["every"], "every", 1)
-    return selection
+def tuner_module_name(rule_name: str) -> str:
+    """The name the rewriter gives a rule's tuner modules (``utune.<this>.<index>``): two rules
+    with one module name would share modules, so load_rules refuses that."""
+    return re.sub(r"\W", "_", rule_name)
 
 
 def _config(entries: dict[str, Located], tuner: str) -> TunerConfig:
@@ -248,9 +179,9 @@ def _config(entries: dict[str, Located], tuner: str) -> TunerConfig:
         raise (bad or entries["tuner"]).fail(f"{error}{help_text}") from error
 
 
-def _rule(value: Located, loader: _Loader, names: set[str]) -> Rule:
+def _rule(value: Located, loader: _Loader, names: dict[str, Located]) -> Rule:
     entries = value.check_keys(RULE_KEYS, required=("name", "match", "tuner"))
-    name = entries["name"].text()
+    name = entries["name"].name("a rule name")
     if name in names:
         raise entries["name"].fail(f"rule name '{name}' is used twice; names must be unique")
     tuner = entries["tuner"].text()
@@ -264,7 +195,7 @@ def _rule(value: Located, loader: _Loader, names: set[str]) -> Rule:
         raise entries["position"].fail(f"tuner {tuner} works at position {' or '.join(positions)}, not '{position}'")
     exclude = None
     if "exclude" in entries:
-        exclude = _selection(entries["exclude"].check_keys(SELECT_KEYS))
+        exclude = selection(entries["exclude"].check_keys(SELECT_KEYS))
         if exclude.empty:
             raise entries["exclude"].fail(f"exclude needs one of {', '.join(SELECT_KEYS)}")
     train = []
@@ -287,7 +218,7 @@ def _rule(value: Located, loader: _Loader, names: set[str]) -> Rule:
         tuner,
         _config(entries, tuner),
         position,
-        _selection(entries),
+        selection(entries),
         exclude,
         train,
         str(value.where),
@@ -301,22 +232,43 @@ def load_rules(path: str | Path) -> RuleSet:
     from utune_fx.rulefiles import rule_file_path
 
     path = rule_file_path(path)  # `lora` -> the shipped lora.yaml; a path that exists wins
+    try:
+        return _load_rule_set(Path(path))
+    except (RecursionError, MemoryError) as error:  # a last resort: the limits above should come first
+        raise RuleError(
+            f"{path}:1:1: (top level): too deeply nested or too large to load ({type(error).__name__}); "
+            "simplify the file, or lower the limit you raised (docs/limits.md)"
+        ) from None
+
+
+def _load_rule_set(path: Path) -> RuleSet:
     loader = _Loader()
     loader.load_file(PRELUDE)
     loader.compiled.update(load_prelude())  # shared, so contexts cache the prelude's regions once
-    root = loader.load_file(Path(path))
+    root = loader.load_file(path)
     entries = root.mapping()
     if "rules" not in entries:
         raise root.fail("missing key 'rules'; a rule file lists at least one rule")
-    names: set[str] = set()
+    items = entries["rules"].items()
+    if len(items) > limits.RULES_PER_FILE.value():
+        limit = limits.RULES_PER_FILE
+        raise items[limit.value()].over(f"more than {limit.value()} rules", limit)
+    names: dict[str, Located] = {}  # rule name -> where it is defined
+    modules: dict[str, str] = {}  # tuner module name -> rule name
     rules = []
-    for item in entries["rules"].items():
+    for item in items:
         rules.append(_rule(item, loader, names))
-        names.add(rules[-1].name)
+        name, module = rules[-1].name, tuner_module_name(rules[-1].name)
+        if module in modules:
+            raise item.mapping()["name"].fail(
+                f"rules '{modules[module]}' ({names[modules[module]].where}) and '{name}' would share the tuner "
+                f"modules 'utune.{module}.*' (characters other than letters, digits and _ become _); rename one"
+            )
+        names[name], modules[module] = item, name
     if not rules:
         raise entries["rules"].fail("the rules list is empty; add a rule")
     patterns = {name: loader.pattern(name) for name in loader.raw}  # compile all: errors surface at load
-    folder = Path(path).parent
+    folder = path.parent
     sources = {
         os.path.relpath(file, folder): text
         for file, text in loader.texts.items()

@@ -13,13 +13,22 @@ names list the valid ones; a bad setting names the field and its help text),
 ``cli.py match`` asks each config how many parameters it would add, and the
 rewriter builds the modules. Tuners without a module (bitfit, head, full)
 make existing parameters trainable.
+
+Every registered config is checked for sane numbers before its own checks
+run (:func:`check_settings`): no NaN or infinity in any setting, floats of a
+moderate magnitude, integer sizes (rank, hidden, length, num_classes, ...)
+under an absolute cap. The caps are in :mod:`utune_fx.match.limits`; the
+bounds relative to a region's channels come at match time.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import inspect
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -97,9 +106,39 @@ def check_positive_int(name: str, value: object) -> None:
     )
 
 
+def _is_size(setting: dataclasses.Field) -> bool:
+    """An integer setting (rank, hidden, length, num_classes): its annotation names int, not float."""
+    words = set(re.findall(r"[A-Za-z_]\w*", str(setting.type)))
+    return "int" in words and "float" not in words
+
+
+def check_settings(config: TunerConfig) -> None:
+    """What every tuner's settings must be, whatever the tuner: finite numbers of a moderate
+    magnitude, integer sizes under the absolute cap. Raises ValueError naming the setting."""
+    from utune_fx.match.limits import TUNER_NUMBER, TUNER_SIZE  # here: match imports this registry
+
+    for setting in dataclasses.fields(config):
+        value = getattr(config, setting.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{setting.name} must be a finite number, got {value!r}")
+        if _is_size(setting):
+            check(
+                not isinstance(value, int) or value <= TUNER_SIZE.value(),
+                f"{setting.name} is {value:,}, too large for any tuner; {TUNER_SIZE.advice()}",
+            )
+        elif abs(value) > TUNER_NUMBER.value():
+            raise ValueError(f"{setting.name} is {value:g}, too large in magnitude; {TUNER_NUMBER.advice()}")
+
+
 @dataclass
 class TunerConfig(abc.ABC):
-    """Base of every tuner config; subclasses validate in __post_init__."""
+    """Base of every tuner config; subclasses validate in __post_init__, after :func:`check_settings`
+    (register_tuner sees to that)."""
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
     @abc.abstractmethod
     def added_parameters(self, size: RegionSize) -> int:
@@ -134,6 +173,15 @@ def register_tuner(name: str, *, positions: tuple[str, ...], module: Callable | 
         unknown = set(positions) - set(POSITIONS)
         if unknown or not positions:
             raise ValueError(f"tuner {name!r}: positions must be from {POSITIONS}")
+        own_checks = config.__post_init__
+        if own_checks is not TunerConfig.__post_init__:  # its own checks replace the base's: run both
+
+            @functools.wraps(own_checks)
+            def post_init(self: TunerConfig) -> None:
+                check_settings(self)
+                own_checks(self)
+
+            config.__post_init__ = post_init
         TUNERS[name] = TunerEntry(name, config, positions, module)
         return config
 
