@@ -4,10 +4,15 @@ RuleSet + annotated graph --match_report--> dict (JSON-ready)
 dict --render_match--> per rule: regions (scope, shapes, parameters), totals;
                        with explain: candidates, selection, dropped overlaps,
                        and for an empty rule the closest near-miss
+
+``check`` is the rewriter's site check (utune_fx.rewrite.plan.site_refusal; passed in, since
+matching does not import the rewriter): a region it refuses carries the reason, and the report
+lists every refusal, so ``match`` and ``rewrite`` fail alike. ``rewrite`` runs this report too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -15,31 +20,52 @@ from rich.table import Table
 from torch import fx, nn
 
 from utune_fx.match.patterns import MatchContext
-from utune_fx.match.rules import RuleSet, match_rules
+from utune_fx.match.rules import RuleMatch, RuleSet, match_rules
 from utune_fx.match.sizes import region_size
+from utune_fx.match.structure import Region
+from utune_fx.tuners import RegionSize
+
+# (rule match, region, context, its size) -> the line the rewriter would refuse it with, or None
+SiteCheck = Callable[[RuleMatch, Region, MatchContext, RegionSize], "str | None"]
+
+
+_SHOWN_REFUSALS = 5  # refused regions a rule shows by their reason
 
 
 def _shape(shape: Any) -> str:
     return "x".join(map(str, shape)) if shape else "-"
 
 
-def match_report(gm: fx.GraphModule, model: nn.Module, rules: RuleSet, name: str) -> dict[str, Any]:
-    ctx = MatchContext(gm)
+def match_report(
+    gm: fx.GraphModule,
+    model: nn.Module,
+    rules: RuleSet,
+    name: str,
+    check: SiteCheck | None = None,
+    ctx: MatchContext | None = None,
+    matched: list[RuleMatch] | None = None,
+) -> dict[str, Any]:
+    """The report of ``rules`` on ``gm``; ``ctx`` and ``matched``: a context and matches already made."""
+    ctx = ctx or MatchContext(gm)
     base = sum(p.numel() for p in model.parameters())
-    entries = []
-    matched = match_rules(gm, rules, ctx)
+    entries, refusals = [], []
+    matched = match_rules(gm, rules, ctx) if matched is None else matched
     for found in matched:
         rule = found.rule
         regions = []
         for position, region in enumerate(found.regions):
             size = region_size(region, ctx, position)
+            refused = check(found, region, ctx, size) if check is not None else None
             regions.append(
                 {
                     **region.as_dict(),
                     "added_parameters": rule.config.added_parameters(size),
                     "trained_parameters": rule.config.trained_parameters(size),
+                    **({"refused": refused} if refused else {}),
                 }
             )
+            if refused:
+                refusals.append(refused)
         entry = {
             "rule": rule.name,
             "where": rule.where,
@@ -63,7 +89,6 @@ def match_report(gm: fx.GraphModule, model: nn.Module, rules: RuleSet, name: str
                 "layers or exclude selected none"
             )
         entries.append(entry)
-    covered = {name for found in matched if found.regions for name in found.rule.fallback_for}
     added = sum(e["added_parameters"] for e in entries)
     return {
         "model": name,
@@ -73,12 +98,27 @@ def match_report(gm: fx.GraphModule, model: nn.Module, rules: RuleSet, name: str
         "added_parameters": added,
         "trained_parameters": sum(e["trained_parameters"] for e in entries),
         "added_share": added / base if base else 0.0,
-        "empty_rules": [
-            e["rule"]
-            for e in entries  # a fallback that applied covers the rule it stands in for
-            if not e["regions"] and "standby" not in e and e["rule"] not in covered
-        ],
+        "empty_rules": empty_rules(matched),
+        "refusals": refusals,
     }
+
+
+def empty_rules(matched: list[RuleMatch]) -> list[str]:
+    """Rules that select nothing; a fallback that applied covers the rule it stands in for."""
+    covered = {name for found in matched if found.regions for name in found.rule.fallback_for}
+    return [f.rule.name for f in matched if not f.regions and not f.standby and f.rule.name not in covered]
+
+
+def empty_rules_error(empty: list[tuple[str, str]], model: str) -> str:
+    """The line ``match`` and ``rewrite`` both exit 3 with; ``empty``: (rule file, rule name) pairs."""
+    by_file: dict[str, list[str]] = {}
+    for path, rule in empty:
+        by_file.setdefault(path, []).append(rule)
+    where = " and ".join(f"{', '.join(rules)} in {path}" for path, rules in by_file.items())
+    return (
+        f"rule(s) {where} match nothing in {model}; run cli.py match --explain to see the closest "
+        "near-miss, or pass --allow-empty"
+    )
 
 
 def render_match(report: dict[str, Any], console: Console, explain: bool) -> None:
@@ -110,13 +150,18 @@ def render_match(report: dict[str, Any], console: Console, explain: bool) -> Non
             )
         for region in regions:
             row = [
-                str(region["index"]),
+                str(region["index"]) + (" [bold red]refused[/bold red]" if "refused" in region else ""),
                 region["scope"] or "(model)",
                 f"{_shape(region['in_shape'])} -> {_shape(region['out_shape'])}",
                 f"{region['added_parameters']:,}",
             ]
             table.add_row(*row, *([f"{region['trained_parameters']:,}"] if trains else []))
         console.print(table)
+        refused = [region for region in regions if "refused" in region]
+        for region in refused[:_SHOWN_REFUSALS]:
+            console.print(f"  [bold red]refused[/bold red] #{region['index']}: {region['refused']}", soft_wrap=True)
+        if len(refused) > _SHOWN_REFUSALS:
+            console.print(f"  ... and {len(refused) - _SHOWN_REFUSALS} more refused region(s) (--json lists them)")
         if explain:
             console.print(
                 f"  pattern '{entry['pattern']}' found {entry['candidates']} region(s); "

@@ -147,3 +147,55 @@ def region_size(region: Region, ctx: MatchContext, position: int = 0) -> RegionS
         heads=sum(_attention_heads(n, ctx) for n in ordered if node_info(n).op_kind == "attention"),
         position=position,
     )
+
+
+# Region-relative bounds on tuner sizes (docs/limits.md, "Tuner settings and sizes"). A bottleneck
+# (adapter hidden width, a prefix's reparameterisation) wider than WIDTH_FACTOR times the region's
+# channels is no bottleneck; the floor keeps tiny test models usable.
+WIDTH_FACTOR, WIDTH_FLOOR = 4, 64
+# Extra tokens (prefix, prompts) beyond TOKEN_FACTOR times the tokens the region reads drown them out.
+TOKEN_FACTOR, TOKEN_FLOOR = 4, 256
+
+
+def region_tokens(region: Region) -> int:
+    """Tokens a region reads: every axis of its input but the batch and the channels (last axis)."""
+    shape = region.in_shape or region.out_shape or ()
+    return math.prod(shape[1:-1]) if len(shape) >= 3 else 1
+
+
+def size_refusal(config: object, size: RegionSize, tokens: int) -> str | None:
+    """Why a tuner's sizes are far above what the region it tunes can use, with the bound; or None.
+
+    lora            rank <= max(fan_in, channels_out): past both widths of the weight, B @ A holds more
+                    parameters than the weight itself and cannot gain rank (PEFT accepts any rank;
+                    ranks between the two widths stay allowed). Grouped convs cap their rank already.
+    adapters        hidden <= max(WIDTH_FACTOR * channels, WIDTH_FLOOR)
+    prefix          reparam_hidden likewise; length <= max(TOKEN_FACTOR * tokens, TOKEN_FLOOR)
+    prompt          length likewise
+    """
+    channels = max(size.channels_in, size.channels_out)
+    width_bound = max(WIDTH_FACTOR * channels, WIDTH_FLOOR)
+    token_bound = max(TOKEN_FACTOR * tokens, TOKEN_FLOOR)
+    rank = getattr(config, "rank", None)
+    if isinstance(rank, int) and size.groups == 1:
+        fan_in = size.fan_in or size.channels_in
+        bound = max(fan_in, size.channels_out)
+        if rank > bound:
+            return (
+                f"rank {rank} is far above the layer's widths ({fan_in} in, {size.channels_out} out): "
+                f"at most max(in, out) = {bound}; lower rank"
+            )
+    for name in ("hidden", "reparam_hidden"):
+        width = getattr(config, name, None)
+        if isinstance(width, int) and width > width_bound:
+            return (
+                f"{name} {width} is far above the region's {channels} channels: at most "
+                f"max({WIDTH_FACTOR} x channels, {WIDTH_FLOOR}) = {width_bound}; lower {name}"
+            )
+    length = getattr(config, "length", None)
+    if isinstance(length, int) and length > token_bound:
+        return (
+            f"length {length} is far above the {tokens} token(s) the region reads: at most "
+            f"max({TOKEN_FACTOR} x tokens, {TOKEN_FLOOR}) = {token_bound}; lower length"
+        )
+    return None

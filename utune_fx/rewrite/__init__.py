@@ -24,8 +24,11 @@ from typing import Any
 import torch
 from torch import fx
 
+from utune_fx.errors import UtuneError
 from utune_fx.match import MatchContext, RuleSet, match_rules
+from utune_fx.match.report import match_report
 from utune_fx.rewrite.passes import apply_rule
+from utune_fx.rewrite.plan import bytes_per_parameter, dry_run_refusal, site_refusal
 
 __all__ = ["RewriteResult", "RuleSummary", "rewrite"]
 
@@ -51,6 +54,7 @@ class RewriteResult:
     data_config: dict | None = None  # timm's input settings of the base model (size, mean, std, ...)
     example_inputs: tuple = ()  # the inputs it was traced with (export and benchmarks reuse their shapes)
     base_model: Any = None  # the eager model it was traced from (shares the frozen weights)
+    empty_rules: list[tuple[str, str]] = field(default_factory=list)  # (rule file, rule) that select nothing
 
     @property
     def trainable_parameters(self) -> int:
@@ -65,16 +69,23 @@ def rewrite(gm: fx.GraphModule, rule_sets: RuleSet | Sequence[RuleSet], seed: in
     """Insert every rule's tuners into ``gm`` (in place, like PEFT's get_peft_model:
     the graph and the base parameters it shares with the model are frozen). Tuners are
     initialised from ``seed`` (the caller's RNG is left as it was), so the same rules on
-    the same model start from the same tuners whatever ran before."""
+    the same model start from the same tuners whatever ran before.
+
+    First the dry run ``cli.py match`` shows (plan.py), on the frozen graph: a region the rewriter
+    cannot take, or tuners the machine cannot hold, is a UtuneError with the line ``match`` prints,
+    before anything is inserted or allocated. Rules that select nothing are listed in
+    ``empty_rules`` (the CLI refuses them unless --allow-empty)."""
     rule_sets = [rule_sets] if isinstance(rule_sets, RuleSet) else list(rule_sets)
     base = sum(p.numel() for p in gm.parameters())
     ctx = MatchContext(gm)
-    matched = [
-        found
-        for rules in rule_sets
-        for found in match_rules(gm, rules, ctx)  # all on the frozen graph
-        if not found.standby
-    ]  # a fallback whose rule matched does nothing
+    per_set = [(rules, match_rules(gm, rules, ctx)) for rules in rule_sets]  # all on the frozen graph
+    reports = [match_report(gm, gm, rules, "", site_refusal, ctx, found) for rules, found in per_set]
+    refusal = dry_run_refusal(reports, bytes_per_parameter(gm))
+    if refusal is not None:
+        raise UtuneError(refusal)
+    empty = [(rules.path, name) for rules, report in zip(rule_sets, reports) for name in report["empty_rules"]]
+    # a fallback whose rule matched does nothing
+    matched = [found for _, founds in per_set for found in founds if not found.standby]
     for parameter in gm.parameters():
         parameter.requires_grad_(False)
     summaries = []
@@ -95,4 +106,4 @@ def rewrite(gm: fx.GraphModule, rule_sets: RuleSet | Sequence[RuleSet], seed: in
                     [r.scope for r in found.regions],
                 )
             )
-    return RewriteResult(gm, summaries, base, rule_sets)
+    return RewriteResult(gm, summaries, base, rule_sets, empty_rules=empty)

@@ -241,6 +241,25 @@ def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Sit
     return Site(channels_in, channels_out, rank, kind == "conv", geometry), x, op
 
 
+def region_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Site, tuple, fx.Node, bool]:
+    """Where a tuner of the rule's position goes in one region: (its site, what it reads, the node it
+    adds to, whether its output takes the written node's view); a one-line UtuneError if it cannot.
+    The dry run (plan.py) calls it too, so ``match`` refuses what ``rewrite`` would."""
+    rule = found.rule
+    if rule.position == "reparameterised":
+        site, reads, writes = _lora_site(found, region, ctx)
+        return site, (reads,), writes, False
+    if rule.position == "prefix":
+        call = attention_call(found, region, region.anchor, ctx)
+        reads = (call.query, call.scale) if rule.config.parallel else (*call.reads, call.scale)
+        return attention_site(found, region, call), reads, call.node, False
+    if not region.inputs and rule.position == "parallel":
+        raise fail(found, region, "the region reads no tensor (a model input or a constant); pick an operation")
+    reads, writes = (region.output, region.output) if rule.position == "sequential" else _parallel_input(region, ctx)
+    site, reshape = _site(found, region, ctx, reads, writes)
+    return site, (reads,), writes, reshape
+
+
 def _annotate(node: fx.Node, like: fx.Node, kind: str, name: str, tag: dict) -> None:
     info = node_info(like)
     node.meta[META_KEY] = replace(info, op_kind=kind, op_name=name, attention=None, part_of=None, item_shapes=())
@@ -283,11 +302,17 @@ def _existing(region: Region, ctx: MatchContext, which: str) -> dict[str, nn.Par
     return {k: p for k, p in named.items() if which == "all" or k.endswith("bias")}
 
 
-def _resize_head(gm: fx.GraphModule, found: RuleMatch, region: Region, ctx: MatchContext, classes: int) -> dict:
+def head_layer(found: RuleMatch, region: Region, ctx: MatchContext) -> nn.Linear:
+    """The classifier a head rule re-sizes (the dry run checks it too)."""
     op = region.anchor
     module = ctx.node_ctx.modules.get(str(op.target)) if op.op == "call_module" else None
     if not isinstance(module, nn.Linear):
         raise fail(found, region, "re-sizing needs the classifier to be an nn.Linear module")
+    return module
+
+
+def _resize_head(gm: fx.GraphModule, found: RuleMatch, region: Region, ctx: MatchContext, classes: int) -> dict:
+    op, module = region.anchor, head_layer(found, region, ctx)
     new = nn.Linear(module.in_features, classes, bias=module.bias is not None).to(
         module.weight.device, module.weight.dtype
     )
@@ -297,8 +322,8 @@ def _resize_head(gm: fx.GraphModule, found: RuleMatch, region: Region, ctx: Matc
     return {f"{op.target}.{k}": p for k, p in new.named_parameters()}
 
 
-def _train(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> dict[str, nn.Parameter]:
-    """Parameters the rule's 'train' key selects."""
+def trained_by_rule(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> dict[str, nn.Parameter]:
+    """Parameters the rule's 'train' key selects (only reads the model: the dry run calls it too)."""
     chosen: dict[str, nn.Parameter] = {}
     for item in found.rule.train:
         if item in ("biases", "all"):
@@ -348,25 +373,12 @@ def apply_rule(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> tuple
             else:
                 trained.update(_existing(region, ctx, "bias" if rule.tuner == "bitfit" else "all"))
             continue
-        reshape = False
-        if rule.position == "reparameterised":
-            site, reads, writes = _lora_site(found, region, ctx)
-            reads = (reads,)
-        elif rule.position == "prefix":
-            call = attention_call(found, region, region.anchor, ctx)
-            site, writes = attention_site(found, region, call), call.node
-            reads = (call.query, call.scale) if rule.config.parallel else (*call.reads, call.scale)
-        else:
-            reads, writes = (
-                (region.output, region.output) if rule.position == "sequential" else _parallel_input(region, ctx)
-            )
-            site, reshape = _site(found, region, ctx, reads, writes)
-            reads = (reads,)
+        site, reads, writes, reshape = region_site(found, region, ctx)
         module = entry.module(rule.config, site).to(**_placement(region, ctx, writes))
         tag = {"rule": rule.name, "tuner": rule.tuner, "position": rule.position, "index": index}
         _insert(gm, f"utune.{safe}.{index}", module, reads, writes, tag, reshape)
         added += sum(p.numel() for p in module.parameters())
-    trained.update(_train(gm, found, ctx))
+    trained.update(trained_by_rule(gm, found, ctx))
     for parameter in trained.values():
         parameter.requires_grad_(True)
     return added, sum(p.numel() for p in {id(p): p for p in trained.values()}.values())
