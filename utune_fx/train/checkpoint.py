@@ -1,13 +1,17 @@
-"""Training checkpoints: tuner-only weights, optimizer, schedule, RNG and progress.
+"""Training checkpoints: tuner-only weights, optimizer, schedule, RNG, progress and the run's settings.
 
     checkpoint/
       tensors.safetensors   trainable parameters ("model.<name>"), optimizer tensors
                             ("optim.<param index>.<key>"), RNG states ("rng.torch", "rng.cuda.<i>", "rng.numpy")
-      state.json            epoch, step in epoch, optimizer param groups and scalars, schedule,
-                            python RNG state, metrics so far
+      state.json            format, epoch, step in epoch, optimizer param groups and scalars, schedule,
+                            python and numpy RNG state, metrics so far, the settings the run was
+                            started with, its data size, the names of the tensors above
 
 Written through ``replace_directory`` (a crash or Ctrl-C mid-write leaves the previous
 checkpoint whole) and read with safetensors and json only: nothing is unpickled.
+state.json is checked against utune_fx/schemas/checkpoint.schema.json and the tensors
+against the names, shapes and kinds the model and state.json imply before anything is
+restored, so a damaged or hand-edited checkpoint is one line naming the field or tensor.
 """
 
 from __future__ import annotations
@@ -21,14 +25,23 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from utune_fx.atomic import replace_directory
+from utune_fx.atomic import recover_directory, replace_directory
 from utune_fx.errors import UtuneError, first_line
+from utune_fx.schemas import read_json
 
 TENSORS, STATE = "tensors.safetensors", "state.json"
+FORMAT = "utune_fx.checkpoint/1"
+_FIX = "remove the checkpoint folder and train without --resume (or into another -o)"
 
 
 def save_checkpoint(
-    directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, schedule, progress: dict
+    directory: Path,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule,
+    progress: dict,
+    settings: dict,
+    data: dict,
 ) -> None:
     tensors = {f"model.{n}": p.detach().contiguous().cpu() for n, p in module.named_parameters() if p.requires_grad}
     optim_state = optimizer.state_dict()
@@ -47,6 +60,7 @@ def save_checkpoint(
     tensors["rng.numpy"] = torch.from_numpy(numpy_state[1].astype(np.int64))
     python_state = random.getstate()
     state = {
+        "format": FORMAT,
         "progress": progress,
         "optimizer": {"param_groups": optim_state["param_groups"], "scalars": scalars},
         "schedule": schedule.state_dict(),  # LambdaLR stores None for plain functions
@@ -54,35 +68,93 @@ def save_checkpoint(
             "python": [python_state[0], list(python_state[1]), python_state[2]],
             "numpy": [numpy_state[0], int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
         },
+        "settings": settings,
+        "data": data,
+        "tensors": sorted(tensors),
     }
     with replace_directory(directory) as staging:
         safetensors.torch.save_file(tensors, str(staging / TENSORS))
         (staging / STATE).write_text(json.dumps(state))
 
 
+def read_state(directory: Path) -> dict:
+    """state.json, checked against its schema (one line naming the field otherwise); no tensors read."""
+    recover_directory(directory)  # a swap killed between its renames: the previous checkpoint comes back
+    if not (directory / STATE).is_file():
+        raise UtuneError(f"{directory}: no checkpoint to resume ({STATE} is missing); {_FIX}")
+    return read_json(directory / STATE, "checkpoint", fix=_FIX)
+
+
 def load_checkpoint(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, schedule) -> dict:
-    """Restore everything ``save_checkpoint`` wrote; returns the progress record."""
+    """Restore everything ``save_checkpoint`` wrote; returns the whole (checked) state record."""
+    state = read_state(directory)
     try:
         tensors = safetensors.torch.load_file(str(directory / TENSORS))
-        state = json.loads((directory / STATE).read_text())
     except FileNotFoundError as error:
-        raise UtuneError(f"{directory}: no checkpoint to resume ({first_line(error)}); run without --resume") from error
-    except Exception as error:
+        raise UtuneError(f"{directory / TENSORS} is missing; {_FIX}") from error
+    except Exception as error:  # safetensors reports damage as several exception kinds
         raise UtuneError(
-            f"{directory}: the checkpoint is damaged ({first_line(error)}); remove it and run without --resume"
+            f"{directory / TENSORS}: not a readable safetensors file ({first_line(error)}); {_FIX}"
         ) from error
     trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    _check_tensors(directory, state, tensors, trainable, optimizer)
+    try:
+        _restore(state, tensors, trainable, optimizer, schedule)
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, OverflowError) as error:
+        raise UtuneError(f"{directory}: the checkpoint cannot be restored ({first_line(error)}); {_FIX}") from error
+    return state
+
+
+def _check_tensors(directory: Path, state: dict, tensors: dict, trainable: dict, optimizer) -> None:
+    """Every tensor state.json lists is there, with the name, shape and dtype the model implies."""
+    where = directory / TENSORS
+
+    def refuse(problem: str) -> None:
+        raise UtuneError(f"{where}: {problem}; {_FIX}")
+
+    missing = sorted(set(state["tensors"]) - set(tensors))
+    if missing:
+        refuse(f"{missing[0]} is missing ({len(missing)} of the {len(state['tensors'])} tensors state.json lists)")
+    for required in ("rng.torch", "rng.numpy"):
+        if required not in tensors:
+            refuse(f"{required} is missing (the random state a resumed run continues from)")
     saved = {k[len("model.") :] for k in tensors if k.startswith("model.")}
     if saved != set(trainable):
         raise UtuneError(
             f"{directory}: the checkpoint holds other trainable tensors than this model "
             f"(e.g. {sorted(saved ^ set(trainable))[:2]}); was it written for other rules?"
         )
+    for name, parameter in trainable.items():
+        if tensors[f"model.{name}"].shape != parameter.shape:
+            refuse(
+                f"model.{name} has shape {list(tensors[f'model.{name}'].shape)}, the model's is {list(parameter.shape)}"
+            )
+    if tensors["rng.torch"].shape != torch.get_rng_state().shape or tensors["rng.torch"].dtype != torch.uint8:
+        refuse("rng.torch is not a torch random state")
+    if tensors["rng.numpy"].shape != (624,) or tensors["rng.numpy"].dtype != torch.int64:
+        refuse("rng.numpy is not a numpy random state (624 int64 values)")
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    groups = state["optimizer"]["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        refuse("optimizer.param_groups in state.json do not fit this model's trainable parameters")
+    for key, value in tensors.items():
+        if not key.startswith("optim."):
+            continue
+        _, index, name = (key.split(".", 2) + ["", ""])[:3]
+        if not index.isdigit() or int(index) >= len(parameters) or not name:
+            refuse(f"{key} names no parameter of the optimizer (it has {len(parameters)})")
+        if name != "step" and value.shape != parameters[int(index)].shape:
+            refuse(f"{key} has shape {list(value.shape)}, its parameter's is {list(parameters[int(index)].shape)}")
+        if not value.is_floating_point():
+            refuse(f"{key} is not a floating-point tensor")
+
+
+def _restore(state: dict, tensors: dict, trainable: dict, optimizer, schedule) -> None:
     with torch.no_grad():
         for name, parameter in trainable.items():
             parameter.copy_(tensors[f"model.{name}"])
     optim_state: dict = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
-    device = next(iter(trainable.values())).device
+    device = next(iter(trainable.values()), torch.empty(0)).device
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
@@ -94,9 +166,36 @@ def load_checkpoint(directory: Path, module: nn.Module, optimizer: torch.optim.O
     torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
     if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
     kind, pos, has_gauss, cached = state["rng"]["numpy"]
     np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["rng"]["python"]
     random.setstate((version, tuple(internal), gauss))
-    return state["progress"]
+
+
+def check_progress(directory: Path, state: dict, train_images: int, steps_per_epoch: int) -> None:
+    """The checkpoint's position fits the data and schedule it is resumed with (a hand-edited epoch or step,
+    or other data behind the same spec, is one line)."""
+    progress, where = state["progress"], directory / STATE
+
+    def refuse(problem: str) -> None:
+        raise UtuneError(f"{where}: {problem}; {_FIX}")
+
+    if state["data"]["train_images"] != train_images:
+        raise UtuneError(
+            f"{directory}: the run trained on {state['data']['train_images']} images per epoch, the data now gives "
+            f"{train_images}; resume with the same --data and selection, or start a new run in another -o"
+        )
+    if state["data"]["steps_per_epoch"] != steps_per_epoch:
+        refuse(f"data.steps_per_epoch is {state['data']['steps_per_epoch']}, these settings make {steps_per_epoch}")
+    if progress["step"] >= steps_per_epoch:
+        refuse(f"progress.step {progress['step']} is beyond the {steps_per_epoch} optimizer steps of an epoch")
+    if len(progress["history"]) != progress["epoch"]:
+        refuse(f"progress.history holds {len(progress['history'])} epochs, progress.epoch says {progress['epoch']}")
+    if progress["step"] and "running" not in progress:
+        refuse("progress.running is missing (the metrics of the epoch the checkpoint stopped in)")
+    expected = progress["epoch"] * steps_per_epoch + progress["step"]
+    if state["schedule"]["last_epoch"] != expected:
+        refuse(f"schedule.last_epoch is {state['schedule']['last_epoch']}, progress (epoch, step) implies {expected}")
+    if len({"val_accuracy" in row for row in progress["history"]}) > 1:
+        refuse("progress.history has val_accuracy in some epochs only")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from utune_fx.errors import UtuneError
+from utune_fx.train.devices import check_device
 
 
 @dataclass
@@ -21,7 +22,7 @@ class TrainConfig:
     label_smoothing: float = field(default=0.1, metadata={"help": "cross-entropy label smoothing"})
     accumulate: int = field(default=1, metadata={"help": "batches per optimizer step (gradient accumulation)"})
     clip_grad: float = field(default=1.0, metadata={"help": "max gradient norm; 0 for none"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda when present), cuda, cpu"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when present), cuda, cuda:N, cpu"})
     precision: str = field(
         default="auto", metadata={"help": "auto (bf16 autocast on CUDA, float32 on CPU), bf16 or fp32"}
     )
@@ -40,12 +41,12 @@ class TrainConfig:
             raise UtuneError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing!r}")
         choices = {
             "optimizer": ("adamw", "sgd"),
-            "device": ("auto", "cuda", "cpu"),
             "precision": ("auto", "bf16", "fp32"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UtuneError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        check_device(self.device)  # an unusable device is refused here, before any model or data work
         if self.weight_decay < 0 or self.clip_grad < 0 or self.warmup_epochs < 0 or self.workers < 0:
             raise UtuneError("--weight-decay, --clip-grad, --warmup-epochs and --workers must not be negative")
 

@@ -3,8 +3,8 @@
     for epoch:  order = randperm(seed, epoch); for each batch: augment(seed, epoch, index)
                 forward (bf16 autocast on CUDA) -> loss / accumulate -> backward
                 every `accumulate` batches: clip, step, schedule; Ctrl-C -> checkpoint, stop
-                evaluate on val; append metrics.jsonl; checkpoint/
-    end:        test accuracy, summary.json, curves.png
+                evaluate on val; checkpoint/; metrics.jsonl (rewritten whole from the checkpoint's history)
+    end:        test accuracy, finish(summary) (the CLI saves tuned/ there), summary.json, curves.png
 
 Every random draw depends on (seed, epoch, image index) or on RNG state the checkpoint
 keeps, so a run interrupted at any step and resumed ends with the same weights as one
@@ -19,6 +19,7 @@ import random
 import resource
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +31,12 @@ from torch.utils.data import DataLoader, Dataset
 from utune_fx.atomic import write_text
 from utune_fx.errors import UtuneError
 from utune_fx.trace.annotate import set_training
-from utune_fx.train.checkpoint import load_checkpoint, save_checkpoint
+from utune_fx.train.checkpoint import check_progress, load_checkpoint, save_checkpoint
 from utune_fx.train.config import TrainConfig
+from utune_fx.train.devices import resolve_device
 from utune_fx.train.optim import create_optimizer, create_schedule
 from utune_fx.train.progress import EpochProgress
-
-CHECKPOINT, METRICS, SUMMARY = "checkpoint", "metrics.jsonl", "summary.json"
+from utune_fx.train.rundir import CHECKPOINT, METRICS, SUMMARY, compare_settings, config_settings, open_run
 
 
 class SeededImages(Dataset):
@@ -66,9 +67,7 @@ class Interrupt:
 
 
 def pick_device(config: TrainConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
+    return resolve_device(config.device)
 
 
 def _autocast(device: torch.device, config: TrainConfig):
@@ -113,12 +112,21 @@ def train(
     out: Path,
     resume: bool = False,
     test_set: Dataset | None = None,
+    settings: dict | None = None,
+    finish: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train ``module``'s trainable parameters; writes checkpoint/, metrics.jsonl, summary.json, curves.png.
-    Without ``val_set`` (a final run on all the training images) no validation is measured."""
+    Without ``val_set`` (a final run on all the training images) no validation is measured. ``settings``
+    (model, rules, data selection) join the TrainConfig in what the checkpoint records and --resume holds to;
+    ``finish(summary)`` runs after training and before summary.json is written (the session saves tuned/
+    there, so summary.json, written last, never describes a result that is not on disk)."""
+    with open_run(out, resume, None):  # one writer per run directory (nests inside the CLI's hold)
+        return _train_locked(module, train_set, val_set, config, out, resume, test_set, settings, finish)
+
+
+def _train_locked(module, train_set, val_set, config, out, resume, test_set, settings, finish) -> dict:
     from utune_fx.train.plots import plot_curves
 
-    out.mkdir(parents=True, exist_ok=True)
     device = pick_device(config)
     module.to(device)
     if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in module.modules()):
@@ -129,8 +137,15 @@ def train(
     per_epoch = math.ceil(math.ceil(len(train_set) / config.batch_size) / config.accumulate)
     schedule = create_schedule(optimizer, round(config.warmup_epochs * per_epoch), config.epochs * per_epoch)
     progress = {"epoch": 0, "step": 0, "history": [], "seconds": 0.0}
+    settings = config_settings(config) | (settings or {})
+    data = {"train_images": len(train_set), "steps_per_epoch": per_epoch}
     if resume:
-        progress = load_checkpoint(out / CHECKPOINT, module, optimizer, schedule)
+        state = load_checkpoint(out / CHECKPOINT, module, optimizer, schedule)
+        recorded = state["settings"]
+        compare_settings(out, {k: recorded.get(k) for k in settings}, settings, state["progress"]["epoch"])
+        check_progress(out / CHECKPOINT, state, len(train_set), per_epoch)
+        progress, settings = state["progress"], recorded | settings
+        _write_metrics(out, progress["history"])  # a kill after the checkpoint and before the metrics
     runner = torch.compile(module) if config.compile else module
     seeded = SeededImages(train_set, config.seed)
     interrupt = Interrupt()
@@ -141,24 +156,30 @@ def train(
             stopped = _train_epoch(runner, module, seeded, optimizer, schedule, config, device, progress, interrupt)
             progress["seconds"] = time.perf_counter() - started
             if stopped:
-                save_checkpoint(out / CHECKPOINT, module, optimizer, schedule, progress)
+                save_checkpoint(out / CHECKPOINT, module, optimizer, schedule, progress, settings, data)
                 raise KeyboardInterrupt
             row = progress.pop("running")
             if val_set is not None:
                 row |= {f"val_{k}": v for k, v in evaluate(runner, val_set, config, device).items()}
             progress["history"].append(row)
             progress["epoch"], progress["step"] = progress["epoch"] + 1, 0
-            save_checkpoint(out / CHECKPOINT, module, optimizer, schedule, progress)
-            with open(out / METRICS, "a") as metrics:
-                metrics.write(json.dumps(row) + "\n")
+            save_checkpoint(out / CHECKPOINT, module, optimizer, schedule, progress, settings, data)
+            _write_metrics(out, progress["history"])
     finally:
         signal.signal(signal.SIGINT, previous)
     summary = _summary(module, progress, device)
     if test_set is not None:
         summary["test_accuracy"] = evaluate(runner, test_set, config, device)["accuracy"]
+    if finish is not None:
+        finish(summary)
     write_text(out / SUMMARY, json.dumps(summary, indent=1))
     plot_curves(progress["history"], out / "curves.png")
     return summary
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    """metrics.jsonl from the checkpoint's history, whole (so it never lags the checkpoint or tears)."""
+    write_text(out / METRICS, "".join(json.dumps(row) + "\n" for row in history))
 
 
 def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, progress, interrupt) -> bool:

@@ -7,13 +7,11 @@ eval:   OUT or artifact dir + --data -> top-1, top-5, per-class accuracy, confus
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import fx
 
-from utune_fx.atomic import write_text
 from utune_fx.errors import UtuneError
 from utune_fx.rewrite.artifact import (
     TunedSource,
@@ -23,14 +21,15 @@ from utune_fx.rewrite.artifact import (
     save_tuned,
 )
 from utune_fx.trace.annotate import set_training
-
-TUNED = "tuned"
+from utune_fx.train.rundir import CHECKPOINT, TUNED, TUNED_TENSORS, check_run_result, config_settings, file_sha256
 
 
 def tuned_model(model: str, rules: list[str] | None, input_shapes: list[str] | None, frontend: str, seed: int = 0):
     """A RewriteResult from an artifact directory, or from a model spec rewritten with rule files."""
     from utune_fx.match import load_rules
 
+    if _is_run_directory(model):
+        check_run_result(Path(model))  # a training run: its tuned/ must be the result its summary describes
     directory = artifact_directory(model)
     if directory is not None:
         if rules:
@@ -43,6 +42,13 @@ def tuned_model(model: str, rules: list[str] | None, input_shapes: list[str] | N
         )
     rule_sets = [load_rules(path) for path in rules]
     return build_tuned(TunedSource(model, input_shapes or [], frontend), rule_sets, seed)
+
+
+def _is_run_directory(path: str) -> bool:
+    try:
+        return (Path(path) / CHECKPOINT).is_dir()
+    except (OSError, ValueError):  # a model spec too long for a path, or with a NUL in it
+        return False
 
 
 def _input_size(module: fx.GraphModule, data_config: dict | None) -> tuple[int, int, int]:
@@ -77,22 +83,46 @@ def load_splits(result, data: str, **selection):
     return splits
 
 
-def check_run_directory(out: Path, resume: bool) -> None:
-    """Before any work: --resume needs a checkpoint, and a fresh run must not mix with an old one."""
-    if resume and not (out / "checkpoint").is_dir():
-        raise UtuneError(f"{out}/checkpoint does not exist; run without --resume to start")
-    if not resume and (out / "metrics.jsonl").exists():
-        raise UtuneError(f"{out} holds an earlier run; pass --resume to continue it, or choose another -o")
+def cli_settings(args, config) -> dict:
+    """What a run from the command line records and ``--resume`` holds to: every TrainConfig field and
+    the model, rule files (by content), input shapes, front end and data selection."""
+    rules = list(args.rules or [])
+    return config_settings(config) | {
+        "model": args.model,
+        "rules": rules,
+        "rules_sha256": [file_sha256(path) or f"name:{path}" for path in rules],  # a shipped rule file by name
+        "input_shape": list(args.input_shape or []),
+        "frontend": args.frontend,
+        "data": args.data,
+        "shots": args.shots,
+        "train_size": args.train_size,
+        "val_size": args.val_size,
+        "no_augment": args.no_augment,
+        "skip_bad_images": args.skip_bad_images,
+    }
 
 
-def run_training(result, splits, config, out: Path, resume: bool) -> dict:
+def run_training(result, splits, config, out: Path, resume: bool, settings: dict | None = None) -> dict:
+    """Train, then save tuned/ and (last) summary.json, which records the epoch and tuned/'s hash so that
+    readers can tell a finished run from one stopped on the way (rundir.check_run_result)."""
     from utune_fx.train import train
 
-    summary = train(result.module, splits.train, splits.val, config, out, resume=resume, test_set=splits.test)
-    save_tuned(result, result.rule_sets, result.source, out / TUNED)
-    summary["classes"] = len(splits.classes)
-    write_text(out / "summary.json", json.dumps(summary, indent=1))
-    return summary
+    def finish(summary: dict) -> None:
+        save_tuned(result, result.rule_sets, result.source, out / TUNED)
+        summary["classes"] = len(splits.classes)
+        summary["tuned_sha256"] = file_sha256(out / TUNED / TUNED_TENSORS)
+
+    return train(
+        result.module,
+        splits.train,
+        splits.val,
+        config,
+        out,
+        resume=resume,
+        test_set=splits.test,
+        settings=settings,
+        finish=finish,
+    )
 
 
 @torch.no_grad()
