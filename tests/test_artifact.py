@@ -10,6 +10,7 @@ import torch
 from utune_fx.cli import main
 from utune_fx.errors import UtuneError
 from utune_fx.rewrite.artifact import MANIFEST, TENSORS, load_tuned
+from utune_fx.rewrite.manifest import write_manifest
 
 SPEC = "timm:vit_tiny_patch16_224?img_size=32&patch_size=8&depth=2"
 RULES = "rules/dual_utuner.yaml"
@@ -37,7 +38,7 @@ def test_round_trip_is_exact_with_trained_tuners(artifact, tmp_path):
     import hashlib
 
     manifest["tensors_sha256"] = hashlib.sha256((artifact / TENSORS).read_bytes()).hexdigest()
-    (artifact / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(artifact, manifest)  # re-sealed: an edit must recompute manifest_sha256
     second = load_tuned(artifact)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -102,6 +103,6 @@ def test_no_artifact_here(tmp_path):
 def test_other_base_weights_are_refused(artifact):
     manifest = json.loads((artifact / MANIFEST).read_text())
     manifest["base_sha256"] = "0" * 64
-    (artifact / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(artifact, manifest)
     with pytest.raises(UtuneError, match=r"now has other weights than the ones it was tuned on"):
         load_tuned(artifact)

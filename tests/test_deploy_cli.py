@@ -111,7 +111,7 @@ def test_export_json_lists_tuner_inputs(tmp_path, capsys):
     "damage,message",
     [
         (lambda d: (d / FOLDED_TENSORS).write_bytes(b"not safetensors"), "does not match the sha256"),
-        (lambda d: (d / FOLD_REPORT).write_text("{"), "cannot read"),
+        (lambda d: (d / FOLD_REPORT).write_text("{"), "fold.json: not valid JSON"),
         (lambda d: (d / FOLD_REPORT).unlink() or (d / MANIFEST).unlink(), "no tuned or folded artifact"),
         (lambda d: (d / TENSORS).write_bytes(b"x"), "does not match the sha256"),
     ],

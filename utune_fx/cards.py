@@ -11,6 +11,12 @@ A card holds (only ``timm_model`` is required; other fields are kept as notes)::
      "normalisation": {"mean": [...], "std": [...]},     what the model was trained with
      "crop_pct": 1.0}                                    default 1.0: evaluated on the whole image
 
+A card is data, read through utune_fx/schemas against card.schema.json: a
+bounded file, kwargs that are numbers, strings, booleans or lists of them (never
+a mapping, never the timm options that read files), RGB statistics of three
+finite numbers (std above 0), crop_pct in (0, 1]. A wrong field is one line
+naming the card and the field.
+
 The weights (safetensors, relative paths from the card's folder) load through
 utune_fx/weights.py, so a re-sized classifier starts fresh and any other
 mismatch is named; ``?weights=none`` builds the same architecture randomly
@@ -20,34 +26,19 @@ normalisation, so training and evaluation transforms follow the card.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
 
-from utune_fx.errors import UtuneError, first_line
+from utune_fx.errors import UtuneError
+from utune_fx.schemas import read_json
 
 
 def read_card(path: Path) -> dict:
+    """The card at ``path``: bounded, schema-checked; one line naming the card and the field otherwise."""
     if not path.is_file():
         raise UtuneError(f"model card {path} does not exist; check the path")
-    try:
-        card = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UtuneError(f"model card {path}: not valid JSON ({first_line(error)})") from error
-    if not isinstance(card, dict) or not isinstance(card.get("timm_model"), str):
-        raise UtuneError(f"model card {path}: field 'timm_model' (a timm model name) is missing")
-    if not isinstance(card.get("kwargs", {}), dict):
-        raise UtuneError(f"model card {path}: field 'kwargs' must be an object of timm.create_model arguments")
-    norm = card.get("normalisation", {})
-    stats_ok = isinstance(norm, dict) and all(
-        isinstance(norm.get(key), list) and len(norm[key]) == 3 and all(isinstance(v, (int, float)) for v in norm[key])
-        for key in ("mean", "std")
-        if key in norm
-    )
-    if not stats_ok:
-        raise UtuneError(f'model card {path}: field \'normalisation\' must be {{"mean": [r, g, b], "std": [r, g, b]}}')
-    return card
+    return read_json(path, "card", "see utune_fx/schemas/card.schema.json for a model card's fields")
 
 
 def _weights_path(card: dict, path: Path, given) -> str | None:

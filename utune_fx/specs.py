@@ -12,6 +12,12 @@ Option values are read as YAML scalars (``32`` -> int, ``true`` -> bool,
 instance. Example inputs come from ``--input-shape`` (``2,3,224,224``, an
 optional ``:int64`` dtype, once per input) or, for timm models, from the
 pretrained config with the spec's img_size/in_chans applied; batch size 2.
+
+Only the last two forms run code (``CODE_SOURCES``); timm and card specs are
+data: their options must be numbers, strings, booleans or lists of them, and
+the timm options that read files or loader settings (``checkpoint_path``,
+``pretrained_cfg``...) are refused, so a spec recorded in an artifact cannot
+import, call or unpickle anything.
 """
 
 from __future__ import annotations
@@ -43,6 +49,12 @@ _DTYPES = {
     "int32": torch.int32,
     "bool": torch.bool,
 }
+
+
+CODE_SOURCES = ("import", "file")  # spec sources that import and run code: built only when the user names them
+# timm.create_model arguments that read files or loader settings (torch.load, downloads) the spec cannot vouch for
+_LOADER_OPTIONS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "weights_only")
+_MAX_OPTION_NESTING = 4  # depths=[1,1] is 1 level; nothing timm takes needs more
 
 
 @dataclass
@@ -113,9 +125,33 @@ def _is_timm_model(name: str) -> bool:
     return timm.is_model(name)
 
 
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return (
+        isinstance(value, (list, tuple)) and depth < _MAX_OPTION_NESTING and all(_is_plain(v, depth + 1) for v in value)
+    )
+
+
+def check_data_options(spec: ModelSpec) -> None:
+    """A timm or card spec's options are data: no loader settings, no mappings, nothing that can name code."""
+    for key, value in spec.options.items():
+        if key in _LOADER_OPTIONS:
+            raise UtuneError(
+                f"option {key!r} in model spec {spec.text!r} makes timm read files or loader settings (pickles "
+                "included); give pretrained weights as weights=FILE.safetensors"
+            )
+        if not _is_plain(value):
+            raise UtuneError(
+                f"option {key} in model spec {spec.text!r} is a {type(value).__name__}; timm options are numbers, "
+                "strings, booleans or lists of them"
+            )
+
+
 def _create_timm(spec: ModelSpec) -> nn.Module:
     import timm
 
+    check_data_options(spec)
     if not timm.is_model(spec.target):
         close = difflib.get_close_matches(spec.target, timm.list_models(), n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for the names"
@@ -241,13 +277,17 @@ def make_inputs(shapes: list[tuple[tuple[int, ...], torch.dtype]], seed: int = 0
     )
 
 
-def load_model(text: str, input_shapes: list[str] | None = None) -> LoadedModel:
-    """Build the model a spec names (seeded: random weights repeat), in eval mode, with example inputs."""
+def load_model(text: str, input_shapes: list[str] | None = None, module: nn.Module | None = None) -> LoadedModel:
+    """Build the model a spec names (seeded: random weights repeat), in eval mode, with example inputs.
+    With ``module`` (a model the caller built), nothing is built: ``text`` then only tells its input size."""
     spec = parse_model_spec(text)
     parsed = [parse_input_shape(s) for s in input_shapes or []]  # check before building
-    with torch.random.fork_rng():  # randomly initialised models are the same every time; caller's RNG untouched
-        torch.manual_seed(0)
-        model = build_model(spec).eval()
+    if module is not None:
+        model = module.eval()
+    else:
+        with torch.random.fork_rng():  # randomly initialised models are the same every time; caller's RNG untouched
+            torch.manual_seed(0)
+            model = build_model(spec).eval()
     if not parsed:
         size = timm_input_size(model, spec.options) if spec.source in ("timm", "card") else None
         if size is None:

@@ -7,12 +7,13 @@
 The tensors come from a tuned artifact directory (its tuners.safetensors) or any .safetensors file,
 read with safetensors (never pickle). ``names`` says what is expected: a list of names, a
 {name: shape} mapping, or the exported .onnx file, whose tuner inputs (names, shapes, dtypes) are
-recorded in its metadata. Missing, unexpected and mis-shaped tensors are one-line errors.
+recorded in its metadata (read through utune_fx/schemas, tuner_inputs.schema.json; each name must be a
+graph input). A damaged .onnx file, damaged metadata, missing, unexpected and mis-shaped tensors are
+one-line errors.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from safetensors import safe_open
 
 from utune_fx.errors import UtuneError, first_line
 from utune_fx.rewrite.artifact import TENSORS
+from utune_fx.schemas import parse_json
 
 TUNER_INPUTS_KEY = "utune_fx.tuner_inputs"  # ONNX metadata: JSON list of the tuner input names
 
@@ -31,21 +33,34 @@ Expected = dict[str, tuple[tuple[int, ...] | None, np.dtype | None]]  # name -> 
 
 def onnx_tuner_inputs(path: str | Path) -> Expected:
     """The tuner inputs an exported model declares, with their shapes and dtypes."""
-    model = onnx.load(str(path), load_external_data=False)  # the graph only, not the weights
+    if not Path(path).is_file():
+        raise UtuneError(f"{path}: no such ONNX file; pass the file cli.py export wrote")
+    try:
+        model = onnx.load(str(path), load_external_data=False)  # the graph only, not the weights
+    except Exception as error:  # protobuf's DecodeError and friends
+        raise UtuneError(f"{path}: not a readable ONNX file ({first_line(error)}); export it again") from error
     recorded = {prop.key: prop.value for prop in model.metadata_props}.get(TUNER_INPUTS_KEY)
     if recorded is None:
         raise UtuneError(
             f"{path} was exported without tuner inputs; export it with tuner_names "
             "(the trainable parameter names) to feed tuners at run time"
         )
+    where, fix = f"{path}: metadata {TUNER_INPUTS_KEY}", "export the model again"
+    names = parse_json(recorded, "tuner_inputs", where, fix)
     inputs = {i.name: i.type.tensor_type for i in model.graph.input}
-    return {
-        name: (
-            tuple(d.dim_value for d in inputs[name].shape.dim),
-            np.dtype(tensor_dtype_to_np_dtype(inputs[name].elem_type)),
-        )
-        for name in json.loads(recorded)
-    }
+    for name in names:
+        if name not in inputs:
+            raise UtuneError(f"{where}: {name!r} is not an input of the graph; {fix}")
+    try:
+        return {
+            name: (
+                tuple(d.dim_value for d in inputs[name].shape.dim),
+                np.dtype(tensor_dtype_to_np_dtype(inputs[name].elem_type)),
+            )
+            for name in names
+        }
+    except (KeyError, TypeError, ValueError) as error:  # an element type numpy has no dtype for
+        raise UtuneError(f"{path}: a tuner input has no numpy type ({first_line(error)}); {fix}") from error
 
 
 def _expected(names: Sequence[str] | Mapping[str, Sequence[int]] | str | Path) -> Expected:

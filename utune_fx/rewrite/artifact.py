@@ -11,12 +11,21 @@ No pickle anywhere: JSON and safetensors. The directory is written under a
 temporary name and renamed into place, so a failure never leaves a half
 artifact or damages an existing one. Every mismatch on load (missing file,
 edited rule text, unknown or missing tensor, wrong shape) is one line.
+
+An artifact is data. The manifest is read through utune_fx/schemas
+(manifest.schema.json bounds every field) and carries ``manifest_sha256``, the
+sha256 of its own canonical JSON without that field, so a hand-edited or
+damaged manifest is refused (a checksum against accidents and edits, not a
+signature: whoever can write the file can recompute it). A base model spec
+that runs code (``package.module:callable``, ``file.py:callable``) is rebuilt
+only when the caller names the model (``load_tuned(DIR, model=SPEC_OR_MODULE)``,
+``--model SPEC`` on the command line); timm and card specs rebuild as they
+are, their options checked to be data (utune_fx/specs.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +36,9 @@ import torch
 
 from utune_fx.atomic import replace_directory
 from utune_fx.errors import UtuneError, first_line
+from utune_fx.rewrite.manifest import FORMAT, MANIFEST, base_model_spec, read_manifest, write_manifest
 
-FORMAT = "utune_fx.tuned/1"
-MANIFEST, TENSORS = "manifest.json", "tuners.safetensors"
+TENSORS = "tuners.safetensors"
 
 
 @dataclass
@@ -43,6 +52,11 @@ class TunedSource:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def base_sha256(module: torch.nn.Module) -> str:
@@ -84,10 +98,10 @@ def save_tuned(result: Any, rule_sets: list[Any], source: TunedSource, directory
             "versions": _versions(),
             "summary": [vars(s) for s in result.summaries],
             "tensors": {name: list(t.shape) for name, t in tensors.items()},
-            "tensors_sha256": _sha256((staging / TENSORS).read_bytes()),
+            "tensors_sha256": file_sha256(staging / TENSORS),
             "base_sha256": base_sha256(result.module),
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        write_manifest(staging, manifest, where=str(directory / MANIFEST))
     return directory
 
 
@@ -99,24 +113,6 @@ def artifact_directory(path: str | Path) -> Path | None:
     return None
 
 
-def _read_manifest(directory: Path) -> dict:
-    path = directory / MANIFEST
-    if not directory.is_dir():
-        raise UtuneError(f"{directory}: no tuned artifact here; write one with cli.py rewrite ... -o {directory}")
-    if not path.is_file():
-        raise UtuneError(f"{path} is missing; the directory is not a complete tuned artifact")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UtuneError(f"{path}: not valid JSON ({first_line(error)}); the artifact is damaged") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UtuneError(
-            f"{path}: not a utune_fx tuned artifact (format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-            f"expected {FORMAT!r})"
-        )
-    return manifest
-
-
 def data_config_of(model: torch.nn.Module) -> dict | None:
     """timm's input settings (size, interpolation, mean, std, crop) for models that have them."""
     if not hasattr(model, "pretrained_cfg"):
@@ -126,14 +122,15 @@ def data_config_of(model: torch.nn.Module) -> dict | None:
     return timm.data.resolve_data_config(model=model)
 
 
-def build_tuned(source: TunedSource, rule_sets: list[Any], seed: int = 0):
-    """Build the model a spec names, trace it and rewrite it: a RewriteResult that knows its
-    source and its base model's data config (what save_tuned and training need)."""
+def build_tuned(source: TunedSource, rule_sets: list[Any], seed: int = 0, module: torch.nn.Module | None = None):
+    """Build the model a spec names (or take ``module``, the base model already built), trace it and
+    rewrite it: a RewriteResult that knows its source and its base model's data config (what
+    save_tuned and training need)."""
     from utune_fx.rewrite import rewrite
     from utune_fx.specs import load_model
     from utune_fx.trace import trace
 
-    loaded = load_model(source.model, source.input_shapes or None)
+    loaded = load_model(source.model, source.input_shapes or None, module=module)
     gm = trace(loaded.model, loaded.inputs, frontend=source.frontend, name=loaded.name)
     result = rewrite(gm, rule_sets, seed)
     result.source = source
@@ -142,37 +139,35 @@ def build_tuned(source: TunedSource, rule_sets: list[Any], seed: int = 0):
     return result
 
 
-def load_tuned(directory: str | Path):
-    """Rebuild the base model, trace and rewrite it as recorded, load the tuner weights."""
+def load_tuned(directory: str | Path, model: str | torch.nn.Module | None = None):
+    """Rebuild the base model, trace and rewrite it as recorded, load the tuner weights.
+
+    ``model`` names the base model when the manifest's spec runs code (an import or file spec,
+    refused otherwise): a spec string, which replaces the recorded one, or the nn.Module itself."""
     from utune_fx.match import load_rules
 
     directory = Path(directory)
-    manifest = _read_manifest(directory)
+    manifest = read_manifest(directory)
+    spec = base_model_spec(manifest, directory / MANIFEST, model)  # before anything is built or read
     tensors_path = directory / TENSORS
     if not tensors_path.is_file():
         raise UtuneError(f"{tensors_path} is missing; the directory is not a complete tuned artifact")
-    if _sha256(tensors_path.read_bytes()) != manifest["tensors_sha256"]:
+    if file_sha256(tensors_path) != manifest["tensors_sha256"]:
         raise UtuneError(f"{tensors_path} does not match the sha256 in {MANIFEST}; the file was changed or damaged")
     rule_sets = []
     with tempfile.TemporaryDirectory() as scratch:
         for index, entry in enumerate(manifest["rules"]):
             folder = Path(scratch) / str(index)
-            for name, text in entry["sources"].items():
-                if _sha256(text.encode()) != entry["sha256"].get(name):
-                    raise UtuneError(
-                        f"{directory / MANIFEST}: rule text of {name} does not match its sha256; "
-                        "the manifest was edited"
-                    )
-                target = (folder / name).resolve()
-                if not target.is_relative_to(folder.resolve()):
-                    raise UtuneError(f"{directory / MANIFEST}: rule source path {name!r} leaves the artifact")
+            for name, text in entry["sources"].items():  # names checked by read_manifest: they stay in folder
+                target = folder / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(text)
             rule_sets.append(load_rules(folder / Path(entry["path"]).name))
-        result = build_tuned(TunedSource(manifest["model"], manifest["input_shapes"], manifest["frontend"]), rule_sets)
+        source = TunedSource(spec, manifest["input_shapes"], manifest["frontend"])
+        result = build_tuned(source, rule_sets, module=model if isinstance(model, torch.nn.Module) else None)
     if base_sha256(result.module) != manifest["base_sha256"]:
         raise UtuneError(
-            f"{directory}: the base model {manifest['model']} now has other weights than the ones it "
+            f"{directory}: the base model {spec} now has other weights than the ones it "
             f"was tuned on (tuned with {manifest['versions']}); use the same weights and versions"
         )
     try:
