@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 
 from torch import fx
 
-from utune_fx.match import limits
 from utune_fx.match.globs import ScopeGlob
 from utune_fx.match.predicates import NodeContext, Predicate, compile_predicate, data_inputs
 from utune_fx.match.source import Located
@@ -320,10 +319,7 @@ def _compile_form(value: Located, name: str, resolve: Resolve) -> Pattern:
     if form == "graph":
         return compile_graph(body, name, within, outside)
     if form == "scope":
-        glob = body.text()
-        if len(glob) > limits.RULE_NAME_LENGTH.value():
-            raise body.fail(f"a scope glob of {len(glob):,} characters; {limits.RULE_NAME_LENGTH.advice()}")
-        return ScopePattern(name, glob, within=within, outside=outside)
+        return ScopePattern(name, body.name("a scope glob"), within=within, outside=outside)
     if form in ("residual", "block"):
         fields = body.check_keys(("contains",))
         inner = [resolve(item) for item in fields["contains"].items()] if "contains" in fields else []

@@ -18,7 +18,6 @@ from typing import Any
 
 from torch import fx, nn
 
-from utune_fx.match import limits
 from utune_fx.match.globs import ClassGlob, ScopeGlob
 from utune_fx.match.source import Located
 from utune_fx.trace import OP_KINDS, node_info
@@ -42,12 +41,8 @@ def _strings(value: Located, what: str) -> list[str]:
 
 def _globs(value: Located, what: str) -> list[str]:
     """Globs, each within the name-length limit (matching costs up to glob x name length)."""
-    globs = _strings(value, what)
-    longest = max(globs, key=len, default="")
-    if len(longest) > limits.RULE_NAME_LENGTH.value():
-        what = f"a {what} glob of {len(longest):,} characters"
-        raise value.fail(f"{what}; {limits.RULE_NAME_LENGTH.advice()}")
-    return globs
+    items = value.items() if isinstance(value.value, list) else [value]
+    return [item.name(f"a {what} glob") for item in items]
 
 
 def _one_of(value: Located, allowed: tuple[str, ...], what: str) -> list[str]:

@@ -113,6 +113,8 @@ class _Loader:
         self.texts[path] = text
         for item in entries["imports"].items() if "imports" in entries else []:
             target = path.parent / item.name("an imported file name")
+            if "\x00" in item.value:  # a path cannot hold it (resolve() would raise ValueError)
+                raise item.fail("an imported file name cannot hold a NUL character")
             if target.resolve() in self.loaded:
                 continue
             if not target.is_file():

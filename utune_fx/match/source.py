@@ -227,6 +227,14 @@ class _Converter:
             value = self.constructor.construct_object(node, deep=True)
         except yaml.YAMLError as error:
             raise RuleError(f"{where}: {key or '(top level)'}: {str(error).splitlines()[0]}") from error
+        except (ValueError, OverflowError) as error:  # a date YAML recognises but the calendar has not: 2001-02-30
+            raise RuleError(
+                f"{where}: {key or '(top level)'}: cannot read {node.value!r} ({error}); quote it"
+            ) from None
+        if isinstance(value, str) and not _encodable(value):
+            raise RuleError(
+                f"{where}: {key or '(top level)'}: the text holds an unpaired surrogate (\\ud800); remove it"
+            )
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**self.max_digits:
             raise _over(where, key, f"an integer of {len(str(value)):,} digits", limits.RULE_INTEGER_DIGITS)
         if not isinstance(value, (str, int, float, bool)) and value is not None:
@@ -235,6 +243,15 @@ class _Converter:
                 "use strings, numbers, booleans, lists and mappings"
             )
         return value
+
+
+def _encodable(text: str) -> bool:
+    """Whether the text can be printed as UTF-8 (an escaped lone surrogate, "\\ud800", cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _short(value: Any) -> str:

@@ -65,7 +65,7 @@ class ParallelAdapterConfig(TunerConfig):
     def __post_init__(self) -> None:
         check_positive_int("hidden", self.hidden)
         check(
-            self.activation in ACTIVATIONS,
+            isinstance(self.activation, str) and self.activation in ACTIVATIONS,
             f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}",
         )
         check(
@@ -90,7 +90,7 @@ class SequentialAdapterConfig(TunerConfig):
     def __post_init__(self) -> None:
         check_positive_int("hidden", self.hidden)
         check(
-            self.activation in ACTIVATIONS,
+            isinstance(self.activation, str) and self.activation in ACTIVATIONS,
             f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}",
         )
         check_dropout(self.dropout)
