@@ -248,3 +248,18 @@ def test_an_unusable_device_is_refused_before_any_work(tmp_path, capsys, monkeyp
     assert TrainConfig(device="cuda:1").device == "cuda:1" and TrainConfig(device="cuda").device == "cuda"
     with pytest.raises(UtuneError, match=r"cuda:2"):
         TrainConfig(device="cuda:2")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"lr": float("inf")}, r"--lr must be a finite number, got inf"),
+        ({"clip_grad": float("nan")}, r"--clip-grad must be a finite number, got nan"),
+        ({"seed": 10**30}, r"--seed must be an integer of at most 4294967295"),
+        ({"workers": 10**6}, r"--workers must be an integer of at most 256"),
+        ({"epochs": 10**7}, r"--epochs must be an integer of at most 1000000"),
+    ],
+)
+def test_training_numbers_are_finite_and_bounded(setting, message):
+    with pytest.raises(UtuneError, match=message):
+        TrainConfig(**setting)

@@ -25,7 +25,7 @@ import traceback
 
 from rich.console import Console
 
-from utune_fx.cli_deploy import add_deploy_commands
+from utune_fx.cli_deploy import add_base_model_flag, add_deploy_commands
 from utune_fx.cli_support import add_output_flags, print_json
 from utune_fx.errors import EXIT_USER_ERROR, UtuneError
 from utune_fx.specs import DEFAULT_MODEL, with_weights
@@ -117,7 +117,9 @@ def _train_locked(args: argparse.Namespace, config, out, settings: dict) -> dict
 
     status = Console(stderr=True)
     with status.status(f"building {args.model}"):
-        result = tuned_model(args.model, args.rules, args.input_shape, args.frontend, args.seed)
+        result = tuned_model(
+            args.model, args.rules, args.input_shape, args.frontend, args.seed, base_model=args.base_model
+        )
     with status.status(f"reading {args.data}"):
         splits = load_splits(
             result,
@@ -170,7 +172,7 @@ def _eval(args: argparse.Namespace) -> int:
     from utune_fx.train.plots import plot_confusion
     from utune_fx.train.session import evaluate_classes, load_splits, tuned_model
 
-    result = tuned_model(args.directory, None, None, "auto")
+    result = tuned_model(args.directory, None, None, "auto", base_model=args.base_model)
     splits = load_splits(result, args.data, seed=args.seed, augment=False)
     dataset = splits.test if args.split == "test" and splits.test is not None else splits.val
     split = "test" if dataset is splits.test else "validation"
@@ -336,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(train, None)
     train.add_argument("--rules", action="append", metavar="FILE", help=f"when MODEL is a model spec: {rules_help}")
     train.add_argument("-o", "--output", required=True, metavar="OUT", help="run directory")
+    add_base_model_flag(train)
     _add_data_arguments(train)
     _add_training_arguments(train)
     train.set_defaults(run=_train)
@@ -350,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the source's test split (default; validation when it has none) or validation",
     )
     evaluate.add_argument("-o", "--output", metavar="DIR", help="where eval.json and confusion.png go (default DIR)")
+    add_base_model_flag(evaluate)
     add_output_flags(evaluate, "print the report as JSON")
     evaluate.set_defaults(run=_eval)
 

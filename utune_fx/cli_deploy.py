@@ -26,7 +26,7 @@ def _fold(args: argparse.Namespace) -> int:
     if directory is None:
         raise UtuneError(f"{args.directory}: no tuned artifact here; write one with cli.py rewrite or train")
     with Console(stderr=True).status(f"folding {directory}"):
-        result, folded, difference = fold_artifact(directory)
+        result, folded, difference = fold_artifact(directory, model=args.base_model)
     out = save_folded(directory, folded, difference, args.output)
     if args.json:
         print_json({"entries": folded.to_json(), "relative_difference": difference})
@@ -52,7 +52,7 @@ def _export(args: argparse.Namespace) -> int:
         )
     status = Console(stderr=True)
     with status.status(f"loading {args.directory}"):
-        result, module, folded = load_for_inference(args.directory, args.fold)
+        result, module, folded = load_for_inference(args.directory, args.fold, model=args.base_model)
     names = [name for name, p in result.module.named_parameters() if p.requires_grad] if args.tuners_as_inputs else []
     with status.status(f"exporting to {args.output} (opset {args.opset}) and checking it in ONNX Runtime"):
         exported = export_onnx(
@@ -111,7 +111,7 @@ def _bench(args: argparse.Namespace) -> int:
     if not batches or min(batches) < 1:
         raise UtuneError(f"--batch-sizes {args.batch_sizes!r}: give positive integers separated by commas, e.g. 1,32")
     with Console(stderr=True).status(f"loading {args.directory}"):
-        result = tuned_model(args.directory, None, None, "auto")
+        result = tuned_model(args.directory, None, None, "auto", base_model=args.base_model)
     report = benchmark(result, batches, rounds=args.rounds, opset=args.opset) | {"artifact": str(args.directory)}
     report["ratios"] = ratios(report)
     out = Path(args.output)
@@ -141,10 +141,22 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_base_model_flag(parser: argparse.ArgumentParser) -> None:
+    """--model SPEC: the artifact's base model, required when its manifest records code (import or file spec)."""
+    parser.add_argument(
+        "--model",
+        dest="base_model",
+        metavar="SPEC",
+        help="build the artifact's base model from SPEC instead of its manifest; required when the manifest "
+        "names code (package.module:callable, file.py:callable), which an artifact alone never runs",
+    )
+
+
 def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     fold = commands.add_parser("fold", help="merge the tuners into the frozen weights where they are linear")
     fold.add_argument("directory", metavar="DIR", help="a tuned artifact (or a training run's OUT)")
     fold.add_argument("-o", "--output", required=True, metavar="OUT", help="directory for the folded artifact")
+    add_base_model_flag(fold)
     add_output_flags(fold, "print the fold report as JSON")
     fold.set_defaults(run=_fold)
 
@@ -164,6 +176,7 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="tuner tensors become graph inputs: one file serves every task tuned with the same rules",
     )
+    add_base_model_flag(export)
     add_output_flags(export, "print the export and parity report as JSON")
     export.set_defaults(run=_export)
 
@@ -173,5 +186,6 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--rounds", type=int, default=30, help="timed calls per variant and batch size (default 30)")
     bench.add_argument("--opset", type=int, default=18, help="ONNX opset of the exported model (default 18)")
     bench.add_argument("-o", "--output", default="bench.json", metavar="FILE", help="JSON report (default bench.json)")
+    add_base_model_flag(bench)
     add_output_flags(bench, "print the report as JSON")
     bench.set_defaults(run=_bench)

@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 from utune_fx.errors import UtuneError
 from utune_fx.train.devices import check_device
+
+MAX_EPOCHS = 1_000_000  # the most a checkpoint records (schemas/checkpoint.schema.json)
+MAX_WORKERS = 256  # data loader processes; more only exhausts the machine
+MAX_SEED = 2**32 - 1  # seeds feed torch and numpy generators, which take 64 (numpy: 32) bits
 
 
 @dataclass
@@ -35,10 +40,28 @@ class TrainConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise UtuneError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        numbers = {
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "warmup_epochs": self.warmup_epochs,
+            "label_smoothing": self.label_smoothing,
+            "clip_grad": self.clip_grad,
+        }
+        for name, value in numbers.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UtuneError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
         if not self.lr > 0:
             raise UtuneError(f"--lr must be positive, got {self.lr!r}")
         if not 0 <= self.label_smoothing < 1:
             raise UtuneError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        bounded = {
+            "epochs": (self.epochs, MAX_EPOCHS),
+            "workers": (self.workers, MAX_WORKERS),
+            "seed": (self.seed, MAX_SEED),
+        }
+        for name, (value, most) in bounded.items():
+            if not isinstance(value, int) or value > most:
+                raise UtuneError(f"--{name} must be an integer of at most {most}, got {value!r}")
         choices = {
             "optimizer": ("adamw", "sgd"),
             "precision": ("auto", "bf16", "fp32"),
@@ -46,9 +69,9 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UtuneError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.weight_decay < 0 or self.clip_grad < 0 or self.warmup_epochs < 0 or self.workers < 0 or self.seed < 0:
+            raise UtuneError("--weight-decay, --clip-grad, --warmup-epochs, --workers and --seed must not be negative")
         check_device(self.device)  # an unusable device is refused here, before any model or data work
-        if self.weight_decay < 0 or self.clip_grad < 0 or self.warmup_epochs < 0 or self.workers < 0:
-            raise UtuneError("--weight-decay, --clip-grad, --warmup-epochs and --workers must not be negative")
 
     @classmethod
     def help(cls) -> dict[str, str]:

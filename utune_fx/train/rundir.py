@@ -57,6 +57,9 @@ def hold_lock(out: Path) -> Iterator[None]:
             f"{out} is in use by another training run (process {holder or 'unknown'} holds {path}); "
             "wait for it to end, or write to another -o"
         ) from None
+    except OSError as error:  # a file system without locks (some network mounts)
+        os.close(descriptor)
+        raise UtuneError(f"{path}: cannot lock the run directory ({first_line(error)}); write to a local -o") from error
     try:
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, str(os.getpid()).encode(), 0)  # for the message a second writer sees

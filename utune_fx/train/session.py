@@ -24,8 +24,16 @@ from utune_fx.trace.annotate import set_training
 from utune_fx.train.rundir import CHECKPOINT, TUNED, TUNED_TENSORS, check_run_result, config_settings, file_sha256
 
 
-def tuned_model(model: str, rules: list[str] | None, input_shapes: list[str] | None, frontend: str, seed: int = 0):
-    """A RewriteResult from an artifact directory, or from a model spec rewritten with rule files."""
+def tuned_model(
+    model: str,
+    rules: list[str] | None,
+    input_shapes: list[str] | None,
+    frontend: str,
+    seed: int = 0,
+    base_model: str | None = None,
+):
+    """A RewriteResult from an artifact directory (``base_model``: --model SPEC, see load_tuned), or from
+    a model spec rewritten with rule files."""
     from utune_fx.match import load_rules
 
     if _is_run_directory(model):
@@ -34,7 +42,9 @@ def tuned_model(model: str, rules: list[str] | None, input_shapes: list[str] | N
     if directory is not None:
         if rules:
             raise UtuneError(f"{model} is a tuned artifact and brings its own rules; drop --rules")
-        return load_tuned(directory)
+        return load_tuned(directory, model=base_model)
+    if base_model is not None:
+        raise UtuneError(f"--model names the base model of a tuned artifact, and {model} is not one; drop --model")
     if not rules:
         raise UtuneError(
             f"{model} is not a tuned artifact directory; give a model spec with --rules FILE, "
