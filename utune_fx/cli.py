@@ -2,7 +2,7 @@
 
     python cli.py inspect [MODEL_SPEC] [--input-shape 2,3,224,224] [--frontend auto|fx|export] [--json]
     python cli.py match MODEL_SPEC --rules FILE [--explain] [--allow-empty] [--json]
-    python cli.py rewrite MODEL_SPEC --rules FILE [--rules FILE2 ...] -o DIR
+    python cli.py rewrite MODEL_SPEC --rules FILE [--rules FILE2 ...] -o DIR [--allow-empty]
     python cli.py train DIR_OR_MODEL [--rules FILE ...] --data SPEC -o OUT [--epochs N --lr X ...] [--resume]
     python cli.py eval DIR --data SPEC [--split test|val]
     python cli.py fold DIR -o OUT                   (these three: cli_deploy.py)
@@ -11,8 +11,9 @@
     python cli.py zoo [--models ci|all|NAMES] [-o DIR] [--markdown docs/coverage.md]
 
 User errors print one line, ``error: ...``, and exit with code 2; ``--debug``
-shows the traceback instead. ``match`` exits with 3 when a rule matches
-nothing (unless ``--allow-empty``).
+shows the traceback instead. ``match`` and ``rewrite`` exit with 3 when a rule
+matches nothing (unless ``--allow-empty``); ``match`` exits with 2, and the line
+``rewrite`` would fail with, when ``rewrite`` would refuse a region.
 """
 
 from __future__ import annotations
@@ -60,33 +61,40 @@ def _traced(args: argparse.Namespace):
 
 def _match(args: argparse.Namespace) -> int:
     from utune_fx.match import load_rules
-    from utune_fx.match.report import match_report, render_match
+    from utune_fx.match.report import empty_rules_error, match_report, render_match
+    from utune_fx.rewrite.plan import bytes_per_parameter, dry_run_refusal, site_refusal
 
     rules = load_rules(args.rules)  # before building the model: a bad rule file fails fast
     loaded, gm = _traced(args)
-    report = match_report(gm, loaded.model, rules, loaded.name)
+    report = match_report(gm, loaded.model, rules, loaded.name, site_refusal)  # the checks rewrite runs
+    refusal = dry_run_refusal([report], bytes_per_parameter(loaded.model))
+    report["refusal"] = refusal
     if args.json:
         print_json(report)
     else:
         render_match(report, Console(width=max(Console().width, 120)), args.explain)
+    if refusal is not None:  # what rewrite would refuse with, the same line
+        print(f"error: {refusal}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if report["empty_rules"] and not args.allow_empty:
-        print(
-            f"error: rule(s) {', '.join(report['empty_rules'])} in {args.rules} match nothing in {loaded.name}; "
-            "see --explain, or pass --allow-empty",
-            file=sys.stderr,
-        )
+        empty = [(rules.path, name) for name in report["empty_rules"]]
+        print(f"error: {empty_rules_error(empty, loaded.name)}", file=sys.stderr)
         return EXIT_EMPTY_RULE
     return 0
 
 
 def _rewrite(args: argparse.Namespace) -> int:
     from utune_fx.match import load_rules
+    from utune_fx.match.report import empty_rules_error
     from utune_fx.rewrite.artifact import TunedSource, build_tuned, save_tuned
     from utune_fx.rewrite.report import render_rewrite
 
     rule_sets = [load_rules(path) for path in args.rules]  # before building the model: bad rules fail fast
     with Console(stderr=True).status(f"building, tracing and rewriting {args.model}"):
         result = build_tuned(TunedSource(args.model, args.input_shape or [], args.frontend), rule_sets)
+    if result.empty_rules and not args.allow_empty:  # as match does; nothing is written
+        print(f"error: {empty_rules_error(result.empty_rules, args.model)}", file=sys.stderr)
+        return EXIT_EMPTY_RULE
     out = save_tuned(result, rule_sets, result.source, args.output)
     render_rewrite(result, args.model, Console(width=max(Console().width, 120)))
     print(f"wrote {out}/ (manifest.json, tuners.safetensors)")
@@ -332,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"{rules_help}; repeat to apply several, in order",
     )
     rewrite.add_argument("-o", "--output", required=True, metavar="DIR", help="directory for the tuned artifact")
+    rewrite.add_argument(
+        "--allow-empty", action="store_true", help="write the artifact even if a rule matches nothing (else exit 3)"
+    )
     rewrite.set_defaults(run=_rewrite)
 
     train = commands.add_parser("train", help="train a tuned model (an artifact, or a model spec with --rules)")

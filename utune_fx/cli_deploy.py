@@ -29,10 +29,12 @@ def _fold(args: argparse.Namespace) -> int:
         result, folded, difference = fold_artifact(directory, model=args.base_model)
     out = save_folded(directory, folded, difference, args.output)
     if args.json:
-        print_json({"entries": folded.to_json(), "relative_difference": difference})
+        print_json({"entries": folded.to_json(), "relative_difference": difference, "warnings": folded.warnings})
     else:
         tuned_elements = sum(t.numel() for t in result.module.state_dict().values())
         render_fold(folded, difference, tuned_elements, Console(width=max(Console().width, 120)))
+        for warning in folded.warnings:  # a check that passed but says nothing
+            print(f"warning: {warning}")
         print(f"wrote {out}/ (folded.safetensors, fold.json, and the tuned artifact it came from)")
     return 0
 
@@ -71,6 +73,7 @@ def _export(args: argparse.Namespace) -> int:
         "fallback": exported.fallback_reason,
         "provider": exported.parity.provider,
         "parity": [vars(check) for check in exported.parity.checks],
+        "warnings": exported.parity.warnings,
     }
     if args.json:
         print_json(report)
@@ -89,7 +92,10 @@ def _export(args: argparse.Namespace) -> int:
             f"  ONNX Runtime ({exported.parity.provider}) vs PyTorch, batch {check.batch_size}: max abs error "
             f"{check.max_abs_error:.1e}, relative {check.rel_error:.1e} ({check.dtype}: rtol {check.rtol:g}, "
             f"atol {check.atol:g}) {'ok' if check.passed else 'FAILED'}"
+            + (" (uninformative: all-zero outputs)" if check.uninformative else "")
         )
+    for warning in exported.parity.warnings:  # a check that passed but says nothing
+        print(f"  warning: {warning}")
     if names:
         print(
             f"  {len(names)} tuner tensors are graph inputs; feed another task's with "

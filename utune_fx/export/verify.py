@@ -14,6 +14,9 @@ An output passes when every element does: |ort - torch| <= atol + rtol * max(|to
 with (rtol, atol) from TOLERANCES by the PyTorch output's dtype (integer and bool outputs: exact).
 Reported per batch size, worst over the outputs: the max abs error, and the relative error
 ||ort - torch||_2 / ||torch||_2 (norm-based: elementwise ratios explode at elements near zero).
+A NaN or infinity in either side's floating outputs fails the check in one line (NaN against NaN is
+no match); PyTorch outputs that are all zero pass but are flagged ``uninformative`` (Parity.warnings):
+zeros against zeros say nothing about the model.
 
 Tolerances, measured on CPU (ONNX Runtime 1.31, torch 2.13, both exporters, batch 1 and 4) with the
 tuners set away from identity (normal(0, 0.05)):
@@ -45,6 +48,7 @@ from torch.utils._pytree import tree_leaves
 
 from utune_fx.errors import UtuneError, first_line
 from utune_fx.export.exporters import batched_inputs, eval_mode
+from utune_fx.fold import all_zero, non_finite
 
 
 class ModuleFailure(UtuneError):
@@ -74,6 +78,7 @@ class BatchParity:
     rtol: float
     atol: float
     passed: bool
+    uninformative: bool = False  # PyTorch's floating outputs are all zero: a pass that says nothing
 
 
 @dataclass
@@ -90,7 +95,19 @@ class Parity:
         parts = ", ".join(
             f"batch {c.batch_size}: max abs {c.max_abs_error:.1e}, rel {c.rel_error:.1e}" for c in self.checks
         )
-        return f"ONNX Runtime ({self.provider}) matches PyTorch ({parts})"
+        return f"ONNX Runtime ({self.provider}) matches PyTorch ({parts})" + "".join(
+            f"; warning: {w}" for w in self.warnings
+        )
+
+    @property
+    def warnings(self) -> list[str]:
+        zero = [str(check.batch_size) for check in self.checks if check.uninformative]
+        if not zero:
+            return []
+        return [
+            f"PyTorch's outputs are all zero at batch {', '.join(zero)}, so the parity check compares zeros "
+            "with zeros and says nothing about the model; check its weights (a zeroed classifier?)"
+        ]
 
 
 def providers() -> list[str]:
@@ -117,8 +134,7 @@ def _compare(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float, float
     tolerance = TOLERANCES.get(want.dtype, EXACT) if want.dtype.is_floating_point else EXACT
     reference = want.detach().cpu().double().numpy()
     got = got.cpu().double().numpy()
-    error = np.abs(got - reference)
-    error[np.isnan(got) & np.isnan(reference)] = 0.0  # NaN where PyTorch has NaN matches
+    error = np.abs(got - reference)  # both finite: _check refused NaN and infinities before
     if not error.size:
         return 0.0, 0.0, 0.0, tolerance
     # rtol of each element's size, but never below rtol of the output's largest magnitude: an element
@@ -154,12 +170,29 @@ def _check(path: Path, batch: int, got: list[torch.Tensor], expected: list[torch
                 f"{path}: output {index} at batch {batch} has shape {list(ours.shape)} in ONNX Runtime, "
                 f"{list(theirs.shape)} in PyTorch; the export fixed a size that should follow the batch"
             )
+        for tensor, side in ((theirs, "PyTorch"), (ours, "ONNX Runtime")):
+            problem = non_finite([tensor])
+            if problem is not None:
+                raise UtuneError(
+                    f"{path}: {side}'s output {index} at batch {batch} holds {problem}; parity cannot pass "
+                    "on values that are not finite: a tuner setting or trained weight of the model (or the "
+                    "export) is broken"
+                )
         abs_error, rel_error, ratio, tolerance = _compare(ours, theirs)
         max_abs, rel = max(max_abs, abs_error), max(rel, rel_error)
         if ratio > worst_ratio:
             worst, worst_ratio = (str(theirs.dtype).removeprefix("torch."), tolerance), ratio
     dtype, tolerance = worst if worst else ("float32", TOLERANCES[torch.float32])
-    return BatchParity(batch, max_abs, rel, dtype, tolerance.rtol, tolerance.atol, passed=worst_ratio <= 1.0)
+    return BatchParity(
+        batch,
+        max_abs,
+        rel,
+        dtype,
+        tolerance.rtol,
+        tolerance.atol,
+        passed=worst_ratio <= 1.0,
+        uninformative=all_zero(expected),
+    )
 
 
 def _session(path: Path) -> ort.InferenceSession:

@@ -24,6 +24,7 @@ the same nodes, the same parameter names and shapes.
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx, nn
 
+from utune_fx.errors import UtuneError
 from utune_fx.fold import merges
 from utune_fx.fold.constants import fold_constants, remove_dead_tuner_nodes
 from utune_fx.fold.layers import channel_axis, fold_target, layer_behind, layer_uses
@@ -43,7 +45,16 @@ from utune_fx.tuners.prefix import GatedConcatAttention, _PrefixTokens
 from utune_fx.tuners.prompts import PromptTokens
 from utune_fx.tuners.scale_shift import ScaleShift
 
-__all__ = ["FoldEntry", "FoldResult", "fold", "floating_outputs", "folded_difference", "relative_difference"]
+__all__ = [
+    "FoldEntry",
+    "FoldResult",
+    "all_zero",
+    "fold",
+    "floating_outputs",
+    "folded_difference",
+    "non_finite",
+    "relative_difference",
+]
 
 FOLDED, CONSTANT, IN_PLACE, KEPT = "folded", "constant", "in place", "kept"
 
@@ -61,6 +72,7 @@ class FoldEntry:
 class FoldResult:
     module: fx.GraphModule
     entries: list[FoldEntry] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # checks that passed but say nothing (all-zero outputs)
 
     def count(self, status: str) -> int:
         return sum(entry.status == status for entry in self.entries)
@@ -221,14 +233,30 @@ def fold(module: fx.GraphModule, summaries: list | None = None) -> FoldResult:
     return FoldResult(gm, entries)
 
 
-def folded_difference(tuned: nn.Module, folded: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
-    """Largest |folded - tuned| over the outputs, relative to the largest |tuned|."""
+def folded_difference(
+    tuned: nn.Module, folded: nn.Module, inputs: tuple[torch.Tensor, ...], warnings: list[str] | None = None
+) -> float:
+    """Largest |folded - tuned| over the outputs, relative to the largest |tuned|. Outputs that are not
+    finite are a UtuneError (NaN against NaN is no match); all-zero tuned outputs add a line to
+    ``warnings``: the check then compares zeros with zeros and says nothing."""
     with torch.no_grad():
         modes = {m: m.training for m in tuned.modules()}
         set_training(tuned, False)
         expected, actual = tuned(*inputs), folded(*inputs)
         for m, mode in modes.items():
             m.training = mode
+    for outputs, which in ((expected, "tuned"), (actual, "folded")):
+        problem = non_finite(floating_outputs(outputs))
+        if problem is not None:
+            raise UtuneError(
+                f"the {which} model's outputs on the example inputs hold {problem}, so folding cannot be "
+                "checked: a tuner setting or trained weight is not finite; rewrite or train it again"
+            )
+    if warnings is not None and all_zero(floating_outputs(expected)):
+        warnings.append(
+            "the tuned model's outputs on the example inputs are all zero, so the folded-vs-tuned check "
+            "says nothing about the fold; check the model's weights (a zeroed classifier?)"
+        )
     return relative_difference(actual, expected)
 
 
@@ -239,9 +267,28 @@ def floating_outputs(value) -> list[torch.Tensor]:
     return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+def non_finite(tensors: list[torch.Tensor]) -> str | None:
+    """'2 NaN and 0 infinite of 20 values' when floating tensors hold values that are not finite, else None."""
+    tensors = [t for t in tensors if t.is_floating_point()]
+    nan = sum(int(torch.isnan(t).sum()) for t in tensors)
+    infinite = sum(int(torch.isinf(t).sum()) for t in tensors)
+    if not nan and not infinite:
+        return None
+    return f"{nan:,} NaN and {infinite:,} infinite of {sum(t.numel() for t in tensors):,} values"
+
+
+def all_zero(tensors: list[torch.Tensor]) -> bool:
+    """Floating outputs that are all zero: a comparison against them passes whatever the other side is near 0."""
+    tensors = [t for t in tensors if t.is_floating_point()]
+    return bool(tensors) and not any(bool(t.any()) for t in tensors)
+
+
 def relative_difference(actual, expected) -> float:
     """Largest |actual - expected| over the floating outputs, relative to the largest |expected|;
-    computed in float64."""
+    computed in float64. Infinite when either side holds NaN or infinities: comparisons of values
+    that are not finite never pass a tolerance (NaN would compare as neither larger nor smaller)."""
     pairs = list(zip(floating_outputs(actual), floating_outputs(expected)))
-    scale = max(float(e.abs().max()) for _, e in pairs) or 1.0
-    return max(float((a.double() - e.double()).abs().max()) for a, e in pairs) / scale
+    if non_finite([t for pair in pairs for t in pair]) is not None:
+        return math.inf
+    scale = max((float(e.abs().max()) for _, e in pairs if e.numel()), default=0.0) or 1.0
+    return max((float((a.double() - e.double()).abs().max()) for a, e in pairs if e.numel()), default=0.0) / scale

@@ -47,7 +47,7 @@ def fold_artifact(directory: str | Path, model=None) -> tuple[object, FoldResult
     the fold, max relative difference of folded vs tuned outputs on the example inputs)."""
     result = load_tuned(directory, model=model)
     folded = fold(result.module, result.summaries)
-    return result, folded, folded_difference(result.module, folded.module, result.example_inputs)
+    return result, folded, folded_difference(result.module, folded.module, result.example_inputs, folded.warnings)
 
 
 def save_folded(directory: str | Path, folded: FoldResult, difference: float, out: str | Path) -> Path:

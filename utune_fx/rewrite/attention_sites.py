@@ -259,6 +259,19 @@ def _stream_input(found: RuleMatch, region: Region) -> fx.Node:
     )
 
 
+def deep_prompt_stream(found: RuleMatch, region: Region, calls: list[AttentionCall]) -> fx.Node:
+    """The one token stream a block's keys and values are made from, which deep prompts replace."""
+    sources = {data_inputs(_projection(found, region, t))[0] for c in calls for t in (c.key, c.value)}
+    if len(sources) != 1:
+        raise fail(
+            found,
+            region,
+            "the keys and values of this block's attentions read different "
+            "inputs; deep prompts need one token stream per block",
+        )
+    return sources.pop()
+
+
 def _prompt_attention(query, key, value, prompt_keys, prompt_values, scale=None):
     """The prompts' own queries over the real and the prompt keys (shallow prompts move on).
     With windowed attention (keys [B * windows, ...]) the prompts join every window and
@@ -297,15 +310,7 @@ def insert_prompts(
     for index, region in enumerate(regions):
         calls = _attentions(found, region, ctx)
         if config.deep:
-            sources = {data_inputs(_projection(found, region, t))[0] for c in calls for t in (c.key, c.value)}
-            if len(sources) != 1:
-                raise fail(
-                    found,
-                    region,
-                    "the keys and values of this block's attentions read different "
-                    "inputs; deep prompts need one token stream per block",
-                )
-            tokens_at = sources.pop()
+            tokens_at = deep_prompt_stream(found, region, calls)
             norm = _norm_before(tokens_at)
             width = node_info(tokens_at).shape[-1]
             module = PromptTokens(config, Site(width, width, 3, False)).to(**placement)

@@ -21,14 +21,13 @@ from torch import fx, nn
 
 from utune_fx.errors import UtuneError
 from utune_fx.match import MatchContext, Region, RuleMatch
-from utune_fx.match.predicates import data_inputs
 from utune_fx.match.sizes import region_tokens, size_refusal
 from utune_fx.rewrite.attention_sites import (
     _attention_cores,
     _attentions,
-    _projection,
     _stream_input,
     attention_site,
+    deep_prompt_stream,
     fail,
 )
 from utune_fx.rewrite.passes import head_layer, region_site, trained_by_rule
@@ -79,14 +78,7 @@ def _check_prompt_site(found: RuleMatch, region: Region, ctx: MatchContext) -> N
     """What insert_prompts asks of a block before it inserts anything."""
     calls = _attentions(found, region, ctx)
     if found.rule.config.deep:
-        sources = {data_inputs(_projection(found, region, t))[0] for c in calls for t in (c.key, c.value)}
-        if len(sources) != 1:
-            raise fail(
-                found,
-                region,
-                "the keys and values of this block's attentions read different "
-                "inputs; deep prompts need one token stream per block",
-            )
+        deep_prompt_stream(found, region, calls)
     else:
         _stream_input(found, region)
         _attention_cores(found, region, calls)
