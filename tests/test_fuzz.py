@@ -1,0 +1,385 @@
+"""A structure-aware fuzzer for what users and attackers hand in: rule files, tuned artifacts, checkpoints.
+
+Each strategy starts from something valid (a rule file in every shape docs/rules.md allows,
+the manifest of a real tiny artifact, the state of a real tiny checkpoint) and changes a
+field or two to a hostile value: huge, negative, NaN or infinite numbers, 5,000-digit
+integers, long and unicode names, NUL bytes, globs of many stars, deep nesting, YAML alias
+bombs, wrong types, deleted keys. Every outcome must be success or one clean line:
+``load_rules`` raises only UtuneError (located ``file:line:col``), ``cli.main`` returns 0, 2
+or 3 with one ``error:`` line and no traceback, all within a deadline and a memory bound
+(each call runs in a forked child: tests/hostile/bounded.py). Where the issue promises a
+refusal (non-finite numbers, a hand-edited sealed manifest, a checkpoint's progress out of
+range) success is a failure too, and an artifact never runs the code its manifest names.
+
+derandomize=True: CI runs the same examples every time; shrinking is off because a shrink
+step that hangs costs a whole deadline (the failing example is reported as generated).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from hostile import files
+from hostile.bounded import CLEAN, classify, run_bounded
+from hostile.workspace import SPEC, TRAIN_FLAGS, Workspace, reseal
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from utune_fx.cli import main
+from utune_fx.errors import UtuneError
+from utune_fx.match import load_rules, match_rules
+from utune_fx.specs import load_model
+from utune_fx.trace import trace
+
+DEADLINE_S, MEMORY_MB = 20, 500
+FUZZ = settings(
+    derandomize=True,
+    deadline=None,  # each example forks and may build a model; the bound is the child's deadline
+    phases=(Phase.explicit, Phase.generate),
+    database=None,
+    # module-scoped fixtures only; the data strategies draw large values (10**5-character names) on purpose
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+)
+
+
+class Raw(str):
+    """YAML text written as it is (aliases, deep nesting, 5,000-digit integers)."""
+
+    def __repr__(self) -> str:  # falsifying examples stay readable
+        return f"Raw({str.__repr__(self[:80])}{'...' if len(self) > 80 else ''}, {len(self):,} characters)"
+
+
+# -- rule files -------------------------------------------------------------------------------------
+def to_yaml(value) -> str:
+    """Flow-style YAML for plain values; floats keep YAML 1.1's spelling (.inf, .nan, 1.0e+300)."""
+    if isinstance(value, Raw):
+        return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ".nan"
+        if math.isinf(value):
+            return ".inf" if value > 0 else "-.inf"
+        return f"{value:.17e}"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # JSON's escapes are YAML's double-quoted escapes
+    if isinstance(value, list):
+        return "[" + ", ".join(to_yaml(item) for item in value) + "]"
+    return "{" + ", ".join(f"{to_yaml(str(k))}: {to_yaml(v)}" for k, v in value.items()) + "}"
+
+
+PREDICATE = {
+    "kind": ["linear", "conv"],
+    "op": "Linear",
+    "class": "Linear",
+    "scope": "**.qkv",
+    "inside": "blocks.*",
+    "rank": 3,
+    "shape": [None, None, 16],
+    "dtype": "float32",
+    "attr": {"in_features": 16},
+    "pointwise": True,
+    "module": True,
+    "data_inputs": 1,
+    "any_of": [{"kind": "linear"}, {"depthwise": False}],
+    "not": {"feeds_output": True},
+}
+GRAPH = {
+    "nodes": {"fc1": {"kind": "linear"}, "act": {"kind": "act"}, "fc2": {"kind": "linear"}},
+    "edges": ["fc1 ->* act", "act ->* fc2"],
+    "through": ["act", "dropout", {"kind": "add", "data_inputs": 1}],
+    "where": [{"same_channels": ["fc1.in", "fc2.out"]}, {"all_paths": ["fc1", "fc2"]}],
+    "anchor": "fc2",
+    "output": "fc2",
+}
+TEMPLATES = [
+    {
+        "version": 1,
+        "description": "adapters",
+        "rules": [
+            {"name": "mha", "match": "attention", "tuner": "parallel_adapter", "position": "parallel",
+             "settings": {"hidden": 8, "activation": "relu", "scale": 1.0, "dropout": 0.0},
+             "scope": "blocks.*.attn", "layers": "0:2"},
+            {"name": "ffn", "match": "ffn", "tuner": "sequential_adapter", "settings": {"hidden": 4},
+             "first": 1, "last": 1, "every": 1, "exclude": {"layers": [5]}},
+        ],
+    },
+    {
+        "version": 1,
+        "patterns": {"p": {"node": PREDICATE, "within": "attention", "description": "linears"}},
+        "rules": [
+            {"name": "lora", "match": "p", "tuner": "lora", "settings": {"rank": 4, "alpha": 16.0, "dropout": 0.1},
+             "train": "biases"},
+            {"name": "plain", "match": {"node": {"kind": "conv"}}, "tuner": "lora", "fallback_for": "lora"},
+        ],
+    },
+    {
+        "version": 1,
+        "patterns": {"m": {"graph": GRAPH, "outside": "attention"}, "s": {"scope": "blocks.*"}},
+        "rules": [
+            {"name": "prefix", "match": {"any_of": ["attention", {"pattern": "m"}]}, "tuner": "prefix",
+             "settings": {"length": 4, "reparam_hidden": 0, "parallel": True}},
+            {"name": "vpt", "match": {"block": {"contains": ["attention"]}}, "tuner": "prompt",
+             "settings": {"length": 2, "deep": True}},
+            {"name": "ss", "match": {"residual": {"contains": ["m"]}}, "tuner": "scale_shift",
+             "settings": {"shift": False}},
+            {"name": "head", "match": "head", "tuner": "head", "settings": {"num_classes": 10}, "train": ["head.*"]},
+            {"name": "bias", "match": "s", "tuner": "bitfit"},
+        ],
+    },
+]  # fmt: skip
+
+NUMBERS = st.one_of(
+    st.sampled_from([0, -1, 1, -(2**63), 2**31, 2**63, 10**12, 10**100]),
+    st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -0.0, 5e-324, 0.5]),
+    st.integers(),
+    st.floats(),
+    st.just(Raw("9" * 5000)),
+)
+TEXTS = st.one_of(
+    st.sampled_from(["", " ", "**", "a-b", "a_b", "../../etc/passwd", "${HOME}", "!!python/object", "%s%n", "\x00"]),
+    st.integers(1, 40).map(lambda n: "*" * n + "b"),
+    st.integers(1, 12).map(lambda n: ".".join(["*"] * n) + ".b"),
+    st.sampled_from([1_000, 100_000]).map(lambda n: "n" * n),
+    st.text(max_size=20),
+    st.just(Raw('"\\ud800"')),  # a lone surrogate: printing it as UTF-8 fails
+)
+NESTING = st.one_of(
+    st.builds(files.laughs, st.integers(2, 7), st.integers(2, 9), st.booleans()).map(Raw),
+    st.builds(files.deep, st.sampled_from(["not", "any_of", "list"]), st.sampled_from([10, 100, 1000, 3000])).map(Raw),
+    st.sampled_from([10, 1000]).map(files.deep_pattern).map(Raw),
+)
+STRUCTURE = st.one_of(st.none(), st.booleans(), st.just([]), st.just({}), st.just([[[]]]), st.just({"k": {}}))
+HOSTILE = {"numbers": NUMBERS, "texts": TEXTS, "nesting": NESTING, "structure": STRUCTURE}
+
+
+def paths(value, prefix=()):
+    """Every position in a document: (key or index, ...) tuples, containers and leaves."""
+    yield prefix
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from paths(item, (*prefix, index))
+
+
+def mutate(document, path, action: str, value):
+    """A copy of ``document`` with the value at ``path`` replaced, deleted or joined by an unknown key."""
+    document = copy.deepcopy(document)
+    if not path:
+        return value if action == "replace" else document
+    parent = document
+    for step in path[:-1]:
+        parent = parent[step]
+    if action == "delete":
+        del parent[path[-1]]
+    elif action == "sibling" and isinstance(parent, dict):
+        parent["unknown_key"] = value
+    else:
+        parent[path[-1]] = value
+    return document
+
+
+@st.composite
+def rule_documents(draw, hostile: str, templates=TEMPLATES):
+    """A valid rule file with one to three positions changed to hostile values."""
+    document = draw(st.sampled_from(templates))
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(list(paths(document))))
+        action = draw(st.sampled_from(["replace", "replace", "replace", "delete", "sibling"]))
+        document = mutate(document, path, action, draw(HOSTILE[hostile]))
+    return document
+
+
+def _non_finite(value) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
+def _load(path: Path, graph=None) -> int:
+    """load_rules (and match_rules on ``graph``) as the CLI reports them: 0, or one ``error:`` line
+    and 2; anything else escapes."""
+    try:
+        rules = load_rules(path)
+        if graph is not None:
+            match_rules(graph, rules)
+    except UtuneError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _check_rule_file(text: str, must_fail: bool, graph=None) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "rules.yaml"
+        path.write_bytes(text.encode("utf-8", "surrogatepass"))
+        outcome = run_bounded(lambda: _load(path, graph), timeout_s=DEADLINE_S, memory_mb=MEMORY_MB)
+    kind = classify(outcome, must_fail=must_fail, memory_mb=MEMORY_MB)
+    shown = text[:300] if len(text) < 2000 else f"{text[:300]!r}... ({len(text):,} characters)"
+    assert kind == CLEAN, f"{kind}: {outcome.describe()}\nrule file:\n{shown}"
+    if outcome.returncode == 2:
+        line = outcome.error_lines()[0]
+        assert re.match(r"error: \S*\.yaml:\d+:\d+: ", line), f"not located at file:line:col: {line[:300]}"
+        assert len(line) < 2000, f"a {len(line):,}-character error line: {line[:300]}..."
+
+
+@pytest.fixture(scope="module")
+def graph():
+    """The tiny ViT of the corpus, traced once; forked children match rule files against it."""
+    loaded = load_model(SPEC)
+    return trace(loaded.model, loaded.inputs, name=loaded.name)
+
+
+@pytest.mark.parametrize("hostile", sorted(HOSTILE))
+def test_rule_files_with_hostile_values_load_and_match_or_fail_in_one_located_line(hostile, graph):
+    @settings(FUZZ, max_examples=40)
+    @given(rule_documents(hostile))
+    def check(document):
+        _check_rule_file(to_yaml(document), must_fail=_non_finite(document), graph=graph)
+
+    check()
+
+
+@settings(FUZZ, max_examples=40)
+@given(
+    st.sampled_from([to_yaml(t) for t in TEMPLATES]),
+    st.sampled_from(
+        ["\x00", "\ufeff", "\t", "&a", "*a", "!!python/name:os.system", "{", "]", "\\", "\x85", "%YAML 1.1"]
+    ),
+    st.floats(0, 1),
+    st.booleans(),
+)
+def test_rule_file_bytes_with_a_foreign_character_or_cut_short_fail_cleanly(template, insert, where, truncate):
+    position = int(where * len(template))
+    text = template[:position] if truncate else template[:position] + insert + template[position:]
+    _check_rule_file(text, must_fail=False)
+
+
+@settings(FUZZ, max_examples=25)
+@given(
+    st.sampled_from(["scope", "class", "inside", "op"]),
+    st.integers(1, 30),
+    st.sampled_from(["b", "*b", ".b", "**.b", "[b"]),
+    st.sampled_from(["node", "rule scope", "scope form"]),
+)
+def test_globs_of_many_stars_match_within_the_bound(graph, key, count, tail, where):
+    glob = "*" * count + tail
+    if where == "node":
+        rule = files.rule(match="{node: {" + key + ": " + to_yaml(glob) + "}}", tuner="lora", settings=None)
+    elif where == "rule scope":
+        rule = files.rule(extra=f"scope: {to_yaml(glob)}")
+    else:
+        rule = files.rule(match="{scope: " + to_yaml(glob) + "}")
+    _check_rule_file(files.rule_file(rule), must_fail=False, graph=graph)
+
+
+# -- tuned artifacts and checkpoints ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    workspace = Workspace(tmp_path_factory.mktemp("fuzz"))
+    workspace.artifact(workspace.root / "warm-up")  # builds the originals and imports timm before the forks
+    workspace.run(workspace.root / "warm-up-run")
+    return workspace
+
+
+DAMAGE = ("delete", "wrong type", "huge", "nested", "nan", "code")
+_WRONG_TYPES = [None, True, 0, -1, 1.5, "x", [], {}, [1, "a"], {"x": 1}]
+
+
+def damaged(value, damage: str, marker: Path, draw):
+    """``value`` damaged the way ``damage`` names (None for delete)."""
+    if damage == "wrong type":
+        return draw(st.sampled_from([v for v in _WRONG_TYPES if type(v) is not type(value)]))
+    if damage == "huge":
+        return draw(st.sampled_from([10**30, -(10**30), "x" * 10**6, [0] * 10**5, 1e308]))
+    if damage == "nested":
+        return draw(
+            st.sampled_from([[[[[[[[[[[[[]]]]]]]]]]]], json.loads("[" * 60 + "]" * 60), {"a": {"b": {"c": {}}}}])
+        )
+    if damage == "nan":
+        return draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+    return draw(st.sampled_from([f"os:system?command=touch+{marker}", f"{marker}.py:build", "builtins:exec"]))
+
+
+@st.composite
+def damage_plans(draw, document):
+    """(path, damage, resealed) for one field of ``document``; ``code`` targets the model spec."""
+    damage = draw(st.sampled_from(DAMAGE))
+    candidates = [p for p in paths(document) if p] if damage != "code" else [("model",)]
+    path = draw(st.sampled_from(candidates))
+    return path, damage, draw(st.booleans())
+
+
+def _apply(document, path, damage, marker, draw):
+    """``document`` with the field at ``path`` damaged; and the value it had."""
+    current = document
+    for step in path:
+        current = current[step]
+    value = None if damage == "delete" else damaged(current, damage, marker, draw)
+    return mutate(document, path, "delete" if damage == "delete" else "replace", value), current
+
+
+def _run_damaged(argv, folder: Path, must_fail: bool, context: str) -> None:
+    outcome = run_bounded(lambda: main(argv), timeout_s=DEADLINE_S, memory_mb=MEMORY_MB, cwd=folder)
+    kind = classify(outcome, must_fail=must_fail, memory_mb=MEMORY_MB, marker=folder / "MARKER")
+    assert kind == CLEAN, f"{kind}: {context}: cli.py {' '.join(argv)[:300]} -> {outcome.describe()}"
+
+
+@settings(FUZZ, max_examples=30)
+@given(data=st.data())
+def test_a_manifest_with_a_damaged_field_fails_cleanly_and_never_runs_code(space, data):
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        artifact = space.artifact(folder / "tuned")
+        manifest = json.loads((artifact / "manifest.json").read_text())
+        path, damage, resealed = data.draw(damage_plans(manifest))
+        changed, before = _apply(manifest, path, damage, folder / "MARKER", data.draw)
+        (artifact / "manifest.json").write_text(json.dumps(changed))
+        if resealed:
+            reseal(artifact)  # an attacker recomputes every hash the artifact carries
+        # a hand edit is refused unless resealed; NaN cannot be resealed; code is never run
+        must_fail = damage in ("nan", "code") or not resealed
+        context = f"manifest {'.'.join(map(str, path))} {damage} (was {str(before)[:60]}), resealed {resealed}"
+        _run_damaged(["fold", str(artifact), "-o", str(folder / "out")], folder, must_fail, context)
+
+
+def _progress_counter(path) -> bool:
+    """The checkpoint's epoch or step: any damage to them is progress the run cannot have made."""
+    return len(path) == 2 and path[0] == "progress" and path[1] in ("epoch", "step")
+
+
+@settings(FUZZ, max_examples=20)
+@given(data=st.data())
+def test_a_checkpoint_with_a_damaged_field_fails_cleanly(space, data):
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        run = space.run(folder / "run")
+        state_path = run / "checkpoint" / "state.json"
+        state = json.loads(state_path.read_text())
+        path, damage, _ = data.draw(damage_plans(state))
+        if damage == "code":
+            damage = "wrong type"
+            path = data.draw(st.sampled_from([p for p in paths(state) if p]))
+        changed, before = _apply(state, path, damage, folder / "MARKER", data.draw)
+        state_path.write_text(json.dumps(changed))
+        context = f"state.json {'.'.join(map(str, path))} {damage} (was {str(before)[:60]})"
+        argv = ["train", str(run), "--data", "digits", "-o", str(run), *TRAIN_FLAGS, "--resume"]
+        _run_damaged(argv, folder, damage == "nan" or _progress_counter(path), context)
