@@ -148,6 +148,18 @@ def test_a_second_writer_is_refused_and_a_killed_one_blocks_nothing(tmp_path, ca
     assert _train(out, "--epochs", "1") == 0
 
 
+def test_a_run_is_not_read_while_a_training_run_writes_it(run, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["eval", str(run), "--data", "digits"]) == 2
+        _one_error_line(capsys, rf"is being written by a training run \(process {holder.pid} holds")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["eval", str(run), "--data", "digits", "--json"]) == 0
+
+
 # 3. a swap killed at any point leaves the old or the new result, and the next command recovers
 
 

@@ -51,10 +51,10 @@ def hold_lock(out: Path) -> Iterator[None]:
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+        holder = _holder(descriptor)
         os.close(descriptor)
         raise UtuneError(
-            f"{out} is in use by another training run (process {holder or 'unknown'} holds {path}); "
+            f"{out} is in use by another training run (process {holder} holds {path}); "
             "wait for it to end, or write to another -o"
         ) from None
     except OSError as error:  # a file system without locks (some network mounts)
@@ -68,6 +68,36 @@ def hold_lock(out: Path) -> Iterator[None]:
     finally:
         _HELD.pop(key, None)
         os.close(descriptor)  # closing drops the flock
+
+
+@contextlib.contextmanager
+def _reading(out: Path) -> Iterator[None]:
+    """A shared flock on OUT/.lock while a reader checks and repairs the run: never while a run writes it
+    (a repair then could undo a swap in flight). A folder no run has locked, or a read-only one, is read as is."""
+    out, descriptor = Path(out), None
+    if out.resolve() not in _HELD:
+        with contextlib.suppress(OSError):
+            descriptor = os.open(out / LOCK, os.O_RDONLY)
+    try:
+        if descriptor is not None:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UtuneError(
+                    f"{out} is being written by a training run (process {_holder(descriptor)} holds {out / LOCK}); "
+                    "read it when the run has ended"
+                ) from None
+            except OSError:
+                pass  # a file system without locks: read as is
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
+
+
+def _holder(descriptor: int) -> str:
+    """The process id the lock's holder wrote into the lock file (for messages)."""
+    return os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
 
 
 @contextlib.contextmanager
@@ -153,6 +183,11 @@ def check_run_result(out: Path) -> None:
     """For readers of a run directory: tuned/, checkpoint/ and summary.json are at the same epoch, or one
     line says the run stopped before it finished and how to finish it."""
     out = Path(out)
+    with _reading(out):
+        _check_run_result(out)
+
+
+def _check_run_result(out: Path) -> None:
     for name in (CHECKPOINT, TUNED):
         recover_directory(out / name)
     if not (out / CHECKPOINT).is_dir():
