@@ -143,7 +143,8 @@ def load_tuned(directory: str | Path, model: str | torch.nn.Module | None = None
     """Rebuild the base model, trace and rewrite it as recorded, load the tuner weights.
 
     ``model`` names the base model when the manifest's spec runs code (an import or file spec,
-    refused otherwise): a spec string, which replaces the recorded one, or the nn.Module itself."""
+    refused otherwise): a spec string, which replaces the recorded one, or the nn.Module itself (used as
+    it is, not copied: the tuned model shares its weights)."""
     from utune_fx.match import load_rules
 
     directory = Path(directory)
