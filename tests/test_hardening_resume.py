@@ -104,6 +104,14 @@ def _edit_tensors(run: Path, edit) -> None:
         (lambda r: _edit_state(r, lambda s: s["rng"].pop("numpy")), r"rng: 'numpy' is a required property"),
         (lambda r: _edit_state(r, lambda s: s["schedule"].update(last_epoch=1)), r"schedule\.last_epoch is 1"),
         (lambda r: (r / "checkpoint" / "state.json").write_text("{"), r"state\.json: not valid JSON"),
+        (
+            lambda r: _edit_state(r, lambda s: s["optimizer"]["param_groups"][0].update(weight_decay=0.5)),
+            r"optimizer\.param_groups\[0\]\.weight_decay is 0\.5, the run's settings give 0\.05",
+        ),
+        (
+            lambda r: _edit_state(r, lambda s: s["optimizer"]["param_groups"][0]["params"].reverse()),
+            r"params must number the parameters 0, 1, 2, \.\.\. in order",
+        ),
         (lambda r: _edit_tensors(r, lambda t: t.pop("rng.torch")), r"rng\.torch is missing"),
         (lambda r: _edit_tensors(r, lambda t: t.pop("optim.0.exp_avg")), r"optim\.0\.exp_avg is missing"),
         (lambda r: _edit_tensors(r, lambda t: t.update({"rng.numpy": torch.zeros(3)})), r"rng\.numpy is not"),

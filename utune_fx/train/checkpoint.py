@@ -137,6 +137,15 @@ def _check_tensors(directory: Path, state: dict, tensors: dict, trainable: dict,
     groups = state["optimizer"]["param_groups"]
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
         refuse("optimizer.param_groups in state.json do not fit this model's trainable parameters")
+    if [i for g in groups for i in g["params"]] != list(range(len(parameters))):
+        refuse("optimizer.param_groups[].params must number the parameters 0, 1, 2, ... in order")
+    for index, (saved, fresh) in enumerate(zip(groups, optimizer.param_groups)):
+        for key, value in fresh.items():  # the settings (compared already) make these; the file must agree
+            if key not in ("params", "lr") and key in saved and saved[key] != _as_json(value):
+                raise UtuneError(
+                    f"{directory / STATE}: optimizer.param_groups[{index}].{key} is {saved[key]!r}, the run's "
+                    f"settings give {_as_json(value)!r}; {_FIX}"
+                )
     for key, value in tensors.items():
         if not key.startswith("optim."):
             continue
@@ -147,6 +156,11 @@ def _check_tensors(directory: Path, state: dict, tensors: dict, trainable: dict,
             refuse(f"{key} has shape {list(value.shape)}, its parameter's is {list(parameters[int(index)].shape)}")
         if not value.is_floating_point():
             refuse(f"{key} is not a floating-point tensor")
+
+
+def _as_json(value):
+    """A value as it reads back from state.json (tuples become lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _restore(state: dict, tensors: dict, trainable: dict, optimizer, schedule) -> None:
@@ -162,7 +176,15 @@ def _restore(state: dict, tensors: dict, trainable: dict, optimizer, schedule) -
     for index, scalars in state["optimizer"]["scalars"].items():
         optim_state["state"].setdefault(int(index), {}).update(scalars)
     optimizer.load_state_dict(optim_state)
-    schedule.load_state_dict(state["schedule"])
+    # the schedule's position is all it takes from the file (checked against progress); its learning
+    # rates are recomputed, which gives the stored ones bit for bit and stretches the decay when --epochs grew
+    position = state["schedule"]["last_epoch"]
+    rates = [base * factor(position) for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    schedule.load_state_dict(
+        schedule.state_dict() | {"last_epoch": position, "_step_count": position + 1, "_last_lr": rates}
+    )
     torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
     if cuda_states and torch.cuda.is_available():
