@@ -338,3 +338,34 @@ def test_the_rewrite_refuses_imports_an_artifact_cannot_hold(tmp_path, capsys):
     err = _one_error_line(capsys, argv)
     assert "'../shared.yaml' is not a plain relative path" in err and "move the imported files" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_lone_surrogates_in_rule_sources_are_one_line(artifact, tmp_path, capsys):
+    path = artifact / MANIFEST
+    manifest = json.loads(path.read_text())
+    entry = manifest["rules"][0]
+    (name,) = entry["sources"]
+    entry["sources"][name] = "version: 1\n# \ud800\n"
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
+    path.write_text(json.dumps(manifest))  # ensure_ascii: the file spells it \ud800
+    err = _one_error_line(capsys, ["fold", str(artifact), "-o", str(tmp_path / "f")])
+    assert f"rules[0].sources: {name} is not valid Unicode text" in err
+    entry["sources"] = {name: entry["sources"][name].replace("\ud800", ""), "x\udc00.yaml": "version: 1\n"}
+    path.write_text(json.dumps(manifest))
+    assert "lone surrogates" in _one_error_line(capsys, ["fold", str(artifact), "-o", str(tmp_path / "f")])
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"model": "timm:vit_tiny_patch16_224?num_classes=1000000000000"}, "GiB of memory available"),
+        ({"model": "timm:vit_tiny_patch16_224?img_size=1000000&patch_size=4"}, "GiB of memory available"),
+        ({"input_shapes": ["100000,100000,100000"]}, "over the limit of 134,217,728 for an example input"),
+    ],
+)
+def test_sizes_in_a_manifest_cannot_exhaust_memory(artifact, tmp_path, capsys, change, message):
+    _edit(artifact, lambda m: m.update(change))
+    argv = ["fold", str(artifact), "-o", str(tmp_path / "f")]
+    if "input_shapes" in change:
+        argv += ["--model", f"timm:vit_tiny_patch16_224?{'&'.join(f'{k}={v}' for k, v in TIMM_ARGS.items())}"]
+    assert message in _one_error_line(capsys, argv)

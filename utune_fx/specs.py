@@ -26,6 +26,7 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,8 @@ CODE_SOURCES = ("import", "file")  # spec sources that import and run code: buil
 # timm.create_model arguments that read files or loader settings (torch.load, downloads) the spec cannot vouch for
 _LOADER_OPTIONS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "weights_only")
 _MAX_OPTION_NESTING = 4  # depths=[1,1] is 1 level; nothing timm takes needs more
+MAX_INPUT_ELEMENTS = 2**27  # one example input (512 MiB of float32); batch 2 of 3 x 4096 x 4096 images fits
+MODEL_MEMORY_SHARE = 0.8  # a timm model's weights may take this share of the memory available
 
 
 @dataclass
@@ -158,6 +161,7 @@ def _create_timm(spec: ModelSpec) -> nn.Module:
         raise UtuneError(f"unknown timm model {spec.target!r} in {spec.text!r}; {hint}")
     options = {"pretrained": False, **spec.options}
     weights = options.pop("weights", None)
+    _check_model_size(spec, options)
     try:
         model = timm.create_model(spec.target, **options)
     except TypeError as error:
@@ -176,6 +180,30 @@ def _create_timm(spec: ModelSpec) -> nn.Module:
 
         load_weights(model, str(weights))
     return model
+
+
+def _check_model_size(spec: ModelSpec, options: dict) -> None:
+    """Before allocating: the model built on the meta device (no memory) must fit in what is available,
+    so img_size=10**6 or num_classes=10**12 is one line, not a crash."""
+    import timm
+
+    from utune_fx.rewrite.plan import available_memory
+
+    available = available_memory()
+    if available is None:
+        return
+    try:
+        with torch.device("meta"):
+            meta = timm.create_model(spec.target, **{**options, "pretrained": False})
+    except Exception:  # the real build says what is wrong with the options
+        return
+    need = sum(t.numel() * t.element_size() for t in (*meta.parameters(), *meta.buffers()))
+    if need > MODEL_MEMORY_SHARE * available:
+        raise UtuneError(
+            f"model spec {spec.text!r}: the model's weights would take {need / 2**30:,.1f} GiB, over "
+            f"{MODEL_MEMORY_SHARE:.0%} of the {available / 2**30:,.1f} GiB of memory available; check its "
+            "size options (img_size, num_classes, depth, embed_dim...)"
+        )
 
 
 def _import_attribute(spec: ModelSpec) -> Any:
@@ -248,6 +276,11 @@ def parse_input_shape(text: str) -> tuple[tuple[int, ...], torch.dtype]:
         )
     if dtype_name not in _DTYPES:
         raise UtuneError(f"bad dtype {dtype_name!r} in --input-shape {text!r}; use one of {', '.join(_DTYPES)}")
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise UtuneError(
+            f"--input-shape {text!r}: {math.prod(shape):,} elements is over the limit of {MAX_INPUT_ELEMENTS:,} "
+            "for an example input; a small example will do (the batch axis stays dynamic on export)"
+        )
     return shape, _DTYPES[dtype_name]
 
 

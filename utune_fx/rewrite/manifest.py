@@ -56,13 +56,13 @@ def check_source_names(names: list[str], where: str, fix: str) -> None:
     for name in names:
         parts = tuple(name.split("/"))
         if (
-            any(char < " " or char == "\\" for char in name)
+            any(char < " " or char == "\\" or "\ud800" <= char <= "\udfff" for char in name)
             or any(part in ("", ".", "..") for part in parts)
             or ":" in parts[0]
         ):
             raise UtuneError(
                 f"{where}: rule source name {name!r} is not a plain relative path below the rule file's folder "
-                f"(no '..', '.', empty parts, leading '/', backslash or control characters); {fix}"
+                f"(no '..', '.', empty parts, leading '/', backslash, control characters or lone surrogates); {fix}"
             )
         key = tuple(part.casefold() for part in parts)  # A.yaml and a.yaml are one file on some file systems
         if key in keys:
@@ -109,9 +109,15 @@ def read_manifest(directory: Path) -> dict:
     if manifest["format"] != FORMAT:
         raise UtuneError(f"{path}: not a utune_fx tuned artifact (format {manifest['format']!r}, expected {FORMAT!r})")
     check_manifest(manifest, str(path))
-    for entry in manifest["rules"]:
+    for index, entry in enumerate(manifest["rules"]):
         for name, text in entry["sources"].items():
-            if _sha256(text.encode()) != entry["sha256"][name]:
+            try:
+                encoded = text.encode()
+            except UnicodeEncodeError:  # JSON can spell a lone surrogate ("\ud800"); no file can hold it
+                raise UtuneError(
+                    f"{path}: rules[{index}].sources: {name} is not valid Unicode text; {DAMAGED}"
+                ) from None
+            if _sha256(encoded) != entry["sha256"][name]:
                 raise UtuneError(f"{path}: rule text of {name} does not match its sha256; the manifest was edited")
     if SELF_HASH not in manifest:
         raise UtuneError(
