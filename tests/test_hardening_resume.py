@@ -6,6 +6,7 @@ directory; a swap killed between its renames leaving a run that neither --resume
 accepts; tuned/ at another epoch than its summary; --device cuda failing late with an AssertionError.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -283,3 +284,12 @@ def test_an_unusable_device_is_refused_before_any_work(tmp_path, capsys, monkeyp
 def test_training_numbers_are_finite_and_bounded(setting, message):
     with pytest.raises(UtuneError, match=message):
         TrainConfig(**setting)
+
+
+def test_rule_files_are_hashed_only_when_they_are_regular_files(tmp_path):
+    from utune_fx.train.rundir import file_sha256
+
+    (tmp_path / "rules.yaml").write_text("version: 1\n")
+    assert file_sha256(tmp_path / "rules.yaml") == hashlib.sha256(b"version: 1\n").hexdigest()
+    assert file_sha256("/dev/zero") is None  # not read (it never ends); load_rules refuses it in one line
+    assert file_sha256(tmp_path / "missing.yaml") is None and file_sha256("a\0b") is None

@@ -18,6 +18,7 @@ import dataclasses
 import fcntl
 import hashlib
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,11 +132,18 @@ def config_settings(config) -> dict:
 
 
 def file_sha256(path: str | Path) -> str | None:
-    """sha256 of a file's bytes (rule files: their content is what matters, not the path); None if unreadable."""
+    """sha256 of a regular file's bytes, read in chunks (rule files: their content is what matters, not the
+    path); None if unreadable or not a regular file (/dev/zero, a pipe: whoever reads it refuses it)."""
+    digest = hashlib.sha256()
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
+        with open(path, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return None
+            while chunk := handle.read(2**20):
+                digest.update(chunk)
+    except (OSError, ValueError):  # ValueError: a NUL in the path
         return None
+    return digest.hexdigest()
 
 
 def _shown(value) -> str:
