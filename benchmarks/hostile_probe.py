@@ -74,7 +74,7 @@ def run_cli(argv: list[str], cwd: Path, timeout_s: float, memory_bytes: int) -> 
 
 def probe(case: corpus.Case, folder: Path, space: Workspace, args, baseline_mb: float) -> dict:
     folder.mkdir(parents=True)
-    if case.name == "two writers into one -o":
+    if case is corpus.SECOND_WRITER:
         first, argv = corpus.start_first_writer(folder)
         try:
             outcome, peak = run_cli(argv, folder, args.timeout, int(args.memory_gb * 2**30))
@@ -124,7 +124,7 @@ def main() -> int:
     wanted = {int(c) for c in args.categories.split(",")} if args.categories else set(corpus.CATEGORIES)
     cases = [c for c in corpus.CASES if c.category in wanted]
     if 5 in wanted:
-        cases.append(corpus.Case(5, "two writers into one -o", lambda f, s: [], must_fail=True))
+        cases.append(corpus.SECOND_WRITER)
     with tempfile.TemporaryDirectory(prefix="hostile-probe-") as scratch:
         root = Path(scratch)
         space = Workspace(root / "workspace")

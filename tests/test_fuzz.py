@@ -250,7 +250,7 @@ def graph():
 
 @pytest.mark.parametrize("hostile", sorted(HOSTILE))
 def test_rule_files_with_hostile_values_load_and_match_or_fail_in_one_located_line(hostile, graph):
-    @settings(FUZZ, max_examples=40)
+    @settings(FUZZ, max_examples=30)
     @given(rule_documents(hostile))
     def check(document):
         _check_rule_file(to_yaml(document), must_fail=_non_finite(document), graph=graph)
@@ -258,7 +258,7 @@ def test_rule_files_with_hostile_values_load_and_match_or_fail_in_one_located_li
     check()
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=25)
 @given(
     st.sampled_from([to_yaml(t) for t in TEMPLATES]),
     st.sampled_from(
@@ -273,7 +273,7 @@ def test_rule_file_bytes_with_a_foreign_character_or_cut_short_fail_cleanly(temp
     _check_rule_file(text, must_fail=False)
 
 
-@settings(FUZZ, max_examples=25)
+@settings(FUZZ, max_examples=20)
 @given(
     st.sampled_from(["scope", "class", "inside", "op"]),
     st.integers(1, 30),
@@ -343,7 +343,7 @@ def _run_damaged(argv, folder: Path, must_fail: bool, context: str) -> None:
     assert kind == CLEAN, f"{kind}: {context}: cli.py {' '.join(argv)[:300]} -> {outcome.describe()}"
 
 
-@settings(FUZZ, max_examples=30)
+@settings(FUZZ, max_examples=25)
 @given(data=st.data())
 def test_a_manifest_with_a_damaged_field_fails_cleanly_and_never_runs_code(space, data):
     with tempfile.TemporaryDirectory() as scratch:

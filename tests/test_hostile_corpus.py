@@ -50,7 +50,7 @@ def test_a_second_writer_into_one_run_directory_is_refused(space, tmp_path):
     finally:
         first.kill()
         first.wait()
-    kind = corpus.judge(corpus.Case(5, "two writers", lambda f, s: argv, must_fail=True), outcome, tmp_path)
+    kind = corpus.judge(corpus.SECOND_WRITER, outcome, tmp_path)
     assert kind == CLEAN, f"{kind}: a second train into {tmp_path / 'out'} -> {outcome.describe()}"
 
 

@@ -66,19 +66,20 @@ def classify(outcome: Outcome, *, must_fail: bool = False, memory_mb: float = 50
     if marker is not None and marker.exists():
         return "code executed"
     text = outcome.exception + outcome.stderr + outcome.stdout
+    allocation = any(sign in text for sign in _ALLOCATION_FAILURES)  # an allocation the bound (or RAM) refused
     if outcome.timed_out:
         return "hang"
-    if outcome.rss_growth_mb > memory_mb or any(sign in text for sign in _ALLOCATION_FAILURES):
+    if outcome.rss_growth_mb > memory_mb:
         return "memory"
     if outcome.signal is not None:  # killed from outside (the OOM killer) or crashed in C
         return "memory" if outcome.signal == signal.SIGKILL else "traceback"
     if outcome.exception or "Traceback (most recent call last)" in text:
-        return "traceback"
+        return "memory" if allocation else "traceback"
     if outcome.returncode == 0:
         return "wrong success" if must_fail else CLEAN
     if outcome.returncode in (2, 3) and len(outcome.error_lines()) == 1:
-        return CLEAN
-    return "unclean output"
+        return CLEAN  # a refused allocation said in one line is clean: the bound held
+    return "memory" if allocation else "unclean output"
 
 
 def _vm_kb(key: str) -> int:

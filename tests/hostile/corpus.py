@@ -12,6 +12,7 @@ Large inputs are generated here, never stored. Every promise a case checks is th
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from hostile import files
 from hostile.bounded import CLEAN, Outcome, classify
 from hostile.workspace import REPO, RULES, SPEC, TRAIN_FLAGS, Workspace, edit_json, reseal
@@ -110,9 +112,9 @@ def _poisoned(command: str, kind: str, sealed: bool) -> Callable[[Path, Workspac
     return build
 
 
-CODE = [
+CODE = [  # resealed, the artifact is consistent: the refusal must say to name the model
     Case(1, f"{command}: model {kind} spec{' (hashes recomputed)' if sealed else ''}", _poisoned(command, kind, sealed),
-         must_fail=True)
+         must_fail=True, expect="--model" if sealed else None)
     for command in ("fold", "export", "bench", "eval", "resume")
     for kind in ("module", "file")
     for sealed in (False, True)
@@ -257,9 +259,10 @@ TRACEBACKS = [
          must_fail=True),
     Case(3, "checkpoint: tensors not safetensors", _garbage_tensors, must_fail=True),
     *[Case(3, f"model spec {spec!r}", _argv("inspect", spec), must_fail=True) for spec in (
-        "timm:", "timm:no_such_model", "timm:resnet18?depth=abc", "timm:resnet18?num_classes=-1", ":", "os:",
+        "timm:", "timm:no_such_model", "timm:resnet18?depth=abc", "timm:resnet18?num_classes=nan", ":", "os:",
         "os:system", "no.such.module:build", "{dir}/missing.py:build", f"{REPO}/tests/toy_models.py:not_a_model",
-        "timm:resnet18?num_classes=1000000000000")],
+        "timm:resnet18?num_classes=1000000000000", "timm:resnet18?checkpoint_path=/etc/passwd",
+        "timm:resnet18?num_classes={a: 1}")],  # fmt: skip
     *[Case(3, f"data spec {spec!r}", _argv(*TRAIN[:5], spec, *TRAIN[6:], *TRAIN_FLAGS), must_fail=True) for spec in (
         "imagefolder:", "cifar:/nonexistent", "npz:{dir}/x.npz", "unknown:thing", "digits?x=1")],
     *[Case(3, f"flag {' '.join(flags)}", _argv(*TRAIN, *TRAIN_FLAGS, *flags), must_fail=True) for flags in (
@@ -273,8 +276,9 @@ TRACEBACKS = [
 
 
 # -- 4. wrong successes -----------------------------------------------------------------------------
-def _tensors(fill: float) -> Callable[[Path, Workspace], list[str]]:
-    """An artifact whose tuner tensors (and the classifier, which trains) are all ``fill``; hashes recomputed."""
+def _tensors(fill: float, command: str) -> Callable[[Path, Workspace], list[str]]:
+    """An artifact whose tuner tensors (and the classifier, which trains) are all ``fill``, hashes recomputed,
+    through ``fold`` or ``export`` (TorchScript: the parity check is the same, the export seconds faster)."""
 
     def build(folder: Path, space: Workspace) -> list[str]:
         import safetensors.torch
@@ -284,7 +288,9 @@ def _tensors(fill: float) -> Callable[[Path, Workspace], list[str]]:
         tensors = {k: torch.full_like(v, fill) for k, v in safetensors.torch.load_file(str(path)).items()}
         safetensors.torch.save_file(tensors, str(path))
         reseal(artifact)
-        return ["export", str(artifact), "-o", str(folder / "m.onnx")]
+        if command == "fold":
+            return ["fold", str(artifact), "-o", str(folder / "folded")]
+        return ["export", str(artifact), "-o", str(folder / "m.onnx"), "--exporter", "torchscript"]
 
     return build
 
@@ -313,8 +319,10 @@ WRONG = [
            must_fail=True, exit_code=3),
     *_both("lora on an attention region", files.rule_file(files.rule(match="attention", tuner="lora", settings=None)),
            must_fail=True),
-    Case(4, "export parity on NaN outputs", _tensors(float("nan")), must_fail=True, expect=r"(?i)nan"),
-    Case(4, "export parity on all-zero outputs", _tensors(0.0), expect=r"(?i)zero"),
+    *[Case(4, f"{command} parity on NaN outputs", _tensors(math.nan, command), must_fail=True,
+           expect=r"(?i)nan|finite") for command in ("fold", "export")],
+    *[Case(4, f"{command} parity on all-zero outputs", _tensors(0.0, command), expect=r"(?i)zero")
+      for command in ("fold", "export")],
 ]  # fmt: skip
 
 # -- 5. resume --------------------------------------------------------------------------------------
@@ -347,16 +355,20 @@ assert len({case.name for case in CASES}) == len(CASES), "case names are test id
 
 # -- 5. two writers into one -o (two processes at once: run by the test and the probe themselves) ----
 def start_first_writer(folder: Path) -> tuple[subprocess.Popen, list[str]]:
-    """A long ``train`` into folder/out in another process, and the argv of a second one into the same
-    directory; returns once the first has written something there."""
+    """A long ``train`` into folder/out in another process, and the argv of a second writer: the same
+    command with --resume, which a run that trusts its directory would take up. Returns once the first
+    run has written its first checkpoint (it is still running then: 60 epochs)."""
     out = folder / "out"
-    argv = ["train", SPEC, "--rules", RULES, "--data", "digits", "-o", str(out), "--epochs", "200", "--no-augment",
-            "--train-size", "1000", "--val-size", "20"]  # fmt: skip
+    argv = ["train", SPEC, "--rules", RULES, "--data", "digits", "-o", str(out), "--epochs", "60", "--no-augment",
+            "--train-size", "500", "--val-size", "20"]  # fmt: skip
     first = subprocess.Popen(
         [sys.executable, str(REPO / "cli.py"), *argv], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    for _ in range(1200):  # the first run owns the directory once anything is in it (at most 2 minutes)
-        if first.poll() is not None or (out.is_dir() and any(out.iterdir())):
+    for _ in range(1200):  # at most 2 minutes
+        if first.poll() is not None or (out / "checkpoint").is_dir():
             break
         time.sleep(0.1)
-    return first, argv
+    return first, [*argv, "--resume"]
+
+
+SECOND_WRITER = Case(5, "two writers into one -o", lambda folder, space: [], must_fail=True, expect=r"(?i)lock|in use")
