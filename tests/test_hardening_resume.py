@@ -293,3 +293,13 @@ def test_rule_files_are_hashed_only_when_they_are_regular_files(tmp_path):
     assert file_sha256(tmp_path / "rules.yaml") == hashlib.sha256(b"version: 1\n").hexdigest()
     assert file_sha256("/dev/zero") is None  # not read (it never ends); load_rules refuses it in one line
     assert file_sha256(tmp_path / "missing.yaml") is None and file_sha256("a\0b") is None
+
+
+def test_an_artifact_named_by_another_path_is_the_same_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["rewrite", SPEC, "--rules", str(ROOT / "rules" / "dual_utuner.yaml"), "-o", "artifact"]) == 0
+    argv = ["--data", "digits", "-o", "run", *FAST]
+    assert main(["train", "artifact", *argv, "--epochs", "1"]) == 0
+    assert main(["train", str(tmp_path / "artifact"), *argv, "--epochs", "1", "--resume"]) == 0
+    assert main(["train", SPEC, "--rules", str(ROOT / "rules" / "dual_utuner.yaml"), *argv, "--resume"]) == 2
+    _one_error_line(capsys, r"MODEL \S+artifact \(now timm:vit_tiny")

@@ -157,7 +157,7 @@ def _shown(value) -> str:
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return "MODEL" if name == "model" else "--" + name.replace("_", "-")  # the model is train's first argument
 
 
 def compare_settings(out: Path, old: dict, new: dict, epochs_done: int) -> list[str]:

@@ -55,8 +55,12 @@ def tuned_model(
 
 
 def _is_run_directory(path: str) -> bool:
+    return _is_directory(Path(path) / CHECKPOINT)
+
+
+def _is_directory(path: str | Path) -> bool:
     try:
-        return (Path(path) / CHECKPOINT).is_dir()
+        return Path(path).is_dir()
     except (OSError, ValueError):  # a model spec too long for a path, or with a NUL in it
         return False
 
@@ -98,7 +102,7 @@ def cli_settings(args, config) -> dict:
     the model, rule files (by content), input shapes, front end and data selection."""
     rules = list(args.rules or [])
     return config_settings(config) | {
-        "model": args.model,
+        "model": str(Path(args.model).resolve()) if _is_directory(args.model) else args.model,  # an artifact
         "rules": rules,
         "rules_sha256": [file_sha256(path) or f"name:{path}" for path in rules],  # a shipped rule file by name
         "input_shape": list(args.input_shape or []),
