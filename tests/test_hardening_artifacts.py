@@ -361,6 +361,8 @@ def test_lone_surrogates_in_rule_sources_are_one_line(artifact, tmp_path, capsys
         ({"model": "timm:vit_tiny_patch16_224?num_classes=1000000000000"}, "GiB of memory available"),
         ({"model": "timm:vit_tiny_patch16_224?img_size=1000000&patch_size=4"}, "GiB of memory available"),
         ({"input_shapes": ["100000,100000,100000"]}, "over the limit of 134,217,728 for an example input"),
+        ({"model": "timm:vit_tiny_patch16_224?depth=100000000"}, "block and layer counts are at most 256"),
+        ({"model": "timm:efficientnet_b0?depth_multiplier=1000"}, "block and layer counts are at most 16"),
     ],
 )
 def test_sizes_in_a_manifest_cannot_exhaust_memory(artifact, tmp_path, capsys, change, message):

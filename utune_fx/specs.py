@@ -27,6 +27,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,10 @@ CODE_SOURCES = ("import", "file")  # spec sources that import and run code: buil
 # timm.create_model arguments that read files or loader settings (torch.load, downloads) the spec cannot vouch for
 _LOADER_OPTIONS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "weights_only")
 _MAX_OPTION_NESTING = 4  # depths=[1,1] is 1 level; nothing timm takes needs more
+# options that count blocks or layers build Python modules one by one, before any size check can run
+# (depth=10**8 exhausts memory even on the meta device); the largest timm models use under 100
+_COUNT_OPTION = re.compile(r"depth|layers|blocks|stages", re.IGNORECASE)
+MAX_COUNT_OPTION, MAX_MULTIPLIER_OPTION = 256, 16
 MAX_INPUT_ELEMENTS = 2**27  # one example input (512 MiB of float32); batch 2 of 3 x 4096 x 4096 images fits
 MODEL_MEMORY_SHARE = 0.8  # a timm model's weights may take this share of the memory available
 
@@ -149,6 +154,20 @@ def check_data_options(spec: ModelSpec) -> None:
                 f"option {key} in model spec {spec.text!r} is a {type(value).__name__}; timm options are numbers, "
                 "strings, booleans or lists of them"
             )
+        if _COUNT_OPTION.search(key):
+            multiplier = "multiplier" in key.lower()
+            bound = MAX_MULTIPLIER_OPTION if multiplier else MAX_COUNT_OPTION
+            if any(number > bound for number in _numbers(value)):
+                raise UtuneError(
+                    f"option {key}={value!r} in model spec {spec.text!r}: block and layer counts are at most {bound} "
+                    f"({'MAX_MULTIPLIER_OPTION' if multiplier else 'MAX_COUNT_OPTION'} in utune_fx/specs.py)"
+                )
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, (list, tuple)):
+        return [number for item in value for number in _numbers(item)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
 
 
 def _create_timm(spec: ModelSpec) -> nn.Module:
