@@ -5,7 +5,7 @@
 Each input runs as its own ``python cli.py ...`` process in its own folder (the folder is the
 working directory, so ``--rules lora`` is resolved from elsewhere than the repository), with a
 deadline, an address-space limit (RLIMIT_AS) and its peak resident memory read from the kernel
-(wait4). The table counts, per category of the issue, the inputs handled cleanly (exit 0, or
+(VmHWM, polled). The table counts, per category of the issue, the inputs handled cleanly (exit 0, or
 exit 2/3 with exactly one ``error:`` line and no traceback; refusals where the issue promises
 one) and each way of failing: traceback, unclean output, hang (deadline), memory (over the
 bound, or killed), wrong success, wrong refusal, code executed (the marker file an artifact's
@@ -37,6 +37,18 @@ from hostile.workspace import SPEC, Workspace  # noqa: E402
 KINDS = (*FAILURE_KINDS, "wrong refusal")
 
 
+def _high_water_kb(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM). Read from /proc while it runs: the rusage of a
+    child counts the memory of the process it was forked from, which here is the probe itself."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def run_cli(argv: list[str], cwd: Path, timeout_s: float, memory_bytes: int) -> tuple[Outcome, float]:
     """``python cli.py argv`` in ``cwd``: the outcome and the peak resident memory in MB."""
 
@@ -49,18 +61,19 @@ def run_cli(argv: list[str], cwd: Path, timeout_s: float, memory_bytes: int) -> 
         child = subprocess.Popen(
             [sys.executable, str(REPO / "cli.py"), *argv], cwd=cwd, stdout=stdout, stderr=stderr, preexec_fn=limit
         )
-        timed_out = False
+        timed_out, peak_kb = False, 0
         while True:
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            peak_kb = max(peak_kb, _high_water_kb(child.pid))
+            pid, status, _ = os.wait4(child.pid, os.WNOHANG)
             if pid:
                 break
             if time.monotonic() - started > timeout_s:
                 timed_out = True
                 child.send_signal(signal.SIGKILL)
-                pid, status, usage = os.wait4(child.pid, 0)
+                _, status, _ = os.wait4(child.pid, 0)
                 break
             time.sleep(0.05)
-        child.returncode = 0  # reaped by wait4 (which gives the peak memory); Popen must not wait again
+        child.returncode = 0  # reaped by wait4 above; Popen must not wait again
     outcome = Outcome(
         returncode=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
         stdout=out.read_text(errors="replace")[-20000:],
@@ -69,7 +82,7 @@ def run_cli(argv: list[str], cwd: Path, timeout_s: float, memory_bytes: int) -> 
         seconds=time.monotonic() - started,
         signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) and not timed_out else None,
     )
-    return outcome, usage.ru_maxrss / 1024
+    return outcome, peak_kb / 1024
 
 
 def probe(case: corpus.Case, folder: Path, space: Workspace, args, baseline_mb: float) -> dict:

@@ -304,8 +304,9 @@ DAMAGE = ("delete", "wrong type", "huge", "nested", "nan", "code")
 _WRONG_TYPES = [None, True, 0, -1, 1.5, "x", [], {}, [1, "a"], {"x": 1}]
 
 
-def damaged(value, damage: str, marker: Path, draw):
-    """``value`` damaged the way ``damage`` names (None for delete)."""
+def damaged(value, damage: str, marker: Path, draw, path=()):
+    """``value`` damaged the way ``damage`` names (None for delete); ``code`` is a model spec that runs
+    code, or for a rule source a YAML text that would call code through a Python tag."""
     if damage == "wrong type":
         return draw(st.sampled_from([v for v in _WRONG_TYPES if type(v) is not type(value)]))
     if damage == "huge":
@@ -316,14 +317,25 @@ def damaged(value, damage: str, marker: Path, draw):
         )
     if damage == "nan":
         return draw(st.sampled_from([math.nan, math.inf, -math.inf]))
-    return draw(st.sampled_from([f"os:system?command=touch+{marker}", f"{marker}.py:build", "builtins:exec"]))
+    if path[-1:] == ("model",):
+        return draw(st.sampled_from([f"os:system?command=touch+{marker}", f"{marker}.py:build", "builtins:exec"]))
+    return draw(
+        st.sampled_from(
+            [
+                f"!!python/object/apply:os.system ['touch {marker}']\n",
+                "version: 1\nrules: [{name: r, match: !!python/name:os.system , tuner: lora}]\n",
+                f"version: 1\ndescription: !!python/object/new:os.system ['touch {marker}']\nrules: []\n",
+            ]
+        )
+    )
 
 
 @st.composite
-def damage_plans(draw, document):
-    """(path, damage, resealed) for one field of ``document``; ``code`` targets the model spec."""
-    damage = draw(st.sampled_from(DAMAGE))
-    candidates = [p for p in paths(document) if p] if damage != "code" else [("model",)]
+def damage_plans(draw, document, code: bool = True):
+    """(path, damage, resealed) for one field of ``document``; ``code`` targets the model spec and the rule texts."""
+    damage = draw(st.sampled_from(DAMAGE if code else DAMAGE[:-1]))
+    sources = [p for p in paths(document) if len(p) == 4 and p[0] == "rules" and p[2] == "sources"]
+    candidates = [p for p in paths(document) if p] if damage != "code" else [("model",), *sources]
     path = draw(st.sampled_from(candidates))
     return path, damage, draw(st.booleans())
 
@@ -333,7 +345,7 @@ def _apply(document, path, damage, marker, draw):
     current = document
     for step in path:
         current = current[step]
-    value = None if damage == "delete" else damaged(current, damage, marker, draw)
+    value = None if damage == "delete" else damaged(current, damage, marker, draw, path)
     return mutate(document, path, "delete" if damage == "delete" else "replace", value), current
 
 
@@ -374,12 +386,39 @@ def test_a_checkpoint_with_a_damaged_field_fails_cleanly(space, data):
         run = space.run(folder / "run")
         state_path = run / "checkpoint" / "state.json"
         state = json.loads(state_path.read_text())
-        path, damage, _ = data.draw(damage_plans(state))
-        if damage == "code":
-            damage = "wrong type"
-            path = data.draw(st.sampled_from([p for p in paths(state) if p]))
+        path, damage, _ = data.draw(damage_plans(state, code=False))
         changed, before = _apply(state, path, damage, folder / "MARKER", data.draw)
         state_path.write_text(json.dumps(changed))
         context = f"state.json {'.'.join(map(str, path))} {damage} (was {str(before)[:60]})"
         argv = ["train", str(run), "--data", "digits", "-o", str(run), *TRAIN_FLAGS, "--resume"]
         _run_damaged(argv, folder, damage == "nan" or _progress_counter(path), context)
+
+
+def _damage_header(path: Path, data) -> str:
+    """Damage one field of a safetensors file's JSON header (the tensor data stays); a description."""
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    field, damage, _ = data.draw(damage_plans(header, code=False))
+    changed, before = _apply(header, field, damage, path, data.draw)
+    text = json.dumps(changed).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length :])
+    return f"{path.name} header {'.'.join(map(str, field))} {damage} (was {str(before)[:60]})"
+
+
+@settings(FUZZ, max_examples=10)
+@given(data=st.data())
+def test_a_tensor_file_with_a_damaged_header_is_refused_cleanly(space, data):
+    """safetensors headers are JSON too: a wrong shape, dtype, offset or name never loads, and never crashes."""
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        if data.draw(st.booleans(), label="artifact (else checkpoint)"):
+            artifact = space.artifact(folder / "tuned")
+            context = _damage_header(artifact / "tuners.safetensors", data)
+            reseal(artifact)  # past the tensors' sha256, to the reader
+            argv = ["fold", str(artifact), "-o", str(folder / "out")]
+        else:
+            run = space.run(folder / "run")
+            context = _damage_header(run / "checkpoint" / "tensors.safetensors", data)
+            argv = ["train", str(run), "--data", "digits", "-o", str(run), *TRAIN_FLAGS, "--resume"]
+        _run_damaged(argv, folder, True, context)

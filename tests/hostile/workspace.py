@@ -69,13 +69,18 @@ def edit_json(path: Path, change: Callable[[Any], Any]) -> None:
 
 
 def reseal(directory: Path) -> None:
-    """What an attacker does after editing an artifact: recompute every hash it carries (the
-    tensors' sha256 and, where the manifest has one, its own). A value that cannot be hashed
+    """What an attacker does after editing an artifact: recompute every hash it carries (the rule
+    texts', the tensors' and, where the manifest has one, its own). A value that cannot be hashed
     canonically (NaN) is left as it is."""
     path = Path(directory) / "manifest.json"
     manifest = json.loads(path.read_text())
     if not isinstance(manifest, dict):
         return
+    for entry in manifest.get("rules", []) if isinstance(manifest.get("rules"), list) else []:
+        with contextlib.suppress(AttributeError, TypeError, UnicodeEncodeError):
+            entry["sha256"] = {
+                name: hashlib.sha256(text.encode()).hexdigest() for name, text in entry["sources"].items()
+            }
     tensors = Path(directory) / "tuners.safetensors"
     if tensors.is_file():
         manifest["tensors_sha256"] = hashlib.sha256(tensors.read_bytes()).hexdigest()
