@@ -145,7 +145,8 @@ def main() -> int:
         space.run(root / "warm-up-run")
         plain = root / "plain"
         plain.mkdir()
-        _, baseline_mb = run_cli(["match", SPEC, "--rules", str(REPO / "rules/dual_utuner.yaml")], plain, 300, 2**40)
+        plain_match = ["match", SPEC, "--rules", str(REPO / "rules/dual_utuner.yaml")]
+        baseline_mb = max(run_cli(plain_match, plain, 300, 2**40)[1] for _ in range(2))  # a busy machine can miss one
         print(f"{len(cases)} inputs; a plain match peaks at {baseline_mb:.0f} MB; deadline {args.timeout:.0f} s")
         with ThreadPoolExecutor(args.jobs) as pool:
             futures = [
