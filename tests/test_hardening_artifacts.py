@@ -294,6 +294,9 @@ def test_a_broken_model_card_field_is_one_line(tmp_path, capsys, fields, message
 
 
 def test_a_model_card_is_bounded_json(tmp_path):
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    with pytest.raises(UtuneError, match="zero.json is not a regular file"):
+        load_model(str(tmp_path / "zero.json"))
     path = tmp_path / "card.json"
     path.write_text('{"timm_model": "vit_tiny_patch16_224", "crop_pct": NaN}')
     with pytest.raises(UtuneError, match="NaN is not a JSON number"):

@@ -36,8 +36,9 @@ from utune_fx.schemas import read_json
 
 def read_card(path: Path) -> dict:
     """The card at ``path``: bounded, schema-checked; one line naming the card and the field otherwise."""
-    if not path.is_file():
-        raise UtuneError(f"model card {path} does not exist; check the path")
+    if not path.is_file():  # a FIFO or /dev/zero behind the name would block or never end
+        state = "is not a regular file" if path.exists() else "does not exist"
+        raise UtuneError(f"model card {path} {state}; check the path")
     return read_json(path, "card", "see utune_fx/schemas/card.schema.json for a model card's fields")
 
 
