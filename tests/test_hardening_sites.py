@@ -197,3 +197,24 @@ def test_onnx_parity_flags_an_all_zero_output(tmp_path):
     assert parity.passed and all(check.uninformative for check in parity.checks)
     assert parity.warnings and "all zero at batch 1, 4" in parity.warnings[0]
     assert "warning:" in parity.summary()
+
+
+def test_the_estimate_counts_what_rewrite_adds_on_norms_of_feature_maps(tmp_path):
+    """The memory estimate is only as good as the count: a BatchNorm region's channels are axis 1."""
+    from utune_fx.specs import load_model
+
+    loaded = load_model("timm:resnet18", ["2,3,32,32"])
+    rules = _rule_set(tmp_path, "  - {name: bn, match: {node: {kind: norm}}, tuner: sequential_adapter}\n")
+    gm = trace(loaded.model, loaded.inputs)
+    estimate = match_report(gm, loaded.model, rules, "resnet18", site_refusal)["added_parameters"]
+    added = rewrite(gm, rules).summaries[0].added_parameters
+    assert estimate == added == sum(2 * 8 * c + 8 + c for c in [64] * 5 + [128] * 5 + [256] * 5 + [512] * 5)
+
+
+def test_rewrite_allow_empty_with_a_prompt_rule_that_matches_nothing_writes_the_artifact(capsys, tmp_path):
+    out = tmp_path / "tuned"
+    code, _, err = _run(
+        capsys, "rewrite", *RESNET, "--rules", "rules/vpt_shallow.yaml", "-o", str(out), "--allow-empty"
+    )
+    assert code == 0, err
+    assert (out / "manifest.json").is_file()

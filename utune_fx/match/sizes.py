@@ -115,6 +115,18 @@ def _attention_heads(node: fx.Node, ctx: MatchContext) -> int:
     return math.prod(shape[1:-2]) if shape and len(shape) >= 3 else 0
 
 
+_AXIS_1_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def normalises_axis_1(node: fx.Node, ctx: MatchContext) -> bool:
+    """A norm of feature maps (BatchNorm, GroupNorm, InstanceNorm): their channels are axis 1."""
+    if node_info(node).op_kind != "norm":
+        return False
+    if node.op == "call_module":
+        return isinstance(ctx.node_ctx.modules.get(str(node.target)), _AXIS_1_NORMS)
+    return getattr(node.target, "__name__", "") in ("batch_norm", "group_norm", "instance_norm")
+
+
 def region_size(region: Region, ctx: MatchContext, position: int = 0) -> RegionSize:
     """What tuners' sizes depend on; ``position``: the region's place among its rule's regions."""
     ordered = sorted(region.nodes, key=ctx.order.__getitem__)
@@ -128,7 +140,10 @@ def region_size(region: Region, ctx: MatchContext, position: int = 0) -> RegionS
     parameters: dict[str, torch.Tensor] = {}
     for node in ordered:
         parameters.update(parameters_of(node, ctx))
-    fallback = node_info(region.output).shape[-1] if node_info(region.output).shape else 0
+    # no linear or conv: the channels the rewriter's site reads (axis 1 after a norm of feature maps)
+    out_shape = node_info(region.output).shape
+    axis = 1 if any(normalises_axis_1(n, ctx) for n in ordered) else -1
+    fallback = out_shape[axis if len(out_shape) > 1 else -1] if out_shape else 0
     channels_in = weighted[0][1][0] if weighted else fallback
     channels_out = weighted[-1][1][1] if weighted else fallback
     single = weighted[0][0] if len(weighted) == 1 else None

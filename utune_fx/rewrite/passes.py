@@ -24,7 +24,7 @@ from torch import fx, nn
 from utune_fx.errors import UtuneError
 from utune_fx.match import MatchContext, Region, RuleMatch
 from utune_fx.match.predicates import data_inputs
-from utune_fx.match.sizes import conv_arguments, layer_channels, parameters_of
+from utune_fx.match.sizes import conv_arguments, layer_channels, normalises_axis_1, parameters_of
 from utune_fx.match.structure import in_scope
 from utune_fx.rewrite.attention_sites import (
     TUNER_META,
@@ -44,17 +44,6 @@ def _first_weighted(region: Region, ctx: MatchContext) -> fx.Node | None:
     return min((n for n in region.nodes if node_info(n).op_kind in _WEIGHTED), key=ctx.order.__getitem__, default=None)
 
 
-_AXIS_1_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
-
-
-def _normalises_axis_1(node: fx.Node, ctx: MatchContext) -> bool:
-    if node_info(node).op_kind != "norm":
-        return False
-    if node.op == "call_module":
-        return isinstance(ctx.node_ctx.modules.get(str(node.target)), _AXIS_1_NORMS)
-    return getattr(node.target, "__name__", "") in ("batch_norm", "group_norm", "instance_norm")
-
-
 def _site(found: RuleMatch, region: Region, ctx: MatchContext, reads: fx.Node, writes: fx.Node) -> tuple[Site, bool]:
     """The tuner's site, and whether its output needs the output's view (Swin's
     blocks read [B, H, W, C] and write the same tokens as [B, H*W, C])."""
@@ -62,7 +51,7 @@ def _site(found: RuleMatch, region: Region, ctx: MatchContext, reads: fx.Node, w
     if anchor_op is not None:
         channels_first = node_info(anchor_op).op_kind == "conv"
     else:  # no linear or conv: a norm of feature maps (BatchNorm, GroupNorm) still says where channels are
-        channels_first = any(_normalises_axis_1(n, ctx) for n in region.nodes)
+        channels_first = any(normalises_axis_1(n, ctx) for n in region.nodes)
     in_shape, out_shape = node_info(reads).shape, node_info(writes).shape
     if not in_shape or not out_shape:
         raise fail(found, region, "the tuner needs tensors in and out")
@@ -359,7 +348,7 @@ def apply_rule(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> tuple
     added, trained, regions = 0, {}, found.regions
     for region in regions:
         _refuse_tuner_on_tuner(found, region)
-    if rule.position == "prompt":  # one pass over all blocks: shallow prompts travel from block to block
+    if rule.position == "prompt" and regions:  # one pass over all blocks: shallow prompts travel block to block
         tag = {"rule": rule.name, "tuner": rule.tuner, "position": rule.position, "index": 0}
         added = insert_prompts(gm, found, ctx, safe, _placement(regions[0], ctx, regions[0].output), tag)
         regions = ()
