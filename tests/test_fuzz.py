@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from hostile import files
 from hostile.bounded import CLEAN, classify, run_bounded
-from hostile.workspace import SPEC, TRAIN_FLAGS, Workspace, reseal
+from hostile.workspace import SPEC, Workspace, reseal, resume_argv
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -390,7 +390,7 @@ def test_a_checkpoint_with_a_damaged_field_fails_cleanly(space, data):
         changed, before = _apply(state, path, damage, folder / "MARKER", data.draw)
         state_path.write_text(json.dumps(changed))
         context = f"state.json {'.'.join(map(str, path))} {damage} (was {str(before)[:60]})"
-        argv = ["train", str(run), "--data", "digits", "-o", str(run), *TRAIN_FLAGS, "--resume"]
+        argv = resume_argv(run)
         _run_damaged(argv, folder, damage == "nan" or _progress_counter(path), context)
 
 
@@ -420,5 +420,5 @@ def test_a_tensor_file_with_a_damaged_header_is_refused_cleanly(space, data):
         else:
             run = space.run(folder / "run")
             context = _damage_header(run / "checkpoint" / "tensors.safetensors", data)
-            argv = ["train", str(run), "--data", "digits", "-o", str(run), *TRAIN_FLAGS, "--resume"]
+            argv = resume_argv(run)
         _run_damaged(argv, folder, True, context)

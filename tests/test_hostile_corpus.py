@@ -10,7 +10,7 @@ or a blow-up is a failing case, not a stuck or killed test run.
 import pytest
 from hostile import corpus
 from hostile.bounded import CLEAN, run_bounded
-from hostile.workspace import SPEC, Workspace
+from hostile.workspace import Workspace
 
 from utune_fx.cli import main
 
@@ -54,9 +54,9 @@ def test_a_second_writer_into_one_run_directory_is_refused(space, tmp_path):
     assert kind == CLEAN, f"{kind}: a second train into {tmp_path / 'out'} -> {outcome.describe()}"
 
 
-def test_the_tiny_model_of_the_corpus_matches(space, tmp_path):
-    """The cases are hostile only in the value they change: the same files with sane values work."""
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(corpus.files.rule_file(corpus.files.rule(), corpus.files.rule("f", match="ffn")))
-    outcome = run_bounded(lambda: main(["match", SPEC, "--rules", str(rules)]), timeout_s=DEADLINE_S)
-    assert outcome.returncode == 0, outcome.describe()
+@pytest.mark.parametrize("case", corpus.CONTROLS, ids=[c.name for c in corpus.CONTROLS])
+def test_the_inputs_the_cases_damage_work_undamaged(case, space, tmp_path):
+    """So that every refusal above is for the hostile value, not a broken setup (or a broken reseal)."""
+    argv = case.build(tmp_path, space)
+    outcome = run_bounded(lambda: main(argv), timeout_s=DEADLINE_S, memory_mb=MEMORY_MB, cwd=tmp_path)
+    assert corpus.judge(case, outcome, tmp_path, MEMORY_MB) == CLEAN, outcome.describe()

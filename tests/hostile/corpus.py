@@ -16,6 +16,8 @@ from hostile import files  # noqa: F401  (re-exported: tests build sane rule fil
 from hostile.case import CATEGORIES, MARKER, Case, judge  # noqa: F401
 from hostile.file_cases import (
     CODE,
+    CODE_RESUME,
+    CONTROLS,
     DEVICES,
     INPUT_TRACEBACKS,
     INSTALLS,
@@ -28,7 +30,7 @@ from hostile.file_cases import (
 )
 from hostile.rule_cases import HANGS, RULE_TRACEBACKS, WRONG
 
-CASES = [*CODE, *PICKLES, *HANGS, *RULE_TRACEBACKS, *INPUT_TRACEBACKS, *SPECIAL_FILES, *WRONG, *PARITY, *RESUME,
-         *INSTALLS, *DEVICES]  # fmt: skip
+CASES = [*CODE, *CODE_RESUME, *PICKLES, *HANGS, *RULE_TRACEBACKS, *INPUT_TRACEBACKS, *SPECIAL_FILES, *WRONG, *PARITY,
+         *RESUME, *INSTALLS, *DEVICES]  # fmt: skip
 assert len({case.name for case in CASES}) == len(CASES), "case names are test ids"
-__all__ = ["CASES", "CATEGORIES", "MARKER", "Case", "SECOND_WRITER", "judge", "start_first_writer"]
+__all__ = ["CASES", "CATEGORIES", "CONTROLS", "MARKER", "Case", "SECOND_WRITER", "judge", "start_first_writer"]

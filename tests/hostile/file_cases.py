@@ -15,8 +15,18 @@ from pathlib import Path
 import torch
 
 from hostile import files
-from hostile.case import MARKER, Case, argv_of, rules_file
-from hostile.workspace import REPO, RULES, SPEC, TRAIN_FLAGS, Workspace, edit_json, reseal
+from hostile.case import MARKER, Case, argv_of, rules_file, through_cli
+from hostile.workspace import (
+    REPO,
+    RULES,
+    SPEC,
+    TRAIN_FLAGS,
+    Workspace,
+    edit_json,
+    reseal,
+    resume_argv,
+    run_quietly,
+)
 
 
 # -- 1. code execution from an artifact ------------------------------------------------------------
@@ -51,6 +61,24 @@ def _poisoned(command: str, kind: str, sealed: bool) -> Callable[[Path, Workspac
     return build
 
 
+def _poisoned_resume(kind: str) -> Callable[[Path, Workspace], list[str]]:
+    """A run trained from an artifact; then the artifact's model spec is changed (hashes recomputed) and
+    the run resumed exactly as it was started: the path on which a resume rebuilds from the artifact."""
+
+    def build(folder: Path, space: Workspace) -> list[str]:
+        artifact = space.artifact(folder / "tuned")
+        argv = ["train", str(artifact), "--data", "digits", "-o", str(folder / "run"), *TRAIN_FLAGS]
+        run_quietly(argv)
+        spec = _code_spec(folder, kind)
+        edit_json(artifact / "manifest.json", lambda m: m.update(model=spec))
+        reseal(artifact)
+        return [*argv, "--resume"]
+
+    return build
+
+
+CODE_RESUME = [Case(1, f"resume from an artifact: model {kind} spec (hashes recomputed)", _poisoned_resume(kind),
+                    must_fail=True) for kind in ("module", "file")]  # fmt: skip
 CODE = [  # resealed, an artifact is consistent: the refusal must say to name the model (a resumed run may first
     # refuse the changed settings it records)
     Case(1, f"{command}: model {kind} spec{' (hashes recomputed)' if sealed else ''}", _poisoned(command, kind, sealed),
@@ -141,7 +169,7 @@ def _checkpoint(change: Callable, extra: tuple[str, ...] = ()) -> Callable[[Path
     def build(folder: Path, space: Workspace) -> list[str]:
         run = space.run(folder / "run")
         edit_json(run / "checkpoint" / "state.json", change)
-        return ["train", str(run), "--data", "digits", "-o", str(run), *TRAIN_FLAGS, *extra, "--resume"]
+        return resume_argv(run, *extra)
 
     return build
 
@@ -149,7 +177,7 @@ def _checkpoint(change: Callable, extra: tuple[str, ...] = ()) -> Callable[[Path
 def _garbage_tensors(folder: Path, space: Workspace) -> list[str]:
     run = space.run(folder / "run")
     (run / "checkpoint" / "tensors.safetensors").write_bytes(b"\xff" * 8 + b"{not a header")
-    return ["train", str(run), "--data", "digits", "-o", str(run), *TRAIN_FLAGS, "--resume"]
+    return resume_argv(run)
 
 
 def _pop(key: str) -> Callable:
@@ -206,7 +234,7 @@ def _special_file(name: str, kind: str) -> Callable[[Path, Workspace], list[str]
         else:
             path.symlink_to("/dev/zero")
         if run:
-            return ["train", str(target), "--data", "digits", "-o", str(target), *TRAIN_FLAGS, "--resume"]
+            return resume_argv(target)
         return ["fold", str(target), "-o", str(folder / "out")]
 
     return build
@@ -266,9 +294,22 @@ INSTALLS = [
 ]  # fmt: skip
 NO_CUDA = not torch.cuda.is_available()
 DEVICES = [
-    Case(7, f"train --device {device}", argv_of(*TRAIN, *TRAIN_FLAGS, "--device", device), must_fail=must_fail)
-    for device, must_fail in (("cuda", NO_CUDA), ("cuda:0", NO_CUDA), ("cuda:99", True), ("tpu", True), ("cpu", False))
-]
+    Case(7, f"train --device {device}", argv_of(*TRAIN, *TRAIN_FLAGS, "--device", device), must_fail=refused,
+         must_succeed=not refused)
+    for device, refused in (("cuda", NO_CUDA), ("cuda:0", NO_CUDA), ("cuda:99", True), ("tpu", True), ("cpu", False))
+]  # fmt: skip
+
+# -- controls: the inputs the cases damage, undamaged, work (so no refusal above is for another reason) ---
+SANE_RULES = files.rule_file(files.rule(), files.rule("f", match="ffn"))
+CONTROLS = [
+    Case(0, "match: sane rules", through_cli(SANE_RULES), must_succeed=True),
+    Case(0, "rewrite: sane rules", through_cli(SANE_RULES, "rewrite"), must_succeed=True),
+    Case(0, "fold: the artifact as written", _manifest(lambda m: None, sealed=False), must_succeed=True),
+    Case(0, "fold: the artifact resealed unchanged", _manifest(lambda m: None), must_succeed=True),
+    Case(0, "resume: the run as written", _checkpoint(lambda s: None), must_succeed=True),
+    Case(0, "eval: the run", lambda folder, space: ["eval", str(space.run(folder / "run")), "--data", "digits"],
+         must_succeed=True),
+]  # fmt: skip
 
 
 # -- 5. two writers into one -o (two processes at once: run by the test and the probe themselves) ----

@@ -90,7 +90,7 @@ RULE_TRACEBACKS = [
          must_fail=True),
     Case(3, "a parallel adapter on every node", through_cli(rule_file(rule(match="{node: {}}")), "rewrite")),
     Case(3, "rule file imports /dev/zero", _imports("/dev/zero"), must_fail=True, bounded=True),
-    Case(3, "rule files that import each other", _imports("a.yaml"), must_fail=True),
+    Case(3, "rule files that import each other", _imports("a.yaml"), bounded=True),  # a cycle may load once
     Case(3, "rule file imports /etc/passwd", _imports("/etc/passwd"), must_fail=True),
     Case(3, "--rules names a directory", argv_of("match", SPEC, "--rules", "{dir}"), must_fail=True),
 ]  # fmt: skip

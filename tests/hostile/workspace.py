@@ -3,6 +3,7 @@
     space = Workspace(root)               # builds nothing yet
     space.artifact(dest)                  # a copy of DIR written by cli.py rewrite
     space.run(dest)                       # a copy of OUT written by cli.py train (1 epoch, digits)
+    resume_argv(run, *extra)              # train --resume of that run, as it was started
     edit_json(path, change)               # change(data) edits the parsed file in place; written back
     reseal(directory)                     # recompute the hashes an attacker can recompute
 
@@ -27,7 +28,8 @@ RULES = str(REPO / "rules" / "dual_utuner.yaml")
 TRAIN_FLAGS = ["--epochs", "1", "--no-augment", "--train-size", "100", "--val-size", "20", "--batch-size", "32"]
 
 
-def _quiet_main(argv: list[str]) -> int:
+def run_quietly(argv: list[str]) -> int:
+    """cli.main with its output kept; a failure to build what a case needs is an error of the test."""
     from utune_fx.cli import main
 
     out, err = io.StringIO(), io.StringIO()
@@ -49,16 +51,22 @@ class Workspace:
     def artifact(self, dest: Path) -> Path:
         if self._artifact is None:
             self._artifact = self.root / "original-artifact"
-            _quiet_main(["rewrite", SPEC, "--rules", RULES, "-o", str(self._artifact)])
+            run_quietly(["rewrite", SPEC, "--rules", RULES, "-o", str(self._artifact)])
         shutil.copytree(self._artifact, dest)
         return dest
 
     def run(self, dest: Path) -> Path:
         if self._run is None:
             self._run = self.root / "original-run"
-            _quiet_main(["train", SPEC, "--rules", RULES, "--data", "digits", "-o", str(self._run), *TRAIN_FLAGS])
+            run_quietly(["train", SPEC, "--rules", RULES, "--data", "digits", "-o", str(self._run), *TRAIN_FLAGS])
         shutil.copytree(self._run, dest)
         return dest
+
+
+def resume_argv(run: Path, *extra: str) -> list[str]:
+    """``train --resume`` of the workspace's run exactly as it was started (a resume that names another
+    model or other rules is refused for that alone), with ``extra`` flags after the run's own."""
+    return ["train", SPEC, "--rules", RULES, "--data", "digits", "-o", str(run), *TRAIN_FLAGS, *extra, "--resume"]
 
 
 def edit_json(path: Path, change: Callable[[Any], Any]) -> None:
