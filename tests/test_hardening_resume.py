@@ -94,6 +94,11 @@ def _edit_tensors(run: Path, edit) -> None:
     safetensors.torch.save_file(tensors, str(path))
 
 
+def _replace_by_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)  # reading it would wait for a writer forever
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -121,6 +126,12 @@ def _edit_tensors(run: Path, edit) -> None:
             r"optim\.0\.exp_avg has shape \[1\]",
         ),
         (lambda r: (r / "checkpoint" / "tensors.safetensors").write_bytes(b"\0" * 9), r"not a readable safetensors"),
+        (
+            lambda r: _replace_by_fifo(r / "checkpoint" / "tensors.safetensors"),
+            r"tensors\.safetensors is not a regular",
+        ),
+        (lambda r: _replace_by_fifo(r / "checkpoint" / "state.json"), r"state\.json is not a regular file"),
+        (lambda r: (r / "checkpoint" / "state.json").unlink(), r"state\.json is missing"),
     ],
 )
 def test_a_damaged_checkpoint_is_one_line_naming_the_field(run, capsys, damage, message):

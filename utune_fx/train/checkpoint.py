@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -80,18 +81,28 @@ def save_checkpoint(
 def read_state(directory: Path) -> dict:
     """state.json, checked against its schema (one line naming the field otherwise); no tensors read."""
     recover_directory(directory)  # a swap killed between its renames: the previous checkpoint comes back
-    if not (directory / STATE).is_file():
-        raise UtuneError(f"{directory}: no checkpoint to resume ({STATE} is missing); {_FIX}")
+    _require_regular_file(directory / STATE)
     return read_json(directory / STATE, "checkpoint", fix=_FIX)
+
+
+def _require_regular_file(path: Path) -> None:
+    """Before opening: a FIFO would wait for a writer forever, a link to /dev/zero never ends."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise UtuneError(f"{path} is missing; {_FIX}") from None
+    except OSError as error:
+        raise UtuneError(f"{path}: cannot read ({first_line(error)}); {_FIX}") from error
+    if not stat.S_ISREG(mode):
+        raise UtuneError(f"{path} is not a regular file (a pipe, device or folder); {_FIX}")
 
 
 def load_checkpoint(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, schedule) -> dict:
     """Restore everything ``save_checkpoint`` wrote; returns the whole (checked) state record."""
     state = read_state(directory)
+    _require_regular_file(directory / TENSORS)
     try:
         tensors = safetensors.torch.load_file(str(directory / TENSORS))
-    except FileNotFoundError as error:
-        raise UtuneError(f"{directory / TENSORS} is missing; {_FIX}") from error
     except Exception as error:  # safetensors reports damage as several exception kinds
         raise UtuneError(
             f"{directory / TENSORS}: not a readable safetensors file ({first_line(error)}); {_FIX}"
