@@ -76,9 +76,8 @@ def _reading(out: Path) -> Iterator[None]:
     """A shared flock on OUT/.lock while a reader checks and repairs the run: never while a run writes it
     (a repair then could undo a swap in flight). A folder no run has locked, or a read-only one, is read as is."""
     out, descriptor = Path(out), None
-    if out.resolve() not in _HELD:
-        with contextlib.suppress(OSError):
-            descriptor = os.open(out / LOCK, os.O_RDONLY)
+    with contextlib.suppress(OSError):
+        descriptor = os.open(out / LOCK, os.O_RDONLY)
     try:
         if descriptor is not None:
             try:
@@ -191,6 +190,8 @@ def check_run_result(out: Path) -> None:
     """For readers of a run directory: tuned/, checkpoint/ and summary.json are at the same epoch, or one
     line says the run stopped before it finished and how to finish it."""
     out = Path(out)
+    if out.resolve() in _HELD:
+        return  # this process trains into the run it reads (train RUN -o RUN --resume): it rewrites tuned/
     with _reading(out):
         _check_run_result(out)
 
