@@ -314,3 +314,13 @@ def test_an_artifact_named_by_another_path_is_the_same_model(tmp_path, monkeypat
     assert main(["train", str(tmp_path / "artifact"), *argv, "--epochs", "1", "--resume"]) == 0
     assert main(["train", SPEC, "--rules", str(ROOT / "rules" / "dual_utuner.yaml"), *argv, "--resume"]) == 2
     _one_error_line(capsys, r"MODEL \S+artifact \(now timm:vit_tiny")
+
+
+def test_the_writer_of_a_run_is_not_refused_as_its_reader(run):
+    from utune_fx.train.rundir import check_run_result, hold_lock
+
+    (run / "summary.json").unlink()  # as a run stopped while finishing leaves it
+    with pytest.raises(UtuneError, match=r"summary\.json was not written: the run stopped before it finished"):
+        check_run_result(run)
+    with hold_lock(run):  # train RUN -o RUN --resume: it rewrites tuned/ and summary.json itself
+        check_run_result(run)
