@@ -13,6 +13,7 @@ range) success is a failure too, and an artifact never runs the code its manifes
 
 derandomize=True: CI runs the same examples every time; shrinking is off because a shrink
 step that hangs costs a whole deadline (the failing example is reported as generated).
+UTUNE_FX_FUZZ_SCALE=N runs N times as many examples, for a deeper search by hand.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
 import sys
 import tempfile
@@ -39,6 +41,8 @@ from utune_fx.specs import load_model
 from utune_fx.trace import trace
 
 DEADLINE_S, MEMORY_MB = 20, 500
+# UTUNE_FX_FUZZ_SCALE=10 runs ten times the examples (a deeper search than CI's, same seeds first)
+SCALE = max(1, int(os.environ.get("UTUNE_FX_FUZZ_SCALE", "1")))
 FUZZ = settings(
     derandomize=True,
     deadline=None,  # each example forks and may build a model; the bound is the child's deadline
@@ -250,7 +254,7 @@ def graph():
 
 @pytest.mark.parametrize("hostile", sorted(HOSTILE))
 def test_rule_files_with_hostile_values_load_and_match_or_fail_in_one_located_line(hostile, graph):
-    @settings(FUZZ, max_examples=30)
+    @settings(FUZZ, max_examples=30 * SCALE)
     @given(rule_documents(hostile))
     def check(document):
         _check_rule_file(to_yaml(document), must_fail=_non_finite(document), graph=graph)
@@ -258,7 +262,7 @@ def test_rule_files_with_hostile_values_load_and_match_or_fail_in_one_located_li
     check()
 
 
-@settings(FUZZ, max_examples=25)
+@settings(FUZZ, max_examples=25 * SCALE)
 @given(
     st.sampled_from([to_yaml(t) for t in TEMPLATES]),
     st.sampled_from(
@@ -273,7 +277,7 @@ def test_rule_file_bytes_with_a_foreign_character_or_cut_short_fail_cleanly(temp
     _check_rule_file(text, must_fail=False)
 
 
-@settings(FUZZ, max_examples=20)
+@settings(FUZZ, max_examples=20 * SCALE)
 @given(
     st.sampled_from(["scope", "class", "inside", "op"]),
     st.integers(1, 30),
@@ -355,7 +359,7 @@ def _run_damaged(argv, folder: Path, must_fail: bool, context: str) -> None:
     assert kind == CLEAN, f"{kind}: {context}: cli.py {' '.join(argv)[:300]} -> {outcome.describe()}"
 
 
-@settings(FUZZ, max_examples=25)
+@settings(FUZZ, max_examples=25 * SCALE)
 @given(data=st.data())
 def test_a_manifest_with_a_damaged_field_fails_cleanly_and_never_runs_code(space, data):
     with tempfile.TemporaryDirectory() as scratch:
@@ -378,7 +382,7 @@ def _progress_counter(path) -> bool:
     return len(path) == 2 and path[0] == "progress" and path[1] in ("epoch", "step")
 
 
-@settings(FUZZ, max_examples=20)
+@settings(FUZZ, max_examples=20 * SCALE)
 @given(data=st.data())
 def test_a_checkpoint_with_a_damaged_field_fails_cleanly(space, data):
     with tempfile.TemporaryDirectory() as scratch:
@@ -406,7 +410,7 @@ def _damage_header(path: Path, data) -> str:
     return f"{path.name} header {'.'.join(map(str, field))} {damage} (was {str(before)[:60]})"
 
 
-@settings(FUZZ, max_examples=10)
+@settings(FUZZ, max_examples=10 * SCALE)
 @given(data=st.data())
 def test_a_tensor_file_with_a_damaged_header_is_refused_cleanly(space, data):
     """safetensors headers are JSON too: a wrong shape, dtype, offset or name never loads, and never crashes."""
