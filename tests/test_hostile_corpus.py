@@ -38,8 +38,6 @@ def test_a_hostile_input_ends_cleanly(case, space, tmp_path):
     outcome = run_bounded(lambda: main(argv), timeout_s=deadline, memory_mb=MEMORY_MB, cwd=tmp_path)
     kind = corpus.judge(case, outcome, tmp_path, MEMORY_MB)
     assert kind == CLEAN, f"{kind}: cli.py {_short(argv)} -> {outcome.describe()}"
-    if outcome.returncode != 0:  # one line a person reads: a 100,000-character name is not echoed back whole
-        assert len(outcome.error_lines()[0]) < 2000, f"a {len(outcome.error_lines()[0]):,}-character error line"
 
 
 def test_a_second_writer_into_one_run_directory_is_refused(space, tmp_path):

@@ -29,6 +29,9 @@ from pathlib import Path
 # How a run can end; the probe's table has one column per failure kind.
 CLEAN = "clean"
 FAILURE_KINDS = ("traceback", "unclean output", "hang", "memory", "wrong success", "code executed")
+# One line a person reads: a value the input made huge (a 100,000-character name, an alias-expanded
+# mapping, a megabyte header field) is cut, not echoed back whole.
+MAX_ERROR_LINE = 2000
 _ALLOCATION_FAILURES = ("MemoryError", "can't allocate memory", "std::bad_alloc", "Cannot allocate memory")
 # Headroom of address space above the parent's, on top of the bound the test asks for: thread
 # stacks and allocator arenas reserve address space they never touch.
@@ -53,15 +56,16 @@ class Outcome:
 
     def describe(self) -> str:
         """A short text for reports: exit code and the last lines of the output."""
-        text = (self.exception or self.stderr or self.stdout).strip().splitlines()
-        tail = " | ".join(text[-3:])
-        return f"exit {self.returncode}{' (timed out)' if self.timed_out else ''}: {tail[:400]}"
+        lines = (self.exception or self.stderr or self.stdout).strip().splitlines()[-3:]
+        tail = " | ".join(line if len(line) <= 300 else f"{line[:300]}... ({len(line):,} characters)" for line in lines)
+        return f"exit {self.returncode}{' (timed out)' if self.timed_out else ''}: {tail}"
 
 
 def classify(outcome: Outcome, *, must_fail: bool = False, memory_mb: float = 500, marker: Path | None = None) -> str:
     """The kind of end: clean, or the first failure that applies (most severe first).
 
-    Clean is exit 0 (unless ``must_fail``) or exit 2/3 with exactly one error line and no traceback.
+    Clean is exit 0 (unless ``must_fail``) or exit 2/3 with exactly one error line (of at most
+    MAX_ERROR_LINE characters) and no traceback.
     """
     if marker is not None and marker.exists():
         return "code executed"
@@ -77,9 +81,15 @@ def classify(outcome: Outcome, *, must_fail: bool = False, memory_mb: float = 50
         return "memory" if allocation else "traceback"
     if outcome.returncode == 0:
         return "wrong success" if must_fail else CLEAN
-    if outcome.returncode in (2, 3) and len(outcome.error_lines()) == 1:
+    lines = outcome.error_lines()
+    if outcome.returncode in (2, 3) and len(lines) == 1 and len(lines[0]) <= MAX_ERROR_LINE:
         return CLEAN  # a refused allocation said in one line is clean: the bound held
     return "memory" if allocation else "unclean output"
+
+
+def _ends(text: str, keep: int = 10_000) -> str:
+    """The start and the end of a long output (an error line starts it, a traceback ends it)."""
+    return text if len(text) <= 2 * keep else text[:keep] + "\n[...]\n" + text[-keep:]
 
 
 def _vm_kb(key: str) -> int:
@@ -110,7 +120,7 @@ def _child(call: Callable[[], int | None], write_end: int, cwd: Path | None, mem
                     report["returncode"] = exit_.code if isinstance(exit_.code, int) else 1
         except BaseException:  # noqa: B036 - every escape is what the test is looking for
             report["exception"] = traceback.format_exc()[-6000:]
-        report["stdout"], report["stderr"] = out.getvalue()[-20000:], err.getvalue()[-20000:]
+        report["stdout"], report["stderr"] = _ends(out.getvalue()), _ends(err.getvalue())
     except BaseException:  # noqa: B036
         report["exception"] = traceback.format_exc()[-6000:]
     data = json.dumps(report).encode()

@@ -5,6 +5,7 @@ code named by a manifest or pickled into data, damaged and hand-edited fields, s
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -180,6 +181,21 @@ def _garbage_tensors(folder: Path, space: Workspace) -> list[str]:
     return resume_argv(run)
 
 
+def _megabyte_header_field(folder: Path, space: Workspace) -> list[str]:
+    """tuners.safetensors whose header gives a shape as a 1 MB string; hashes recomputed."""
+    artifact = space.artifact(folder / "tuned")
+    path = artifact / "tuners.safetensors"
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    first = next(name for name in header if name != "__metadata__")
+    header[first]["shape"][0] = "x" * 10**6
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length :])
+    reseal(artifact)
+    return ["fold", str(artifact), "-o", str(folder / "out")]
+
+
 def _pop(key: str) -> Callable:
     return lambda m: m.pop(key)
 
@@ -201,6 +217,7 @@ INPUT_TRACEBACKS = [
     Case(3, "checkpoint: param_groups emptied", _checkpoint(lambda s: s["optimizer"].update(param_groups=[])),
          must_fail=True),
     Case(3, "checkpoint: tensors not safetensors", _garbage_tensors, must_fail=True),
+    Case(3, "tensor header: a shape given as a 1 MB string (echoed?)", _megabyte_header_field, must_fail=True),
     *[Case(3, f"model spec {spec!r}", argv_of("inspect", spec), must_fail=True) for spec in (
         "timm:", "timm:no_such_model", "timm:resnet18?depth=abc", "timm:resnet18?num_classes=nan", ":", "os:",
         "os:system", "no.such.module:build", "{dir}/missing.py:build", f"{REPO}/tests/toy_models.py:not_a_model",

@@ -89,6 +89,8 @@ RULE_TRACEBACKS = [
     Case(3, "hidden 2**62 at rewrite", through_cli(rule_file(rule(settings=f"{{hidden: {2**62}}}")), "rewrite"),
          must_fail=True),
     Case(3, "a parallel adapter on every node", through_cli(rule_file(rule(match="{node: {}}")), "rewrite")),
+    Case(3, "an alias-expanded mapping as a setting's value (echoed?)",
+         through_cli(rule_file(rule(settings="{dropout: " + files.laughs(6, 2, mapping=True) + "}"))), must_fail=True),
     Case(3, "rule file imports /dev/zero", _imports("/dev/zero"), must_fail=True, bounded=True),
     Case(3, "rule files that import each other", _imports("a.yaml"), bounded=True),  # a cycle may load once
     Case(3, "rule file imports /etc/passwd", _imports("/etc/passwd"), must_fail=True),
