@@ -256,8 +256,14 @@ def test_a_run_killed_while_finishing_is_refused_by_readers_and_finished_by_resu
         _train(run, "--resume", "--epochs", "2")
     monkeypatch.undo()
     capsys.readouterr()
-    assert main(["eval", str(run), "--data", "digits"]) == 2
-    _one_error_line(capsys, r"the run stopped before it finished; finish it with .*--resume")
+    for reader in (
+        ["eval", str(run), "--data", "digits"],
+        ["fold", str(run), "-o", str(run.parent / "folded")],
+        ["export", str(run), "-o", str(run.parent / "model.onnx")],
+    ):
+        assert main(reader) == 2, reader
+        _one_error_line(capsys, r"the run stopped before it finished; finish it with .*--resume")
+    assert not (run.parent / "folded").exists() and not (run.parent / "model.onnx").exists()
     assert _train(run, "--resume", "--epochs", "2") == 0
     assert main(["eval", str(run), "--data", "digits", "--json"]) == 0
     assert json.loads((run / "summary.json").read_text())["epochs"] == 2

@@ -20,9 +20,9 @@ from utune_fx.errors import UtuneError
 def _fold(args: argparse.Namespace) -> int:
     from utune_fx.fold.artifact import fold_artifact, save_folded
     from utune_fx.fold.report import render_fold
-    from utune_fx.rewrite.artifact import artifact_directory
+    from utune_fx.train.session import checked_artifact_directory
 
-    directory = artifact_directory(args.directory)
+    directory = checked_artifact_directory(args.directory)
     if directory is None:
         raise UtuneError(f"{args.directory}: no tuned artifact here; write one with cli.py rewrite or train")
     with Console(stderr=True).status(f"folding {directory}"):
@@ -44,9 +44,9 @@ def _export(args: argparse.Namespace) -> int:
 
     from utune_fx.export import export_onnx
     from utune_fx.fold.artifact import is_folded, load_for_inference
-    from utune_fx.rewrite.artifact import artifact_directory
+    from utune_fx.train.session import checked_artifact_directory
 
-    directory = artifact_directory(args.directory)
+    directory = checked_artifact_directory(args.directory)
     if args.tuners_as_inputs and (args.fold or directory is not None and is_folded(directory)):
         raise UtuneError(
             "--tuners-as-inputs keeps the tuner tensors apart from the weights, folding merges them "

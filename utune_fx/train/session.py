@@ -36,9 +36,7 @@ def tuned_model(
     a model spec rewritten with rule files."""
     from utune_fx.match import load_rules
 
-    if _is_run_directory(model):
-        check_run_result(Path(model))  # a training run: its tuned/ must be the result its summary describes
-    directory = artifact_directory(model)
+    directory = checked_artifact_directory(model)
     if directory is not None:
         if rules:
             raise UtuneError(f"{model} is a tuned artifact and brings its own rules; drop --rules")
@@ -54,7 +52,15 @@ def tuned_model(
     return build_tuned(TunedSource(model, input_shapes or [], frontend), rule_sets, seed)
 
 
-def _is_run_directory(path: str) -> bool:
+def checked_artifact_directory(path: str | Path) -> Path | None:
+    """The tuned artifact at ``path`` (see artifact_directory); for a training run, only once its tuned/ is
+    the result its summary describes (a run stopped while finishing is one line saying how to finish it)."""
+    if _is_run_directory(path):
+        check_run_result(Path(path))
+    return artifact_directory(path)
+
+
+def _is_run_directory(path: str | Path) -> bool:
     return _is_directory(Path(path) / CHECKPOINT)
 
 
