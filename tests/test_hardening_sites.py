@@ -101,11 +101,14 @@ def test_an_empty_rule_exits_3_in_both_and_allow_empty_writes_the_artifact(capsy
 @pytest.mark.parametrize(
     "rule,bound",
     [
-        ("{name: big, match: mlp, tuner: parallel_adapter, settings: {hidden: 5000}}", "= 768; lower hidden"),
+        (
+            "{name: big, match: mlp, tuner: parallel_adapter, settings: {hidden: 5000}}",
+            "hidden 5000 is far above the region's channels: at most max(4 x 192, 64) = 768",
+        ),
         (
             "{name: big, match: {node: {kind: linear, scope: 'blocks.0.attn.qkv'}}, tuner: lora, "
             "settings: {rank: 5000}}",
-            "rank 5000 is far above the layer's widths (192 in, 576 out): at most max(in, out) = 576",
+            "rank 5000 is far above the layer's widths (192 in, 576 out): at most max(4 x 576, 64) = 2304",
         ),
         (
             "{name: big, match: attention, tuner: prefix, settings: {length: 5000}}",
@@ -121,8 +124,13 @@ def test_sizes_far_above_the_region_are_refused_with_the_bound_by_both(capsys, t
 
 
 def test_tuners_the_machine_cannot_hold_are_refused_with_the_figure_before_allocating(capsys, tmp_path, monkeypatch):
-    rules = _rules(tmp_path, "  - {name: mlp, match: mlp, tuner: parallel_adapter, settings: {hidden: 8}}\n")
-    monkeypatch.setattr("utune_fx.rewrite.plan.available_memory", lambda: 10_000)
+    rules = _rules(
+        tmp_path,
+        "  - {name: mha, match: attention, tuner: parallel_adapter, settings: {hidden: 768}}\n"
+        "  - {name: mlp, match: mlp, tuner: parallel_adapter, settings: {hidden: 768}}\n",
+    )
+    # room for the model itself (about 4 MB of weights, checked when it is built), not for its tuners
+    monkeypatch.setattr("utune_fx.rewrite.plan.available_memory", lambda: 6_000_000)
 
     def allocate(*args, **kwargs):
         raise AssertionError("rewrite allocated tuners past the memory check")
@@ -130,9 +138,9 @@ def test_tuners_the_machine_cannot_hold_are_refused_with_the_figure_before_alloc
     monkeypatch.setattr("utune_fx.rewrite.apply_rule", allocate)
     (code, err), (rewrite_code, rewrite_err), written = _match_and_rewrite(capsys, tmp_path, [VIT], rules)
     assert code == rewrite_code == 2 and err == rewrite_err and not written
-    # 2 regions x (192 * 8 + 8 + 8 * 192 + 192) parameters, float32
-    assert "the tuners would add 6,544 parameters = 25.6 KiB (4 bytes each), more than 50% of the 9.8 KiB" in err
-    assert "rule 'mlp'" in err
+    # 4 regions x (192 * 768 + 768 + 768 * 192 + 192) parameters, float32
+    assert "the tuners would add 1,183,488 parameters = 4.5 MiB (4 bytes each), more than 50% of the 5.7 MiB" in err
+    assert "rule 'mha'" in err and "adds 591,744" in err
 
 
 class _Mlp(nn.Module):
@@ -218,3 +226,10 @@ def test_rewrite_allow_empty_with_a_prompt_rule_that_matches_nothing_writes_the_
     )
     assert code == 0, err
     assert (out / "manifest.json").is_file()
+
+
+def test_the_shipped_rank_stays_allowed_on_narrow_layers(capsys):
+    """CaiT's talking-heads projections are as wide as its heads (4): rank 8 is not far above them."""
+    cait = "timm:cait_xxs24_224?img_size=32&patch_size=8&depth=1&depth_token_only=1&num_classes=10"
+    code, _, err = _run(capsys, "match", cait, "--rules", "rules/lora.yaml")
+    assert code == 0, err

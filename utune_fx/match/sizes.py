@@ -164,9 +164,11 @@ def region_size(region: Region, ctx: MatchContext, position: int = 0) -> RegionS
     )
 
 
-# Region-relative bounds on tuner sizes (docs/limits.md, "Tuner settings and sizes"). A bottleneck
-# (adapter hidden width, a prefix's reparameterisation) wider than WIDTH_FACTOR times the region's
-# channels is no bottleneck; the floor keeps tiny test models usable.
+# Region-relative bounds on tuner sizes (docs/limits.md, "Tuner settings and sizes"). A width (LoRA's
+# rank, an adapter's hidden width, a prefix's reparameterisation) over WIDTH_FACTOR times the region's
+# channels buys nothing: LoRA's update cannot gain rank past the weight's widths, and a bottleneck wider
+# than the stream is none. The floor keeps the shipped settings (rank 8, hidden 8) on narrow layers
+# (CaiT's talking-heads projections are 4 wide). Ranks between the weight's widths stay allowed, as in PEFT.
 WIDTH_FACTOR, WIDTH_FLOOR = 4, 64
 # Extra tokens (prefix, prompts) beyond TOKEN_FACTOR times the tokens the region reads drown them out.
 TOKEN_FACTOR, TOKEN_FLOOR = 4, 256
@@ -181,36 +183,30 @@ def region_tokens(region: Region) -> int:
 def size_refusal(config: object, size: RegionSize, tokens: int) -> str | None:
     """Why a tuner's sizes are far above what the region it tunes can use, with the bound; or None.
 
-    lora            rank <= max(fan_in, channels_out): past both widths of the weight, B @ A holds more
-                    parameters than the weight itself and cannot gain rank (PEFT accepts any rank;
-                    ranks between the two widths stay allowed). Grouped convs cap their rank already.
-    adapters        hidden <= max(WIDTH_FACTOR * channels, WIDTH_FLOOR)
-    prefix          reparam_hidden likewise; length <= max(TOKEN_FACTOR * tokens, TOKEN_FLOOR)
-    prompt          length likewise
+    lora rank, adapters' hidden, prefix's reparam_hidden:
+        <= max(WIDTH_FACTOR * channels, WIDTH_FLOOR), channels the larger width of the region (for LoRA
+        the layer's fan-in, in channels x kernel, or its out channels); grouped convs cap LoRA's rank already
+    prefix and prompt length:
+        <= max(TOKEN_FACTOR * tokens, TOKEN_FLOOR)
     """
-    channels = max(size.channels_in, size.channels_out)
-    width_bound = max(WIDTH_FACTOR * channels, WIDTH_FLOOR)
-    token_bound = max(TOKEN_FACTOR * tokens, TOKEN_FLOOR)
-    rank = getattr(config, "rank", None)
-    if isinstance(rank, int) and size.groups == 1:
-        fan_in = size.fan_in or size.channels_in
-        bound = max(fan_in, size.channels_out)
-        if rank > bound:
-            return (
-                f"rank {rank} is far above the layer's widths ({fan_in} in, {size.channels_out} out): "
-                f"at most max(in, out) = {bound}; lower rank"
-            )
-    for name in ("hidden", "reparam_hidden"):
+    fan_in = size.fan_in or size.channels_in
+    widths = {
+        "rank": (max(fan_in, size.channels_out), f"the layer's widths ({fan_in} in, {size.channels_out} out)"),
+        "hidden": (max(size.channels_in, size.channels_out), "the region's channels"),
+    }
+    widths["reparam_hidden"] = widths["hidden"]
+    for name, (channels, what) in widths.items():
         width = getattr(config, name, None)
-        if isinstance(width, int) and width > width_bound:
+        bound = max(WIDTH_FACTOR * channels, WIDTH_FLOOR)
+        if isinstance(width, int) and width > bound and not (name == "rank" and size.groups > 1):
             return (
-                f"{name} {width} is far above the region's {channels} channels: at most "
-                f"max({WIDTH_FACTOR} x channels, {WIDTH_FLOOR}) = {width_bound}; lower {name}"
+                f"{name} {width} is far above {what}: at most max({WIDTH_FACTOR} x {channels}, {WIDTH_FLOOR}) "
+                f"= {bound}; lower {name}"
             )
-    length = getattr(config, "length", None)
-    if isinstance(length, int) and length > token_bound:
+    length, bound = getattr(config, "length", None), max(TOKEN_FACTOR * tokens, TOKEN_FLOOR)
+    if isinstance(length, int) and length > bound:
         return (
             f"length {length} is far above the {tokens} token(s) the region reads: at most "
-            f"max({TOKEN_FACTOR} x tokens, {TOKEN_FLOOR}) = {token_bound}; lower length"
+            f"max({TOKEN_FACTOR} x tokens, {TOKEN_FLOOR}) = {bound}; lower length"
         )
     return None
