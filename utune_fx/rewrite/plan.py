@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import fx, nn
 
 from utune_fx.errors import UtuneError
@@ -104,7 +103,7 @@ def available_memory() -> int | None:
 def bytes_per_parameter(model: nn.Module) -> int:
     """Bytes of one tuner parameter: tuners take the dtype of the model's floating weights."""
     floating = next((p for p in model.parameters() if p.is_floating_point()), None)
-    return floating.element_size() if floating is not None else torch.empty((), dtype=torch.float32).element_size()
+    return floating.element_size() if floating is not None else 4  # float32
 
 
 def _size(count: float) -> str:
