@@ -67,7 +67,11 @@ def test_a_tuner_on_every_node_is_a_clean_refusal_in_both(capsys, tmp_path):
     assert err.startswith("error: rule 'every'") and "Traceback" not in err
 
 
-def test_a_module_attention_is_refused_by_the_dry_run_as_by_rewrite(tmp_path):
+@pytest.mark.parametrize(
+    "tuner,reason",
+    [("prefix", "nn.MultiheadAttention"), ("parallel_adapter", "the tuner needs tensors in and out")],
+)
+def test_a_module_attention_is_refused_by_the_dry_run_as_by_rewrite(tmp_path, tuner, reason):
     class Block(nn.Module):  # torchvision's ViT: nn.MultiheadAttention returns (output, weights)
         def __init__(self):
             super().__init__()
@@ -79,10 +83,10 @@ def test_a_module_attention_is_refused_by_the_dry_run_as_by_rewrite(tmp_path):
             return self.fc(x + y)
 
     model, x = Block(), torch.randn(2, 5, 16)
-    rules = _rule_set(tmp_path, "  - {name: mha, match: attention, tuner: prefix}\n")
+    rules = _rule_set(tmp_path, f"  - {{name: mha, match: attention, tuner: {tuner}}}\n")
     gm = trace(model, (x,))
     report = match_report(gm, model, rules, "block", site_refusal)
-    assert report["refusals"] and "nn.MultiheadAttention" in report["refusals"][0]
+    assert report["refusals"] and reason in report["refusals"][0]
     with pytest.raises(UtuneError) as refused:
         rewrite(trace(model, (x,)), rules)
     assert str(refused.value) == report["refusals"][0]
