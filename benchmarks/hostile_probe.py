@@ -85,8 +85,13 @@ def run_cli(argv: list[str], cwd: Path, timeout_s: float, memory_bytes: int) -> 
     return outcome, peak_kb / 1024
 
 
-def probe(case: corpus.Case, folder: Path, space: Workspace, args, baseline_mb: float) -> dict:
+def prepare(case: corpus.Case, folder: Path, space: Workspace) -> list[str]:
+    """The case's files and argv; in the main thread (a build may train in-process, which sets signal handlers)."""
     folder.mkdir(parents=True)
+    return [] if case is corpus.SECOND_WRITER else case.build(folder, space)
+
+
+def probe(case: corpus.Case, folder: Path, argv: list[str], args, baseline_mb: float) -> dict:
     if case is corpus.SECOND_WRITER:
         first, argv = corpus.start_first_writer(folder)
         try:
@@ -95,7 +100,6 @@ def probe(case: corpus.Case, folder: Path, space: Workspace, args, baseline_mb: 
             first.kill()
             first.wait()
     else:
-        argv = case.build(folder, space)
         outcome, peak = run_cli(argv, folder, args.timeout, int(args.memory_gb * 2**30))
     outcome.rss_growth_mb = max(0.0, peak - baseline_mb)
     kind = corpus.judge(case, outcome, folder, args.memory_mb)
@@ -148,9 +152,12 @@ def main() -> int:
         plain_match = ["match", SPEC, "--rules", str(REPO / "rules/dual_utuner.yaml")]
         baseline_mb = max(run_cli(plain_match, plain, 300, 2**40)[1] for _ in range(2))  # a busy machine can miss one
         print(f"{len(cases)} inputs; a plain match peaks at {baseline_mb:.0f} MB; deadline {args.timeout:.0f} s")
+        folders = [root / f"case-{i}" for i in range(len(cases))]
+        argvs = [prepare(case, folder, space) for case, folder in zip(cases, folders)]
         with ThreadPoolExecutor(args.jobs) as pool:
             futures = [
-                pool.submit(probe, case, root / f"case-{i}", space, args, baseline_mb) for i, case in enumerate(cases)
+                pool.submit(probe, case, folder, argv, args, baseline_mb)
+                for case, folder, argv in zip(cases, folders, argvs)
             ]
             rows = []
             for future in futures:
