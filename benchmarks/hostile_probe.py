@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from hostile import corpus  # noqa: E402  (tests/ holds the corpus; the probe is its other runner)
-from hostile.bounded import CLEAN, FAILURE_KINDS, Outcome  # noqa: E402
+from hostile.bounded import CLEAN, FAILURE_KINDS, Outcome, keep_ends  # noqa: E402
 from hostile.workspace import SPEC, Workspace  # noqa: E402
 
 KINDS = (*FAILURE_KINDS, "wrong refusal")
@@ -76,8 +76,8 @@ def run_cli(argv: list[str], cwd: Path, timeout_s: float, memory_bytes: int) -> 
         child.returncode = 0  # reaped by wait4 above; Popen must not wait again
     outcome = Outcome(
         returncode=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-        stdout=out.read_text(errors="replace")[-20000:],
-        stderr=err.read_text(errors="replace")[-20000:],
+        stdout=keep_ends(out.read_text(errors="replace")),
+        stderr=keep_ends(err.read_text(errors="replace")),
         timed_out=timed_out,
         seconds=time.monotonic() - started,
         signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) and not timed_out else None,

@@ -87,7 +87,7 @@ def classify(outcome: Outcome, *, must_fail: bool = False, memory_mb: float = 50
     return "memory" if allocation else "unclean output"
 
 
-def _ends(text: str, keep: int = 10_000) -> str:
+def keep_ends(text: str, keep: int = 10_000) -> str:
     """The start and the end of a long output (an error line starts it, a traceback ends it)."""
     return text if len(text) <= 2 * keep else text[:keep] + "\n[...]\n" + text[-keep:]
 
@@ -120,7 +120,7 @@ def _child(call: Callable[[], int | None], write_end: int, cwd: Path | None, mem
                     report["returncode"] = exit_.code if isinstance(exit_.code, int) else 1
         except BaseException:  # noqa: B036 - every escape is what the test is looking for
             report["exception"] = traceback.format_exc()[-6000:]
-        report["stdout"], report["stderr"] = _ends(out.getvalue()), _ends(err.getvalue())
+        report["stdout"], report["stderr"] = keep_ends(out.getvalue()), keep_ends(err.getvalue())
     except BaseException:  # noqa: B036
         report["exception"] = traceback.format_exc()[-6000:]
     data = json.dumps(report).encode()
