@@ -6,6 +6,7 @@
     case.py       a case (what it builds, what the issue promises) and how an outcome is judged
     rule_cases.py hostile rule files; file_cases.py artifacts, checkpoints, data, specs, flags, devices
     corpus.py     every case, by the issue's probe categories
+    strategies.py hypothesis strategies for rule files (the fuzzer's)
 
 Used by tests/test_hostile_corpus.py, tests/test_fuzz.py and benchmarks/hostile_probe.py.
 """
