@@ -118,3 +118,13 @@ def test_cli_script_runs_as_a_program():
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["operations"]["attention"]["count"] == 2
+
+
+def test_an_error_quoting_megabytes_of_input_stays_one_short_line_that_keeps_its_advice():
+    from utune_fx.errors import MAX_MESSAGE, UtuneError, first_line
+
+    error = UtuneError("rules.yaml:3:1: name: " + "x\n" * 500_000 + "; use a shorter name")
+    assert "\n" not in str(error) and len(str(error)) <= MAX_MESSAGE
+    assert str(error).startswith("rules.yaml:3:1: name: x x") and str(error).endswith("x ; use a shorter name")
+    assert "characters]" in str(error)
+    assert len(first_line(ValueError("y" * 100_000))) <= MAX_MESSAGE

@@ -9,16 +9,26 @@ traceback. Anything else escaping is a bug in utune_fx.
 from __future__ import annotations
 
 EXIT_USER_ERROR = 2
+MAX_MESSAGE = 1000  # characters; a message may quote what the user handed in, which can be megabytes
+_KEEP_END = 300  # the end of a message says what to do: keep it whole
 
 
 class UtuneError(Exception):
     """An error in what the user handed in; the message is the whole story."""
 
     def __init__(self, message: str):
-        super().__init__(" ".join(message.split()))  # always one line
+        super().__init__(shorten(" ".join(message.split())))  # always one line, never a wall of text
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` itself when short; else its start and its end around the count of characters left out."""
+    if len(text) <= limit:
+        return text
+    head = limit - _KEEP_END - 40
+    return f"{text[:head]} ...[{len(text) - head - _KEEP_END:,} characters]... {text[-_KEEP_END:]}"
 
 
 def first_line(error: BaseException) -> str:
     """'ErrorType: first line of its message', for one-line reports of causes."""
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return shorten(f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": "), MAX_MESSAGE // 2)
