@@ -102,6 +102,15 @@ def test_an_empty_rule_exits_3_in_both_and_allow_empty_writes_the_artifact(capsy
     assert code == rewrite_code == 0 and written
 
 
+def test_train_with_rules_exits_3_on_an_empty_rule_as_match_and_rewrite_do(capsys, tmp_path):
+    rules = "rules/dual_utuner.yaml"
+    _, (_, rewrite_err), _ = _match_and_rewrite(capsys, tmp_path, RESNET, rules)
+    out = tmp_path / "run"
+    code, _, err = _run(capsys, "train", *RESNET, "--rules", rules, "--data", "digits", "-o", str(out))
+    assert code == 3 and err.splitlines()[-1] == rewrite_err.strip()
+    assert not (out / "metrics.jsonl").exists() and not (out / "tuned").exists()
+
+
 @pytest.mark.parametrize(
     "rule,bound",
     [

@@ -3,7 +3,7 @@
     python cli.py inspect [MODEL_SPEC] [--input-shape 2,3,224,224] [--frontend auto|fx|export] [--json]
     python cli.py match MODEL_SPEC --rules FILE [--explain] [--allow-empty] [--json]
     python cli.py rewrite MODEL_SPEC --rules FILE [--rules FILE2 ...] -o DIR [--allow-empty]
-    python cli.py train DIR_OR_MODEL [--rules FILE ...] --data SPEC -o OUT [--epochs N --lr X ...] [--resume]
+    python cli.py train DIR_OR_MODEL [--rules FILE ...] --data SPEC -o OUT [--epochs N --lr X ...] [--resume] [--allow-empty]
     python cli.py eval DIR --data SPEC [--split test|val]
     python cli.py fold DIR -o OUT                   (these three: cli_deploy.py)
     python cli.py export DIR -o model.onnx [--fold] [--opset N] [--tuners-as-inputs]
@@ -128,6 +128,11 @@ def _train_locked(args: argparse.Namespace, config, out, settings: dict) -> dict
         result = tuned_model(
             args.model, args.rules, args.input_shape, args.frontend, args.seed, base_model=args.base_model
         )
+    if args.rules and result.empty_rules and not args.allow_empty:  # as match and rewrite do, before training
+        from utune_fx.errors import EmptyRuleError
+        from utune_fx.match.report import empty_rules_error
+
+        raise EmptyRuleError(empty_rules_error(result.empty_rules, args.model))
     with status.status(f"reading {args.data}"):
         splits = load_splits(
             result,
@@ -349,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(train, None)
     train.add_argument("--rules", action="append", metavar="FILE", help=f"when MODEL is a model spec: {rules_help}")
     train.add_argument("-o", "--output", required=True, metavar="OUT", help="run directory")
+    train.add_argument(
+        "--allow-empty", action="store_true", help="train even if a rule of --rules matches nothing (else exit 3)"
+    )
     add_base_model_flag(train)
     _add_data_arguments(train)
     _add_training_arguments(train)
@@ -398,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return getattr(error, "exit_code", EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -20,6 +20,12 @@ class UtuneError(Exception):
         super().__init__(shorten(" ".join(message.split())))  # always one line, never a wall of text
 
 
+class EmptyRuleError(UtuneError):
+    """A rule matched nothing in the model (exit code 3, the same in match, rewrite and train)."""
+
+    exit_code = 3
+
+
 def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
     """``text`` itself when short; else its start and its end around the count of characters left out."""
     if len(text) <= limit:
