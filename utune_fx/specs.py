@@ -206,7 +206,7 @@ def _check_model_size(spec: ModelSpec, options: dict) -> None:
     so img_size=10**6 or num_classes=10**12 is one line, not a crash."""
     import timm
 
-    from utune_fx.rewrite.plan import available_memory
+    from utune_fx.memory import available_memory
 
     available = available_memory()
     if available is None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import operator
-import re
 from dataclasses import replace
 
 import torch
@@ -24,6 +23,7 @@ from torch import fx, nn
 from utune_fx.errors import UtuneError
 from utune_fx.match import MatchContext, Region, RuleMatch
 from utune_fx.match.predicates import data_inputs
+from utune_fx.match.rules import tuner_module_name
 from utune_fx.match.sizes import conv_arguments, layer_channels, normalises_axis_1, parameters_of
 from utune_fx.match.structure import in_scope
 from utune_fx.rewrite.attention_sites import (
@@ -344,7 +344,7 @@ def apply_rule(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> tuple
     """Rewrite one rule's regions; returns (parameters added, existing parameters trained)."""
     rule = found.rule
     entry = TUNERS[rule.tuner]
-    safe = re.sub(r"\W", "_", rule.name)
+    safe = tuner_module_name(rule.name)  # the name load_rules keeps distinct
     added, trained, regions = 0, {}, found.regions
     for region in regions:
         _refuse_tuner_on_tuner(found, region)

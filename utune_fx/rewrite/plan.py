@@ -14,13 +14,12 @@ friends); a transposed key a written-out attention needs is inserted by them and
 
 from __future__ import annotations
 
-import os
-
 from torch import fx, nn
 
 from utune_fx.errors import UtuneError
 from utune_fx.match import MatchContext, Region, RuleMatch
 from utune_fx.match.sizes import region_tokens, size_refusal
+from utune_fx.memory import available_memory, human_bytes
 from utune_fx.rewrite.attention_sites import (
     _attention_cores,
     _attentions,
@@ -85,33 +84,10 @@ def _check_prompt_site(found: RuleMatch, region: Region, ctx: MatchContext) -> N
         attention_site(found, region, call)
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available now (Linux: MemAvailable), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def bytes_per_parameter(model: nn.Module) -> int:
     """Bytes of one tuner parameter: tuners take the dtype of the model's floating weights."""
     floating = next((p for p in model.parameters() if p.is_floating_point()), None)
     return floating.element_size() if floating is not None else 4  # float32
-
-
-def _size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if count < 1024 or unit == "PiB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1024
-    return ""
 
 
 def memory_refusal(reports: list[dict], bytes_each: int) -> str | None:
@@ -122,8 +98,8 @@ def memory_refusal(reports: list[dict], bytes_each: int) -> str | None:
         return None
     largest = max((entry for report in reports for entry in report["results"]), key=lambda e: e["added_parameters"])
     return (
-        f"the tuners would add {added:,} parameters = {_size(need)} ({bytes_each} bytes each), more than "
-        f"{MEMORY_SHARE:.0%} of the {_size(available)} of memory available; rule '{largest['rule']}' "
+        f"the tuners would add {added:,} parameters = {human_bytes(need)} ({bytes_each} bytes each), more than "
+        f"{MEMORY_SHARE:.0%} of the {human_bytes(available)} of memory available; rule '{largest['rule']}' "
         f"({largest['where']}) adds {largest['added_parameters']:,}: lower its sizes (hidden, rank, length, "
         "num_classes) or tune fewer regions"
     )
