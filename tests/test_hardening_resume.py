@@ -147,6 +147,7 @@ _HOLD_LOCK = """
 import fcntl, os, sys, time
 descriptor = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
 fcntl.flock(descriptor, fcntl.LOCK_EX)
+os.ftruncate(descriptor, 0)  # as hold_lock does: a longer pid written before must not show through
 os.write(descriptor, str(os.getpid()).encode())
 print("held", flush=True)
 time.sleep(600)
