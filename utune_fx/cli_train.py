@@ -1,0 +1,197 @@
+"""The training commands of cli.py: parse, call the library, print.
+
+python cli.py train DIR_OR_MODEL [--rules FILE ...] --data SPEC -o OUT [--epochs N --lr X ...] [--resume]
+                                               a training run (train/session.py, train/rundir.py)
+python cli.py eval DIR --data SPEC [--split test|val]
+                                               accuracy, per-class accuracy, confusion matrix
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+
+from utune_fx.cli_deploy import add_base_model_flag
+from utune_fx.cli_support import add_model_arguments, add_output_flags, print_json
+
+
+def add_training_commands(commands, rules_help: str) -> None:
+    """The train and eval subcommands (``rules_help``: what --rules takes, shipped names included)."""
+    train = commands.add_parser("train", help="train a tuned model (an artifact, or a model spec with --rules)")
+    add_model_arguments(train, None)
+    train.add_argument("--rules", action="append", metavar="FILE", help=f"when MODEL is a model spec: {rules_help}")
+    train.add_argument("-o", "--output", required=True, metavar="OUT", help="run directory")
+    train.add_argument(
+        "--allow-empty", action="store_true", help="train even if a rule of --rules matches nothing (else exit 3)"
+    )
+    add_base_model_flag(train)
+    _add_data_arguments(train)
+    _add_training_arguments(train)
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a tuned model")
+    evaluate.add_argument("directory", metavar="DIR", help="a training run (OUT) or a tuned artifact")
+    _add_data_arguments(evaluate)
+    evaluate.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="the source's test split (default; validation when it has none) or validation",
+    )
+    evaluate.add_argument("-o", "--output", metavar="DIR", help="where eval.json and confusion.png go (default DIR)")
+    add_base_model_flag(evaluate)
+    add_output_flags(evaluate, "print the report as JSON")
+    evaluate.set_defaults(run=_eval)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from utune_fx.train import TrainConfig
+    from utune_fx.train.rundir import open_run
+    from utune_fx.train.session import cli_settings
+
+    config = TrainConfig(**{name: getattr(args, name) for name in TrainConfig.help()})  # checked (device too) first
+    out = Path(args.output)
+    settings = cli_settings(args, config)
+    # before any work: OUT locked for this run, a killed swap repaired, --resume held to the run's settings
+    with open_run(out, args.resume, settings) as notices:
+        for notice in notices:
+            Console(stderr=True).print(f"resuming {out} with {notice}", soft_wrap=True)
+        summary = _train_locked(args, config, out, settings)
+    return _print_summary(args, out, summary)
+
+
+def _train_locked(args: argparse.Namespace, config, out, settings: dict) -> dict:
+    """Build the model, read the data, train: what runs while OUT is locked."""
+    from utune_fx.train.session import load_splits, run_training, tuned_model
+
+    status = Console(stderr=True)
+    with status.status(f"building {args.model}"):
+        result = tuned_model(
+            args.model, args.rules, args.input_shape, args.frontend, args.seed, base_model=args.base_model
+        )
+    if args.rules and result.empty_rules and not args.allow_empty:  # as match and rewrite do, before training
+        from utune_fx.errors import EmptyRuleError
+        from utune_fx.match.report import empty_rules_error
+
+        raise EmptyRuleError(empty_rules_error(result.empty_rules, args.model))
+    with status.status(f"reading {args.data}"):
+        splits = load_splits(
+            result,
+            args.data,
+            shots=args.shots,
+            train_size=args.train_size,
+            val_size=args.val_size,
+            seed=args.seed,
+            augment=not args.no_augment,
+            skip_bad_images=args.skip_bad_images,
+        )
+    if not args.json:
+        from utune_fx.rewrite.report import render_rewrite
+
+        render_rewrite(result, result.source.model, Console(width=max(Console().width, 120)))
+    for path in splits.skipped:
+        status.print(f"skipped unreadable image {path}", soft_wrap=True)
+    status.print(
+        f"{len(splits.train)} training, {len(splits.val)} validation"
+        + (f", {len(splits.test)} test" if splits.test is not None else "")
+        + f" images, "
+        f"{len(splits.classes)} classes; {result.trainable_parameters:,} trainable parameters",
+        soft_wrap=True,
+    )
+    return run_training(result, splits, config, out, args.resume, settings)
+
+
+def _print_summary(args: argparse.Namespace, out, summary: dict) -> int:
+    if args.json:
+        print_json(summary)
+        return 0
+    test = summary.get("test_accuracy")
+    print(
+        f"best validation accuracy {summary['best_val_accuracy']:.1%} (epoch {summary['best_epoch']}), "
+        f"last {summary['last_val_accuracy']:.1%}" + (f", test {test:.1%}" if test is not None else "")
+    )
+    print(
+        f"{summary['trainable_parameters']:,} trainable parameters, {summary['wall_seconds']:.1f} s "
+        f"({summary['seconds_per_epoch']:.1f} s/epoch) on {summary['device']}, "
+        f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB"
+    )
+    print(f"wrote {out}/ (tuned/, checkpoint/, metrics.jsonl, summary.json, curves.png)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from utune_fx.atomic import write_text
+    from utune_fx.train.plots import plot_confusion
+    from utune_fx.train.session import evaluate_classes, load_splits, tuned_model
+
+    result = tuned_model(args.directory, None, None, "auto", base_model=args.base_model)
+    splits = load_splits(result, args.data, seed=args.seed, augment=False)
+    dataset = splits.test if args.split == "test" and splits.test is not None else splits.val
+    split = "test" if dataset is splits.test else "validation"
+    report = evaluate_classes(result.module, dataset, splits.classes) | {"split": split, "data": args.data}
+    out = Path(args.output or args.directory)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "eval.json", json.dumps(report, indent=1))
+    plot_confusion(report, out / "confusion.png")
+    if args.json:
+        print_json(report)
+        return 0
+    worst = sorted(report["per_class"].items(), key=lambda item: item[1])[:3]
+    print(
+        f"{split} split of {args.data}: top-1 {report['top1']:.1%}, top-5 {report['top5']:.1%} "
+        f"on {report['images']} images; weakest classes " + ", ".join(f"{c} {a:.0%}" for c, a in worst)
+    )
+    print(f"wrote {out}/eval.json and {out}/confusion.png")
+    return 0
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="SPEC",
+        help="imagefolder:PATH, cifar:PATH, npz:PATH or digits (see docs/data.md)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds data selection, order, augmentation")
+
+
+def _share_or_count(text: str) -> float | int:
+    """'500' is a count of images, '0.1' a share of them."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    from utune_fx.train import TrainConfig
+
+    defaults = TrainConfig()
+    for name, text in TrainConfig.help().items():
+        if name == "seed":
+            continue
+        value = getattr(defaults, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action="store_true", help=text)
+        else:
+            parser.add_argument(flag, type=type(value), default=value, help=f"{text} (default {value})")
+    parser.add_argument("--shots", type=int, help="training images per class (few-shot)")
+    parser.add_argument("--train-size", type=int, help="training images in all (VTAB-1k: 1000)")
+    parser.add_argument(
+        "--val-size",
+        type=_share_or_count,
+        default=0.1,
+        help="validation share (0.1) or image count (500) (default 0.1)",
+    )
+    parser.add_argument("--no-augment", action="store_true", help="train on eval transforms (no random crops/flips)")
+    parser.add_argument(
+        "--skip-bad-images", action="store_true", help="leave unreadable images out instead of stopping"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the run in -o from its checkpoint")
