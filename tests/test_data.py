@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from utune_fx.data import SCHEMES, load_data
-from utune_fx.data.sources import CIFAR_PICKLE_GLOBALS
+from utune_fx.data.cifar import CIFAR_PICKLE_GLOBALS
 from utune_fx.errors import UtuneError
 
 SMALL = (3, 16, 16)  # keeps transforms cheap; sources hold 8x8 to 12x10 images, so this resizes up
