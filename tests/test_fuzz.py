@@ -187,6 +187,15 @@ def _apply(document, path, damage, marker, draw):
     return mutate(document, path, "delete" if damage == "delete" else "replace", value), current
 
 
+def _damage_json(file: Path, folder: Path, data, code: bool):
+    """Damage one field of the JSON file in place: (field path, damage, resealed?, the value it had)."""
+    document = json.loads(file.read_text())
+    path, damage, resealed = data.draw(damage_plans(document, code=code))
+    changed, before = _apply(document, path, damage, folder / "MARKER", data.draw)
+    file.write_text(json.dumps(changed))
+    return path, damage, resealed, before
+
+
 def _run_damaged(argv, folder: Path, must_fail: bool, context: str) -> None:
     outcome = run_bounded(lambda: main(argv), timeout_s=DEADLINE_S, memory_mb=MEMORY_MB, cwd=folder)
     kind = classify(outcome, must_fail=must_fail, memory_mb=MEMORY_MB, marker=folder / "MARKER")
@@ -199,10 +208,7 @@ def test_a_manifest_with_a_damaged_field_fails_cleanly_and_never_runs_code(space
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         artifact = space.artifact(folder / "tuned")
-        manifest = json.loads((artifact / "manifest.json").read_text())
-        path, damage, resealed = data.draw(damage_plans(manifest))
-        changed, before = _apply(manifest, path, damage, folder / "MARKER", data.draw)
-        (artifact / "manifest.json").write_text(json.dumps(changed))
+        path, damage, resealed, before = _damage_json(artifact / "manifest.json", folder, data, code=True)
         if resealed:
             reseal(artifact)  # an attacker recomputes every hash the artifact carries
         # a hand edit is refused unless resealed; NaN cannot be resealed; code is never run
@@ -222,11 +228,7 @@ def test_a_checkpoint_with_a_damaged_field_fails_cleanly(space, data):
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         run = space.run(folder / "run")
-        state_path = run / "checkpoint" / "state.json"
-        state = json.loads(state_path.read_text())
-        path, damage, _ = data.draw(damage_plans(state, code=False))
-        changed, before = _apply(state, path, damage, folder / "MARKER", data.draw)
-        state_path.write_text(json.dumps(changed))
+        path, damage, _, before = _damage_json(run / "checkpoint" / "state.json", folder, data, code=False)
         context = f"state.json {'.'.join(map(str, path))} {damage} (was {str(before)[:60]})"
         argv = resume_argv(run)
         _run_damaged(argv, folder, damage == "nan" or _progress_counter(path), context)
