@@ -4,7 +4,7 @@
     python cli.py match MODEL_SPEC --rules FILE [--explain] [--allow-empty] [--json]
     python cli.py rewrite MODEL_SPEC --rules FILE [--rules FILE2 ...] -o DIR [--allow-empty]
     python cli.py train DIR_OR_MODEL [--rules FILE ...] --data SPEC -o OUT [--epochs N --lr X ...] [--resume] [--allow-empty]
-    python cli.py eval DIR --data SPEC [--split test|val]
+    python cli.py eval DIR [--data SPEC] [--split test|val]
     python cli.py fold DIR -o OUT                   (these three: cli_deploy.py; train, eval: cli_train.py)
     python cli.py export DIR -o model.onnx [--fold] [--opset N] [--tuners-as-inputs]
     python cli.py bench DIR [--batch-sizes 1,32] [-o bench.json]

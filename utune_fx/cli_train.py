@@ -2,7 +2,7 @@
 
 python cli.py train DIR_OR_MODEL [--rules FILE ...] --data SPEC -o OUT [--epochs N --lr X ...] [--resume]
                                                a training run (train/session.py, train/rundir.py)
-python cli.py eval DIR --data SPEC [--split test|val]
+python cli.py eval DIR [--data SPEC] [--split test|val]
                                                accuracy, per-class accuracy, confusion matrix
 """
 
@@ -32,13 +32,24 @@ def add_training_commands(commands, rules_help: str) -> None:
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a tuned model")
-    evaluate.add_argument("directory", metavar="DIR", help="a training run (OUT) or a tuned artifact")
-    _add_data_arguments(evaluate)
+    evaluate.add_argument("directory", metavar="DIR", help="a training run (OUT, or OUT/tuned) or a tuned artifact")
+    evaluate.add_argument(
+        "--data",
+        metavar="SPEC",
+        help="imagefolder:PATH, cifar:PATH, npz:PATH or digits (see docs/data.md); default: the run's (DIR/split.json)",
+    )
+    evaluate.add_argument(
+        "--seed",
+        type=int,
+        help="seeds the selection of data other than the run's (the run's data uses its recorded seed)",
+    )
     evaluate.add_argument(
         "--split",
         choices=("test", "val"),
         default="test",
-        help="the source's test split (default; validation when it has none) or validation",
+        help="test: the source's test split (default; the run's validation images when it has none); "
+        "val: the run's own validation images, drawn again from the data and selection DIR/split.json "
+        "records (a run without one is refused)",
     )
     evaluate.add_argument("-o", "--output", metavar="DIR", help="where eval.json and confusion.png go (default DIR)")
     add_base_model_flag(evaluate)
@@ -67,6 +78,7 @@ def _train(args: argparse.Namespace) -> int:
 def _train_locked(args: argparse.Namespace, config, out, settings: dict) -> dict:
     """Build the model, read the data, train: what runs while OUT is locked."""
     from utune_fx.train.session import load_splits, run_training, tuned_model
+    from utune_fx.train.split import SELECTION, split_record, write_split
 
     status = Console(stderr=True)
     with status.status(f"building {args.model}"):
@@ -89,6 +101,8 @@ def _train_locked(args: argparse.Namespace, config, out, settings: dict) -> dict
             augment=not args.no_augment,
             skip_bad_images=args.skip_bad_images,
         )
+    selection = {name: getattr(args, name) for name in SELECTION}
+    write_split(out, split_record(args.data, selection, splits), args.resume)  # eval --split val reads it
     if not args.json:
         from utune_fx.rewrite.report import render_rewrite
 
@@ -119,7 +133,7 @@ def _print_summary(args: argparse.Namespace, out, summary: dict) -> int:
         f"({summary['seconds_per_epoch']:.1f} s/epoch) on {summary['device']}, "
         f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB"
     )
-    print(f"wrote {out}/ (tuned/, checkpoint/, metrics.jsonl, summary.json, curves.png)")
+    print(f"wrote {out}/ (tuned/, checkpoint/, split.json, metrics.jsonl, summary.json, curves.png)")
     return 0
 
 
@@ -128,13 +142,13 @@ def _eval(args: argparse.Namespace) -> int:
 
     from utune_fx.atomic import write_text
     from utune_fx.train.plots import plot_confusion
-    from utune_fx.train.session import evaluate_classes, load_splits, tuned_model
+    from utune_fx.train.session import evaluate_classes, tuned_model
+    from utune_fx.train.split import eval_images, plan_eval
 
+    plan = plan_eval(args.directory, args.data, args.split, args.seed)  # before the model is built
     result = tuned_model(args.directory, None, None, "auto", base_model=args.base_model)
-    splits = load_splits(result, args.data, seed=args.seed, augment=False)
-    dataset = splits.test if args.split == "test" and splits.test is not None else splits.val
-    split = "test" if dataset is splits.test else "validation"
-    report = evaluate_classes(result.module, dataset, splits.classes) | {"split": split, "data": args.data}
+    dataset, classes, facts = eval_images(result, plan)
+    report = evaluate_classes(result.module, dataset, classes) | facts
     out = Path(args.output or args.directory)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "eval.json", json.dumps(report, indent=1))
@@ -143,8 +157,9 @@ def _eval(args: argparse.Namespace) -> int:
         print_json(report)
         return 0
     worst = sorted(report["per_class"].items(), key=lambda item: item[1])[:3]
+    split = "the run's validation images" if report["split"] == "validation" else "test split"
     print(
-        f"{split} split of {args.data}: top-1 {report['top1']:.1%}, top-5 {report['top5']:.1%} "
+        f"{split} of {report['data']}: top-1 {report['top1']:.1%}, top-5 {report['top5']:.1%} "
         f"on {report['images']} images; weakest classes " + ", ".join(f"{c} {a:.0%}" for c, a in worst)
     )
     print(f"wrote {out}/eval.json and {out}/confusion.png")

@@ -12,6 +12,7 @@ not in the middle of training.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,6 +57,14 @@ class ImageDataset(torch.utils.data.Dataset):
     @property
     def labels(self) -> np.ndarray:
         return self.pool.labels[self.indices]
+
+    def sha256(self) -> str:
+        """sha256 over the images' names in their source (ImagePool.identity) and labels, in order: the
+        same for the same images wherever the source lies, so a run's recorded split can be checked."""
+        digest = hashlib.sha256()
+        for index, label in zip(self.indices.tolist(), self.labels.tolist()):
+            digest.update(f"{self.pool.identity(index)}\t{label}\n".encode(errors="surrogateescape"))
+        return digest.hexdigest()
 
 
 # --- choosing images -----------------------------------------------------------------

@@ -46,6 +46,11 @@ class ImagePool(abc.ABC):
     def describe(self, index: int) -> str:
         """The image's path, or its place in an array file, for messages."""
 
+    def identity(self, index: int) -> str:
+        """The image's name within its source, wherever the source lies: a path below the source's
+        folder, else its position (what a recorded split's sha256 covers)."""
+        return str(index)
+
     @abc.abstractmethod
     def open(self, index: int) -> Image.Image:
         """The image as stored (not yet converted)."""
@@ -63,12 +68,16 @@ class ImagePool(abc.ABC):
 
 
 class FilePool(ImagePool):
-    def __init__(self, paths: list[Path], labels: list[int]):
-        self.paths = paths
+    def __init__(self, paths: list[Path], labels: list[int], root: Path | None = None):
+        self.paths, self.root = paths, root
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def describe(self, index: int) -> str:
         return str(self.paths[index])
+
+    def identity(self, index: int) -> str:
+        path = self.paths[index]
+        return (path.relative_to(self.root) if self.root is not None else path).as_posix()
 
     def open(self, index: int) -> Image.Image:
         return Image.open(self.paths[index])
@@ -149,6 +158,9 @@ class SubsetPool(ImagePool):
     def describe(self, index: int) -> str:
         return self.pool.describe(int(self.indices[index]))
 
+    def identity(self, index: int) -> str:
+        return self.pool.identity(int(self.indices[index]))
+
     def open(self, index: int) -> Image.Image:
         return self.pool.open(int(self.indices[index]))
 
@@ -216,7 +228,7 @@ def _class_folders(root: Path, known: list[str] | None = None) -> tuple[list[str
             )
         paths += images
         labels += [classes.index(name)] * len(images)
-    return classes, FilePool(paths, labels)
+    return classes, FilePool(paths, labels, root)
 
 
 def _split_file(root: Path, split: str) -> Source:
@@ -245,7 +257,9 @@ def _split_file(root: Path, split: str) -> Source:
             raise UtuneError(
                 f"{file}: class {unknown[0]!r} has test images but no training images; list some of its images as train"
             )
-        pools[role] = FilePool([root / r for r in relatives], [classes.index(Path(r).parts[0]) for r in relatives])
+        pools[role] = FilePool(
+            [root / r for r in relatives], [classes.index(Path(r).parts[0]) for r in relatives], root
+        )
     return Source(classes, pools["train"], pools["test"] if entries["test"] else None)
 
 

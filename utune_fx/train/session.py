@@ -2,7 +2,9 @@
 
 train:  artifact dir or (model spec + rules) -> tuned model; --data -> splits checked against
         the model's outputs; train -> OUT/{tuned/, checkpoint/, metrics.jsonl, summary.json, curves.png}
-eval:   OUT or artifact dir + --data -> top-1, top-5, per-class accuracy, confusion matrix (JSON + PNG)
+        (the CLI also records the data split in OUT/split.json: train/split.py)
+eval:   OUT or artifact dir + --data (the source's test split, or the run's validation images: train/split.py)
+        -> top-1, top-5, per-class accuracy, confusion matrix (JSON + PNG)
 """
 
 from __future__ import annotations
