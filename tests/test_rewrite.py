@@ -1,6 +1,7 @@
 """The rewriter: identity at init, numerics of every position away from
 identity (against eager PyTorch with forward hooks), freezing, refusals."""
 
+import math
 import textwrap
 from pathlib import Path
 
@@ -228,6 +229,24 @@ def test_head_is_resized_to_num_classes(tmp_path):
     )
     assert result.module(x).shape == (2, 5)
     assert result.summaries[0].added_parameters == 192 * 5 + 5 == result.trainable_parameters
+    head = result.module.get_submodule("head")
+    assert head.weight.abs().sum() == 0 and head.bias.abs().sum() == 0  # a fresh head starts at zero
+    logits = result.module(x)
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 3]), label_smoothing=0.1)
+    assert loss.item() == pytest.approx(math.log(5), rel=1e-6)  # closed form: uniform over 5 classes
+    loss.backward()
+    assert head.weight.grad.abs().sum() > 0  # and it learns from the first step
+
+
+def test_a_head_rule_without_num_classes_keeps_the_trained_classifier(tmp_path):
+    model, x = _model("vit")
+    trained = model.head.weight.detach().clone()
+    result = rewrite(
+        trace(model, x),
+        _rules(tmp_path, "version: 1\nrules: [{name: classifier, match: head, tuner: head}]\n"),
+    )
+    assert torch.equal(result.module.get_submodule("head").weight, trained) and trained.abs().sum() > 0
+    assert result.module.get_submodule("head").weight.requires_grad
 
 
 def test_refusals_are_clear(tmp_path):

@@ -161,3 +161,43 @@ def test_the_shipped_card_classifies_its_own_pre_training_classes():
     with torch.no_grad():
         accuracy = (model(images).argmax(-1) == labels).float().mean().item()
     assert accuracy > 0.6, accuracy  # the card reports 75% on all 5,000
+
+
+# --- fresh classifiers start at zero (utune_fx/heads.py) -----------------------------------
+
+
+def test_a_classifier_the_weights_lack_starts_at_zero_and_a_loaded_one_is_kept(tmp_path):
+    torch.manual_seed(5)
+    source = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file(source.state_dict(), str(path))
+    resized = load_model(f"{TINY}&num_classes=7&weights={path}").model
+    assert resized.head.weight.abs().sum() == 0 and resized.head.bias.abs().sum() == 0
+    logits = resized(torch.randn(3, 3, 32, 32))
+    assert torch.equal(logits, torch.zeros(3, 7))  # every class starts at the same logit: loss ln(7)
+    same = load_model(f"{TINY}&weights={path}").model  # the classifier is in the weights: loaded, not reset
+    assert torch.equal(same.head.weight, source.head.weight) and same.head.weight.abs().sum() > 0
+    headless = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    safetensors.torch.save_file(headless, str(tmp_path / "headless.safetensors"))
+    lacking = load_model(f"{TINY}&weights={tmp_path / 'headless.safetensors'}").model
+    assert lacking.head.weight.abs().sum() == 0  # absent from the file: fresh, so zero
+    assert torch.equal(lacking.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+def test_a_pretrained_timm_model_with_new_classes_gets_a_zero_classifier(monkeypatch):
+    """timm's pretrained=True drops a classifier of the wrong size and leaves its from-scratch init;
+    the download is simulated (no network here): the classifier must then start at zero."""
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **options):
+        return real(name, pretrained=False, **options)  # pretrained_cfg still says 1000 classes
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    spec = "timm:resnet10t?pretrained=true"
+    resized = load_model(f"{spec}&num_classes=4").model
+    assert resized.fc.weight.shape == (4, 512) and resized.fc.weight.abs().sum() == 0
+    assert resized.fc.bias.abs().sum() == 0
+    kept = load_model(f"{spec}&num_classes=1000").model  # the pretrained classes: the classifier is theirs
+    assert kept.fc.weight.abs().sum() > 0
+    fresh_build = load_model("timm:resnet10t?num_classes=4").model  # nothing pretrained: timm's init stays
+    assert fresh_build.fc.weight.abs().sum() > 0

@@ -198,7 +198,17 @@ def _create_timm(spec: ModelSpec) -> nn.Module:
         from utune_fx.weights import load_weights
 
         load_weights(model, str(weights))
+    elif options.get("pretrained") and _classes_changed(model, options):
+        from utune_fx.weights import start_fresh_classifier
+
+        start_fresh_classifier(model)  # timm left the dropped classifier at its from-scratch init
     return model
+
+
+def _classes_changed(model: nn.Module, options: dict) -> bool:
+    """Whether timm built the classifier for other classes than its pretrained weights hold."""
+    trained = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+    return "num_classes" in options and trained is not None and options["num_classes"] != trained
 
 
 def _check_model_size(spec: ModelSpec, options: dict) -> None:

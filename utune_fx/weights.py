@@ -6,9 +6,9 @@
 Files a user hands in are data, so only safetensors are read: a pickled
 checkpoint (.pth, .pt, .bin) is refused with the one line that converts it.
 
-A classifier whose shape differs (``num_classes`` re-sized) keeps its fresh
-initialisation, as timm does for pretrained models; any other missing or
-mis-shaped tensor is an error naming it.
+A classifier whose shape differs (``num_classes`` re-sized) or that the weights
+lack starts fresh (utune_fx/heads.py: zero, not the model library's
+from-scratch init); any other missing or mis-shaped tensor is an error naming it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from utune_fx.errors import UtuneError, first_line
+from utune_fx.heads import start_fresh_head
 
 
 def _efficientnet_lite0() -> Path:
@@ -99,11 +100,24 @@ def load_weights(model: nn.Module, source: str) -> None:
         )
     state = {k: v for k, v in state.items() if k not in fresh}
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if not_loaded := [k for k in missing if k in classifier]:
+        start_fresh_classifier(model, not_loaded)
     missing = [k for k in missing if k not in classifier and not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise UtuneError(
             f"weights from {source} do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+
+
+def start_fresh_classifier(model: nn.Module, keys: list[str] | None = None) -> None:
+    """Start the classifier layers (those owning ``keys``, or all of them) as a fresh head does."""
+    for name in _classifier_names(model):
+        if keys is None or any(k.startswith(f"{name}.") for k in keys):
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError:  # num_classes=0: no classifier
+                continue
+            start_fresh_head(layer)
 
 
 def _classifier_names(model: nn.Module) -> list[str]:

@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 
 from utune_fx.errors import UtuneError
+from utune_fx.heads import start_fresh_head
 from utune_fx.match import MatchContext, Region, RuleMatch
 from utune_fx.match.predicates import data_inputs
 from utune_fx.match.rules import tuner_module_name
@@ -302,7 +303,7 @@ def head_layer(found: RuleMatch, region: Region, ctx: MatchContext) -> nn.Linear
 
 def _resize_head(gm: fx.GraphModule, found: RuleMatch, region: Region, ctx: MatchContext, classes: int) -> dict:
     op, module = region.anchor, head_layer(found, region, ctx)
-    new = nn.Linear(module.in_features, classes, bias=module.bias is not None).to(
+    new = start_fresh_head(nn.Linear(module.in_features, classes, bias=module.bias is not None)).to(
         module.weight.device, module.weight.dtype
     )
     parent, _, name = str(op.target).rpartition(".")
