@@ -29,6 +29,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import utune_fx  # noqa: E402,F401  (before timm: makes torchvision importable with CPU torch)
+from benchmarks.lr_search import best_rate, next_rate  # noqa: E402
+from benchmarks.oracle import frozen_features, logistic_oracle  # noqa: E402
 from utune_fx.data import ImageDataset, load_data  # noqa: E402
 from utune_fx.errors import UtuneError  # noqa: E402
 from utune_fx.match import load_rules  # noqa: E402
@@ -91,8 +93,18 @@ def card_augmentation(mean, std):
     )
 
 
-def make_splits(card: Path, data: Path, seed: int = 0):
-    """(train 1,000, search-train 800, search-val 200, test 5,000) of classes 5-9, card-normalised."""
+@dataclasses.dataclass
+class Splits:
+    full: ImageDataset  # the 1,000 training images, augmented (the final runs)
+    search: ImageDataset  # 800 of them, augmented (the learning-rate search)
+    held_out: ImageDataset  # the other 200, unaugmented (scores the search)
+    test: ImageDataset  # the 5,000 test images of classes 5-9
+    clean_full: ImageDataset  # the 1,000 and the 800 without augmentation (the oracle's features)
+    clean_search: ImageDataset
+
+
+def make_splits(card: Path, data: Path, seed: int = 0) -> Splits:
+    """The splits of classes 5-9, card-normalised (train 1,000 = search 800 + held-out 200; test 5,000)."""
     config = data_config_of(load_model(str(card)).model)  # the card's size and normalisation
     splits = load_data(
         f"npz:{data}?classes={CLASSES}",
@@ -106,11 +118,16 @@ def make_splits(card: Path, data: Path, seed: int = 0):
     chosen = splits.train
     rng = np.random.default_rng([seed, 2])
     held = np.sort(np.concatenate([rng.permutation(chosen.indices[chosen.labels == c])[:40] for c in range(5)]))
+    rest = np.setdiff1d(chosen.indices, held)
     augment = card_augmentation(config["mean"], config["std"])
-    full = ImageDataset(chosen.pool, chosen.indices, augment)
-    search = ImageDataset(chosen.pool, np.setdiff1d(chosen.indices, held), augment)
-    held_out = ImageDataset(chosen.pool, held, chosen.transform)
-    return full, search, held_out, splits.test, config
+    return Splits(
+        full=ImageDataset(chosen.pool, chosen.indices, augment),
+        search=ImageDataset(chosen.pool, rest, augment),
+        held_out=ImageDataset(chosen.pool, held, chosen.transform),
+        test=splits.test,
+        clean_full=chosen,
+        clean_search=ImageDataset(chosen.pool, rest, chosen.transform),
+    )
 
 
 def run_one(spec: str, names: list[str], lr: float, seed: int, epochs: int, train_set, val_set, test_set) -> dict:
@@ -144,13 +161,18 @@ def append_result(path: Path, row: dict) -> None:
         out.write(json.dumps(row) + "\n")
 
 
-def chosen_lr(rows: list[dict], method: str, grid) -> float | None:
-    """The grid rate with the best held-out accuracy (ties: the smaller rate); None until all are run."""
-    tried = {row["lr"]: row for row in rows if row["method"] == method and row["phase"] == "search"}
-    if len(tried) < len(grid):
-        return None
-    finite = [lr for lr in grid if tried[lr].get("val_accuracy") is not None]
-    return max(finite, key=lambda lr: (tried[lr]["val_accuracy"], -lr)) if finite else None
+def search_scores(rows: list[dict], method: str) -> dict[float, float | None]:
+    """The held-out accuracy of each rate the search ran so far (None: diverged)."""
+    return {row["lr"]: row.get("val_accuracy") for row in rows if row["method"] == method and row["phase"] == "search"}
+
+
+def oracle_row(card: str, splits: Splits) -> dict:
+    """Logistic regression on the frozen CLS features (unaugmented): C chosen on the held-out 200 after
+    fitting the other 800, refitted on all 1,000, scored on the 5,000 test images."""
+    features = [
+        frozen_features(card, d) for d in (splits.clean_search, splits.held_out, splits.clean_full, splits.test)
+    ]
+    return logistic_oracle(*features) | {"phase": "oracle"}
 
 
 def main() -> None:
@@ -173,16 +195,24 @@ def main() -> None:
         "train_images": 1000,
         "held_out": 200,
         "seeds": list(SEEDS),
+        "head_init": "zero (utune_fx/heads.py)",
+        "lr_search": "grid extended at an edge, at most 2 steps (benchmarks/lr_search.py)",
     }
     results = Path(args.results)
     if not args.report:
         torch.set_num_threads(min(torch.get_num_threads(), 2))
-        full, search, held_out, test, _ = make_splits(Path(args.card), Path(args.data))
-        total = sum(len(METHODS[m][2]) + len(SEEDS) for m in args.methods)
+        splits = make_splits(Path(args.card), Path(args.data))
         rows = read_results(results, setup)
+        done = [row for row in rows if row["method"] in args.methods]
+        extended = sum(1 for row in done if row["phase"] == "search" and row["lr"] not in METHODS[row["method"]][2])
+        total = sum(len(METHODS[m][2]) + len(SEEDS) for m in args.methods) + extended
+        if not any(row["phase"] == "oracle" for row in rows):
+            row = {"setup": setup, "seed": None, **oracle_row(args.card, splits)}
+            append_result(results, row)
+            rows.append(row)
         with count_progress("info") as bar:
             task = bar.add_task("runs", total=total, info="")
-            bar.advance(task, sum(1 for row in rows if row["method"] in args.methods))
+            bar.advance(task, len(done))
             for method in args.methods:
                 names, _, grid, suffix = METHODS[method]
                 done = {(row["phase"], row["lr"], row["seed"]) for row in rows if row["method"] == method}
@@ -213,11 +243,13 @@ def main() -> None:
                     rows.append(row)
                     bar.advance(task)
 
-                for lr in grid:
-                    record("search", lr, 0, f"lr {lr:g} on 800, held-out 200", search, held_out, None)
-                lr = chosen_lr(rows, method, grid)
+                while (lr := next_rate(grid, search_scores(rows, method))) is not None:
+                    if lr not in grid:  # the best rate sat at the grid's edge: one more run
+                        bar.update(task, total=bar.tasks[0].total + 1)
+                    record("search", lr, 0, f"lr {lr:g} on 800, held-out 200", splits.search, splits.held_out, None)
+                lr = best_rate(search_scores(rows, method))
                 for seed in SEEDS if lr is not None else ():
-                    record("final", lr, seed, f"lr {lr:g}, seed {seed} on 1,000", full, None, test)
+                    record("final", lr, seed, f"lr {lr:g}, seed {seed} on 1,000", splits.full, None, splits.test)
     print(write_report(read_results(results, setup), setup, METHODS))
 
 

@@ -64,9 +64,12 @@ def plot_confusion(report: dict, path: Path) -> None:
     _save(figure, path)
 
 
-def plot_accuracy_vs_parameters(rows: list[dict], path: Path, title: str) -> None:
+def plot_accuracy_vs_parameters(
+    rows: list[dict], path: Path, title: str, reference: tuple[str, float] | None = None
+) -> None:
     """rows: {method, trainable_parameters, mean, std, group}; the PETL papers' figure, log-scale x.
-    Each method has its own colour and a legend entry (labels beside the points would overlap)."""
+    Each method has its own colour and a legend entry (labels beside the points would overlap).
+    ``reference`` (label, accuracy): a dashed horizontal line, e.g. the closed-form oracle."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(10, 5))
     markers = {"U-Tuner": "o", "earlier PETL": "s", "baseline": "^"}
@@ -82,6 +85,8 @@ def plot_accuracy_vs_parameters(rows: list[dict], path: Path, title: str) -> Non
             markersize=7,
             label=f"{row['method']} ({row['group']})",
         )
+    if reference is not None:
+        axis.axhline(100 * reference[1], color="grey", linestyle="--", linewidth=1, label=reference[0])
     axis.set_xscale("log")
     axis.set(
         xlabel="trainable parameters (log scale)", ylabel="top-1 accuracy (%), mean +- std over seeds", title=title
