@@ -16,11 +16,17 @@ from utune_fx.specs import load_model, parse_model_spec, with_weights
 TINY = "timm:vit_tiny_patch16_224?img_size=32&patch_size=8&depth=2"
 
 
-def test_safetensors_weights_load_and_a_resized_classifier_starts_fresh(tmp_path):
+def _saved_tiny_vit(tmp_path) -> tuple[torch.nn.Module, Path]:
+    """The TINY spec's model with random weights (seed 5), saved as safetensors."""
     torch.manual_seed(5)
     source = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
     path = tmp_path / "w.safetensors"
     safetensors.torch.save_file(source.state_dict(), str(path))
+    return source, path
+
+
+def test_safetensors_weights_load_and_a_resized_classifier_starts_fresh(tmp_path):
+    source, path = _saved_tiny_vit(tmp_path)
     same = load_model(f"{TINY}&weights={path}").model
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), same.state_dict().values()))
     resized = load_model(f"{TINY}&num_classes=7&weights={path}").model
@@ -167,10 +173,7 @@ def test_the_shipped_card_classifies_its_own_pre_training_classes():
 
 
 def test_a_classifier_the_weights_lack_starts_at_zero_and_a_loaded_one_is_kept(tmp_path):
-    torch.manual_seed(5)
-    source = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
-    path = tmp_path / "w.safetensors"
-    safetensors.torch.save_file(source.state_dict(), str(path))
+    source, path = _saved_tiny_vit(tmp_path)
     resized = load_model(f"{TINY}&num_classes=7&weights={path}").model
     assert resized.head.weight.abs().sum() == 0 and resized.head.bias.abs().sum() == 0
     logits = resized(torch.randn(3, 3, 32, 32))
