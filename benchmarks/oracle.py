@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from utune_fx.specs import load_model
 
 C_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
+ORACLE = "oracle: logistic regression"  # the oracle row's method name in every results file
 PROBE_GAP_POINTS = 2.0  # the bound: a trained linear probe this far under the oracle is suspect
 
 
@@ -45,7 +46,7 @@ def logistic_oracle(search_train, search_val, final_train, test) -> dict:
     scores = {c: float(_fit(c, *search_train).score(*search_val)) for c in C_GRID}
     best = max(C_GRID, key=lambda c: (scores[c], -c))
     return {
-        "method": "oracle: logistic regression",
+        "method": ORACLE,
         "C": best,
         "val_accuracy": scores[best],
         "val_accuracy_per_C": {f"{c:g}": s for c, s in scores.items()},

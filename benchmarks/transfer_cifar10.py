@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 import utune_fx  # noqa: E402,F401  (before timm: makes torchvision importable with CPU torch)
 from benchmarks.lr_search import best_rate, extensions, next_rate  # noqa: E402
-from benchmarks.oracle import frozen_features, logistic_oracle  # noqa: E402
+from benchmarks.oracle import ORACLE, frozen_features, logistic_oracle  # noqa: E402
 from utune_fx.data import load_data  # noqa: E402
 from utune_fx.errors import UtuneError  # noqa: E402
 from utune_fx.match import load_rules  # noqa: E402
@@ -78,7 +78,6 @@ def cnn_splits(data: Path | str, size: int):
 
 
 SEEDS = (0, 1, 2)
-ORACLE = "oracle: logistic regression"
 
 
 def run_one(rule_files: list[str], size: int, lr: float, seed: int, epochs: int, splits) -> tuple[dict, object]:

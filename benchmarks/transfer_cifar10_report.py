@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.oracle import probe_gap
+from benchmarks.oracle import ORACLE, probe_gap
 from utune_fx.train.plots import plot_accuracy_vs_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 PLOT = ROOT / "docs" / "images" / "transfer_cifar10.png"
-ORACLE = "oracle: logistic regression"
 GROUPS = {"linear probe": "baseline", "full fine-tuning": "baseline", "bitfit": "earlier PETL"}
 
 
