@@ -4,6 +4,7 @@
     timm:vit_tiny_patch16_224?img_size=32&depth=6  options become keyword arguments
     timm:efficientnet_lite0?weights=FILE_OR_PACKAGE   pretrained weights from disk (utune_fx/weights.py)
     path/to/card.json?num_classes=10               a model card: timm name, kwargs, weights, normalisation
+    hf:gpt2/causal-lm?n_layer=2&n_embd=64          a transformers config, random weights (utune_fx/specs_hf.py)
     torchvision.models:resnet18?num_classes=10     package.module:callable(**options)
     path/to/model.py:build?width=64                a function or nn.Module class in a file
 
@@ -11,13 +12,17 @@ Option values are read as YAML scalars (``32`` -> int, ``true`` -> bool,
 ``[1, 2]`` -> list); nothing is evaluated. A spec may also name an nn.Module
 instance. Example inputs come from ``--input-shape`` (``2,3,224,224``, an
 optional ``:int64`` dtype, once per input) or, for timm models, from the
-pretrained config with the spec's img_size/in_chans applied; batch size 2.
+pretrained config with the spec's img_size/in_chans applied, for hf models from
+their config and ``forward`` signature; batch size 2.
 
-Only the last two forms run code (``CODE_SOURCES``); timm and card specs are
-data: their options must be numbers, strings, booleans or lists of them, and
-the timm options that read files or loader settings (``checkpoint_path``,
-``pretrained_cfg``...) are refused, so a spec recorded in an artifact cannot
-import, call or unpickle anything.
+Only the last two forms run code (``CODE_SOURCES``); timm, hf and card specs are
+data: their options must be numbers, strings, booleans or lists of them (an hf
+option may be dotted, ``text_config.hidden_size=32``, to set a sub-config's
+field), and the options that read files or loader settings (timm's
+``checkpoint_path``, ``pretrained_cfg``..., transformers' ``trust_remote_code``,
+``quantization_config``...) are refused, so a spec recorded in an artifact
+cannot import, call or unpickle anything. Options that count layers or blocks
+are bounded, and the model's size is checked on the meta device first.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import inspect
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +65,7 @@ _LOADER_OPTIONS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay"
 _MAX_OPTION_NESTING = 4  # depths=[1,1] is 1 level; nothing timm takes needs more
 # options that count blocks or layers build Python modules one by one, before any size check can run
 # (depth=10**8 exhausts memory even on the meta device); the largest timm models use under 100
-_COUNT_OPTION = re.compile(r"depth|layers|blocks|stages", re.IGNORECASE)
+_COUNT_OPTION = re.compile(r"depth|layer|block|stage", re.IGNORECASE)  # n_layer, num_hidden_layers, depths
 MAX_COUNT_OPTION, MAX_MULTIPLIER_OPTION = 256, 16
 MAX_INPUT_ELEMENTS = 2**27  # one example input (512 MiB of float32); batch 2 of 3 x 4096 x 4096 images fits
 MODEL_MEMORY_SHARE = 0.8  # a timm model's weights may take this share of the memory available
@@ -68,8 +74,8 @@ MODEL_MEMORY_SHARE = 0.8  # a timm model's weights may take this share of the me
 @dataclass
 class ModelSpec:
     text: str  # as the user wrote it
-    source: str  # 'timm', 'card', 'import' or 'file'
-    target: str  # timm model name, card path, module path or file path
+    source: str  # 'timm', 'hf', 'card', 'import' or 'file'
+    target: str  # timm model name, transformers model type (and /task), card path, module path or file path
     attribute: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -85,10 +91,11 @@ class LoadedModel:
         return self.spec.text
 
 
-def _parse_options(query: str, text: str) -> dict[str, Any]:
+def _parse_options(query: str, text: str, dotted: bool = False) -> dict[str, Any]:
     options = {}
     for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
-        if not key.isidentifier():
+        parts = key.split(".") if dotted else [key]
+        if not all(part.isidentifier() for part in parts) or len(parts) > _MAX_OPTION_NESTING:
             raise UtuneError(f"bad option {key!r} in model spec {text!r}: options are name=value pairs joined by '&'")
         try:
             options[key] = yaml.safe_load(value) if value else True
@@ -99,16 +106,18 @@ def _parse_options(query: str, text: str) -> dict[str, Any]:
 
 def parse_model_spec(text: str) -> ModelSpec:
     body, _, query = text.partition("?")
-    options = _parse_options(query, text)
+    options = _parse_options(query, text, dotted=body.startswith("hf:"))
     if body.startswith("timm:"):
         return ModelSpec(text, "timm", body[len("timm:") :], None, options)
+    if body.startswith("hf:"):
+        return ModelSpec(text, "hf", body[len("hf:") :], None, options)
     if body.endswith(".json"):
         return ModelSpec(text, "card", body, None, options)
     path, sep, attribute = body.rpartition(":")
     if not sep or not path or not attribute:
         hint = f"; did you mean timm:{body}?" if _is_timm_model(body) else ""
         raise UtuneError(
-            f"cannot read model spec {text!r}: use timm:NAME, package.module:callable or path/to/file.py:callable{hint}"
+            f"cannot read model spec {text!r}: use timm:NAME, hf:MODEL_TYPE, package.module:callable or path/to/file.py:callable{hint}"
         )
     source = "file" if path.endswith(".py") or "/" in path or "\\" in path else "import"
     return ModelSpec(text, source, path, attribute, options)
@@ -142,7 +151,11 @@ def _is_plain(value: Any, depth: int = 0) -> bool:
 
 
 def check_data_options(spec: ModelSpec) -> None:
-    """A timm or card spec's options are data: no loader settings, no mappings, nothing that can name code."""
+    """A timm, hf or card spec's options are data: no loader settings, no mappings, nothing that can name code."""
+    if spec.source == "hf":
+        from utune_fx.specs_hf import check_hf_options
+
+        check_hf_options(spec)
     for key, value in spec.options.items():
         if key in _LOADER_OPTIONS:
             raise UtuneError(
@@ -151,7 +164,7 @@ def check_data_options(spec: ModelSpec) -> None:
             )
         if not _is_plain(value):
             raise UtuneError(
-                f"option {key} in model spec {spec.text!r} is a {type(value).__name__}; timm options are numbers, "
+                f"option {key} in model spec {spec.text!r} is a {type(value).__name__}; options are numbers, "
                 "strings, booleans or lists of them"
             )
         if _COUNT_OPTION.search(key):
@@ -212,10 +225,18 @@ def _classes_changed(model: nn.Module, options: dict) -> bool:
 
 
 def _check_model_size(spec: ModelSpec, options: dict) -> None:
-    """Before allocating: the model built on the meta device (no memory) must fit in what is available,
-    so img_size=10**6 or num_classes=10**12 is one line, not a crash."""
     import timm
 
+    check_fits(
+        spec.text,
+        lambda: timm.create_model(spec.target, **{**options, "pretrained": False}),
+        "img_size, num_classes, depth, embed_dim...",
+    )
+
+
+def check_fits(text: str, build: Callable[[], nn.Module], size_options: str) -> None:
+    """Before allocating: the model ``build`` makes on the meta device (no memory) must fit in what is
+    available, so img_size=10**6 or num_classes=10**12 is one line, not a crash."""
     from utune_fx.memory import available_memory
 
     available = available_memory()
@@ -223,15 +244,15 @@ def _check_model_size(spec: ModelSpec, options: dict) -> None:
         return
     try:
         with torch.device("meta"):
-            meta = timm.create_model(spec.target, **{**options, "pretrained": False})
+            meta = build()
     except Exception:  # the real build says what is wrong with the options
         return
     need = sum(t.numel() * t.element_size() for t in (*meta.parameters(), *meta.buffers()))
     if need > MODEL_MEMORY_SHARE * available:
         raise UtuneError(
-            f"model spec {spec.text!r}: the model's weights would take {need / 2**30:,.1f} GiB, over "
+            f"model spec {text!r}: the model's weights would take {need / 2**30:,.1f} GiB, over "
             f"{MODEL_MEMORY_SHARE:.0%} of the {available / 2**30:,.1f} GiB of memory available; check its "
-            "size options (img_size, num_classes, depth, embed_dim...)"
+            f"size options ({size_options})"
         )
 
 
@@ -267,6 +288,10 @@ def _import_attribute(spec: ModelSpec) -> Any:
 def build_model(spec: ModelSpec) -> nn.Module:
     if spec.source == "timm":
         return _create_timm(spec)
+    if spec.source == "hf":
+        from utune_fx.specs_hf import create_hf
+
+        return create_hf(spec)
     if spec.source == "card":
         from utune_fx.cards import create_from_card
 
@@ -350,6 +375,10 @@ def load_model(text: str, input_shapes: list[str] | None = None, module: nn.Modu
         with torch.random.fork_rng():  # randomly initialised models are the same every time; caller's RNG untouched
             torch.manual_seed(0)
             model = build_model(spec).eval()
+    if not parsed and spec.source == "hf":
+        from utune_fx.specs_hf import hf_inputs
+
+        return LoadedModel(spec, model, hf_inputs(model, text))
     if not parsed:
         size = timm_input_size(model, spec.options) if spec.source in ("timm", "card") else None
         if size is None:
