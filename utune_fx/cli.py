@@ -8,7 +8,7 @@
     python cli.py fold DIR -o OUT                   (these three: cli_deploy.py; train, eval: cli_train.py)
     python cli.py export DIR -o model.onnx [--fold] [--opset N] [--tuners-as-inputs]
     python cli.py bench DIR [--batch-sizes 1,32] [-o bench.json]
-    python cli.py zoo [--models ci|all|NAMES] [-o DIR] [--markdown docs/coverage.md]
+    python cli.py zoo [--catalog timm|transformers|torchvision] [--models ci|all|NAMES] [-o DIR] [--markdown FILE]
 
 User errors print one line, ``error: ...``, and exit with code 2; ``--debug``
 shows the traceback instead. ``match`` and ``rewrite`` exit with 3 when a rule
@@ -113,6 +113,7 @@ def _zoo(args: argparse.Namespace) -> int:
         args.timeout,
         args.memory_gb,
         Path(args.markdown) if args.markdown else None,
+        args.catalog,
     )
     if args.json:
         print_json({k: v for k, v in report.items() if k != "rows"})
@@ -173,8 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_commands(commands, rules_help)
     add_deploy_commands(commands)
 
-    zoo = commands.add_parser("zoo", help="every timm architecture family through the whole chain")
-    zoo.add_argument("--models", default="ci", help="ci (the fixed sample), all (one per timm family), or names")
+    zoo = commands.add_parser(
+        "zoo", help="a catalogue of models (timm, transformers, torchvision) through the whole chain"
+    )
+    zoo.add_argument("--catalog", default="timm", choices=("timm", "transformers", "torchvision"))
+    zoo.add_argument("--models", default="ci", help="ci (the fixed sample), all (the whole catalogue), or names")
     zoo.add_argument(
         "-o",
         "--output",

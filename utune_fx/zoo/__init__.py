@@ -1,11 +1,17 @@
-"""The zoo sweep: every timm architecture family through trace -> ... -> ONNX Runtime parity.
+"""The zoo sweep: a catalogue of models through trace -> ... -> ONNX Runtime parity.
 
-    python cli.py zoo --models ci -o runs/zoo-ci              the fixed CI sample (30 models)
+    python cli.py zoo --models ci -o runs/zoo-ci              timm's fixed CI sample (20 models)
     python cli.py zoo --models all -o runs/zoo --markdown docs/coverage.md
                                                               one model per timm family (191)
+    python cli.py zoo --catalog transformers --models all -o runs/zoo-hf
+                                                              transformers families from small configs
+    python cli.py zoo --catalog torchvision --models all -o runs/zoo-tv
+                                                              every torchvision classification model
 
 stages.py runs one model through the chain (in its own process), runner.py runs many (two at
-a time, bounded, resumable), catalog.py picks the models, report.py writes the tables.
+a time, bounded, resumable), catalog.py picks the timm models, hf_catalog.py and
+torchvision_catalog.py the others with their ground truth (truth.py checks it), catalogs.py
+selects and builds by catalogue, report.py writes the tables.
 """
 
 from __future__ import annotations
@@ -15,45 +21,45 @@ from datetime import date
 from pathlib import Path
 
 from utune_fx.atomic import write_text
-from utune_fx.errors import UtuneError
+
+TITLES = {
+    "timm": "timm architectures",
+    "transformers": "Hugging Face transformers",
+    "torchvision": "torchvision classification models",
+}
+BUILT = {
+    "timm": "Every model: timm, pretrained=False, its smallest input size",
+    "transformers": "Every model: an hf: spec, a small config with random weights (utune_fx/zoo/hf_catalog.py); "
+    "counts checked against the config (zoo/truth.py)",
+    "torchvision": "Every model: torchvision, weights=None, 64 x 64 where it allows "
+    "(utune_fx/zoo/torchvision_catalog.py); counts checked against the builders' depths (zoo/truth.py)",
+}
 
 
-def select_models(which: str) -> list[str]:
-    from utune_fx.zoo.catalog import CI_SAMPLE, families
+def _versions(catalog: str) -> str:
+    import importlib
 
-    if which == "ci":
-        return list(CI_SAMPLE)
-    if which == "all":
-        return families()
-    import timm
-
-    names = [name.strip() for name in which.split(",") if name.strip()]
-    unknown = [name for name in names if name not in timm.list_models()]
-    if unknown or not names:
-        raise UtuneError(
-            f"--models {which!r}: {unknown[0] if unknown else 'nothing'} is not a timm model; "
-            "give 'ci', 'all' or timm names separated by commas"
-        )
-    return names
+    return f"{catalog} {importlib.import_module(catalog).__version__}"  # each catalogue is its package's name
 
 
-def run_zoo(which: str, out: Path, jobs: int, timeout: float, memory_gb: float, markdown: Path | None) -> dict:
-    import timm
+def run_zoo(
+    which: str, out: Path, jobs: int, timeout: float, memory_gb: float, markdown: Path | None, catalog: str = "timm"
+) -> dict:
     import torch
 
+    from utune_fx.zoo.catalogs import select_models
     from utune_fx.zoo.report import coverage_report, render_markdown
     from utune_fx.zoo.runner import sweep
 
-    names = select_models(which)
-    records = sweep(names, out / "results.jsonl", jobs=jobs, timeout=timeout, memory_gb=memory_gb)
+    names = select_models(catalog, which)
+    records = sweep(names, out / "results.jsonl", jobs=jobs, timeout=timeout, memory_gb=memory_gb, catalog=catalog)
     report = coverage_report(records)
     write_text(out / "report.json", json.dumps(report, indent=1))
     preamble = (
-        f"`python cli.py zoo --models {which}` on {date.today().isoformat()}: {len(names)} models, "
-        f"torch {torch.__version__}, timm {timm.__version__}, {jobs} at a time, {timeout:.0f} s and "
-        f"{memory_gb:g} GB each. Every model: timm, pretrained=False, its smallest input size; rule files "
-        "rules/dual_utuner.yaml and rules/lora.yaml, unchanged."
+        f"`python cli.py zoo --catalog {catalog} --models {which}` on {date.today().isoformat()}: {len(names)} "
+        f"models, torch {torch.__version__}, {_versions(catalog)}, {jobs} at a time, {timeout:.0f} s and "
+        f"{memory_gb:g} GB each. {BUILT[catalog]}; rule files rules/dual_utuner.yaml and rules/lora.yaml, unchanged."
     )
-    text = render_markdown(report, "Coverage: the whole chain on timm architectures", preamble)
+    text = render_markdown(report, f"Coverage: the whole chain on {TITLES[catalog]}", preamble)
     write_text(markdown or out / "coverage.md", text)
     return report

@@ -14,6 +14,7 @@ import re
 from collections import Counter
 
 from utune_fx.zoo.stages import META_STAGES, STAGES
+from utune_fx.zoo.truth import COUNTS
 
 
 def _reached(record: dict, stage: str) -> bool:
@@ -50,15 +51,26 @@ def coverage_report(records: dict[str, dict]) -> dict:
     }
 
 
+def _counts(counts: dict | None) -> str:
+    return "/".join(str(counts.get(c, 0)) for c in COUNTS) if counts else ""
+
+
 def _row(record: dict) -> str:
     found = record.get("found", {})
     folded = record.get("folded", {})
     error = record.get("error")
+    truth = record.get("truth")
+    if truth is None:
+        tuners = [f"{found.get('mha', 0)}/{found.get('ffn', 0)}/{found.get('lora', 0) + found.get('lora_plain', 0)}"]
+    else:  # expected and found self/cross/ffn, LoRA on attention projections/elsewhere
+        placed = truth.get("found") or {}
+        lora = f"{placed['lora_on_projections']}/{placed['lora_elsewhere']}" if placed else ""
+        tuners = [_counts(truth["expected"]), _counts(placed), lora]
     cells = [
         record["model"],
         f"{record.get('parameters', 0) / 1e6:.1f}",
         "meta" if record.get("meta") else "",
-        f"{found.get('mha', 0)}/{found.get('ffn', 0)}/{found.get('lora', 0) + found.get('lora_plain', 0)}",
+        *tuners,
         record.get("last_stage") or "-",
         f"{folded.get('folded', 0)}/{folded.get('kept', 0)}" if folded else "",
         f"{record['parity']:.0e}" if "parity" in record else "",
@@ -105,13 +117,18 @@ def render_markdown(report: dict, title: str, preamble: str) -> str:
         f"{', '.join(without) if without else 'none'}. The others have no attention: "
         "LoRA tunes their block layers, or every layer where they have no residual blocks.",
     ]
+    truth = any("truth" in record for record in report["rows"])
+    found = (
+        "expected self/cross/ffn | found self/cross/ffn | LoRA on projections/elsewhere"
+        if truth
+        else "mha/ffn/lora found"
+    )
     lines += [
         "",
         "## Models",
         "",
-        "| model | params (M) | device | mha/ffn/lora found | last stage | folded/kept | ORT max abs error "
-        "| s | error |",
-        "|---|---:|---|---|---|---|---:|---:|---|",
+        f"| model | params (M) | device | {found} | last stage | folded/kept | ORT max abs error | s | error |",
+        "|---|---:|---|" + "---|" * (3 if truth else 1) + "---|---|---:|---:|---|",
     ]
     lines += [_row(record) for record in sorted(report["rows"], key=lambda r: r["model"])]
     return "\n".join(lines) + "\n"

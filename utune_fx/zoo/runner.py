@@ -4,7 +4,7 @@
         -> one JSON line per model appended to zoo.jsonl as it finishes; models already in the
            file are skipped, so an interrupted sweep continues where it stopped
 
-Each model runs ``python -m utune_fx.zoo.stages NAME`` with a wall-clock timeout and an
+Each model runs ``python -m utune_fx.zoo.stages NAME CATALOG`` (offline: nothing is downloaded) with a wall-clock timeout and an
 address-space limit (so one model cannot take the machine); a worker that dies, runs out of
 memory or time is recorded as such, with the stage it had reached unknown (``build``).
 """
@@ -55,12 +55,12 @@ def _failed(name: str, kind: str, message: str) -> dict:
     }
 
 
-def run_one(name: str, timeout: float, memory_gb: float) -> dict:
+def run_one(name: str, timeout: float, memory_gb: float, catalog: str = "timm") -> dict:
     start = time.perf_counter()
-    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "utune_fx.zoo.stages", name],
+            [sys.executable, "-m", "utune_fx.zoo.stages", name, catalog],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -80,7 +80,13 @@ def run_one(name: str, timeout: float, memory_gb: float) -> dict:
 
 
 def sweep(
-    names: list[str], results: Path, jobs: int = 2, timeout: float = 600, memory_gb: float = 10, progress: bool = True
+    names: list[str],
+    results: Path,
+    jobs: int = 2,
+    timeout: float = 600,
+    memory_gb: float = 10,
+    progress: bool = True,
+    catalog: str = "timm",
 ) -> dict[str, dict]:
     """Run what is not yet in ``results``; returns every record (old and new) by model."""
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +100,7 @@ def sweep(
         if results.stat().st_size and not results.read_bytes().endswith(b"\n"):
             sink.write("\n")  # end a line a killed sweep tore, so the next record stands alone
         task = bar.add_task("zoo", total=len(todo), last="")
-        futures = {pool.submit(run_one, name, timeout, memory_gb): name for name in todo}
+        futures = {pool.submit(run_one, name, timeout, memory_gb, catalog): name for name in todo}
         for future in as_completed(futures):
             record = future.result()
             records[record["model"]] = record

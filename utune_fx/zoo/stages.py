@@ -186,15 +186,29 @@ def _train_step(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> di
     return norms
 
 
-def run_chain(name: str) -> dict:
-    """A timm model (``pretrained=False``) through the chain; the record as the module docstring shows."""
+def run_chain(name: str, catalog: str = "timm") -> dict:
+    """A catalogue's model through the chain; the record as the module docstring shows. timm models
+    are built with ``pretrained=False``; transformers and torchvision entries (zoo/catalogs.py) also
+    bring their ground truth, which the match stage checks (zoo/truth.py)."""
     record: dict = {"model": name, "stages": {}, "last_stage": None, "error": None, "found": {}}
+    if catalog != "timm":
+        record["catalog"] = catalog
 
     def build(state: dict) -> None:
-        state["model"], x = _build(name, record)
-        state["inputs"] = (x,)
+        if catalog == "timm":
+            state["model"], x = _build(name, record)
+            state["inputs"] = (x,)
+            return
+        from utune_fx.zoo.catalogs import build_entry
+        from utune_fx.zoo.truth import structure
 
-    return _run_stages(record, build, f"timm:{name}", "auto", RULE_FILES, {})
+        state["model"], state["inputs"], state["expected_counts"] = build_entry(catalog, name, record)
+        record["truth"] = {"expected": state["expected_counts"]}
+        state["structure"] = structure(state["model"], state["inputs"])
+
+    from utune_fx.zoo.catalogs import entry_spec
+
+    return _run_stages(record, build, entry_spec(catalog, name), "auto", RULE_FILES, {})
 
 
 def run_module_chain(
@@ -231,6 +245,8 @@ def _run_stages(record: dict, build_model, spec: str, frontend: str, rule_files:
     from utune_fx.match import load_rules, match_rules
     from utune_fx.rewrite import rewrite
     from utune_fx.trace import trace, trace_report
+    from utune_fx.trace.annotate import node_info
+    from utune_fx.zoo.truth import check
 
     def stage(label: str, work) -> bool:
         start = time.perf_counter()
@@ -266,6 +282,15 @@ def _run_stages(record: dict, build_model, spec: str, frontend: str, rule_files:
                 state["matches"][found.rule.name] = found
         if not any(count for rule, count in record["found"].items() if rule != "classifier"):
             raise StageFailed("neither rule file found anything to tune but the classifier")
+        record["placed"] = {  # which rule placed each tuner: the module scope of every region
+            rule: [node_info(region.anchor).scope for region in found.regions]
+            for rule, found in state["matches"].items()
+        }
+        if "expected_counts" in state:
+            truth = check(state["expected_counts"], state["structure"], state["matches"])
+            record["truth"]["found"] = truth["found"]
+            if truth["problems"]:
+                raise StageFailed("; ".join(truth["problems"]))
 
     def rewritten():
         state["result"] = rewrite(state["gm"], state["rules"])
@@ -337,4 +362,4 @@ def _run_stages(record: dict, build_model, spec: str, frontend: str, rule_files:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # two workers share the two cores
-    print(json.dumps(run_chain(sys.argv[1])), flush=True)
+    print(json.dumps(run_chain(*sys.argv[1:3])), flush=True)
