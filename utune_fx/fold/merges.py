@@ -1,6 +1,7 @@
 """Weight algebra of folding: what a linear tuner adds to the layer it sits on.
 
     LoRA on W (linear/conv, grouped too):  W' = W + s * B @ A            (per group)
+    LoRA on an embedding table T [V, D]:   T' = T + s * (B @ A).T
     parallel adapter, identity activation, on one layer y = W x + b:
                                             W' = W + s * U @ D,  b' = b + s * (U d + u)
     affine update after a layer, y' = M y + c (sequential adapter with identity
@@ -51,8 +52,11 @@ def _matrix(layer: nn.Module) -> torch.Tensor:
 
 
 def lora_delta(branch: LoraBranch) -> torch.Tensor:
-    """s * B @ A with the target weight's shape ([out, in] or [out, in/groups, *kernel])."""
+    """s * B @ A with the target weight's shape ([out, in], [out, in/groups, *kernel], or an
+    embedding's [num_embeddings, dim])."""
     a, b = branch.lora_A.weight.detach().float(), branch.lora_B.weight.detach().float()
+    if isinstance(branch.lora_A, nn.Embedding):  # A's table is A.T [V, r]: (B @ A).T = A.T @ B.T
+        return a @ b.T * branch.scaling
     groups = getattr(branch.lora_A, "groups", 1)
     if getattr(branch.lora_A, "transposed", False):  # A [in, r, *kernel], the weight [in, out/groups, *kernel]
         rank = a.shape[1]

@@ -2,10 +2,15 @@
 
     Region(blocks.0.attn: qkv ... proj) -> RegionSize(channels_in=768, channels_out=768,
                                                       biases=3072, weights=2362368)
+    Region(h.0.attn.c_attn: addmm(b, x, W), W [64, 192]) -> RegionSize(channels_in=64, channels_out=192, ...)
+    Region(wte: embedding(ids), table [100, 64])        -> RegionSize(channels_in=100, channels_out=64, ...)
 
 Channels come from the weights of the region's first and last linear/conv
-(so token layouts [B, N, C] and feature maps [B, C, H, W] read alike); the
-parameter counts from every parameter the region's nodes use.
+(so token layouts [B, N, C] and feature maps [B, C, H, W] read alike); a linear
+spelled as a matrix product (x @ W, addmm(b, x, W) with W [in, out] as in
+transformers' Conv1D, or with W.t()) reads them off its tensors, whatever W's
+layout; an embedding's table is [num_embeddings, dim]. The parameter counts
+come from every parameter the region's nodes use.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import torch
 from torch import fx, nn
 
 from utune_fx.match.patterns import MatchContext
-from utune_fx.match.predicates import data_inputs
+from utune_fx.match.predicates import data_inputs, is_weight
 from utune_fx.match.structure import Region
 from utune_fx.trace import node_info
-from utune_fx.tuners import RegionSize
+from utune_fx.trace.opkinds import matmul_operands
+from utune_fx.tuners import EmbeddingTable, RegionSize
 
 
 def parameters_of(node: fx.Node, ctx: MatchContext) -> dict[str, torch.Tensor]:
@@ -56,12 +62,63 @@ def conv_arguments(op: fx.Node) -> dict:
     return dict(zip(_CONV_ARGUMENTS, op.args)) | dict(op.kwargs)
 
 
+# a linear spelled as a matrix product: its weight may be stored [in, out] or [out, in]
+_MATRIX_PRODUCTS = ("matmul", "mm", "addmm")
+_EMBEDDING_ARGUMENTS = ("input", "weight", "padding_idx", "max_norm")  # F.embedding
+_ATEN_EMBEDDING_ARGUMENTS = ("weight", "input", "padding_idx")  # aten.embedding(weight, indices, padding_idx)
+
+
+def embedding_arguments(op: fx.Node) -> dict:
+    """F.embedding / aten.embedding arguments by name: input (the ids), weight, padding_idx (None when
+    there is none; aten spells that -1) and max_norm."""
+    aten = isinstance(op.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+    arguments = dict(zip(_ATEN_EMBEDDING_ARGUMENTS if aten else _EMBEDDING_ARGUMENTS, op.args)) | dict(op.kwargs)
+    if "indices" in arguments:
+        arguments["input"] = arguments.pop("indices")
+    if aten and arguments.get("padding_idx") == -1:
+        arguments["padding_idx"] = None
+    return arguments
+
+
+def embedding_table(op: fx.Node, ctx: MatchContext) -> EmbeddingTable | str:
+    """What LoRA copies from an embedding lookup, or why it cannot tune it."""
+    module = ctx.node_ctx.modules.get(str(op.target)) if op.op == "call_module" else None
+    if isinstance(module, nn.EmbeddingBag) or "bag" in node_info(op).op_name:
+        return "an embedding bag sums its lookups; LoRA tunes nn.Embedding, F.embedding and aten.embedding"
+    arguments = (
+        {"padding_idx": module.padding_idx, "max_norm": module.max_norm}
+        if module is not None
+        else embedding_arguments(op)
+    )
+    if arguments.get("max_norm") is not None:
+        return "the embedding renormalises its rows in place (max_norm); LoRA needs a plain lookup"
+    return EmbeddingTable(arguments.get("padding_idx"))
+
+
+def layer_input(node: fx.Node) -> fx.Node | None:
+    """The tensor a linear, conv or embedding reads: an embedding's ids, x of x @ W (None for W @ x),
+    else its first input that is not a weight (or a constant it reads: ConViT's
+    pos_proj(rel_indices))."""
+    info = node_info(node)
+    if info.op_kind == "embedding":
+        ids = node.args[0] if node.op == "call_module" and node.args else embedding_arguments(node).get("input")
+        return ids if isinstance(ids, fx.Node) else None
+    if info.op_kind == "linear" and node.op == "call_function" and info.op_name in _MATRIX_PRODUCTS:
+        x, weight = matmul_operands(node)[:2]  # W @ x mixes another axis than the channels: no x here
+        return x if isinstance(x, fx.Node) and not is_weight(x) and is_weight(weight) else None
+    inputs = data_inputs(node) or [a for a in node.args[:1] if isinstance(a, fx.Node)]
+    return inputs[0] if inputs else None
+
+
 def layer_channels(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
-    """(in, out) channels of a linear / conv / attention module from its weight."""
+    """(in, out) channels of a linear / conv / attention / embedding from its weight; an embedding's
+    are (num_embeddings, dim)."""
     module = ctx.node_ctx.modules.get(str(node.target)) if node.op == "call_module" else None
     if isinstance(module, nn.MultiheadAttention):
         return module.embed_dim, module.embed_dim
     weight, groups = _weight_and_groups(node, ctx)
+    if node_info(node).op_kind == "embedding":
+        return tuple(weight.shape) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
     transposed = getattr(module, "transposed", False)  # nn.ConvTranspose: weight [in, out/groups, *kernel]
     if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
         # a weight computed in the graph (NFNet's standardised convs, a slice of a packed weight): the tensors' widths
@@ -78,11 +135,12 @@ def layer_channels(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
     if (
         node_info(node).op_kind == "linear"
         and node.op == "call_function"
-        and node_info(node).op_name in ("matmul", "mm")
+        and node_info(node).op_name in _MATRIX_PRODUCTS
     ):
-        # x @ W (W [in, out]) or x @ W.T (BotNet's relative-position keys): read the widths off the tensors
-        inputs = data_inputs(node)
-        shapes = node_info(inputs[0]).shape if inputs else None, node_info(node).shape
+        # x @ W, addmm(b, x, W) (W [in, out]: transformers' Conv1D) or with W.T (a linear decomposed,
+        # BotNet's relative-position keys): read the widths off the tensors
+        reads = layer_input(node)
+        shapes = node_info(reads).shape if reads is not None else None, node_info(node).shape
         if all(shapes):
             return shapes[0][-1], shapes[1][-1]
         in_channels, out_channels = out_channels, in_channels
@@ -95,7 +153,8 @@ def _weight_and_groups(node: fx.Node, ctx: MatchContext) -> tuple[torch.Tensor |
         module = ctx.node_ctx.modules[str(node.target)]
         weight = getattr(module, "weight", None)
         return (weight if isinstance(weight, torch.Tensor) else None), getattr(module, "groups", 1)
-    arguments = conv_arguments(node) if node_info(node).op_kind == "conv" else {}
+    kind = node_info(node).op_kind
+    arguments = conv_arguments(node) if kind == "conv" else embedding_arguments(node) if kind == "embedding" else {}
     weight = arguments.get("weight")
     if not isinstance(weight, fx.Node):
         weights = [n for n in node.all_input_nodes if n.op == "get_attr" and n is not node.args[0]]
@@ -130,13 +189,10 @@ def normalises_axis_1(node: fx.Node, ctx: MatchContext) -> bool:
 def region_size(region: Region, ctx: MatchContext, position: int = 0) -> RegionSize:
     """What tuners' sizes depend on; ``position``: the region's place among its rule's regions."""
     ordered = sorted(region.nodes, key=ctx.order.__getitem__)
-    weighted = [
-        (n, io)
-        for n in ordered
-        if node_info(n).op_kind in ("linear", "conv", "attention")
-        for io in [layer_channels(n, ctx)]
-        if io is not None
-    ]
+    # an embedding sets the widths only of a region without other layers (its in channels are the vocabulary)
+    layers = [n for n in ordered if node_info(n).op_kind in ("linear", "conv", "attention")]
+    layers = layers or [n for n in ordered if node_info(n).op_kind == "embedding"]
+    weighted = [(n, io) for n in layers for io in [layer_channels(n, ctx)] if io is not None]
     parameters: dict[str, torch.Tensor] = {}
     for node in ordered:
         parameters.update(parameters_of(node, ctx))

@@ -2,7 +2,7 @@
 
     parallel         %u = call_module[utune.<rule>.<i>](%x); %y2 = add(%y, %u); users of %y read %y2
     sequential       %u = call_module[utune.<rule>.<i>](%y); ...
-    reparameterised  %u = call_module[utune.<rule>.<i>](%x_of_linear); ...
+    reparameterised  %u = call_module[utune.<rule>.<i>](%x_of_linear); ...  (an embedding's: its ids)
     prefix, prompt   see attention_sites.py
     none             requires_grad on the selected existing parameters
 
@@ -25,7 +25,14 @@ from utune_fx.heads import start_fresh_head
 from utune_fx.match import MatchContext, Region, RuleMatch
 from utune_fx.match.predicates import data_inputs
 from utune_fx.match.rules import tuner_module_name
-from utune_fx.match.sizes import conv_arguments, layer_channels, normalises_axis_1, parameters_of
+from utune_fx.match.sizes import (
+    conv_arguments,
+    embedding_table,
+    layer_channels,
+    layer_input,
+    normalises_axis_1,
+    parameters_of,
+)
 from utune_fx.match.structure import in_scope
 from utune_fx.rewrite.attention_sites import (
     TUNER_META,
@@ -188,23 +195,28 @@ def functional_conv_geometry(op: fx.Node, gm: fx.GraphModule) -> ConvGeometry | 
 
 
 def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Site, fx.Node, fx.Node]:
-    weighted = [n for n in region.nodes if node_info(n).op_kind in _WEIGHTED]
+    weighted = [n for n in region.nodes if node_info(n).op_kind in (*_WEIGHTED, "embedding")]
     if len(weighted) != 1:
         raise fail(
             found,
             region,
-            f"{found.rule.tuner} reparameterises one linear or conv; the region holds "
+            f"{found.rule.tuner} reparameterises one linear, conv or embedding; the region holds "
             f"{len(weighted)}; match single layers (e.g. {{node: {{kind: linear}}}})",
         )
     op = weighted[0]
-    inputs = data_inputs(op) or [op.args[0]]  # a layer may read a constant (ConViT's pos_proj(rel_indices))
-    x = inputs[0]
+    x = layer_input(op)
     module = ctx.node_ctx.modules.get(str(op.target)) if op.op == "call_module" else None
     channels = layer_channels(op, ctx)
+    if x is None:
+        raise fail(found, region, f"cannot find what {op.name} reads; LoRA needs x of x @ W or an embedding's ids")
     if channels is None:
         raise fail(found, region, f"cannot find the weight of {op.name}")
     kind = node_info(op).op_kind
     geometry = None
+    if kind == "embedding":
+        geometry = embedding_table(op, ctx)
+        if isinstance(geometry, str):
+            raise fail(found, region, geometry)
     if kind == "conv":
         geometry = (
             ConvGeometry(

@@ -65,6 +65,15 @@ class ConvGeometry:
 
 
 @dataclass(frozen=True)
+class EmbeddingTable:
+    """What LoRA copies from the embedding it reparameterises: the padding row, whose lookups train
+    nothing (PEFT's lora.Embedding passes it on as well)."""
+
+    padding_idx: int | None = None
+    kind: str = "embedding"
+
+
+@dataclass(frozen=True)
 class AttentionForm:
     """How the attention a prefix or prompt joins is computed, so the tuner can repeat it
     with more keys: ``sdpa`` (F.scaled_dot_product_attention with this scale and causality)
@@ -84,7 +93,7 @@ class Site:
     channels_out: int
     rank: int  # rank of the tensor the tuner reads/writes
     channels_first: bool  # [B, C, H, W] feature maps rather than [..., C] tokens
-    target: ConvGeometry | None = None  # for LoRA on a convolution
+    target: ConvGeometry | EmbeddingTable | None = None  # for LoRA on a convolution or an embedding
     stride: tuple[int, ...] | None = None  # feature maps the region downsamples (a strided W_down)
     heads: tuple[int, ...] = ()  # attention tuners: head dims between batch and tokens ([B, H, N, D] -> (H,))
     attention: AttentionForm | None = None  # concatenated prefixes and prompts
