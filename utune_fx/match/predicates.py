@@ -21,6 +21,7 @@ from torch import fx, nn
 from utune_fx.match.globs import ClassGlob, ScopeGlob
 from utune_fx.match.source import Located
 from utune_fx.trace import OP_KINDS, node_info
+from utune_fx.trace.annotate import composite_input
 
 Check = Callable[[fx.Node, "NodeContext"], "str | None"]
 _DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
@@ -122,8 +123,9 @@ def tensor_users(node: fx.Node) -> list[fx.Node]:
 
 
 def data_inputs(node: fx.Node) -> list[fx.Node]:
-    """Tensor inputs that are not weights."""
-    return [n for n in tensor_inputs(node) if not is_weight(n)]
+    """Tensor inputs that are not weights; for a written-out act or norm, the tensor its formula reads."""
+    written_out = composite_input(node)
+    return [written_out] if written_out is not None else [n for n in tensor_inputs(node) if not is_weight(n)]
 
 
 def _normalise(value: Any) -> Any:

@@ -11,10 +11,12 @@
   of that module feeding both branches is the block's own: Hiera); the
   region between holds a weighted op or a norm. ``x + pos_embed`` is none.
 - block: the residual regions written by one module, merged (a ViT block is
-  two residuals, holding one attention and one mlp); two single-residual
-  sub-layers in a row, nested or siblings under a module that is no
-  Sequential/ModuleList, form one block (BERT and Hugging Face ViT write
-  their attention and FFN residuals in sub-modules of the layer).
+  two residuals, holding one attention and one mlp); single-residual
+  sub-layers in a row, nested or distinct children of a module that is no
+  Sequential, form one block (BERT and Hugging Face ViT write their
+  attention and FFN residuals in sub-modules of the layer, T5 its
+  self-attention, cross-attention and FFN); a module holding several
+  residuals is a layer of its own, so a block never spans two layers.
 
 Dominators are networkx's; every other search is local to one region, and
 only visits nodes after its start in graph order, so the cost grows
@@ -210,29 +212,47 @@ _CONTAINERS = (
 )
 
 
-def _layer_scope(a: Region, b: Region) -> str | None:
-    """The module two single-residual sub-layers share, if they form one layer:
-    one inside the other (HF ViT), or both inside a module that is no
-    container (BERT's attention.output and output, inside BertLayer); blocks
-    side by side in a Sequential stay apart."""
-    common = common_scope([a.scope, b.scope])
-    if common in (a.scope, b.scope):
+def _signature(residual: Region, child: str) -> tuple:
+    """What tells two sub-layers apart: the module class and the weighted ops and norms inside."""
+    classes = dict(node_info(residual.anchor).scope_stack)
+    held = Counter(_kind(n) for n in residual.nodes if _kind(n) in WEIGHTED_KINDS or _kind(n) == "norm")
+    return classes[child], tuple(sorted(held.items()))
+
+
+def _layer_scope(parts: list[Region], residuals: list[Region]) -> str | None:
+    """The module single-residual sub-layers in a row share, if they form one layer: one inside
+    the other (HF ViT), or distinct sub-layers of one module that is no container, each holding
+    no other residual (BERT's attention.output and output in BertLayer; T5's self-attention,
+    cross-attention and FFN in T5Block). Blocks side by side in a Sequential, or like blocks of
+    one residual each in a ModuleList, stay apart."""
+    scopes = [r.scope for r in parts]
+    common = common_scope(scopes)
+    if common in scopes:
         return common
-    classes = dict(node_info(a.anchor).scope_stack)
-    return common if common and classes.get(common) not in _CONTAINERS else None
+    stacks = [dict(node_info(r.anchor).scope_stack) for r in parts]
+    shared = [path for path in stacks[0] if all(path in stack for stack in stacks[1:])]
+    if not shared or stacks[0][shared[-1]] in _CONTAINERS:
+        return None
+    layer, signatures = shared[-1], set()
+    for residual, stack in zip(parts, stacks):
+        child = next((path for path in stack if path.startswith(layer + ".")), None)
+        if child is None or sum(1 for r in residuals if r.scope == child or r.scope.startswith(child + ".")) != 1:
+            return None  # a whole layer of its own (T5's next block)
+        signatures.add(_signature(residual, child))
+    return layer if len(signatures) == len(parts) else None
 
 
 def group_blocks(residuals: list[Region]) -> list[Region]:
-    """Blocks: the residuals one module writes; and two single-residual
-    sub-layers in a row that form one layer (see _layer_scope)."""
+    """Blocks: the residuals one module writes; and single-residual sub-layers in a row that
+    form one layer (see _layer_scope)."""
     per_scope = Counter(r.scope for r in residuals)
     groups: list[tuple[str, list[Region]]] = []
     by_scope: dict[str, int] = {}
     for residual in residuals:
         last = groups[-1] if groups else None
         layer = None
-        if last and len(last[1]) == 1 and per_scope[residual.scope] == 1 and per_scope[last[1][0].scope] == 1:
-            layer = _layer_scope(residual, last[1][0]) if _follows(residual, last[1][0]) else None
+        if last and all(per_scope[r.scope] == 1 for r in (*last[1], residual)) and _follows(residual, last[1][-1]):
+            layer = _layer_scope([*last[1], residual], residuals)
         if residual.scope in by_scope:
             groups[by_scope[residual.scope]][1].append(residual)
         elif layer is not None:

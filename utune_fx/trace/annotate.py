@@ -8,7 +8,8 @@
 
 Shapes come from one propagation of the example inputs through the graph;
 scopes from the module stack the front end recorded; kinds from
-:mod:`.opkinds` and :mod:`.attention`. Both front ends (fx and torch.export)
+:mod:`.opkinds`, :mod:`.composites` (written-out GELU, SiLU, RMSNorm) and
+:mod:`.attention`. Both front ends (fx and torch.export)
 end here, so rules see the same annotations whichever traced the model.
 """
 
@@ -23,6 +24,7 @@ from torch import fx
 
 from utune_fx.trace import opkinds
 from utune_fx.trace.attention import AttentionInfo, find_softmax_attention, fused_attention_info
+from utune_fx.trace.composites import find_composites
 
 META_KEY = "utune"
 Shape = tuple[int, ...]
@@ -38,7 +40,8 @@ class NodeInfo:
     dtype: str | None = None
     item_shapes: tuple[Shape | None, ...] = ()  # for a node that returns a tuple/list
     attention: AttentionInfo | None = None
-    part_of: str | None = None  # name of the attention node this node belongs to
+    part_of: str | None = None  # name of the attention or composite node this node belongs to
+    composite: str | None = None  # form of a written-out op ('gelu_tanh', 'rms_norm'); its parts point here
 
     @property
     def scope_class(self) -> str:
@@ -51,6 +54,27 @@ def node_info(node: fx.Node) -> NodeInfo:
         return node.meta[META_KEY]
     except KeyError:
         raise KeyError(f"node {node.name} has no utune_fx annotation; trace the model with utune_fx.trace") from None
+
+
+def composite_input(node: fx.Node) -> fx.Node | None:
+    """The tensor a written-out act or norm reads (what its parts read from outside, not a
+    parameter), so walks over data edges see one op; None for any other node."""
+    own = node.meta.get(META_KEY)
+    if own is None or own.composite is None:
+        return None
+    inputs, parts, seen, frontier = [], 0, {node}, [node]
+    while frontier:
+        for arg in frontier.pop().all_input_nodes:
+            info = arg.meta.get(META_KEY)
+            if arg in seen or info is None:
+                continue
+            seen.add(arg)
+            if info.part_of == node.name:
+                parts += 1
+                frontier.append(arg)
+            elif info.op_kind not in ("param", "constant") and info.shape is not None:
+                inputs.append(arg)
+    return inputs[0] if parts and len(inputs) == 1 else None
 
 
 def class_qualname(cls: type | str) -> str:
@@ -140,10 +164,17 @@ def annotate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModul
     for node in gm.graph.nodes:
         kinds[node] = opkinds.refine_linear(node, kinds) or kinds[node]
 
+    composites = find_composites(gm, names, shapes)
+    part_of = {part.name: out.name for out, found in composites.items() for part in found.parts}
+    for out, found in composites.items():
+        kinds[out], names[out] = found.kind, found.form
+        for part in found.parts:  # steps of the formula: only the output is the act / norm
+            kinds[part] = "arith"
+
     attention = {node: fused_attention_info(node) for node in gm.graph.nodes if kinds[node] == "attention"}
     written_out = find_softmax_attention(gm.graph, kinds)
     attention.update(written_out)
-    part_of = {part: out.name for out, info in written_out.items() for part in info.parts}
+    part_of.update((part, out.name) for out, info in written_out.items() for part in info.parts)
     for node in written_out:
         kinds[node] = "attention"
 
@@ -160,5 +191,6 @@ def annotate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModul
             item_shapes=item_shapes,
             attention=attention.get(node),
             part_of=part_of.get(node.name),
+            composite=composites[node].form if node in composites else None,
         )
     return gm

@@ -1,0 +1,236 @@
+"""Find activations and RMSNorm written out as arithmetic and give them one op kind.
+
+Models that spell GELU, SiLU or RMSNorm with elementary ops (GPT-2's ``gelu_new``, CLIP's
+quick GELU, every Hugging Face RMSNorm) would otherwise show rules a tangle of mul, add and
+tanh nodes; the normaliser makes them look like ``F.gelu`` or ``F.rms_norm``:
+
+    before:  a = mul(x, 0.5)   p = pow(x, 3.0)   b = add(x, mul(p, 0.044715))
+             t = tanh(mul(b, 0.7978845608))      g = mul(a, add(t, 1.0))
+    after:   g                 kind act,  op_name gelu_tanh, composite gelu_tanh
+             a, p, b, t, ...   kind arith, part_of = g
+
+    before:  v = mean(pow(x, 2), [-1], keepdim)  n = mul(x, rsqrt(add(v, 1e-6)))  y = mul(w, n)
+    after:   y                 kind norm, op_name rms_norm; the rest are its parts
+
+How a candidate is found (structure): an input ``x`` read at least twice by elementwise
+ops, and a node ``y`` computed only from ``x``, scalars and parameters through elementwise
+ops, casts and reductions, whose inner nodes are read by nothing else. Which op it is
+(function): the subgraph runs once on a float64 probe and is compared with the references
+below, so any spelling of the same formula is recognised and near-misses are not:
+``x * sigmoid(y)`` (a gate: two inputs), ``x * sigmoid(2 x)``, a mean of squares over
+another axis, a mean without the square. Casts count as identity in the probe.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+_ELEMENTWISE = frozenset(
+    {
+        "add",
+        "sub",
+        "rsub",
+        "mul",
+        "div",
+        "neg",
+        "pow",
+        "sqrt",
+        "rsqrt",
+        "exp",
+        "erf",
+        "tanh",
+        "sigmoid",
+        "reciprocal",
+        "square",
+    }
+)
+_CASTS = frozenset({"to", "type", "type_as", "float", "half", "bfloat16", "double", "_to_copy"})
+_REDUCTIONS = frozenset({"mean", "sum"})
+_MAX_PARTS = 32  # the longest written-out form seen (a cast RMSNorm) has under 12 nodes
+
+# Activations by their closed forms; a written-out one agrees within _ACT_ATOL on the probe
+# (written-out constants such as 0.7978845608 are good to 1e-10; the tanh GELU is 5e-4 from erf's).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "silu": F.silu,
+}
+_ACT_ATOL = 1e-5
+_NORM_RTOL = 1e-5  # the probe's rms is ~100, so any eps below ~1 moves it by less
+_ROWS = 3  # rows of the norm probe along every axis but the last
+
+
+@dataclass(frozen=True)
+class Composite:
+    """A written-out op: its kind ('act' or 'norm'), form ('gelu_tanh', 'rms_norm', ...),
+    the tensor it reads and the nodes that compute it (output excluded)."""
+
+    kind: str
+    form: str
+    input: fx.Node
+    parts: tuple[fx.Node, ...]
+
+
+def _spelling(node: fx.Node, gm: fx.GraphModule, names: dict[fx.Node, str]) -> str:
+    if node.op == "call_module":  # nn.Sigmoid, nn.Tanh: parameter-free modules only
+        module = gm.get_submodule(str(node.target))
+        return names[node].lower() if not any(True for _ in module.parameters()) else ""
+    return names[node] if node.op in ("call_function", "call_method") else ""
+
+
+def _static_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes computed from parameters and constants only (no graph input reaches them)."""
+    static: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "get_attr" or (
+            node.op != "placeholder" and node.all_input_nodes and all(i in static for i in node.all_input_nodes)
+        ):
+            static.add(node)
+    return static
+
+
+class _Finder:
+    def __init__(self, gm: fx.GraphModule, names: dict[fx.Node, str], shapes: dict[fx.Node, tuple]):
+        self.gm = gm
+        self.shapes = shapes
+        self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        self.spelling = {node: _spelling(node, gm, names) for node in gm.graph.nodes}
+        self.static = _static_nodes(gm.graph)
+        self.taken: set[fx.Node] = set()
+
+    def allowed(self, node: fx.Node) -> bool:
+        return self.spelling[node] in _ELEMENTWISE | _CASTS | _REDUCTIONS and node not in self.taken
+
+    def readers(self, node: fx.Node) -> list[fx.Node]:
+        """Users that compute a tensor from ``node`` (not torch.export's metadata asserts)."""
+        return [u for u in node.users if self.shapes.get(u, (None,))[0] is not None]
+
+    def closure(self, x: fx.Node) -> list[fx.Node]:
+        """Nodes after ``x`` computed from x, scalars and parameters by allowed ops, in graph order."""
+        members, found = {x}, []
+        heap = [(self.order[u], u) for u in x.users]
+        heapq.heapify(heap)
+        while heap and len(found) < _MAX_PARTS:
+            _, node = heapq.heappop(heap)
+            if node in members or not self.allowed(node):
+                continue
+            if all(i in members or i in self.static for i in node.all_input_nodes):
+                members.add(node)
+                found.append(node)
+                for user in node.users:
+                    heapq.heappush(heap, (self.order[user], user))
+        return found
+
+    def subgraph(self, x: fx.Node, out: fx.Node, members: set[fx.Node]) -> list[fx.Node] | None:
+        """``out`` and what computes it from ``x`` (static helpers such as ``1 + w.float()``
+        included), in graph order; None if an inner node is read outside it."""
+        nodes, frontier = {out}, [out]
+        while frontier:
+            for arg in frontier.pop().all_input_nodes:
+                inner = arg in members or (arg in self.static and arg.op != "get_attr")
+                if inner and arg not in nodes:
+                    nodes.add(arg)
+                    frontier.append(arg)
+        if any(u not in nodes for n in nodes if n is not out for u in self.readers(n)):
+            return None
+        return sorted(nodes, key=self.order.__getitem__)
+
+    def find(self) -> dict[fx.Node, Composite]:
+        found: dict[fx.Node, Composite] = {}
+        for x in self.gm.graph.nodes:
+            reads = sum(1 for u in x.users for a in u.all_input_nodes if a is x and self.allowed(u))
+            if reads < 2 or x in self.static or x in self.taken or self.shapes.get(x, (None,))[0] is None:
+                continue
+            closure = self.closure(x)
+            members = set(closure)
+            for out in reversed(closure):
+                nodes = self.subgraph(x, out, members)
+                if nodes is None or sum(a is x for n in nodes for a in n.all_input_nodes) < 2:
+                    continue
+                recognised = self.recognise(x, nodes)
+                if recognised is not None:
+                    x, nodes = self._absorb_casts(x, nodes)
+                    found[out] = Composite(recognised[0], recognised[1], x, tuple(n for n in nodes if n is not out))
+                    self.taken |= set(nodes)
+                    break
+        return found
+
+    def _absorb_casts(self, x: fx.Node, nodes: list[fx.Node]) -> tuple[fx.Node, list[fx.Node]]:
+        """A cast read only by the composite is its own (Llama's RMSNorm starts with x.to(float32))."""
+        while self.spelling[x] in _CASTS and x.all_input_nodes and all(u in nodes for u in self.readers(x)):
+            nodes = [x, *nodes]
+            x = x.all_input_nodes[0]
+        return x, nodes
+
+    def recognise(self, x: fx.Node, nodes: list[fx.Node]) -> tuple[str, str] | None:
+        """('act', form) or ('norm', 'rms_norm') when the subgraph computes one on the probe."""
+        try:
+            if any(self.spelling[n] in _REDUCTIONS for n in nodes):
+                shape = self.shapes[x][0]
+                return ("norm", "rms_norm") if shape and self._is_rms_norm(x, nodes, len(shape), shape[-1]) else None
+            if any(n.op == "get_attr" and isinstance(self._attr(n), nn.Parameter) for n in self._reads(nodes)):
+                return None  # a learnt slope (swish-beta) is no fixed activation
+            probe = torch.linspace(-8.0, 8.0, 321, dtype=torch.float64)
+            out = self._run(x, nodes, probe)
+            for form, reference in ACTIVATIONS.items():
+                if out.shape == probe.shape and torch.allclose(out, reference(probe), rtol=0, atol=_ACT_ATOL):
+                    return "act", form
+        except Exception:  # an op the probe cannot run (odd dtypes, shapes): not recognised
+            return None
+        return None
+
+    def _is_rms_norm(self, x: fx.Node, nodes: list[fx.Node], rank: int, channels: int) -> bool:
+        """out = x / rms(x over the last axis) * g, one g per channel (a weight, 1 + weight, or 1)."""
+        generator = torch.Generator().manual_seed(0)
+        shape = (_ROWS,) * (rank - 1) + (channels,)
+        probe = 100 * torch.randn(shape, generator=generator, dtype=torch.float64) + 30
+        out = self._run(x, nodes, probe)
+        if out.shape != probe.shape:
+            return False
+        normalised = probe * probe.pow(2).mean(-1, keepdim=True).rsqrt()
+        gain = (out / normalised).reshape(-1, channels)[0]
+        return bool(gain.abs().max() > 0) and torch.allclose(out, normalised * gain, rtol=_NORM_RTOL, atol=0)
+
+    def _reads(self, nodes: list[fx.Node]) -> set[fx.Node]:
+        return {a for n in nodes for a in n.all_input_nodes}
+
+    def _attr(self, node: fx.Node) -> object:
+        target = self.gm
+        for part in str(node.target).split("."):
+            target = getattr(target, part)
+        return target
+
+    def _run(self, x: fx.Node, nodes: list[fx.Node], probe: torch.Tensor) -> torch.Tensor:
+        """The subgraph on ``probe`` in float64, casts as identity."""
+        values: dict[fx.Node, object] = {x: probe}
+        for node in self._reads(nodes):
+            if node.op == "get_attr":
+                value = self._attr(node)
+                values[node] = value.detach().double() if isinstance(value, torch.Tensor) else value
+        for node in nodes:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
+            if self.spelling[node] in _CASTS:
+                values[node] = args[0]
+            elif node.op == "call_module":
+                values[node] = self.gm.get_submodule(str(node.target))(*args, **kwargs)
+            elif node.op == "call_method":
+                values[node] = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            else:
+                values[node] = node.target(*args, **kwargs)
+        return values[nodes[-1]]
+
+
+def find_composites(
+    gm: fx.GraphModule, names: dict[fx.Node, str], shapes: dict[fx.Node, tuple]
+) -> dict[fx.Node, Composite]:
+    """Output node of every written-out GELU, SiLU, quick GELU and RMSNorm in ``gm``.
+    ``names``: each node's op name; ``shapes``: (shape, dtype, item shapes) per node."""
+    with torch.no_grad():
+        return _Finder(gm, names, shapes).find()
