@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from utune_fx.errors import UtuneError, first_line
 from utune_fx.trace.annotate import NodeInfo, annotate, node_info, set_training
-from utune_fx.trace.export_frontend import ExportFailure, export_trace
+from utune_fx.trace.export_frontend import ExportFailure, export_trace, kv_cache_off
 from utune_fx.trace.fx_frontend import FxTraceFailure, OpaqueModule, fx_trace
 from utune_fx.trace.opkinds import OP_KINDS
 
@@ -42,6 +42,7 @@ class TraceReport:
     opaque: list[OpaqueModule] = field(default_factory=list)
     shape_decisions: list[str] = field(default_factory=list)  # shape branches fixed to the inputs
     fx_failure: str | None = None  # why fx was not used, when export was
+    settings: list[str] = field(default_factory=list)  # model settings changed while tracing (use_cache)
 
 
 def trace_report(gm: fx.GraphModule) -> TraceReport:
@@ -81,7 +82,8 @@ def trace(
     was_training = model.training
     model.eval()  # branches on self.training are taken as at inference
     try:
-        gm, fx_result, fx_failure = _trace_with(model, inputs, frontend, name)
+        with kv_cache_off(model) as settings:
+            gm, fx_result, fx_failure = _trace_with(model, inputs, frontend, name)
     finally:
         model.train(was_training)
     try:
@@ -100,6 +102,7 @@ def trace(
         opaque=fx_result.opaque if fx_result else [],
         shape_decisions=list(dict.fromkeys(fx_result.shape_decisions)) if fx_result else [],
         fx_failure=fx_failure,
+        settings=settings,
     )
     gm.meta[_REPORT_KEY] = report
     return gm
@@ -129,10 +132,8 @@ def _trace_with(model: nn.Module, inputs: tuple[Any, ...], frontend: Frontend, n
             return fx_result.gm, fx_result, None
         check_inputs(model, inputs, name)
         why = f"torch.fx: {fx_failure}; torch.export: {error}" if fx_failure else str(error)
-        raise UtuneError(
-            f"{name} cannot be traced ({why}); make the failing code traceable "
-            "or wrap it in a submodule so it can become a leaf"
-        ) from error
+        fix = error.fix or "make the failing code traceable or wrap it in a submodule so it can become a leaf"
+        raise UtuneError(f"{name} cannot be traced ({why}); {fix}") from error
     if fx_result is not None:
         first = fx_result.opaque[0]
         fx_failure = f"{len(fx_result.opaque)} module(s) opaque to torch.fx, first {first.path}: {first.reason}"

@@ -10,6 +10,11 @@ Shapes are specialised to the example inputs except the batch dimension,
 which is left dynamic wherever the model allows it. The guard module
 torch.export inserts (``_guards_fn``) is removed: the graph is annotated for
 the example shapes, which is what rules match against.
+
+    GPT2LMHeadModel (config.use_cache=True: outputs hold a DynamicCache)
+        -> traced under kv_cache_off: every config the model's modules hold
+           has use_cache=False while tracing, restored after; the graph
+           returns the logits without the cache (fine-tuning never reads it)
 """
 
 from __future__ import annotations
@@ -31,8 +36,34 @@ _GUARDS = "_guards_fn"
 _USER_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 
 
+_CACHE_IN_OUTPUT = re.compile(r"Found <class '[\w.]*?(\w+)'> in output")
+
+
 class ExportFailure(Exception):
-    """torch.export could not trace the model; the message is one line."""
+    """torch.export could not trace the model; the message is one line, ``fix`` what to do when known."""
+
+    def __init__(self, message: str, fix: str | None = None):
+        super().__init__(message)
+        self.fix = fix
+
+
+@contextlib.contextmanager
+def kv_cache_off(model: nn.Module) -> Iterator[list[str]]:
+    """``use_cache`` off on every config the model's modules hold (Hugging Face models), restored
+    after; yields one line per config switched, for the trace report. A KV cache is an output
+    torch.export cannot return, and training never reads it."""
+    configs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", None)}
+    before = {key: config.use_cache for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config.use_cache = False
+        yield [
+            f"{type(c).__name__}.use_cache=False (restored after tracing: the graph returns no KV cache)"
+            for c in configs.values()
+        ]
+    finally:
+        for key, config in configs.items():
+            config.use_cache = before[key]
 
 
 @contextlib.contextmanager
@@ -46,6 +77,16 @@ def _quiet() -> Iterator[None]:
             yield
     finally:
         logging.disable(previous)
+
+
+def _failure(error: BaseException) -> ExportFailure:
+    cache = _CACHE_IN_OUTPUT.search(str(error))
+    if cache:  # torch's advice (register a pytree) is not what a user of a model wants
+        return ExportFailure(
+            f"the model returns a {cache.group(1)}, which torch.export cannot return",
+            f"call the model with use_cache=False (or set it in its config): fine-tuning needs no {cache.group(1)}",
+        )
+    return ExportFailure(_summary(error))
 
 
 def _summary(error: BaseException) -> str:
@@ -62,7 +103,7 @@ def export_trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphMod
         with _quiet():
             program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic, strict=False)
     except Exception as error:
-        raise ExportFailure(_summary(error)) from error
+        raise _failure(error) from error
     gm = program.module()
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == _GUARDS and not node.users:
