@@ -37,6 +37,7 @@ from utune_fx.fold import merges
 from utune_fx.fold.constants import fold_constants, remove_dead_tuner_nodes
 from utune_fx.fold.layers import channel_axis, fold_target, layer_behind, layer_uses
 from utune_fx.rewrite.attention_sites import TUNER_META
+from utune_fx.tied import tied_tensors
 from utune_fx.trace import node_info
 from utune_fx.trace.annotate import set_training
 from utune_fx.tuners.adapters import Adapter
@@ -112,8 +113,8 @@ def _tuner_axis(tuner: nn.Module) -> int:
     return 1 if isinstance(getattr(tuner, "down", None), nn.modules.conv._ConvNd) else -1
 
 
-def _merge(gm: fx.GraphModule, tuner: nn.Module, wiring: _Wiring, uses: Counter) -> str | None:
-    """Fold one tuner into its layer; None when done, else why not."""
+def _merge(gm: fx.GraphModule, tuner: nn.Module, wiring: _Wiring, uses: Counter, tied: dict) -> str | None:
+    """Fold one tuner into its layer; None when done, else why not (``tied``: utune_fx.tied.tied_tensors)."""
     if wiring.update is not wiring.call:
         return "its output is reshaped to the region's (tokens read in one layout, written in another)"
     if isinstance(tuner, Adapter) and not merges.is_identity(tuner.act):
@@ -127,6 +128,9 @@ def _merge(gm: fx.GraphModule, tuner: nn.Module, wiring: _Wiring, uses: Counter)
     layer = target.layer
     if layer is None:
         return target.reason
+    shared = [tied[id(t)] for t in (getattr(layer, "weight", None), getattr(layer, "bias", None)) if id(t) in tied]
+    if shared:  # one tensor under several names: the other modules read it too
+        return f"{_name(layer_node)} is tied (one tensor: {', '.join(shared[0])}); folding would change every use"
     if position != "reparameterised":
         if channel_axis(layer, layer_node) != _tuner_axis(tuner):
             return f"it acts on another axis than the channels of {_name(layer_node)}"
@@ -177,10 +181,11 @@ def fold(module: fx.GraphModule, summaries: list | None = None) -> FoldResult:
     ]
     kept: list[tuple[fx.Node, nn.Module]] = []
     uses = layer_uses(gm.graph)  # merges remove only tuner nodes, so the frozen layers' counts hold
+    tied = tied_tensors(gm)
     for call in calls:
         tag, tuner = call.meta[TUNER_META], gm.get_submodule(str(call.target))
         wiring = _wiring(call) if isinstance(tuner, (LoraBranch, Adapter, ScaleShift)) else None
-        reason = _merge(gm, tuner, wiring, uses) if wiring is not None else None
+        reason = _merge(gm, tuner, wiring, uses, tied) if wiring is not None else None
         if wiring is not None and reason is None:
             _unwire(gm, wiring)
             entries.append(

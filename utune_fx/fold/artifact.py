@@ -2,8 +2,10 @@
 
     cli.py fold DIR -o OUT  ->  OUT/manifest.json, OUT/tuners.safetensors   (DIR's, unchanged: OUT
                                                                              still rebuilds the tuned model)
-                                OUT/folded.safetensors   every tensor of the folded model; after a
-                                                         LoRA-only fold these load into the plain base model
+                                OUT/folded.safetensors   every tensor of the folded model, a tied one once
+                                                         (under its first name); after a LoRA-only fold
+                                                         these load into the plain base model
+                                                         (safetensors.torch.load_model restores the ties)
                                 OUT/fold.json            the report (folded / constant / in place / kept,
                                                          with reasons), the folded-vs-tuned difference,
                                                          sha256 of folded.safetensors
@@ -31,6 +33,7 @@ from utune_fx.errors import UtuneError, first_line
 from utune_fx.fold import FoldResult, fold, folded_difference
 from utune_fx.rewrite.artifact import MANIFEST, TENSORS, file_sha256, load_tuned
 from utune_fx.schemas import check_json, read_json
+from utune_fx.tied import one_copy, with_aliases
 from utune_fx.trace.annotate import set_training
 
 FOLD_FORMAT = "utune_fx.folded/1"
@@ -52,7 +55,8 @@ def fold_artifact(directory: str | Path, model=None) -> tuple[object, FoldResult
 
 def save_folded(directory: str | Path, folded: FoldResult, difference: float, out: str | Path) -> Path:
     directory, out = Path(directory), Path(out)
-    tensors = {name: t.detach().contiguous().clone() for name, t in folded.module.state_dict().items()}
+    kept, _ = one_copy(folded.module.state_dict(), folded.module)  # a tied tensor once, not once per name
+    tensors = {name: t.detach().contiguous().clone() for name, t in kept.items()}
     with replace_directory(out) as staging:
         for name in (MANIFEST, TENSORS):
             shutil.copyfile(directory / name, staging / name)
@@ -92,7 +96,7 @@ def load_folded(directory: str | Path, model=None) -> tuple[object, FoldResult]:
         tensors = safetensors.torch.load_file(str(path))
     except Exception as error:  # safetensors raises its own types for damaged headers
         raise UtuneError(f"{path}: cannot read ({first_line(error)}); {_REFOLD}") from error
-    expected = folded.module.state_dict()
+    expected, aliases = one_copy(folded.module.state_dict(), folded.module)
     if set(tensors) != set(expected):
         missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         raise UtuneError(f"{path}: tensors do not fit the folded model (missing {missing[:3]}, unknown {unknown[:3]})")
@@ -103,7 +107,7 @@ def load_folded(directory: str | Path, model=None) -> tuple[object, FoldResult]:
                 f"{expected[name].dtype} {list(expected[name].shape)}"
             )
     with torch.no_grad():
-        folded.module.load_state_dict(tensors, strict=True)
+        folded.module.load_state_dict(with_aliases(tensors, aliases), strict=True)
     return result, folded
 
 

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from utune_fx.fold import FOLDED, FoldResult
 from utune_fx.inspection import compress_scopes
+from utune_fx.tied import one_copy
 
 _STYLE = {"folded": "green", "constant": "green", "in place": "green", "kept": "yellow"}
 _MERGED = "merged into "
@@ -42,7 +43,8 @@ def render_fold(folded: FoldResult, difference: float, tuned_parameters: int, co
         table.add_row(rule, tuner, str(count), modules, f"[{_STYLE.get(status, '')}]{status}[/]", reason)
     console.print(table)
     counts = Counter(entry.status for entry in folded.entries)
-    parameters = sum(t.numel() for t in folded.module.state_dict().values())
+    tensors, _ = one_copy(folded.module.state_dict(), folded.module)  # a tied tensor counts once
+    parameters = sum(t.numel() for t in tensors.values())
     console.print(
         ", ".join(f"{n} {status}" for status, n in counts.items()) + "; folded vs tuned outputs: max "
         f"relative difference {difference:.2e}; {tuned_parameters:,} -> {parameters:,} tensor elements",

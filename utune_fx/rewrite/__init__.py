@@ -29,6 +29,7 @@ from utune_fx.match import MatchContext, RuleSet, match_rules
 from utune_fx.match.report import match_report
 from utune_fx.rewrite.passes import apply_rule
 from utune_fx.rewrite.plan import bytes_per_parameter, dry_run_refusal, site_refusal
+from utune_fx.tied import newly_trained_ties
 
 __all__ = ["RewriteResult", "RuleSummary", "rewrite"]
 
@@ -42,6 +43,8 @@ class RuleSummary:
     added_parameters: int  # new tuner parameters
     trained_parameters: int  # existing parameters this rule made trainable
     scopes: list[str] = field(default_factory=list)
+    where: str = ""  # the rule's file:line:column
+    tied: list[list[str]] = field(default_factory=list)  # tied names it trains, the one it selected first
 
 
 @dataclass
@@ -55,6 +58,7 @@ class RewriteResult:
     example_inputs: tuple = ()  # the inputs it was traced with (export and benchmarks reuse their shapes)
     base_model: Any = None  # the eager model it was traced from (shares the frozen weights)
     empty_rules: list[tuple[str, str]] = field(default_factory=list)  # (rule file, rule) that select nothing
+    standby: list[tuple[str, str, str]] = field(default_factory=list)  # (rule, its file:line, why it tunes nothing)
 
     @property
     def trainable_parameters(self) -> int:
@@ -84,14 +88,16 @@ def rewrite(gm: fx.GraphModule, rule_sets: RuleSet | Sequence[RuleSet], seed: in
     if refusal is not None:
         raise UtuneError(refusal)
     empty = [(rules.path, name) for rules, report in zip(rule_sets, reports) for name in report["empty_rules"]]
-    # a fallback whose rule matched does nothing
+    # a rule that stands by (a fallback whose rule matched, a head rule on a backbone) does nothing
     matched = [found for _, founds in per_set for found in founds if not found.standby]
+    standby = [(f.rule.name, f.rule.where, f.standby) for _, founds in per_set for f in founds if f.standby]
     for parameter in gm.parameters():
         parameter.requires_grad_(False)
     summaries = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for found in matched:
+            trainable = {id(p) for p in gm.parameters() if p.requires_grad}
             added, trained = apply_rule(gm, found, ctx)
             gm.graph.lint()
             gm.recompile()
@@ -104,6 +110,8 @@ def rewrite(gm: fx.GraphModule, rule_sets: RuleSet | Sequence[RuleSet], seed: in
                     added,
                     trained,
                     [r.scope for r in found.regions],
+                    found.rule.where,
+                    newly_trained_ties(gm, trainable, [r.scope for r in found.regions]),
                 )
             )
-    return RewriteResult(gm, summaries, base, rule_sets, empty_rules=empty)
+    return RewriteResult(gm, summaries, base, rule_sets, empty_rules=empty, standby=standby)
