@@ -91,7 +91,11 @@ def _feeding_output(nodes: list[fx.Node]) -> set[fx.Node]:
         if node in found:
             continue
         found.add(node)
-        if node_info(node).op_kind in (
+        kind = node_info(node).op_kind
+        # a bias or scale on the logits (BART's final_logits_bias) keeps the classifier the head
+        if kind in ("add", "sub", "mul", "div", "arith") and len(data_inputs(node)) == 1:
+            frontier.extend(data_inputs(node))
+        elif kind in (
             "reshape",
             "permute",
             "getitem",

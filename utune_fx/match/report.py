@@ -12,6 +12,7 @@ lists every refusal, so ``match`` and ``rewrite`` fail alike. ``rewrite`` runs t
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
 from typing import Any
 
@@ -21,8 +22,10 @@ from torch import fx, nn
 
 from utune_fx.match.patterns import MatchContext
 from utune_fx.match.rules import RuleMatch, RuleSet, match_rules
-from utune_fx.match.sizes import region_size
+from utune_fx.match.sizes import parameters_of, region_size
 from utune_fx.match.structure import Region
+from utune_fx.tied import tied_to
+from utune_fx.trace import trace_report
 from utune_fx.tuners import RegionSize
 
 # (rule match, region, context, its size) -> the line the rewriter would refuse it with, or None
@@ -34,6 +37,28 @@ _SHOWN_REFUSALS = 5  # refused regions a rule shows by their reason
 
 def _shape(shape: Any) -> str:
     return "x".join(map(str, shape)) if shape else "-"
+
+
+def _trace_settings(gm: fx.GraphModule) -> list[str]:
+    try:
+        return trace_report(gm).settings
+    except KeyError:  # a graph annotated without trace()
+        return []
+
+
+def _trains(found: RuleMatch, ctx: MatchContext) -> list[str]:
+    """Names of the existing parameters the rule trains, as the rewriter selects them: its regions'
+    at position none (biases only, for bitfit), and what its 'train' key names."""
+    rule = found.rule
+    held = [name for region in found.regions for node in region.nodes for name in parameters_of(node, ctx)]
+    selections = list(rule.train) + (["biases" if rule.tuner == "bitfit" else "all"] if rule.position == "none" else [])
+    names = []
+    for item in selections:
+        if item in ("biases", "all"):
+            names += [name for name in held if item == "all" or name.endswith("bias")]
+        else:
+            names += [n for n, _ in ctx.gm.named_parameters(remove_duplicate=False) if fnmatch.fnmatchcase(n, item)]
+    return list(dict.fromkeys(names))
 
 
 def match_report(
@@ -78,6 +103,8 @@ def match_report(
             "added_parameters": sum(r["added_parameters"] for r in regions),
             "trained_parameters": sum(r["trained_parameters"] for r in regions),
             "train": rule.train,
+            "tied": tied_to(gm, _trains(found, ctx)) if found.regions else [],
+            "fallback_for": rule.fallback_for,
         }
         if found.standby:
             entry["standby"] = found.standby
@@ -93,6 +120,7 @@ def match_report(
     return {
         "model": name,
         "rules": rules.path,
+        "trace_settings": _trace_settings(gm),
         "parameters": base,
         "results": entries,
         "added_parameters": added,
@@ -125,6 +153,8 @@ def render_match(report: dict[str, Any], console: Console, explain: bool) -> Non
     console.print(
         f"[bold]{report['rules']}[/bold] on [bold]{report['model']}[/bold] ({report['parameters']:,} parameters)"
     )
+    for setting in report["trace_settings"]:
+        console.print(f"traced with {setting}", soft_wrap=True)
     for entry in report["results"]:
         regions = entry["regions"]
         head = (
@@ -132,8 +162,10 @@ def render_match(report: dict[str, Any], console: Console, explain: bool) -> Non
             f"'{entry['pattern']}' ({entry['where']})"
         )
         if "standby" in entry:
-            console.print(f"{head}: not needed, {entry['standby']}")
+            console.print(f"{head}: {entry['standby']}", soft_wrap=True)
             continue
+        if entry["fallback_for"]:
+            head += f", the fallback for {', '.join(entry['fallback_for'])}"
         if not regions:
             console.print(f"{head}: [bold red]matches nothing[/bold red]")
             console.print(f"  {entry['near_miss']}" if explain else "  run with --explain to see the closest near-miss")
@@ -171,6 +203,8 @@ def render_match(report: dict[str, Any], console: Console, explain: bool) -> Non
                 console.print(f"  dropped #{dropped['index']} ({dropped['scope']}): {dropped['reason']}")
         if entry["train"]:
             console.print(f"  also trains: {', '.join(entry['train'])}")
+        for names in entry["tied"]:
+            console.print(f"  also trains {', '.join(names[1:])}: tied to {names[0]} (one tensor)", soft_wrap=True)
     total = sum(len(e["regions"]) for e in report["results"])
     console.print(
         f"[bold]total[/bold]: {total} region(s), +{report['added_parameters']:,} parameters "

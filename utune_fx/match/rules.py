@@ -11,8 +11,10 @@ input reaches: a shared position MLP) the earlier in graph
 order stays, and the later is reported as dropped. Regions of different
 rules may overlap; the rewriter refuses a tuner on another tuner's nodes.
 A rule with ``fallback_for: [names]`` applies only where those (earlier)
-rules matched nothing: LoRA on every layer of a network that has neither
-attention nor residual blocks.
+rules matched nothing and the model has no attention: LoRA on every layer
+of a network that has neither attention nor residual blocks. A head rule
+on a model without a classifier stands by when the file's other rules
+matched (match/standby.py).
 docs/rules.md is the reference.
 """
 
@@ -31,6 +33,7 @@ from utune_fx.match import limits
 from utune_fx.match.patterns import MatchContext, Pattern, compile_pattern
 from utune_fx.match.selection import SELECT_KEYS, Selection, selection
 from utune_fx.match.source import Located, RuleError, parse_located, read_rule_text
+from utune_fx.match.standby import fallback_standby, head_standby
 from utune_fx.match.structure import Region
 from utune_fx.tuners import TUNERS, TunerConfig, create_config
 
@@ -313,22 +316,18 @@ def _without_overlaps(regions: list[Region], ctx: MatchContext) -> tuple[list[Re
 
 
 def match_rules(gm: fx.GraphModule, rules: RuleSet, ctx: MatchContext | None = None) -> list[RuleMatch]:
+    """Every rule's regions, in file order; a rule that stands by (match/standby.py) has none."""
     ctx = ctx or MatchContext(gm)
     results: list[RuleMatch] = []
     for rule in rules.rules:
-        matched = [(r.rule.name, len(r.regions)) for r in results if r.rule.name in rule.fallback_for and r.regions]
-        if matched:
-            results.append(
-                RuleMatch(
-                    rule,
-                    [],
-                    0,
-                    [],
-                    standby=f"a fallback for rule '{matched[0][0]}', which matched {matched[0][1]} region(s)",
-                )
-            )
+        standby = fallback_standby(rule.fallback_for, results, ctx) if rule.fallback_for else None
+        if standby is not None:
+            results.append(RuleMatch(rule, [], 0, [], standby=standby))
             continue
         found = ctx.regions(rule.pattern)
         kept, dropped = _without_overlaps(_select(rule, found), ctx)
         results.append(RuleMatch(rule, kept, len(found), dropped))
+    for found in results:
+        if not found.regions and not found.standby:
+            found.standby = head_standby(found, results)
     return results
