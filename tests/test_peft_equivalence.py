@@ -255,6 +255,30 @@ def test_lora_on_transformers_conv1d_matches_peft_under_both_front_ends(tmp_path
         torch.testing.assert_close(folded(x), reference.merge_and_unload()(x), **EXACT)
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_ia3_on_transformers_conv1d_matches_peft_and_folds_into_w_in_its_layout(tmp_path, frontend):
+    """The sequential merge (W' = W diag(1 + g) for W [in, out]) through the same view of W as LoRA's."""
+    pytest.importorskip("transformers")
+    model, x = _Conv1DNet().eval(), torch.randn(2, 5, 16)
+    reference = peft.get_peft_model(
+        copy.deepcopy(model), peft.IA3Config(target_modules=["c_fc"], feedforward_modules=[], fan_in_fan_out=True)
+    )
+    rules = tmp_path / "ia3.yaml"
+    rules.write_text(
+        "version: 1\npatterns: {c_fc: {node: {kind: linear, scope: c_fc}}}\n"
+        "rules: [{name: ia3, match: c_fc, tuner: scale_shift, settings: {shift: false}}]\n"
+    )
+    ours = rewrite(trace(model, (x,), frontend=frontend), load_rules(rules))
+    scale, target = ours.module.get_submodule("utune.ia3.0").scale, reference.base_model.model.c_fc.ia3_l["default"]
+    with torch.no_grad():
+        scale.normal_(0, 0.2)
+        target.copy_((1 + scale).reshape(target.shape))
+        peft_out = reference(x)
+        assert not torch.allclose(peft_out, model(x), atol=1e-3)
+        torch.testing.assert_close(ours.module(x), peft_out, **EXACT)
+        torch.testing.assert_close(_folded(ours)(x), peft_out, **EXACT)
+
+
 class _AddmmTransposed(torch.nn.Module):
     """A linear decomposed: addmm(b, x, W.t()) with W [out, in]."""
 
