@@ -199,6 +199,12 @@ def test_written_out_rms_norm_is_one_norm(style, eps, frontend):
     assert [r.output for r in find_operations(gm)["norm"]] == norms
 
 
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_rms_norm_of_one_row(frontend):
+    gm = _traced(NormedLinear(RMSNorm(16, "llama")), torch.randn(16), frontend)
+    assert [node_info(n).op_name for n in _of_kind(gm, "norm")] == ["rms_norm"]
+
+
 class NotRms(nn.Module):
     def __init__(self, reduce):
         super().__init__()
@@ -217,10 +223,16 @@ NOT_NORMS = {
 }
 
 
+# on one row any f(x) is x / rms(x) times some g: the probe must not take that for RMSNorm
+NEAR_MISS_NORMS = [
+    (name, shape) for name in NOT_NORMS for shape in ((2, 5, 16), (16,)) if name != "wrong_axis" or shape != (16,)
+]
+
+
 @pytest.mark.parametrize("frontend", FRONTENDS)
-@pytest.mark.parametrize("name", NOT_NORMS)
-def test_near_miss_norms_are_not_recognised(name, frontend):
-    gm = _traced(NormedLinear(NotRms(NOT_NORMS[name])), torch.randn(2, 5, 16), frontend)
+@pytest.mark.parametrize("name,shape", NEAR_MISS_NORMS, ids=[f"{n}-{len(s)}d" for n, s in NEAR_MISS_NORMS])
+def test_near_miss_norms_are_not_recognised(name, shape, frontend):
+    gm = _traced(NormedLinear(NotRms(NOT_NORMS[name])), torch.randn(shape), frontend)
     assert _of_kind(gm, "norm") == []
     assert not any(node_info(n).composite for n in gm.graph.nodes)
 

@@ -64,7 +64,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 _ACT_ATOL = 1e-5
 _NORM_RTOL = 1e-5  # the probe's rms is ~100, so any eps below ~1 moves it by less
-_ROWS = 3  # rows of the norm probe along every axis but the last
+_ROWS = 3  # the norm probe's size along every axis but the last (at most x's)
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ class _Finder:
         try:
             if any(self.spelling[n] in _REDUCTIONS for n in nodes):
                 shape = self.shapes[x][0]
-                return ("norm", "rms_norm") if shape and self._is_rms_norm(x, nodes, len(shape), shape[-1]) else None
+                return ("norm", "rms_norm") if shape and self._is_rms_norm(x, nodes, shape) else None
             if any(n.op == "get_attr" and isinstance(self._attr(n), nn.Parameter) for n in self._reads(nodes)):
                 return None  # a learnt slope (swish-beta) is no fixed activation
             probe = torch.linspace(-8.0, 8.0, 321, dtype=torch.float64)
@@ -186,17 +186,23 @@ class _Finder:
             return None
         return None
 
-    def _is_rms_norm(self, x: fx.Node, nodes: list[fx.Node], rank: int, channels: int) -> bool:
-        """out = x / rms(x over the last axis) * g, one g per channel (a weight, 1 + weight, or 1)."""
+    def _is_rms_norm(self, x: fx.Node, nodes: list[fx.Node], shape: tuple[int, ...]) -> bool:
+        """out = x / rms(x over the last axis) * g, one g per channel (a weight, 1 + weight, or 1),
+        the same g on every row of two probes (no larger than x; a single row proves nothing alone)."""
         generator = torch.Generator().manual_seed(0)
-        shape = (_ROWS,) * (rank - 1) + (channels,)
-        probe = 100 * torch.randn(shape, generator=generator, dtype=torch.float64) + 30
-        out = self._run(x, nodes, probe)
-        if out.shape != probe.shape:
-            return False
-        normalised = probe * probe.pow(2).mean(-1, keepdim=True).rsqrt()
-        gain = (out / normalised).reshape(-1, channels)[0]
-        return bool(gain.abs().max() > 0) and torch.allclose(out, normalised * gain, rtol=_NORM_RTOL, atol=0)
+        probe_shape = tuple(min(_ROWS, size) for size in shape[:-1]) + shape[-1:]
+        gains = []
+        for offset in (30.0, -50.0):
+            probe = 100 * torch.randn(probe_shape, generator=generator, dtype=torch.float64) + offset
+            out = self._run(x, nodes, probe)
+            if out.shape != probe.shape:
+                return False
+            normalised = probe * probe.pow(2).mean(-1, keepdim=True).rsqrt()
+            gain = (out / normalised).reshape(-1, shape[-1])[0]
+            if not torch.allclose(out, normalised * gain, rtol=_NORM_RTOL, atol=0):
+                return False
+            gains.append(gain)
+        return bool(gains[0].abs().max() > 0) and torch.allclose(gains[0], gains[1], rtol=_NORM_RTOL, atol=0)
 
     def _reads(self, nodes: list[fx.Node]) -> set[fx.Node]:
         return {a for n in nodes for a in n.all_input_nodes}
