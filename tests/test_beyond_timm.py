@@ -1,5 +1,6 @@
 """Beyond timm: torch's own nn.TransformerEncoder / nn.TransformerDecoder and a real pretrained BERT,
-sentence-transformers' all-MiniLM-L6-v2 (torch.export), through the whole chain with the unchanged rule
+sentence-transformers' all-MiniLM-L6-v2, all by default through torch.export (fx hides nn.MultiheadAttention
+in one node; the fx front end, asked for, still runs the chain), through the whole chain with the unchanged rule
 files: trace -> match -> rewrite -> identity -> one train step -> tuners away from identity -> fold ->
 ONNX export -> ONNX Runtime parity (utune_fx.zoo.stages.run_module_chain: the zoo sweep's chain)."""
 
@@ -9,6 +10,7 @@ from toy_models import minilm, transformer_decoder, transformer_encoder
 
 import utune_fx  # noqa: F401  (before transformers)
 from utune_fx.fold import relative_difference
+from utune_fx.trace import trace_report
 from utune_fx.zoo.stages import STAGES, run_module_chain
 
 # The tuners add exact zeros at init, yet these attentions land up to 3e-7 (relative) away: float32
@@ -67,52 +69,57 @@ def _check(
     assert record["parity"] < PARITY_ATOL
 
 
-def test_transformer_encoder_through_fx_and_the_whole_chain():
+def _lora_weights(state: dict) -> list[str]:
+    """The parameter each LoRA region's linear multiplies by."""
+    return [str(region.anchor.args[1].target) for region in state["matches"]["lora"].regions]
+
+
+def test_transformer_encoder_by_default_through_torch_export_folds_lora_into_the_packed_projection():
     model, x = _encoder()
     state: dict = {}
     record = run_module_chain(model, x, "nn.TransformerEncoder", state=state)
-    # fx keeps nn.MultiheadAttention one module: the U-Tuner sits beside it, no LoRA reaches inside it
-    _check(record, state, frontend="fx", mha=3, ffn=3, lora=None)
+    # fx keeps nn.MultiheadAttention one node, so auto takes torch.export: the packed in_proj and out_proj
+    # of each attention are linears LoRA reaches (under fx no LoRA reached inside it)
+    _check(record, state, frontend="export", mha=3, ffn=3, lora=6)
+    assert "layers.0.self_attn: computes attention in one node" in trace_report(state["gm"]).fx_failure
     assert _scopes(state, "mha") == [f"layers.{i}.self_attn" for i in range(3)]
     assert _scopes(state, "ffn") == [f"layers.{i}" for i in range(3)]
+    assert _lora_weights(state) == [
+        f"layers.{i}.self_attn.{weight}" for i in range(3) for weight in ("in_proj_weight", "out_proj.weight")
+    ]
+    assert _scopes(state, "lora") == [f"layers.{i}.self_attn{part}" for i in range(3) for part in ("", ".out_proj")]
 
 
-def test_transformer_encoder_through_torch_export_folds_lora_into_the_packed_projection():
+def test_transformer_encoder_through_fx_keeps_each_attention_one_module():
     model, x = _encoder()
     state: dict = {}
-    record = run_module_chain(model, x, "nn.TransformerEncoder", frontend="export", state=state)
-    # aten graph: the packed in_proj and out_proj of each attention are linears LoRA reaches
-    _check(record, state, frontend="export", mha=3, ffn=3, lora=6)
+    record = run_module_chain(model, x, "nn.TransformerEncoder", frontend="fx", state=state)
+    # the U-Tuner sits beside nn.MultiheadAttention; no LoRA reaches inside it
+    _check(record, state, frontend="fx", mha=3, ffn=3, lora=None)
+    assert _scopes(state, "mha") == [f"layers.{i}.self_attn" for i in range(3)]
 
 
-def test_transformer_decoder_with_memory_through_fx_and_the_whole_chain():
+def test_transformer_decoder_with_memory_by_default_through_torch_export_with_lora():
     model, inputs = _decoder()
     state: dict = {}
     record = run_module_chain(model, inputs, "nn.TransformerDecoder", state=state)
-    _check(record, state, frontend="fx", mha=4, ffn=2, lora=None)
-    assert _scopes(state, "mha") == [
-        f"layers.{i}.{attention}" for i in range(2) for attention in ("self_attn", "multihead_attn")
-    ]  # self, then cross
-
-
-def test_transformer_decoder_through_torch_export_with_the_dual_utuner():
-    model, inputs = _decoder()
-    state: dict = {}
-    record = run_module_chain(
-        model, inputs, "nn.TransformerDecoder", frontend="export", rule_files=("dual_utuner",), state=state
-    )
-    _check(record, state, frontend="export", mha=4, ffn=2, lora=0)
-
-
-def test_transformer_decoder_through_torch_export_with_lora_too():
-    model, inputs = _decoder()
-    state: dict = {}
-    record = run_module_chain(model, inputs, "nn.TransformerDecoder", frontend="export", state=state)
     # the cross-attention's key and value linears read slices of the packed in_proj_weight: LoRA works
     # there as a branch, and fold keeps it (there is no single parameter to merge into)
     _check(record, state, frontend="export", mha=4, ffn=2, lora=10, computed=4)
+    assert _scopes(state, "mha") == [
+        f"layers.{i}.{attention}" for i in range(2) for attention in ("self_attn", "multihead_attn")
+    ]  # self, then cross
     reasons = {e.reason for e in state["folded"].entries if e.rule == "lora" and e.status == "kept"}
     assert len(reasons) == 4 and all(reason.endswith("is computed or shared, not one parameter") for reason in reasons)
+
+
+def test_transformer_decoder_through_fx_with_the_dual_utuner():
+    model, inputs = _decoder()
+    state: dict = {}
+    record = run_module_chain(
+        model, inputs, "nn.TransformerDecoder", frontend="fx", rule_files=("dual_utuner",), state=state
+    )
+    _check(record, state, frontend="fx", mha=4, ffn=2, lora=0)
 
 
 def test_pretrained_minilm_bert_through_torch_export_and_the_whole_chain(monkeypatch):

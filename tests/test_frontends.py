@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 from toy_models import DataDependentRoot, GatedNet, PadToMultiple, PerToken, transformer_encoder
 
@@ -17,17 +18,87 @@ def _kinds(gm):
     return Counter(node_info(n).op_kind for n in gm.graph.nodes)
 
 
-def test_transformer_encoder_traces_through_fx_with_attention_and_ffn():
+def test_transformer_encoder_under_fx_keeps_each_mha_one_node_and_reports_it():
     model = transformer_encoder(layers=3).eval()
     x = torch.randn(2, 5, 32)
-    gm = trace(model, x)
-    assert trace_report(gm).frontend == "fx" and trace_report(gm).opaque == []
+    gm = trace(model, x, frontend="fx")
+    attentions = [f"layers.{i}.self_attn" for i in range(3)]
+    report = trace_report(gm)
+    assert report.frontend == "fx"
+    assert [(o.path, o.class_name) for o in report.opaque] == [(a, "MultiheadAttention") for a in attentions]
     with torch.no_grad():
         assert torch.equal(gm(x), model(x))
     ops = find_operations(gm)
-    assert [r.scope for r in ops["attention"]] == [f"layers.{i}.self_attn" for i in range(3)]
+    assert [r.scope for r in ops["attention"]] == attentions
     assert [r.scope for r in ops["mlp"]] == [f"layers.{i}" for i in range(3)]
     assert [r.contains for r in ops["block"]] == [{"attention": 1, "mlp": 1}] * 3
+
+
+def test_transformer_encoder_under_auto_is_seen_inside_by_torch_export():
+    model = transformer_encoder(layers=3).eval()
+    x = torch.randn(2, 5, 32)
+    gm = trace(model, x)
+    report = trace_report(gm)
+    assert report.frontend == "export" and report.opaque == []
+    assert report.fx_failure.startswith("3 module(s) opaque to torch.fx, first layers.0.self_attn: computes attention")
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the graph records MHA's Python path
+    try:
+        with torch.no_grad():
+            assert torch.equal(gm(x), model(x))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+    ops = find_operations(gm)
+    assert [r.scope for r in ops["attention"]] == [f"layers.{i}.self_attn" for i in range(3)]
+    assert [r.contains for r in ops["block"]] == [{"attention": 1, "mlp": 1}] * 3
+    # the packed q/k/v projection and out_proj are linears; out_proj's node is scoped to out_proj
+    linears = [n for n in gm.graph.nodes if node_info(n).op_kind == "linear"]
+    weights = {str(n.args[1].target): node_info(n).scope for n in linears}
+    for i in range(3):
+        assert weights[f"layers.{i}.self_attn.in_proj_weight"] == f"layers.{i}.self_attn"
+        assert weights[f"layers.{i}.self_attn.out_proj.weight"] == f"layers.{i}.self_attn.out_proj"
+        assert weights[f"layers.{i}.linear1.weight"] == f"layers.{i}.linear1"
+
+
+def window_attention(x, weight):
+    """Attention in a function torch.fx keeps whole (wrapped below)."""
+    q, k, v = F.linear(x, weight).chunk(3, dim=-1)
+    return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
+
+
+def doubled(x):
+    return x * 2
+
+
+torch.fx.wrap("window_attention")
+torch.fx.wrap("doubled")
+
+
+class Wrapped(nn.Module):
+    def __init__(self, attend: bool):
+        super().__init__()
+        self.attend = attend
+        self.qkv_weight = nn.Parameter(torch.randn(24, 8) / 8**0.5)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):  # the names, not references: torch.fx.wrap patches them while tracing
+        return x + self.proj(window_attention(x, self.qkv_weight) if self.attend else doubled(x))
+
+
+def test_a_wrapped_function_that_computes_attention_sends_auto_to_torch_export():
+    x = torch.randn(2, 5, 8)
+    model = Wrapped(attend=True).eval()
+    by_fx = trace_report(trace(model, x, frontend="fx"))
+    assert [(o.path, o.class_name) for o in by_fx.opaque] == [("", "Wrapped")]
+    assert "window_attention()" in by_fx.opaque[0].reason
+    gm = trace(model, x)
+    assert trace_report(gm).frontend == "export" and "window_attention()" in trace_report(gm).fx_failure
+    assert len(find_operations(gm)["attention"]) == 1
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-6)
+    plain = Wrapped(attend=False).eval()  # a wrapped function without attention hides nothing
+    report = trace_report(trace(plain, x))
+    assert report.frontend == "fx" and report.opaque == []
 
 
 def test_data_dependent_submodule_becomes_an_opaque_leaf():

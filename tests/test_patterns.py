@@ -32,7 +32,8 @@ MODELS = {
     "cait": lambda: _trace_timm("cait_xxs24_224", 32, img_size=32, patch_size=8, depth=2),
     "pit": lambda: _trace_timm("pit_ti_224", 224, depth=(1, 1, 1)),
     "maxvit": lambda: _trace_timm("maxvit_pico_rw_256", 64, img_size=64),
-    "encoder": lambda: trace(transformer_encoder(layers=3).eval(), torch.randn(2, 5, 32)),
+    # fx keeps nn.MultiheadAttention one module (auto would take torch.export, which sees inside it)
+    "encoder": lambda: trace(transformer_encoder(layers=3).eval(), torch.randn(2, 5, 32), frontend="fx"),
     "gpt": lambda: trace(TinyGpt(layers=2).eval(), torch.randint(0, 50, (2, 9))),
     "resnet": lambda: _trace_timm("resnet18", 64),
     "convnext": lambda: _trace_timm("convnext_atto", 64, depths=(1, 1, 1, 1)),

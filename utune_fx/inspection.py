@@ -92,7 +92,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         f"{report['frontend']} in {report['trace_seconds']:.2f} s · input {inputs}"
     )
     if report["fx_failure"]:
-        console.print(f"  torch.fx could not trace it ({report['fx_failure']}); torch.export did")
+        console.print(f"  torch.fx could not trace it all ({report['fx_failure']}); torch.export did")
 
     table = Table(title="Operations you can target", title_justify="left", box=None, pad_edge=False)
     for column in ("kind", "count", "scopes", "in -> out"):
@@ -114,8 +114,9 @@ def render(report: dict[str, Any], console: Console) -> None:
         for column in ("module", "class", "why"):
             opaque.add_column(column, overflow="fold")
         for entry in report["opaque"]:
-            opaque.add_row(entry["path"], entry["class"], entry["reason"])
+            opaque.add_row(entry["path"] or "(model)", entry["class"], entry["reason"])
         console.print(opaque)
+        console.print("  rules cannot reach inside these; --frontend export may see inside them")
     else:
         console.print("[bold]Opaque modules[/bold]  none: every module was traced through")
 

@@ -23,12 +23,13 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from utune_fx.errors import UtuneError
 from utune_fx.match import MatchContext, Region, RuleMatch
 from utune_fx.match.predicates import data_inputs
 from utune_fx.rewrite.replay import closure, replay
-from utune_fx.trace import node_info
+from utune_fx.trace import node_info, trace_report
 from utune_fx.trace.annotate import META_KEY
 from utune_fx.trace.opkinds import matmul_operands, op_name
 from utune_fx.tuners import AttentionForm, Site
@@ -74,7 +75,7 @@ def attention_call(found: RuleMatch, region: Region, node: fx.Node, ctx: MatchCo
     by_name = ctx.by_name
     parts = tuple(by_name[name] for name in info.parts if name in by_name)
     query, key, value = (by_name[name] for name in (info.query, info.key, info.value))
-    if node.target is F.scaled_dot_product_attention:
+    if op_name(node) == "scaled_dot_product_attention":  # F.sdpa (fx) or aten.sdpa (torch.export)
         argument = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"), node.args))
         argument.update(node.kwargs)
         scale, causal = argument.get("scale"), argument.get("is_causal", False)
@@ -178,12 +179,35 @@ def add_update(
     return total
 
 
+def _fixed_token_count(found: RuleMatch, region: Region, projection: fx.Node, tensor: fx.Node) -> None:
+    """Prompts add tokens, so the replayed path from a projection to its keys must not fix the token
+    count: torch.export specialises every size but the batch to the example inputs (fx keeps them
+    symbolic), e.g. nn.MultiheadAttention's ``view(k, [6, B * heads, 8])`` for 6 tokens."""
+    gm = tensor.graph.owning_module
+    tokens = (node_info(tensor).shape or ())[-2:-1]
+    try:
+        if not tokens or gm is None or trace_report(gm).frontend != "export":
+            return
+    except KeyError:  # a graph utune_fx.trace did not make: its front end is unknown
+        return
+    for node in closure([projection], [tensor]):
+        sizes = [leaf for leaf in pytree.tree_leaves(node.args[1:]) if isinstance(leaf, int)]
+        if node_info(node).op_kind == "reshape" and tokens[0] in sizes:
+            raise fail(
+                found,
+                region,
+                f"{node.name} fixes the token count at {tokens[0]} (torch.export specialises sizes to the "
+                "example inputs); prompts add tokens, so they need a graph traced by torch.fx",
+            )
+
+
 def _projection(found: RuleMatch, region: Region, tensor: fx.Node) -> fx.Node:
     """The linear that makes ``tensor`` (queries, keys or values) through per-token ops."""
     node = tensor
     for _ in range(24):
         kind = node_info(node).op_kind
         if kind == "linear":
+            _fixed_token_count(found, region, node, tensor)
             return node
         if kind not in _PER_TOKEN or not data_inputs(node):
             break

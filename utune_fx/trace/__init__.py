@@ -7,7 +7,11 @@
 Front ends: ``fx`` (torch.fx symbolic tracing, see :mod:`.fx_frontend`) and
 ``export`` (torch.export, see :mod:`.export_frontend`). ``auto`` tries fx; it
 turns to torch.export when fx cannot trace the model's own forward, or when
-fx had to leave submodules opaque and torch.export can see inside them.
+fx's graph leaves something opaque that torch.export can see inside: a
+submodule fx failed to trace, or a node that hides an attention
+(nn.MultiheadAttention, a wrapped function computing attention; see
+:mod:`.hidden_attention`). An op using a submodule's weights takes that
+submodule's scope (:mod:`.weight_scopes`).
 The traced graph computes exactly what the model computes for the example
 inputs; branches on ``self.training`` are taken as in eval mode.
 """
@@ -27,6 +31,7 @@ from utune_fx.trace.annotate import NodeInfo, annotate, node_info, set_training
 from utune_fx.trace.export_frontend import ExportFailure, export_trace, kv_cache_off
 from utune_fx.trace.fx_frontend import FxTraceFailure, OpaqueModule, fx_trace
 from utune_fx.trace.opkinds import OP_KINDS
+from utune_fx.trace.weight_scopes import scope_ops_by_weight_owner
 
 __all__ = ["NodeInfo", "OP_KINDS", "OpaqueModule", "TraceReport", "node_info", "trace", "trace_report"]
 
@@ -86,6 +91,7 @@ def trace(
             gm, fx_result, fx_failure = _trace_with(model, inputs, frontend, name)
     finally:
         model.train(was_training)
+    scope_ops_by_weight_owner(gm)
     try:
         annotate(gm, inputs)
     except Exception as error:
@@ -110,7 +116,7 @@ def trace(
 
 def _trace_with(model: nn.Module, inputs: tuple[Any, ...], frontend: Frontend, name: str):
     """(graph, fx result or None, why fx was not used). In auto mode torch.export
-    also gets a go when fx left modules opaque: it may see inside them."""
+    also gets a go when fx left modules opaque or hid attention in one node: it may see inside them."""
     fx_result, fx_failure = None, None
     if frontend in ("auto", "fx"):
         try:

@@ -11,7 +11,9 @@
            reported as opaque with the reason, the rest of the model traced
 
 Leaves: torch.nn primitives (no children), nn.MultiheadAttention (one
-attention operation), and modules that failed to trace. timm's no-trace
+attention operation), and modules that failed to trace. Failed modules and
+nodes that hide an attention (nn.MultiheadAttention, a wrapped function that
+computes attention, see :mod:`.hidden_attention`) are reported as opaque. timm's no-trace
 *modules* are traced through: most were registered for shape-dependent
 branches, which are specialised here, and hiding them would hide the
 attention inside Twins, MobileViT or TinyViT; any that still fail become
@@ -38,6 +40,7 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen
 from torch.utils import _pytree as pytree
 
 from utune_fx.errors import first_line
+from utune_fx.trace.hidden_attention import hidden_attention
 from utune_fx.trace.shape_branches import ShapeBranches
 
 _ALWAYS_LEAF: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
@@ -51,7 +54,8 @@ _SPECIALISATION_CHECKS = frozenset({"_assert_is_none", "_assert", "eq"})
 
 @dataclass(frozen=True)
 class OpaqueModule:
-    """A submodule traced as one node because tracing into it failed."""
+    """A submodule traced as one node because tracing into it failed, or one whose node hides an
+    attention (nn.MultiheadAttention, a wrapped function that computes attention)."""
 
     path: str
     class_name: str
@@ -236,4 +240,5 @@ def fx_trace(model: nn.Module, inputs: tuple[Any, ...]) -> FxTrace:
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     gm.graph.lint()
     gm.recompile()
+    opaque += [OpaqueModule(*entry) for entry in hidden_attention(gm, inputs, modules)]
     return FxTrace(gm, opaque, tracer.branches.decisions)
