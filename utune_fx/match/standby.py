@@ -33,7 +33,7 @@ _ATTENTION_NAME = re.compile(r"atten|attn", re.IGNORECASE)
 
 def _where(node: fx.Node) -> str:
     info = node_info(node)
-    return f"{info.scope or node.name} ({info.scope_class})" if info.scope_class else info.scope or node.name
+    return f"{info.scope} ({info.scope_class})" if info.scope else f"node {node.name} of the model's own forward"
 
 
 def attention_evidence(ctx: MatchContext) -> str | None:
