@@ -243,6 +243,19 @@ def test_gpt2_head_rule_trains_the_tied_embedding_and_says_so_and_fold_keeps_one
         torch.testing.assert_close(reloaded.module(ids).logits, expected, **FOLD_TOL)
 
 
+def test_match_names_the_tied_tensors_a_head_rule_trains(builders, capsys):
+    model = f"{builders}:gpt2?head=true"
+    assert main(["match", model, "--rules", "linear_probe", *IDS, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (classifier,) = report["results"]
+    assert classifier["tied"] == [["lm_head.weight", "transformer.wte.weight"]]
+    assert classifier["trained_parameters"] == 100 * 64  # vocab_size x n_embd, the one tensor once
+    assert classifier["where"].startswith(str(load_rules("linear_probe").path) + ":")  # the rule, by file and line
+    assert main(["match", model, "--rules", "linear_probe", *IDS]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "also trains transformer.wte.weight: tied to lm_head.weight (one tensor)" in out
+
+
 def test_bart_folds_its_shared_embedding_once(builders, tmp_path):
     tuned_dir, folded_dir = tmp_path / "tuned", tmp_path / "folded"
     result = _tuned(builders, "bart", "lora", tuned_dir)
