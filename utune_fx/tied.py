@@ -39,6 +39,8 @@ def tied_groups(module: nn.Module) -> list[list[str]]:
 def tied_to(module: nn.Module, selected: Iterable[str]) -> list[list[str]]:
     """The tied groups of parameters with a name in ``selected``, each led by its first selected name."""
     order = {name: index for index, name in enumerate(selected)}
+    if not order:
+        return []
     groups: dict[int, list[str]] = {}
     for name, parameter in module.named_parameters(remove_duplicate=False):
         groups.setdefault(id(parameter), []).append(name)
