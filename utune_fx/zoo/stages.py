@@ -84,21 +84,21 @@ def _build(name: str, record: dict):
     record["input_size"] = list(size)
     x = torch.randn(2, *size, device=device)
     if not record["meta"]:
-        _redraw_zero_classifier(model, x, record)
+        redraw_zero_weights(model, (x,), record)
     return model, x
 
 
-def _redraw_zero_classifier(model: torch.nn.Module, x: torch.Tensor, record: dict) -> None:
-    """Some timm models zero-initialise their classifier (MLP-Mixer, Hiera): every output is 0 and
-    no check could fail, so the classifier gets random weights, as after any fine-tuning."""
+def redraw_zero_weights(model: torch.nn.Module, inputs: tuple, record: dict) -> None:
+    """Some models zero-initialise a layer (timm's MLP-Mixer and Hiera classifiers, torchvision's ViT
+    head): an output that is all zeros lets no check fail, so every all-zero weight matrix gets random
+    values, as after any fine-tuning; the record names them."""
     with torch.no_grad():
-        if any(out.count_nonzero() for out in floating_outputs(model(x))):
+        if all(out.count_nonzero() for out in floating_outputs(model(*inputs))):
             return
-        classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
-        weights = [p for p in classifier.parameters()] if isinstance(classifier, torch.nn.Module) else []
-        for p in weights:
-            torch.nn.init.normal_(p, std=0.02)
-        record["classifier_redrawn"] = bool(weights)
+        redrawn = [n for n, p in model.named_parameters() if p.dim() >= 2 and not p.count_nonzero()]
+        for name in redrawn:
+            torch.nn.init.normal_(model.get_parameter(name), std=0.02)
+        record["zero_weights_redrawn"] = redrawn
 
 
 def _float64_outputs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]):
@@ -203,6 +203,8 @@ def run_chain(name: str, catalog: str = "timm") -> dict:
         from utune_fx.zoo.truth import structure
 
         state["model"], state["inputs"], state["expected_counts"] = build_entry(catalog, name, record)
+        if not record["meta"]:
+            redraw_zero_weights(state["model"], state["inputs"], record)
         record["truth"] = {"expected": state["expected_counts"]}
         state["structure"] = structure(state["model"], state["inputs"])
 
