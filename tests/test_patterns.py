@@ -285,24 +285,27 @@ def test_outside_keeps_the_regions_in_no_region_of_another_pattern(tmp_path):
     assert len(mixer_blocked.regions) == 8  # two blocks, each a token MLP and a channel MLP of two linears
 
 
-# the shipped LoRA rule: attention projections; every layer of attention-free residual blocks;
-# where neither exists, every layer but the classifier (its fallback rule)
+# the shipped LoRA rule: attention projections (and nothing else where there is attention); in
+# attention-free networks every layer of residual blocks (its first fallback); where neither exists,
+# every layer but the classifier (its second)
 LORA_ROWS = [
-    ("vit", 6, None),
-    ("resnet", 19, None),
-    ("convnext", 12, None),
-    ("mixer", 8, None),
-    ("densenet", None, 12),
-    ("convs", None, 1),
+    ("vit", 6, None, None),
+    ("resnet", None, 19, None),
+    ("convnext", None, 12, None),
+    ("mixer", None, 8, None),
+    ("densenet", None, None, 12),
+    ("convs", None, None, 1),
 ]
 
 
-@pytest.mark.parametrize("model,lora,plain", LORA_ROWS, ids=[row[0] for row in LORA_ROWS])
-def test_lora_rule_covers_attention_blocks_and_plain_networks(model, lora, plain):
+@pytest.mark.parametrize("model,lora,blocks,plain", LORA_ROWS, ids=[row[0] for row in LORA_ROWS])
+def test_lora_rule_covers_attention_blocks_and_plain_networks(model, lora, blocks, plain):
     found = {f.rule.name: f for f in match_rules(context(model).gm, load_rules("rules/lora.yaml"), context(model))}
     assert len(found["lora"].regions) == (lora or 0)
+    assert len(found["lora_blocks"].regions) == (blocks or 0)
     assert len(found["lora_plain"].regions) == (plain or 0)
-    assert (found["lora_plain"].standby is None) == (lora is None)  # the fallback stands by when lora matched
+    assert (found["lora_blocks"].standby is None) == (lora is None)  # a fallback stands by when lora matched
+    assert (found["lora_plain"].standby is None) == (lora is None and blocks is None)
     if plain:
         assert not any(r.anchor in context(model).node_ctx.feeds_output for r in found["lora_plain"].regions)
 
@@ -322,7 +325,7 @@ def test_match_report_counts_a_covered_rule_as_tuned_and_a_standing_by_fallback_
     out = io.StringIO()
     render_match(resnet, Console(file=out, width=200), explain=False)
     assert "rule lora_plain: lora at reparameterised on 'plain_layer'" in out.getvalue()
-    assert "not needed, a fallback for rule 'lora', which matched 19 region(s)" in out.getvalue()
+    assert "not needed, a fallback for rule 'lora_blocks', which matched 19 region(s)" in out.getvalue()
 
 
 # transformer families whose FFN is no plain fc1 -> act -> fc2: every attention block gets its ffn

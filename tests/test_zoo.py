@@ -43,6 +43,10 @@ def test_the_ci_sample_runs_the_whole_chain(tmp_path, capsys):
             assert record["found"]["mha"] > 0 and record["found"]["ffn"] > 0, (name, record["found"])
         if name in ("densenet121", "inception_v3"):  # neither attention nor residual blocks: LoRA's fallback
             assert record["found"]["lora"] == 0 and record["found"]["lora_plain"] > 0, (name, record["found"])
+        if name in ("resnet18", "convnext_atto"):  # residual blocks, no attention: LoRA's first fallback
+            assert record["found"]["lora"] == 0 and record["found"]["lora_blocks"] > 0, (name, record["found"])
+        if name in ("coatnet_nano_rw_224", "maxvit_nano_rw_256"):  # hybrids: LoRA on the attention only
+            assert record["found"]["lora"] > 0 and record["found"]["lora_blocks"] == 0, (name, record["found"])
     assert rates["parity"] == [len(CI_SAMPLE), len(CI_SAMPLE)]
     assert (tmp_path / "coverage.md").read_text().startswith("# Coverage")
 

@@ -61,7 +61,9 @@ def _row(record: dict) -> str:
     error = record.get("error")
     truth = record.get("truth")
     if truth is None:
-        tuners = [f"{found.get('mha', 0)}/{found.get('ffn', 0)}/{found.get('lora', 0) + found.get('lora_plain', 0)}"]
+        tuners = [
+            f"{found.get('mha', 0)}/{found.get('ffn', 0)}/{sum(n for r, n in found.items() if r.startswith('lora'))}"
+        ]
     else:  # expected and found self/cross/ffn, LoRA on attention projections/elsewhere
         placed = truth.get("found") or {}
         lora = f"{placed['lora_on_projections']}/{placed['lora_elsewhere']}" if placed else ""
