@@ -402,3 +402,30 @@ def test_lora_on_an_embedding_matches_peft_unfolded_and_folded(tmp_path, fronten
         torch.testing.assert_close(folded(ids), merged(ids), **EXACT)
     table = "table" if functional else "emb.weight"
     torch.testing.assert_close(folded.get_parameter(table), merged.emb.weight, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_parallel_adapter_on_transformers_conv1d_folds_into_w_in_its_layout(tmp_path, frontend):
+    """A linear parallel adapter beside addmm(b, x, W), W [in, out]: y = x (W + (s U D)^T) + b + s (U d + u),
+    checked in float64 against the closed form, then folded into W and b."""
+    pytest.importorskip("transformers")
+    model, x = _Conv1DNet().eval(), torch.randn(2, 5, 16)
+    rules = tmp_path / "adapter.yaml"
+    rules.write_text(
+        "version: 1\npatterns: {c_fc: {node: {kind: linear, scope: c_fc}}}\n"
+        "rules: [{name: pa, match: c_fc, tuner: parallel_adapter, settings: {activation: identity}}]\n"
+    )
+    ours = rewrite(trace(model, (x,), frontend=frontend), load_rules(rules))
+    _randomise(ours)
+    adapter = ours.module.get_submodule("utune.pa.0")
+    d, u = adapter.down, adapter.up
+    s = adapter.scale.double() if adapter.scale is not None else adapter.fixed_scale
+    c_fc, c_proj = model.c_fc, model.c_proj
+    with torch.no_grad():
+        w = c_fc.weight.double() + (s * u.weight.double() @ d.weight.double()).t()  # [in, out]
+        b = c_fc.bias.double() + s * (u.weight.double() @ d.bias.double() + u.bias.double())
+        expected = torch.relu(x.double() @ w + b) @ c_proj.weight.double() + c_proj.bias.double()
+        assert not torch.allclose(expected.float(), model(x), atol=1e-3)
+        torch.testing.assert_close(ours.module(x).double(), expected, **EXACT)
+        folded = _folded(ours)
+        torch.testing.assert_close(folded(x).double(), expected, **EXACT)

@@ -36,6 +36,7 @@ from utune_fx.errors import UtuneError
 from utune_fx.fold import merges
 from utune_fx.fold.constants import fold_constants, remove_dead_tuner_nodes
 from utune_fx.fold.layers import channel_axis, fold_target, layer_behind, layer_uses
+from utune_fx.match.sizes import layer_input
 from utune_fx.rewrite.attention_sites import TUNER_META
 from utune_fx.tied import tied_tensors
 from utune_fx.trace import node_info
@@ -122,7 +123,7 @@ def _merge(gm: fx.GraphModule, tuner: nn.Module, wiring: _Wiring, uses: Counter,
     reads = wiring.call.args[0] if wiring.call.args else None
     position = wiring.call.meta[TUNER_META]["position"]
     layer_node = layer_behind(wiring.writes)
-    if position == "parallel" and (not isinstance(reads, fx.Node) or reads not in layer_node.all_input_nodes[:1]):
+    if position == "parallel" and (not isinstance(reads, fx.Node) or reads is not layer_input(layer_node)):
         return "its region is more than one linear or conv (U(x) runs beside a whole subgraph)"
     target = fold_target(layer_node, gm, uses)
     layer = target.layer
