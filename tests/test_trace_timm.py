@@ -24,7 +24,8 @@ TIMM_CASES = [
     ("xcit_nano_12_p16_224", dict(img_size=64, depth=2), 64, 4, 4, 5, 4),
     ("maxvit_pico_rw_256", dict(img_size=64), 64, 22, 22, 33, 22),
     ("coatnet_nano_rw_224", dict(img_size=64), 64, 9, 9, 16, 9),
-    ("coat_lite_tiny", dict(img_size=64), 64, 8, 8, 12, 8),
+    # CoaT: each stage's one ConvPosEnc runs in every block, each call a block of its own (8 + 8)
+    ("coat_lite_tiny", dict(img_size=64), 64, 8, 8, 16, 8),
     ("twins_svt_small", dict(depths=(1, 1, 1, 1)), 64, 4, 4, 8, 4),
     ("mobilevit_xxs", {}, 64, 9, 9, 12, 9),
     ("levit_128s", dict(img_size=64), 64, 11, 11, 12, 9),

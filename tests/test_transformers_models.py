@@ -475,3 +475,28 @@ def test_match_and_rewrite_refuse_the_fallback_alike_on_the_command_line(hidden_
     assert match_code == rewrite_code == 3
     assert match_err == rewrite_err and "rule(s) lora in" in match_err
     assert "not applied: a fallback never tunes a model with attention" in " ".join(match_out.split())
+
+
+@pytest.mark.parametrize(
+    "entry,what",
+    [
+        ("gemma2", "attention soft-caps its scores: cap * tanh(scores / cap) before the softmax"),
+        ("falcon", "linears read their weights as W.T (aten numpy_T under torch.export)"),
+        ("albert", "one shared layer runs once per block: each call is a block of its own"),
+        ("mpnet", "scores + a relative position bias made before the first layer is no residual"),
+    ],
+)
+def test_the_dual_utuner_finds_as_many_attentions_and_ffns_as_the_config_has(entry, what):
+    """Truth from the config (num_hidden_layers), not from the matcher: one MHA and one FFN a layer."""
+    from utune_fx.specs import load_model
+    from utune_fx.zoo.hf_catalog import HF_MODELS, expected_counts
+
+    loaded = load_model(HF_MODELS[entry])
+    expected = expected_counts(loaded.model.config)
+    assert expected == {"self_attention": 2, "cross_attention": 0, "ffn": 2}
+    gm = trace(loaded.model, loaded.inputs)
+    found = {m.rule.name: m for m in match_rules(gm, load_rules("dual_utuner"))}
+    assert len(found["mha"].regions) == expected["self_attention"], what
+    assert len(found["ffn"].regions) == expected["ffn"], what
+    ffn_scopes = [region.scope for region in found["ffn"].regions]
+    assert len(set(ffn_scopes)) == (1 if entry == "albert" else 2), ffn_scopes  # ALBERT: one module, two calls

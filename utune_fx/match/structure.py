@@ -16,7 +16,10 @@
   Sequential, form one block (BERT and Hugging Face ViT write their
   attention and FFN residuals in sub-modules of the layer, T5 its
   self-attention, cross-attention and FFN); a module holding several
-  residuals is a layer of its own, so a block never spans two layers.
+  residuals is a layer of its own, so a block never spans two layers;
+  each call of a module is its own (torch.export keys a second call
+  'path@1': ALBERT runs one shared layer per block). An add inside an
+  attention (scores + a position bias: MPNet) or a composite op is none.
 
 Dominators are networkx's; every other search is local to one region, and
 only visits nodes after its start in graph order, so the cost grows
@@ -175,6 +178,8 @@ class _Residuals:
     def find(self) -> list[Region]:
         regions = []
         for node in self.gm.graph.nodes:
+            if node_info(node).part_of:  # scores + a position bias inside an attention (MPNet), a composite's sum
+                continue
             operands = [a for a in node.args[:2] if isinstance(a, fx.Node)] if _kind(node) == "add" else []
             shape = node_info(node).shape
             if len(operands) != 2 or not shape or any(node_info(a).shape != shape for a in operands):
@@ -212,6 +217,15 @@ _CONTAINERS = (
 )
 
 
+def module_call(node: fx.Node, scope: str) -> str:
+    """Which call of the module at ``scope`` produced ``node``: torch.export keys a module's second
+    call 'path@1' (ALBERT runs one layer for every block); one key per module otherwise."""
+    for key, value in (node.meta.get("nn_module_stack") or {}).items():
+        if isinstance(value, tuple) and value and value[0] == scope:
+            return key
+    return scope
+
+
 def _signature(residual: Region, child: str) -> tuple:
     """What tells two sub-layers apart: the module class and the weighted ops and norms inside."""
     classes = dict(node_info(residual.anchor).scope_stack)
@@ -227,6 +241,8 @@ def _layer_scope(parts: list[Region], residuals: list[Region]) -> str | None:
     one residual each in a ModuleList, stay apart."""
     scopes = [r.scope for r in parts]
     common = common_scope(scopes)
+    if len({module_call(r.anchor, common) for r in parts}) != 1:
+        return None  # several calls of one module (a shared layer run again)
     if common in scopes:
         return common
     stacks = [dict(node_info(r.anchor).scope_stack) for r in parts]
@@ -245,20 +261,21 @@ def _layer_scope(parts: list[Region], residuals: list[Region]) -> str | None:
 def group_blocks(residuals: list[Region]) -> list[Region]:
     """Blocks: the residuals one module writes; and single-residual sub-layers in a row that
     form one layer (see _layer_scope)."""
-    per_scope = Counter(r.scope for r in residuals)
+    calls = {id(r): module_call(r.anchor, r.scope) for r in residuals}
+    per_call = Counter(calls.values())
     groups: list[tuple[str, list[Region]]] = []
-    by_scope: dict[str, int] = {}
+    by_call: dict[str, int] = {}
     for residual in residuals:
         last = groups[-1] if groups else None
         layer = None
-        if last and all(per_scope[r.scope] == 1 for r in (*last[1], residual)) and _follows(residual, last[1][-1]):
+        if last and all(per_call[calls[id(r)]] == 1 for r in (*last[1], residual)) and _follows(residual, last[1][-1]):
             layer = _layer_scope([*last[1], residual], residuals)
-        if residual.scope in by_scope:
-            groups[by_scope[residual.scope]][1].append(residual)
+        if calls[id(residual)] in by_call:
+            groups[by_call[calls[id(residual)]]][1].append(residual)
         elif layer is not None:
             groups[-1] = (layer, last[1] + [residual])
         else:
-            by_scope[residual.scope] = len(groups)
+            by_call[calls[id(residual)]] = len(groups)
             groups.append((residual.scope, [residual]))
     blocks = []
     for scope, parts in groups:

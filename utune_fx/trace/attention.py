@@ -13,8 +13,9 @@ The factorised form of CoaT, ``q @ (softmax(k)^T @ v)``, is attention too:
 the outer matmul takes the kind, the inner one and the softmax are its parts.
 
 Between the two matmuls and the softmax any short chain of scaling, masking,
-bias, reshape, permute, dropout or head-mixing linear ops may sit (BEiT's
-relative position bias, Swin's window mask, CaiT's talking heads).
+bias, reshape, permute, dropout, head-mixing linear or activation ops may sit
+(BEiT's relative position bias, Swin's window mask, CaiT's talking heads,
+Gemma 2's soft-capping tanh).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ _CHAIN_KINDS = frozenset(
         "other",
         "norm",
         "arith",
+        "act",  # Gemma 2's logit soft-capping: cap * tanh(scores / cap)
     }
 )
 _MAX_CHAIN = 8
