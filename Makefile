@@ -27,10 +27,12 @@ demo: $(STAMP)
 	$(BIN)/python cli.py export runs/demo-folded -o runs/demo-folded/model.onnx
 
 # Lint and format drift fail the run before the tests start (settings: [tool.ruff] in pyproject.toml).
+# pytest-xdist: one worker per core (tests/conftest.py gives each one torch thread); the zoo samples
+# are one test per model so that they spread over the workers.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/trace_depth.py

@@ -31,23 +31,23 @@ TRANSFORMERS = (
 )
 
 
-def test_the_ci_sample_runs_the_whole_chain(tmp_path, capsys):
-    assert main(["zoo", "--models", "ci", "-o", str(tmp_path), "--json"]) == 0
+@pytest.mark.parametrize("name", CI_SAMPLE)
+def test_the_ci_sample_runs_the_whole_chain(name, tmp_path, capsys):
+    """One test per model, so pytest-xdist spreads the sample over its workers."""
+    assert main(["zoo", "--models", name, "--jobs", "1", "-o", str(tmp_path), "--json"]) == 0
     rates = json.loads(capsys.readouterr().out)["pass_rates"]
-    records = done_models(tmp_path / "results.jsonl")
-    assert sorted(records) == sorted(CI_SAMPLE)
-    for name, record in records.items():
-        assert record["last_stage"] == "parity", (name, record["error"])
-        assert record["identity_difference"] <= 1e-5 and record["fold_difference"] <= 1e-4
-        if name.startswith(TRANSFORMERS):  # the dual U-Tuner finds attention and FFN in every transformer
-            assert record["found"]["mha"] > 0 and record["found"]["ffn"] > 0, (name, record["found"])
-        if name == "densenet121":  # neither attention nor residual blocks: LoRA's fallback
-            assert record["found"]["lora"] == 0 and record["found"]["lora_plain"] > 0, (name, record["found"])
-        if name in ("resnet18", "convnext_atto"):  # residual blocks, no attention: LoRA's first fallback
-            assert record["found"]["lora"] == 0 and record["found"]["lora_blocks"] > 0, (name, record["found"])
-        if name in ("coatnet_nano_rw_224", "maxvit_nano_rw_256"):  # hybrids: LoRA on the attention only
-            assert record["found"]["lora"] > 0 and record["found"]["lora_blocks"] == 0, (name, record["found"])
-    assert rates["parity"] == [len(CI_SAMPLE), len(CI_SAMPLE)]
+    record = done_models(tmp_path / "results.jsonl")[name]
+    assert record["last_stage"] == "parity", (name, record["error"])
+    assert record["identity_difference"] <= 1e-5 and record["fold_difference"] <= 1e-4
+    if name.startswith(TRANSFORMERS):  # the dual U-Tuner finds attention and FFN in every transformer
+        assert record["found"]["mha"] > 0 and record["found"]["ffn"] > 0, (name, record["found"])
+    if name == "densenet121":  # neither attention nor residual blocks: LoRA's fallback
+        assert record["found"]["lora"] == 0 and record["found"]["lora_plain"] > 0, (name, record["found"])
+    if name in ("resnet18", "convnext_atto"):  # residual blocks, no attention: LoRA's first fallback
+        assert record["found"]["lora"] == 0 and record["found"]["lora_blocks"] > 0, (name, record["found"])
+    if name in ("coatnet_nano_rw_224", "maxvit_nano_rw_256"):  # hybrids: LoRA on the attention only
+        assert record["found"]["lora"] > 0 and record["found"]["lora_blocks"] == 0, (name, record["found"])
+    assert rates["parity"] == [1, 1]
     assert (tmp_path / "coverage.md").read_text().startswith("# Coverage")
 
 

@@ -14,6 +14,7 @@ from utune_fx.cli import main
 from utune_fx.specs import load_model
 from utune_fx.trace.annotate import node_info
 from utune_fx.zoo import hf_catalog, torchvision_catalog
+from utune_fx.zoo.catalogs import select_models
 from utune_fx.zoo.runner import done_models
 from utune_fx.zoo.truth import check, structure
 
@@ -115,19 +116,28 @@ def test_unknown_catalogue_models_are_one_line_errors(tmp_path, capsys):
     assert "resnet9 is not a torchvision model" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("catalog,module", [("transformers", hf_catalog), ("torchvision", torchvision_catalog)])
-def test_the_ci_sample_runs_the_whole_chain_with_its_ground_truth(catalog, module, tmp_path, capsys):
-    assert len(module.CI_SAMPLE) >= 10
-    assert main(["zoo", "--catalog", catalog, "--models", "ci", "-o", str(tmp_path), "--json"]) == 0
+@pytest.mark.parametrize("catalog", ["transformers", "torchvision"])
+def test_each_ci_sample_has_ten_models_of_its_catalogue(catalog):
+    sample = select_models(catalog, "ci")
+    assert len(set(sample)) >= 10 and set(sample) <= set(select_models(catalog, "all"))
+
+
+CI_MODELS = [("transformers", name) for name in hf_catalog.CI_SAMPLE] + [
+    ("torchvision", name) for name in torchvision_catalog.CI_SAMPLE
+]
+
+
+@pytest.mark.parametrize("catalog,name", CI_MODELS)
+def test_the_ci_sample_runs_the_whole_chain_with_its_ground_truth(catalog, name, tmp_path, capsys):
+    """One test per model, so pytest-xdist spreads the samples over its workers."""
+    assert main(["zoo", "--catalog", catalog, "--models", name, "--jobs", "1", "-o", str(tmp_path), "--json"]) == 0
     rates = json.loads(capsys.readouterr().out)["pass_rates"]
-    records = done_models(tmp_path / "results.jsonl")
-    assert sorted(records) == sorted(module.CI_SAMPLE)
-    for name, record in records.items():
-        assert record["last_stage"] == "parity", (name, record["error"])
-        found = record["truth"]["found"]
-        assert {c: found[c] for c in COUNTS} == record["truth"]["expected"], name
-        assert found["attention_elsewhere"] == 0, name
-        if record["truth"]["expected"]["self_attention"]:  # LoRA sits on the attention projections only
-            assert found["lora_on_projections"] > 0 and record["placed"]["lora"], name
-            assert found["lora_elsewhere"] == 0, name
-    assert rates["parity"] == [len(module.CI_SAMPLE)] * 2
+    record = done_models(tmp_path / "results.jsonl")[name]
+    assert record["last_stage"] == "parity", (name, record["error"])
+    found = record["truth"]["found"]
+    assert {c: found[c] for c in COUNTS} == record["truth"]["expected"], name
+    assert found["attention_elsewhere"] == 0, name
+    if record["truth"]["expected"]["self_attention"]:  # LoRA sits on the attention projections only
+        assert found["lora_on_projections"] > 0 and record["placed"]["lora"], name
+        assert found["lora_elsewhere"] == 0, name
+    assert rates["parity"] == [1, 1]
