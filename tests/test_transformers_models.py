@@ -489,7 +489,9 @@ def test_match_and_rewrite_refuse_the_fallback_alike_on_the_command_line(hidden_
 def test_the_dual_utuner_finds_as_many_attentions_and_ffns_as_the_config_has(entry, what):
     """Truth from the config (num_hidden_layers), not from the matcher: one MHA and one FFN a layer."""
     from utune_fx.specs import load_model
+    from utune_fx.trace import node_info
     from utune_fx.zoo.hf_catalog import HF_MODELS, expected_counts
+    from utune_fx.zoo.truth import attention_modules
 
     loaded = load_model(HF_MODELS[entry])
     expected = expected_counts(loaded.model.config)
@@ -500,3 +502,13 @@ def test_the_dual_utuner_finds_as_many_attentions_and_ffns_as_the_config_has(ent
     assert len(found["ffn"].regions) == expected["ffn"], what
     ffn_scopes = [region.scope for region in found["ffn"].regions]
     assert len(set(ffn_scopes)) == (1 if entry == "albert" else 2), ffn_scopes  # ALBERT: one module, two calls
+    # LoRA on every linear of every attention module, and nowhere else (Gemma 2's k_proj is 13 data
+    # edges from its attention, through RoPE, repeat_kv and the soft-capping)
+    projections = {
+        inner
+        for path, module in attention_modules(loaded.model).items()
+        for inner, child in module.named_modules(prefix=path)
+        if isinstance(child, nn.Linear)
+    }
+    lora = {m.rule.name: m for m in match_rules(gm, load_rules("lora"))}["lora"]
+    assert {node_info(region.anchor).scope for region in lora.regions} == projections

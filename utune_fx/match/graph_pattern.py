@@ -50,7 +50,7 @@ from utune_fx.trace import OP_KINDS, node_info
 
 _EDGE = re.compile(r"^\s*([A-Za-z_]\w*)\s*(->\*|->)\s*([A-Za-z_]\w*)\s*$")
 _WINDOW_LIMIT = 400
-_RADIUS = 12  # data edges from the anchor
+_RADIUS = 16  # data edges from the anchor (Gemma 2: k_proj is 13 away, through RoPE, repeat_kv and soft-capping)
 
 
 @dataclass(frozen=True)
