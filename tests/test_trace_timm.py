@@ -28,7 +28,8 @@ TIMM_CASES = [
     ("coat_lite_tiny", dict(img_size=64), 64, 8, 8, 16, 8),
     ("twins_svt_small", dict(depths=(1, 1, 1, 1)), 64, 4, 4, 8, 4),
     ("mobilevit_xxs", {}, 64, 9, 9, 12, 9),
-    ("levit_128s", dict(img_size=64), 64, 11, 11, 12, 9),
+    # LeViT: the MLP after each downsampling attention (which has no residual) joins its block (9 + 2)
+    ("levit_128s", dict(img_size=64), 64, 11, 11, 12, 11),
     ("mixer_s16_224", dict(img_size=64), 64, 0, 16, 8, 0),
     ("poolformer_s12", {}, 64, 0, 12, 12, 0),
     ("convnext_atto", dict(depths=(1, 1, 1, 1)), 64, 0, 4, 4, 0),

@@ -258,6 +258,24 @@ def _layer_scope(parts: list[Region], residuals: list[Region]) -> str | None:
     return layer if len(signatures) == len(parts) else None
 
 
+def _leading(first: Region, scope: str) -> set[fx.Node]:
+    """What the block's module computes, in the same call, before its first residual starts: SigLIP's
+    pooling head attends (a learned query, no residual) and then adds its MLP to that attention's
+    output, so the attention belongs to the block. Empty where the skip starts outside the module."""
+    start = first.inputs[0] if first.inputs else None
+    if start is None or not scope or not in_scope(start, scope):
+        return set()
+    call = module_call(first.anchor, scope)
+    found, frontier = set(), [start]
+    while frontier:
+        node = frontier.pop()
+        if node in found or not in_scope(node, scope) or module_call(node, scope) != call:
+            continue
+        found.add(node)
+        frontier.extend(node.all_input_nodes)
+    return found
+
+
 def group_blocks(residuals: list[Region]) -> list[Region]:
     """Blocks: the residuals one module writes; and single-residual sub-layers in a row that
     form one layer (see _layer_scope)."""
@@ -279,6 +297,6 @@ def group_blocks(residuals: list[Region]) -> list[Region]:
             groups.append((residual.scope, [residual]))
     blocks = []
     for scope, parts in groups:
-        nodes = frozenset().union(*(r.nodes for r in parts))
+        nodes = frozenset().union(*(r.nodes for r in parts), _leading(parts[0], scope))
         blocks.append(Region("block", len(blocks), scope, parts[-1].anchor, parts[0].inputs, parts[-1].output, nodes))
     return blocks
