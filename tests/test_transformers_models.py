@@ -516,3 +516,38 @@ def test_the_dual_utuner_finds_as_many_attentions_and_ffns_as_the_config_has(ent
     }
     lora = {m.rule.name: m for m in match_rules(gm, load_rules("lora"))}["lora"]
     assert {node_info(region.anchor).scope for region in lora.regions} == projections
+
+
+def test_siglip_pooling_head_utuner_reads_the_learned_query_and_matches_a_hooked_eager_model():
+    """The head attends with one learned query (nn.MultiheadAttention, no residual): its parallel
+    U-Tuner reads that query, [1, B, C] seq-first beside the out_proj's [B, C]. Truth: the eager model
+    with U(probe) added to the head attention's output by a forward hook."""
+    import copy
+
+    from utune_fx.rewrite import rewrite
+    from utune_fx.specs import load_model
+    from utune_fx.zoo.hf_catalog import HF_MODELS
+
+    loaded = load_model(HF_MODELS["siglip"])
+    reference = copy.deepcopy(loaded.model)
+    result = rewrite(trace(loaded.model, loaded.inputs), load_rules("dual_utuner"))
+    (index,) = [i for i, scope in enumerate(result.summaries[0].scopes) if scope == "vision_model.head.attention"]
+    adapter = result.module.get_submodule(f"utune.mha.{index}")
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            parameter.normal_(0, 0.2)
+        head = reference.vision_model.head
+        shift = adapter(head.probe)  # [1, 1, C]: the same for every image
+        assert shift.abs().max() > MOVED
+        hook = head.attention.register_forward_hook(lambda module, args, out: (out[0] + shift, *out[1:]))
+        expected = reference(*loaded.inputs)
+        hook.remove()
+        got = result.module(*loaded.inputs)
+    torch.testing.assert_close(
+        got.vision_model_output.pooler_output, expected.vision_model_output.pooler_output, **LOGITS_TOL
+    )
+    assert not torch.allclose(
+        got.vision_model_output.pooler_output,
+        loaded.model(*loaded.inputs).vision_model_output.pooler_output,
+        atol=MOVED,
+    )

@@ -97,8 +97,8 @@ def embedding_table(op: fx.Node, ctx: MatchContext) -> EmbeddingTable | str:
 
 def layer_input(node: fx.Node) -> fx.Node | None:
     """The tensor a linear, conv or embedding reads: an embedding's ids, x of x @ W (None for W @ x),
-    else its first input that is not a weight (or a constant it reads: ConViT's
-    pos_proj(rel_indices))."""
+    a linear's or conv's first argument (also a constant: ConViT's pos_proj(rel_indices), SigLIP's
+    probe), else its first input that is not a weight."""
     info = node_info(node)
     if info.op_kind == "embedding":
         ids = node.args[0] if node.op == "call_module" and node.args else embedding_arguments(node).get("input")
@@ -106,6 +106,10 @@ def layer_input(node: fx.Node) -> fx.Node | None:
     if info.op_kind == "linear" and node.op == "call_function" and info.op_name in _MATRIX_PRODUCTS:
         x, weight = matmul_operands(node)[:2]  # W @ x mixes another axis than the channels: no x here
         return x if isinstance(x, fx.Node) and not is_weight(x) and is_weight(weight) else None
+    if info.op_kind in ("linear", "conv") and node.op in ("call_function", "call_module") and node.args:
+        x = node.args[0]  # F.linear / aten conv / a module call: the input comes first, data or constant
+        if isinstance(x, fx.Node):
+            return x
     inputs = data_inputs(node) or [a for a in node.args[:1] if isinstance(a, fx.Node)]
     return inputs[0] if inputs else None
 

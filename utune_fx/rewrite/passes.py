@@ -96,8 +96,11 @@ def _stride(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int,
 def _fits(reads: fx.Node, writes: fx.Node, loose: bool = False) -> bool:
     """The same tokens (or feature map) on both sides, the channels (axis 1 of feature maps, the
     last axis of tokens) aside; ``loose``: the same number of tokens in another layout ([B, C]
-    for [B, 1, C])."""
+    for [B, 1, C]; nn.MultiheadAttention's one query [1, B, C] seq-first for its out_proj's [B, C]:
+    the same axes but those of size 1, so the same order)."""
     a, b = node_info(reads).shape, node_info(writes).shape
+    if loose and a and b and [d for d in a[:-1] if d != 1] == [d for d in b[:-1] if d != 1]:
+        return True
     if not a or not b or a[0] != b[0]:
         return False
     if a[:-1] == b[:-1] or len(a) == len(b) >= 4 and a[2:] == b[2:]:
@@ -119,6 +122,8 @@ def _query_sources(region: Region, ctx: MatchContext) -> list[fx.Node]:
         if node_info(node).op_kind in _WEIGHTED:
             if sources and not in_scope(node, region.scope):
                 break
+            x = layer_input(node)  # x of x @ W, also where W is computed (a packed in_proj's slice)
+            inputs = [x] if x is not None else inputs
             if inputs:
                 sources.append(inputs[0])
         node = inputs[0] if inputs else None
