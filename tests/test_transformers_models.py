@@ -441,7 +441,7 @@ class _PlainMlp(nn.Module):
 @pytest.mark.parametrize(
     "which,frontend,evidence",
     [
-        ("hidden", "auto", "a product of two activations (attention's Q K^T or A V)"),
+        ("hidden", "auto", "a product of two activations normalised by exp (attention's softmax(Q K^T) V)"),
         ("opaque", "fx", "the opaque module attention (_OpaqueAttention)"),
     ],
 )
@@ -459,6 +459,27 @@ def test_lora_fallback_is_not_applied_to_a_model_whose_attention_the_matcher_mis
         assert evidence in found[fallback].standby
     report = match_report(gm, gm, rules, "model")
     assert report["empty_rules"] == ["lora"]  # so match and rewrite exit 3, saying so
+
+
+class _BilinearMixer(nn.Module):
+    """Products of two activations with no softmax between them (timm's BAT, EfficientViM's state-space
+    mixer): no attention, so LoRA's fallback tunes it."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, 4)
+
+    def forward(self, x):
+        h = self.embed(x)
+        gram = torch.sigmoid(h) @ h.transpose(-2, -1)  # [B, T, T], never normalised over a Q K^T
+        return self.head(self.mix(gram @ h).mean(1))
+
+
+def test_lora_fallback_tunes_a_network_that_multiplies_activations_without_attention():
+    gm = trace(_BilinearMixer().eval(), torch.randn(2, 5, 16))
+    found = {m.rule.name: m for m in match_rules(gm, load_rules("lora"))}
+    assert found["lora_plain"].standby is None
+    assert [region.scope for region in found["lora_plain"].regions] == ["embed", "mix"]
 
 
 def test_lora_fallback_still_tunes_a_plain_network():

@@ -2,8 +2,8 @@
 
     fallback_for: lora, and lora matched 48 regions     -> stands by: not needed
     fallback_for: lora, lora matched nothing, but the   -> stands by: not applied, the model has
-      model has attention (an attention op, a product      attention; lora stays a rule that
-      of two activations, an opaque *Attention module)     matches nothing (exit 3)
+      model has attention (an attention op, softmax(QK^T)V attention; lora stays a rule that
+      written out, an opaque *Attention module)            matches nothing (exit 3)
     tuner: head, its pattern finds no classifier at all,-> stands by: the model has no classifier
       the file's other rules tune the model                (a backbone: GPT2Model, BertModel)
 
@@ -36,15 +36,44 @@ def _where(node: fx.Node) -> str:
     return f"{info.scope} ({info.scope_class})" if info.scope else f"node {node.name} of the model's own forward"
 
 
+_NORMALISERS = ("exp", "softmax", "_softmax", "sigmoid")
+_SCORE_STEPS = 12  # ops between Q K^T and A V: scaling, masking, a written-out softmax
+
+
+def _activation_product(node: fx.Node, live: set[fx.Node]) -> bool:
+    operands = [a for a in matmul_operands(node) if isinstance(a, fx.Node)]
+    return len(operands) >= 2 and all(a in live for a in operands)
+
+
+def _normalised_scores(node: fx.Node, live: set[fx.Node]) -> bool:
+    """A V: one operand of this product comes, through an exp (softmax, sigmoid), from another product
+    of two activations (Q K^T). A bilinear transform (BAT) or a state-space scan (EfficientViM)
+    multiplies activations too, but never normalises such a product."""
+    frontier = [(a, False) for a in matmul_operands(node) if isinstance(a, fx.Node)]
+    seen: set[tuple[fx.Node, bool]] = set()
+    for _ in range(_SCORE_STEPS):
+        next_frontier = []
+        for current, normalised in frontier:
+            if (current, normalised) in seen or current not in live:
+                continue
+            seen.add((current, normalised))
+            info = node_info(current)
+            if normalised and info.op_kind == "matmul" and _activation_product(current, live):
+                return True
+            normalised = normalised or info.op_kind == "softmax" or info.op_name in _NORMALISERS
+            next_frontier.extend((i, normalised) for i in current.all_input_nodes)
+        frontier = next_frontier
+    return False
+
+
 def attention_evidence(ctx: MatchContext) -> str | None:
     """Where the model computes attention, whether or not a pattern found it; None if nowhere."""
     for node in ctx.by_kind.get("attention", []):
         return f"an attention operation at {_where(node)}"
     live = ctx.input_dependent()
     for node in ctx.by_kind.get("matmul", []):
-        operands = [a for a in matmul_operands(node) if isinstance(a, fx.Node)]
-        if len(operands) >= 2 and all(a in live for a in operands):
-            return f"a product of two activations (attention's Q K^T or A V) at {_where(node)}"
+        if _activation_product(node, live) and _normalised_scores(node, live):
+            return f"a product of two activations normalised by exp (attention's softmax(Q K^T) V) at {_where(node)}"
     for node in ctx.by_kind.get("opaque", []):
         if _ATTENTION_NAME.search(node_info(node).scope_class or str(node.target)):
             return f"the opaque module {_where(node)}"
