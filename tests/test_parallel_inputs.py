@@ -150,3 +150,20 @@ def test_tuners_read_what_the_attention_module_reads(name, attention, reads):
     assert calls[f"utune.mha.{index}"] is layer_input
     with torch.no_grad():
         assert torch.equal(result.module(x), model(x))
+
+
+def test_tuners_beside_a_strided_halo_attention_read_the_feature_map_not_its_blocks():
+    """HaloNet's last stage attends with stride 2 over unfolded blocks ([64, 4, 4, C]): the tuner reads
+    the [B, C, H, W] map the queries come from, downsampled by a whole factor, whatever order the
+    region lists its inputs in."""
+    torch.manual_seed(0)
+    model = timm.create_model("sehalonet33ts", pretrained=False).eval()
+    x = torch.randn(2, 3, 256, 256)
+    result = rewrite(trace(model, x), load_rules("dual_utuner"))
+    calls = _tuner_calls(result)
+    assert len(calls) == 4
+    for call in calls:
+        reads = node_info(call.args[0]).shape
+        assert len(reads) == 4 and reads[0] == 2, (call.target, reads)
+    with torch.no_grad():
+        assert torch.equal(result.module(x), model(x))

@@ -168,7 +168,13 @@ def _parallel_input(region: Region, ctx: MatchContext) -> tuple[fx.Node, fx.Node
         for reads, writes in pairs:
             if _fits(reads, writes, loose):
                 return reads, writes
-    return region.inputs[0], region.output
+    # a feature map that is downsampled by whole factors (a strided attention, HaloNet's): the input
+    # with the output's batch axis and rank, whichever order the region lists its inputs in
+    out = node_info(region.output).shape
+    same_layout = [
+        i for i in region.inputs if (s := node_info(i).shape) and out and len(s) == len(out) and s[0] == out[0]
+    ]
+    return (same_layout or list(region.inputs))[0], region.output
 
 
 def functional_conv_geometry(op: fx.Node, gm: fx.GraphModule) -> ConvGeometry | None:
