@@ -13,9 +13,9 @@ device before any memory is taken.
 
 Example inputs follow the model's ``forward`` signature, in its order: token ids (int64, drawn from
 the vocabulary; 8 tokens, 5 for the decoder of an encoder-decoder, so self- and cross-attention read
-sequences of different lengths), ``pixel_values`` at the config's image size, ``input_features``
-(log-mel frames, Whisper-style) or ``input_values`` (raw audio long enough for 8 frames of the
-feature encoder); an ``attention_mask`` between them is all ones. Batch 2.
+sequences of different lengths), ``pixel_values`` at the config's image size (64 where it has none),
+``input_features`` (log-mel frames, Whisper-style) or ``input_values`` (raw audio long enough for 8
+frames of the feature encoder); an ``attention_mask`` between them is all ones. Batch 2.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def _input(name: str, config, generator: torch.Generator) -> torch.Tensor | None
         return torch.randint(0, vocab, (BATCH, length), generator=generator)
     if name == "pixel_values":
         channels = _field(config, "num_channels") or 3
-        return torch.randn(BATCH, channels, *_pair(_field(config, "image_size")), generator=generator)
+        return torch.randn(BATCH, channels, *_pair(_field(config, "image_size") or 64), generator=generator)
     if name == "input_features":
         mel, positions = _field(config, "num_mel_bins"), _field(config, "max_source_positions")
         return torch.randn(BATCH, mel, 2 * positions, generator=generator)  # two conv frames per position

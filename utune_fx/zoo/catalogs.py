@@ -2,6 +2,7 @@
 transformers and torchvision entries are built with their ground truth.
 
     select_models("transformers", "ci")  -> ["gpt2", "llama", ...]      (hf_catalog.CI_SAMPLE)
+    select_models("transformers", "all") -> the curated entries, then those hf_discover found
     build_entry("transformers", "gpt2", record) -> (model, inputs, {"self_attention": 2, ...})
     build_entry("torchvision", "swin_t", record) -> (model, (x,), {"self_attention": 12, ...})
 
@@ -20,9 +21,9 @@ CATALOGS = ("timm", "transformers", "torchvision")
 def _names(catalog: str) -> tuple[list[str], tuple[str, ...]]:
     """(every entry, the CI sample)."""
     if catalog == "transformers":
-        from utune_fx.zoo.hf_catalog import CI_SAMPLE, HF_MODELS
+        from utune_fx.zoo.hf_catalog import CI_SAMPLE, hf_models
 
-        return list(HF_MODELS), CI_SAMPLE
+        return list(hf_models()), CI_SAMPLE
     if catalog == "torchvision":
         from utune_fx.zoo.torchvision_catalog import CI_SAMPLE, tv_models
 
@@ -58,9 +59,9 @@ def select_models(catalog: str, which: str) -> list[str]:
 def entry_spec(catalog: str, name: str) -> str:
     """The model spec an entry stands for (``cli.py inspect SPEC`` builds the same model)."""
     if catalog == "transformers":
-        from utune_fx.zoo.hf_catalog import HF_MODELS
+        from utune_fx.zoo.hf_catalog import hf_models
 
-        return HF_MODELS[name]
+        return hf_models()[name]
     if catalog == "torchvision":
         from utune_fx.zoo.torchvision_catalog import tv_options
 
@@ -74,9 +75,9 @@ def build_entry(catalog: str, name: str, record: dict) -> tuple[torch.nn.Module,
     record["spec"] = entry_spec(catalog, name)
     if catalog == "transformers":
         from utune_fx.specs import load_model
-        from utune_fx.zoo.hf_catalog import HF_MODELS, expected_counts
+        from utune_fx.zoo.hf_catalog import expected_counts
 
-        loaded = load_model(HF_MODELS[name])
+        loaded = load_model(record["spec"])
         model, inputs, expected = loaded.model, loaded.inputs, expected_counts(loaded.model.config)
         record["meta"] = False
     else:

@@ -12,10 +12,17 @@ model (CLIP, SigLIP) adds its sub-configs up; any other has ``num_hidden_layers`
 shared layer counts once per run). A head with its own attention (SigLIP's attention-pooling head:
 a learned query attending to the tokens, then an MLP) is one more cross-attention and FFN, read from
 the config field that switches it on (``HEADS``).
+
+Beyond the curated entries, the catalogue holds every other model type that builds from a shrunk
+config on CPU with its config's attentions, found by ``python -m utune_fx.zoo.hf_discover`` and
+shipped as data (hf_discovered.json): ``hf_models()`` is both, curated first; their ground truth is
+the same ``expected_counts``.
 """
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from urllib.parse import urlencode
 
 import yaml
@@ -42,6 +49,9 @@ _CLIP = {
 
 def _spec(model_type: str, options: dict) -> str:
     return f"hf:{model_type}?{urlencode({k: _yaml(v) for k, v in options.items()}, safe='[],')}"
+
+
+make_spec = _spec  # hf_discover writes its entries in the same form
 
 
 def _yaml(value) -> str:
@@ -125,6 +135,36 @@ HF_MODELS = {
 CI_SAMPLE = ("gpt2", "llama", "bert", "distilbert", "t5", "bart", "vit", "swin", "clip", "wav2vec2")
 # config fields that switch on a head with its own attention (one cross-attention and one FFN each)
 HEADS = ("vision_use_head",)
+
+
+DISCOVERED_JSON = Path(__file__).with_name("hf_discovered.json")
+
+
+def spec_model_type(spec: str) -> str:
+    """'hf:gpt2/causal-lm?n_layer=2' -> 'gpt2'."""
+    return spec.removeprefix("hf:").partition("?")[0].partition("/")[0]
+
+
+@functools.cache
+def read_discovered(path: Path = DISCOVERED_JSON) -> dict:
+    """hf_discover's file, checked: the schema, and each spec builds the model type it is filed under."""
+    from utune_fx.errors import UtuneError
+    from utune_fx.schemas import read_json
+
+    content = read_json(path, "hf_discovered", "rerun python -m utune_fx.zoo.hf_discover")
+    for name, entry in content["models"].items():
+        if "spec" in entry and spec_model_type(entry["spec"]) != name:
+            raise UtuneError(
+                f"{path}: models.{name}.spec: builds {spec_model_type(entry['spec'])!r}, not {name!r}; "
+                "rerun python -m utune_fx.zoo.hf_discover"
+            )
+    return content
+
+
+def hf_models() -> dict[str, str]:
+    """Every entry, name -> spec: the curated ones, then those hf_discover found (by model type)."""
+    discovered = read_discovered()["models"]
+    return HF_MODELS | {name: e["spec"] for name, e in discovered.items() if "spec" in e and name not in HF_MODELS}
 
 
 def _first(config, *names, default=None):
