@@ -533,7 +533,7 @@ def test_the_dual_utuner_finds_as_many_attentions_and_ffns_as_the_config_has(ent
         inner
         for path, module in attention_modules(loaded.model).items()
         for inner, child in module.named_modules(prefix=path)
-        if isinstance(child, nn.Linear) or isinstance(child, nn.MultiheadAttention)  # its own in_proj_weight
+        if isinstance(child, (nn.Linear, nn.MultiheadAttention))  # an MHA: its own in_proj_weight
     }
     lora = {m.rule.name: m for m in match_rules(gm, load_rules("lora"))}["lora"]
     assert {node_info(region.anchor).scope for region in lora.regions} == projections
