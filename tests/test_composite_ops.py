@@ -1,7 +1,7 @@
-"""Written-out activations and RMSNorm are one act / norm op; FFN, attention and block counts of
+"""Written-out activations, RMSNorm and LayerNorm are one act / norm op; FFN, attention and block counts of
 tiny Hugging Face transformers (random weights, torch.export) agree with their configs.
 
-Truth from outside the code: the closed forms of GELU, SiLU and RMSNorm (torch.nn.functional),
+Truth from outside the code: the closed forms of GELU, SiLU, RMSNorm and LayerNorm (torch.nn.functional),
 eager PyTorch's outputs, and each model's config (layers -> attentions, FFNs, blocks, norms)."""
 
 import math
@@ -235,6 +235,64 @@ def test_near_miss_norms_are_not_recognised(name, shape, frontend):
     gm = _traced(NormedLinear(NotRms(NOT_NORMS[name])), torch.randn(shape), frontend)
     assert _of_kind(gm, "norm") == []
     assert not any(node_info(n).composite for n in gm.graph.nodes)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm written out: DeBERTa's (weight and bias), Cohere's (no bias, cast to float32)."""
+
+    def __init__(self, dim, style="deberta", eps=1e-7):
+        super().__init__()
+        self.style, self.eps = style, eps
+        self.weight = nn.Parameter(torch.randn(dim))
+        self.bias = nn.Parameter(torch.randn(dim)) if style == "deberta" else None
+
+    def forward(self, x):
+        if self.style == "deberta":
+            mean = x.mean(-1, keepdim=True)
+            variance = (x - mean).pow(2).mean(-1, keepdim=True)
+            return self.weight * ((x - mean) / torch.sqrt(variance + self.eps)) + self.bias
+        h = x.to(torch.float32)
+        centred = h - h.mean(-1, keepdim=True)
+        h = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.to(torch.float32) * h).to(x.dtype)
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+@pytest.mark.parametrize("style", ["deberta", "cohere"])
+def test_written_out_layer_norm_is_one_norm(style, frontend):
+    torch.manual_seed(0)
+    norm = LayerNorm(16, style)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert torch.allclose(norm(x), F.layer_norm(x, (16,), norm.weight, norm.bias, norm.eps), atol=1e-5)
+    gm = _traced(NormedLinear(norm), x, frontend)
+    norms = _of_kind(gm, "norm")
+    assert [node_info(n).op_name for n in norms] == ["layer_norm"]
+    assert data_inputs(norms[0]) == [_producer(gm, "proj", "linear")]
+
+
+class NotLayerNorm(nn.Module):
+    def __init__(self, variance):
+        super().__init__()
+        self.variance = variance
+
+    def forward(self, x):
+        centred = x - x.mean(-1, keepdim=True)
+        return centred / torch.sqrt(self.variance(centred) + 1e-6)
+
+
+NOT_LAYER_NORMS = {
+    "variance_squared": lambda c: c.pow(2).mean(-1, keepdim=True) ** 2,  # divides by the variance
+    "variance_of_halves": lambda c: c[..., :8].pow(2).mean(-1, keepdim=True),
+    "mean_absolute_deviation": lambda c: c.abs().mean(-1, keepdim=True) ** 2,
+}
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+@pytest.mark.parametrize("name", NOT_LAYER_NORMS)
+def test_near_miss_layer_norms_are_not_recognised(name, frontend):
+    gm = _traced(NormedLinear(NotLayerNorm(NOT_LAYER_NORMS[name])), torch.randn(2, 5, 16), frontend)
+    assert _of_kind(gm, "norm") == []
 
 
 # -- Hugging Face models: counts from their configs -------------------------------------------

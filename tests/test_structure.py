@@ -56,3 +56,65 @@ def test_attention_operation_spans_projections():
     names = {n.name for n in attention.nodes}
     assert "blocks_0_attn_qkv" in names and "blocks_0_norm1" not in names
     assert attention.in_shape == attention.out_shape == (2, 17, 192)
+
+
+class _MaskedAttention(torch.nn.Module):
+    """Attention whose mask comes from the token ids (padding), as Hugging Face decoders build it."""
+
+    def __init__(self, dim=16, context=8):
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.register_buffer("causal", torch.ones(context, context, dtype=torch.bool).tril())
+
+    def forward(self, x, keep):
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(x).reshape(batch, length, 3, 2, dim // 2).permute(2, 0, 3, 1, 4)
+        mask = keep[:, None, None, :] & self.causal[:length, :length]
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(batch, length, dim))
+
+
+class _Layer(torch.nn.Module):
+    """'parallel': x + attn(ln x) + mlp(ln x) (Cohere, GPT-J); 'scaled': h * a + x * b with constant
+    a, b after each sub-layer (Beam's depth-scaled residual add)."""
+
+    def __init__(self, form, index, dim=16):
+        super().__init__()
+        self.form, self.index = form, index
+        self.ln1, self.ln2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.attn = _MaskedAttention(dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim))
+
+    def forward(self, x, keep):
+        if self.form == "parallel":
+            h = self.ln1(x)
+            return x + self.attn(h, keep) + self.mlp(h)
+        depth = 2 * self.index + 1
+        x = self.attn(self.ln1(x), keep) / depth**0.5 + x * ((depth - 1) / depth) ** 0.5
+        return self.mlp(self.ln2(x)) / (depth + 1) ** 0.5 + x * (depth / (depth + 1)) ** 0.5
+
+
+class _TokenDecoder(torch.nn.Module):
+    def __init__(self, form, layers=2, dim=16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, dim)
+        self.layers = torch.nn.ModuleList(_Layer(form, i, dim) for i in range(layers))
+
+    def forward(self, ids):
+        keep, x = ids != 0, self.embed(ids)
+        for layer in self.layers:
+            x = layer(x, keep)
+        return x
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("form", ["parallel", "scaled"])
+def test_parallel_and_constant_scaled_residuals_make_one_block_per_layer(form, frontend):
+    """The features flow from the embedding; the mask built from the token ids must not make the ids
+    the only node dominating a parallel attention + FFN sum, and a constant scale on the skip is no
+    new branch: one block per layer, holding its attention and its FFN."""
+    gm = trace(_TokenDecoder(form).eval(), torch.randint(1, 50, (2, 6)), frontend=frontend)
+    operations = find_operations(gm)
+    assert [b.scope for b in operations["block"]] == ["layers.0", "layers.1"]
+    assert [b.contains for b in operations["block"]] == [{"attention": 1, "mlp": 1}] * 2
+    assert [r.scope for r in operations["ffn"]] == ["layers.0.mlp", "layers.1.mlp"]

@@ -95,3 +95,24 @@ def test_the_ci_sample_is_fixed_and_valid(which):
     import timm
 
     assert len(CI_SAMPLE) == 8 and set(CI_SAMPLE) <= set(timm.list_models())
+
+
+def test_zero_initialised_weight_matrices_are_redrawn_and_named():
+    """A zero classifier makes outputs all zero, a zero router makes top-k break ties (which PyTorch and
+    ONNX Runtime do differently): both get random values; vectors and nonzero weights are kept."""
+    import torch
+
+    from utune_fx.zoo.stages import redraw_zero_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    torch.nn.init.zeros_(model[1].weight)
+    torch.nn.init.zeros_(model[1].bias)
+    kept = model[0].weight.detach().clone()
+    record = {}
+    redraw_zero_weights(model, record)
+    assert record == {"zero_weights_redrawn": ["1.weight"]}
+    assert model[1].weight.count_nonzero() == 6 and not model[1].bias.count_nonzero()
+    assert torch.equal(model[0].weight, kept)
+    untouched = {}
+    redraw_zero_weights(model, untouched)
+    assert untouched == {}

@@ -31,6 +31,7 @@ import inspect
 import io
 import logging
 import re
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -158,11 +159,34 @@ def export_dynamo(
             input_names=input_names,
             output_names=output_names,
             dynamic_shapes=(data + tuners,),
+            custom_translation_table=library_translations() or None,
             optimize=True,
             verbose=False,
         )  # one tuple: forward takes *tensors
         _register_orphan_constants(program.model.graph)
         return program.model_proto
+
+
+def library_translations() -> dict:
+    """ONNX translations a model library ships for the custom ops it defines, keyed by op overload.
+
+    transformers' mixture-of-experts layers call ``torch.ops.transformers.grouped_mm_fallback``, which
+    torch's exporter cannot translate; transformers' own exporter carries the onnxscript function
+    (one MatMul per expert). Only entries for the library's own namespace are taken: its overrides of
+    aten ops are tuned to its exporter's other passes, not ours. Nothing is imported that the model
+    did not already import.
+    """
+    if "transformers" not in sys.modules:
+        return {}
+    try:
+        from transformers.exporters.exporter_onnx import _ONNX_TRANSLATION_TABLE
+    except Exception:  # an older transformers without an ONNX exporter, or onnxscript missing there
+        return {}
+    return {op: function for op, function in _ONNX_TRANSLATION_TABLE.items() if _namespace(op) == "transformers"}
+
+
+def _namespace(op) -> str | None:
+    return getattr(op, "namespace", None) or getattr(getattr(op, "_schema", None), "name", "::").split("::")[0]
 
 
 def _register_orphan_constants(graph) -> None:

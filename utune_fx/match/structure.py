@@ -4,7 +4,7 @@
     the residuals one module writes  ->  Region(kind='block', ...)
 
 - residual: ``add(a, b)`` of equal shapes where a is an ancestor of b
-  (``x + f(x)``, seen through identity, dropout and scaling by a weight, also
+  (``x + f(x)``, seen through identity, dropout and scaling by a weight or a constant, also
   when f reads other inputs, as CaiT's class attention does), or else where
   a node produced outside the module that writes the add dominates it on the
   data flow from the first input (``f(x) + g(x)``, projected shortcuts; a norm
@@ -104,11 +104,12 @@ def _floating(node: fx.Node) -> bool:
 
 def _skip_source(node: fx.Node) -> fx.Node:
     """The tensor a skip connection carries, seen through identity, dropout,
-    casts and scaling by a weight (MetaFormer's res_scale)."""
+    casts and scaling by a weight (MetaFormer's res_scale) or a constant (Beam's depth-scaled
+    residual add)."""
     while True:
         inputs = data_inputs(node)
         kind = _kind(node)
-        passes = kind in ("identity", "dropout", "cast") or kind in ("mul", "div") and len(tensor_inputs(node)) == 2
+        passes = kind in ("identity", "dropout", "cast", "mul", "div")  # one data input: a weight or a constant
         if len(inputs) != 1 or not passes:
             return node
         node = inputs[0]
@@ -124,13 +125,17 @@ class _Residuals:
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if not placeholders:
             return {}
-        graph, reachable = nx.DiGraph(), {placeholders[0]}
-        graph.add_node(placeholders[0])
+        root = placeholders[0]
+        graph, reachable = nx.DiGraph(), {root}
+        graph.add_node(root)
         for node in self.gm.graph.nodes:
-            if node in reachable or any(p in reachable for p in node.all_input_nodes):
+            # features flow from the input; masks and sizes derived from token ids do not carry them
+            # (Cohere's attention mask makes input_ids dominate its parallel attention + FFN sum)
+            sources = [p for p in node.all_input_nodes if p in reachable and (p is root or _floating(p))]
+            if node is not root and sources:
                 reachable.add(node)
-                graph.add_edges_from((p, node) for p in node.all_input_nodes if p in reachable)
-        return nx.immediate_dominators(graph, placeholders[0])
+                graph.add_edges_from((p, node) for p in sources)
+        return nx.immediate_dominators(graph, root)
 
     def between(self, start: fx.Node, sink: fx.Node) -> list[fx.Node] | None:
         """Nodes on data paths from ``start`` to ``sink`` (sink included), or None
@@ -166,12 +171,14 @@ class _Residuals:
     def _before_shared_norm(start: fx.Node, scope: str) -> fx.Node | None:
         """Where branches that meet in ``scope`` start, if outside it: a norm inside the module that
         feeds both a projected shortcut and the branch (Hiera's stage changes: proj(norm1(x)) +
-        attn(norm1(x))) is the block's own, so the skip starts at the norm's input."""
+        attn(norm1(x))) is the block's own, so the skip starts at the norm's input; so is a cast
+        (Cohere's written-out LayerNorm starts with x.to(float32), which its parallel attention and
+        FFN sum reads as the skip)."""
 
         def inside(node: fx.Node) -> bool:
             return bool(scope) and in_scope(node, scope)
 
-        while inside(start) and _kind(start) == "norm" and len(data_inputs(start)) == 1:
+        while inside(start) and _kind(start) in ("norm", "cast") and len(data_inputs(start)) == 1:
             start = data_inputs(start)[0]
         return None if inside(start) else start
 

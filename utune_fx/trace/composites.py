@@ -1,8 +1,9 @@
-"""Find activations and RMSNorm written out as arithmetic and give them one op kind.
+"""Find activations, RMSNorm and LayerNorm written out as arithmetic and give them one op kind.
 
-Models that spell GELU, SiLU or RMSNorm with elementary ops (GPT-2's ``gelu_new``, CLIP's
-quick GELU, every Hugging Face RMSNorm) would otherwise show rules a tangle of mul, add and
-tanh nodes; the normaliser makes them look like ``F.gelu`` or ``F.rms_norm``:
+Models that spell GELU, SiLU, RMSNorm or LayerNorm with elementary ops (GPT-2's ``gelu_new``,
+CLIP's quick GELU, every Hugging Face RMSNorm, DeBERTa's and Cohere's LayerNorm) would otherwise
+show rules a tangle of mul, add and tanh nodes; the normaliser makes them look like ``F.gelu``,
+``F.rms_norm`` or ``F.layer_norm``:
 
     before:  a = mul(x, 0.5)   p = pow(x, 3.0)   b = add(x, mul(p, 0.044715))
              t = tanh(mul(b, 0.7978845608))      g = mul(a, add(t, 1.0))
@@ -11,6 +12,7 @@ tanh nodes; the normaliser makes them look like ``F.gelu`` or ``F.rms_norm``:
 
     before:  v = mean(pow(x, 2), [-1], keepdim)  n = mul(x, rsqrt(add(v, 1e-6)))  y = mul(w, n)
     after:   y                 kind norm, op_name rms_norm; the rest are its parts
+    (x - mean) / sqrt(var + eps) * w + b, the variance a mean of squares -> kind norm, layer_norm
 
 How a candidate is found (structure): an input ``x`` read at least twice by elementwise
 ops, and a node ``y`` computed only from ``x``, scalars and parameters through elementwise
@@ -170,11 +172,16 @@ class _Finder:
         return x, nodes
 
     def recognise(self, x: fx.Node, nodes: list[fx.Node]) -> tuple[str, str] | None:
-        """('act', form) or ('norm', 'rms_norm') when the subgraph computes one on the probe."""
+        """('act', form), ('norm', 'rms_norm') or ('norm', 'layer_norm') when the subgraph computes one
+        on the probe."""
         try:
             if any(self.spelling[n] in _REDUCTIONS for n in nodes):
                 shape = self.shapes[x][0]
-                return ("norm", "rms_norm") if shape and self._is_rms_norm(x, nodes, shape) else None
+                if not shape:
+                    return None
+                if self._is_rms_norm(x, nodes, shape):
+                    return "norm", "rms_norm"
+                return ("norm", "layer_norm") if self._is_layer_norm(x, nodes, shape) else None
             if any(n.op == "get_attr" and isinstance(self._attr(n), nn.Parameter) for n in self._reads(nodes)):
                 return None  # a learnt slope (swish-beta) is no fixed activation
             probe = torch.linspace(-8.0, 8.0, 321, dtype=torch.float64)
@@ -203,6 +210,27 @@ class _Finder:
                 return False
             gains.append(gain)
         return bool(gains[0].abs().max() > 0) and torch.allclose(gains[0], gains[1], rtol=_NORM_RTOL, atol=0)
+
+    def _is_layer_norm(self, x: fx.Node, nodes: list[fx.Node], shape: tuple[int, ...]) -> bool:
+        """out = (x - mean) / std * g + b over the last axis (biased variance), one g and b per
+        channel, fitted on four probes and checked on every row (DeBERTa's and Cohere's LayerNorm)."""
+        generator = torch.Generator().manual_seed(1)
+        probe_shape = tuple(min(_ROWS, size) for size in shape[:-1]) + shape[-1:]
+        normalised, outputs = [], []
+        for offset in (30.0, -50.0, 5.0, -20.0):  # a line fits any two points: four rows at least
+            probe = 100 * torch.randn(probe_shape, generator=generator, dtype=torch.float64) + offset
+            out = self._run(x, nodes, probe)
+            if out.shape != probe.shape:
+                return False
+            centred = probe - probe.mean(-1, keepdim=True)
+            normalised.append((centred * centred.pow(2).mean(-1, keepdim=True).rsqrt()).reshape(-1, shape[-1]))
+            outputs.append(out.reshape(-1, shape[-1]))
+        n, out = torch.cat(normalised), torch.cat(outputs)
+        n_mean, out_mean = n.mean(0), out.mean(0)
+        gain = ((n - n_mean) * (out - out_mean)).sum(0) / (n - n_mean).pow(2).sum(0)
+        bias = out_mean - gain * n_mean
+        scale = out.abs().max().clamp_min(1e-12)
+        return bool(gain.abs().max() > 0) and torch.allclose(out, n * gain + bias, rtol=0, atol=_NORM_RTOL * scale)
 
     def _reads(self, nodes: list[fx.Node]) -> set[fx.Node]:
         return {a for n in nodes for a in n.all_input_nodes}

@@ -131,8 +131,9 @@ HF_MODELS = {
         | {"num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2},
     ),
 }
-# CI: one of each kind (decoder, encoder, encoder-decoder, vision, text-image, audio), all tiny
-CI_SAMPLE = ("gpt2", "llama", "bert", "distilbert", "t5", "bart", "vit", "swin", "clip", "wav2vec2")
+# CI: one of each kind (decoder, encoder, encoder-decoder, vision, text-image, audio, mixture of
+# experts: afmoe's router is zero-initialised and its experts call transformers::grouped_mm_fallback)
+CI_SAMPLE = ("gpt2", "llama", "bert", "distilbert", "t5", "bart", "vit", "swin", "clip", "wav2vec2", "afmoe")
 # config fields that switch on a head with its own attention (one cross-attention and one FFN each)
 HEADS = ("vision_use_head",)
 

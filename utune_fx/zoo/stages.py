@@ -84,20 +84,21 @@ def _build(name: str, record: dict):
     record["input_size"] = list(size)
     x = torch.randn(2, *size, device=device)
     if not record["meta"]:
-        redraw_zero_weights(model, (x,), record)
+        redraw_zero_weights(model, record)
     return model, x
 
 
-def redraw_zero_weights(model: torch.nn.Module, inputs: tuple, record: dict) -> None:
-    """Some models zero-initialise a layer (timm's MLP-Mixer and Hiera classifiers, torchvision's ViT
-    head): an output that is all zeros lets no check fail, so every all-zero weight matrix gets random
-    values, as after any fine-tuning; the record names them."""
+def redraw_zero_weights(model: torch.nn.Module, record: dict) -> None:
+    """Some models zero-initialise a weight matrix: a classifier (timm's MLP-Mixer and Hiera,
+    torchvision's ViT), whose all-zero output lets no check fail, or a mixture-of-experts router
+    (transformers' AFMoE), whose equal scores leave top-k to break ties, which PyTorch and ONNX
+    Runtime do differently. Every all-zero weight matrix gets random values, as after any training;
+    the record names them."""
     with torch.no_grad():
-        if all(out.count_nonzero() for out in floating_outputs(model(*inputs))):
-            return
         redrawn = [n for n, p in model.named_parameters() if p.dim() >= 2 and not p.count_nonzero()]
         for name in redrawn:
             torch.nn.init.normal_(model.get_parameter(name), std=0.02)
+    if redrawn:
         record["zero_weights_redrawn"] = redrawn
 
 
@@ -204,7 +205,7 @@ def run_chain(name: str, catalog: str = "timm") -> dict:
 
         state["model"], state["inputs"], state["expected_counts"] = build_entry(catalog, name, record)
         if not record["meta"]:
-            redraw_zero_weights(state["model"], state["inputs"], record)
+            redraw_zero_weights(state["model"], record)
         record["truth"] = {"expected": state["expected_counts"]}
         state["structure"] = structure(state["model"], state["inputs"])
 
