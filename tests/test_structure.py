@@ -6,7 +6,7 @@ from toy_models import GluMlp, TokensWithPosEmbed
 
 from utune_fx.inspection import compress_scopes
 from utune_fx.match import common_scope, find_operations
-from utune_fx.trace import trace
+from utune_fx.trace import node_info, trace
 
 
 @pytest.mark.parametrize(
@@ -118,3 +118,46 @@ def test_parallel_and_constant_scaled_residuals_make_one_block_per_layer(form, f
     assert [b.scope for b in operations["block"]] == ["layers.0", "layers.1"]
     assert [b.contains for b in operations["block"]] == [{"attention": 1, "mlp": 1}] * 2
     assert [r.scope for r in operations["ffn"]] == ["layers.0.mlp", "layers.1.mlp"]
+
+
+class _TopKMaskAttention(torch.nn.Module):
+    """DeepSeek-V3.2's sparse attention in small: a scorer picks the keys each query may see; its
+    top-k indices fill a mask built by x.new_zeros, which reads x for its shape only."""
+
+    def __init__(self, dim=16, keep=3):
+        super().__init__()
+        self.qkv, self.out, self.keep = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim), keep
+        self.scorer = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        batch, length, dim = x.shape
+        scores = self.scorer(x) @ x.transpose(1, 2)
+        chosen = scores.topk(self.keep, dim=-1).indices
+        mask = x.new_zeros(batch, length, length).scatter(-1, chosen, 1.0).bool()[:, None]
+        q, k, v = self.qkv(x).reshape(batch, length, 3, 2, dim // 2).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(batch, length, dim))
+
+
+class _SparseLayer(torch.nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.ln1, self.ln2, self.attn = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim), _TopKMaskAttention(dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_indices_and_metadata_reads_are_no_path_into_an_attention(frontend):
+    """The attention's projections are the linears whose features reach it: not the scorer behind its
+    top-k mask (integer indices), nor the previous layer's FFN (read by new_zeros for its shape)."""
+    model = torch.nn.Sequential(_SparseLayer(), _SparseLayer()).eval()
+    gm = trace(model, torch.randn(2, 6, 16), frontend=frontend)
+    attentions = find_operations(gm)["attention"]
+    assert [r.scope for r in attentions] == ["0.attn", "1.attn"]
+    for layer, region in enumerate(attentions):
+        scopes = {node_info(n).scope for n in region.captures["qkv"]}
+        assert scopes == {f"{layer}.attn.qkv"}, scopes

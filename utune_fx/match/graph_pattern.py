@@ -62,12 +62,16 @@ class Edge:
 
 @dataclass(frozen=True)
 class Through:
-    """The ops a '->*' chain may pass: op kinds, or nodes passing a predicate."""
+    """The ops a '->*' chain may pass: op kinds, or nodes passing a predicate; never a node whose
+    tensor holds integers or booleans (indices, masks: DeepSeek-V3.2's top-k token selection feeds its
+    attention's mask, not its queries, keys or values)."""
 
     kinds: frozenset[str]
     predicates: tuple[Predicate, ...] = ()
 
     def passes(self, node: fx.Node, ctx: NodeContext) -> bool:
+        if (node_info(node).dtype or "float").startswith(("int", "uint", "bool")):
+            return False
         return node_info(node).op_kind in self.kinds or any(p(node, ctx) is None for p in self.predicates)
 
 

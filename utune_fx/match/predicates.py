@@ -112,14 +112,27 @@ def is_weight(node: fx.Node) -> bool:
     return node_info(node).op_kind in ("param", "constant")
 
 
+# ops that read a tensor's shape, dtype and device only: x.new_ones(...) builds DeepSeek-V3.2's sparse
+# attention mask, which no feature flows through
+METADATA_ONLY = frozenset(
+    {"new_ones", "new_zeros", "new_full", "new_empty", "zeros_like", "ones_like", "full_like", "empty_like"}
+)
+
+
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    """Inputs that carry tensors (shape arithmetic is not data flow)."""
+    """Inputs that carry tensors (shape arithmetic is not data flow, nor is a tensor read for its metadata)."""
+    if node_info(node).op_name in METADATA_ONLY:
+        return []
     return [n for n in node.all_input_nodes if node_info(n).shape is not None or node_info(n).item_shapes]
 
 
 def tensor_users(node: fx.Node) -> list[fx.Node]:
-    """Users that compute tensors from this node (not x.shape and its arithmetic)."""
-    return [u for u in node.users if node_info(u).shape is not None or node_info(u).item_shapes]
+    """Users that compute tensors from this node (not x.shape and its arithmetic, nor x.new_ones(...))."""
+    return [
+        u
+        for u in node.users
+        if (node_info(u).shape is not None or node_info(u).item_shapes) and node_info(u).op_name not in METADATA_ONLY
+    ]
 
 
 def data_inputs(node: fx.Node) -> list[fx.Node]:
