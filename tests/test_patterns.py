@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 from torch import nn
-from toy_models import TinyGpt, transformer_encoder
+from toy_models import TinyGpt, tiny_moe, transformer_encoder
 
 from utune_fx.match import MatchContext, load_prelude, load_rules, match_rules
 from utune_fx.trace import trace
@@ -47,6 +47,7 @@ MODELS = {
         torch.randn(2, 3, 64, 64),
     ),
     "densenet": lambda: _trace_timm("densenet121", 64, block_config=(1, 1, 1, 1)),
+    "moe": lambda: trace(tiny_moe(shared=True).eval(), torch.randn(2, 5, 16), frontend="export"),
     # FFNs beyond fc1 -> act -> fc2: PVTv2's depthwise conv on the token grid, CAFormer's StarReLU
     "pvt": lambda: _trace_timm("pvt_v2_b0", 64, depths=(1, 1, 1, 1)),
     "caformer": lambda: trace(
@@ -80,6 +81,10 @@ FIRES = [
     ("mlp", "vit", 3, "efficientnet"),  # squeeze-excitation gates are no mlp
     ("conv_mlp", "pvt", 4, "resnet"),  # no depthwise conv between 1x1 convs in a ResNet
     ("transformer_block", "swin", 4, "convnext"),
+    ("routing", "moe", 2, "vit"),
+    ("routed", "moe", 4, "vit"),  # each MoE sub-layer, and the sum of its routed and shared experts
+    ("moe", "moe", 2, "vit"),  # the outermost only
+    ("dense_ffn", "moe", 1, "resnet"),  # the dense layer's mlp; the shared experts are the MoEs' parts
     ("ffn", "encoder", 3, "convnext"),  # ConvNeXt has mlps but no attention
     ("residual", "resnet", 8, "plain_mlp"),
     ("block", "resnet", 8, "plain_mlp"),

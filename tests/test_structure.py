@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from toy_models import GluMlp, TokensWithPosEmbed
+from toy_models import GluMlp, TokensWithPosEmbed, tiny_moe
 
 from utune_fx.inspection import compress_scopes
 from utune_fx.match import common_scope, find_operations
@@ -161,3 +161,52 @@ def test_indices_and_metadata_reads_are_no_path_into_an_attention(frontend):
     for layer, region in enumerate(attentions):
         scopes = {node_info(n).scope for n in region.captures["qkv"]}
         assert scopes == {f"{layer}.attn.qkv"}, scopes
+
+
+class _XlmLike(torch.nn.Module):
+    """XLM's and Flaubert's layout: the model's loop runs attentions[i] then ffns[i] (post-norm), and
+    the position embeddings are expanded to the token embeddings' shape before the add."""
+
+    def __init__(self, layers=2, dim=16):
+        super().__init__()
+        self.tokens, self.positions = torch.nn.Embedding(50, dim), torch.nn.Embedding(8, dim)
+        self.attentions = torch.nn.ModuleList(
+            torch.nn.MultiheadAttention(dim, 2, batch_first=True) for _ in range(layers)
+        )
+        self.norm1 = torch.nn.ModuleList(torch.nn.LayerNorm(dim) for _ in range(layers))
+        self.ffns = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim))
+            for _ in range(layers)
+        )
+        self.norm2 = torch.nn.ModuleList(torch.nn.LayerNorm(dim) for _ in range(layers))
+
+    def forward(self, ids):
+        x = self.tokens(ids)
+        x = x + self.positions(torch.arange(ids.shape[1])).expand_as(x)
+        for attention, norm1, ffn, norm2 in zip(self.attentions, self.norm1, self.ffns, self.norm2):
+            x = norm1(x + attention(x, x, x, need_weights=False)[0])
+            x = norm2(x + ffn(x))
+        return x
+
+
+def test_entries_of_sibling_module_lists_run_in_turn_are_one_layer():
+    gm = trace(_XlmLike().eval(), torch.randint(0, 50, (2, 6)), frontend="export")
+    operations = find_operations(gm)
+    assert [r.scope for r in operations["residual"]] == ["attentions.0", "ffns.0", "attentions.1", "ffns.1"]
+    assert [b.contains for b in operations["block"]] == [{"attention": 1, "mlp": 1}] * 2
+    assert [r.scope for r in operations["ffn"]] == ["ffns.0", "ffns.1"]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_mixture_of_experts_is_its_layers_one_ffn(shared):
+    """A dense first layer keeps its mlp; a routed sub-layer (a top-k of router scores) is the FFN
+    whole, its shared expert no second one."""
+    model = tiny_moe(shared).eval()
+    gm = trace(model, torch.randn(2, 5, 16), frontend="export")
+    ffns = find_operations(gm)["ffn"]
+    assert [r.scope for r in ffns] == ["0.mlp", "1", "2"]
+    assert [r.pattern for r in ffns] == ["ffn"] * 3
+    for layer, region in zip("12", ffns[1:]):
+        linears = {node_info(n).scope for n in region.nodes if node_info(n).op_kind == "linear"}
+        shared_expert = {f"{layer}.mlp.shared.0", f"{layer}.mlp.shared.2"} if shared else set()
+        assert linears == {f"{layer}.mlp.router"} | shared_expert

@@ -21,7 +21,8 @@ TIMM_CASES = [
     ("swin_tiny_patch4_window7_224", dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)), 224, 4, 4, 4, 4),
     ("cait_xxs24_224", dict(img_size=32, patch_size=8, depth=2), 32, 4, 4, 4, 4),
     ("pit_ti_224", dict(depth=(1, 1, 1)), 224, 3, 3, 3, 3),
-    ("xcit_nano_12_p16_224", dict(img_size=64, depth=2), 64, 4, 4, 5, 4),
+    # XCiT: x + pos_embed(B, H, W) (Fourier features of the grid size) is no residual: 2 + 2 blocks
+    ("xcit_nano_12_p16_224", dict(img_size=64, depth=2), 64, 4, 4, 4, 4),
     ("maxvit_pico_rw_256", dict(img_size=64), 64, 22, 22, 33, 22),
     ("coatnet_nano_rw_224", dict(img_size=64), 64, 9, 9, 16, 9),
     # CoaT: each stage's one ConvPosEnc runs in every block, each call a block of its own (8 + 8)

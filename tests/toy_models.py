@@ -245,3 +245,43 @@ def minilm(sentences):
     bert = transformers.BertModel.from_pretrained(directory, add_pooling_layer=False, local_files_only=True).eval()
     batch = tokenizer(list(sentences), padding=True, return_tensors="pt")
     return SentenceEncoder(bert).eval(), (batch["input_ids"], batch["attention_mask"])
+
+
+class Experts(nn.Module):
+    """Experts as 3-D weights (no nn.Linear), gathered per routed token, as transformers' batched_mm."""
+
+    def __init__(self, dim=16, hidden=32, experts=4, top=2, shared=False):
+        super().__init__()
+        self.router, self.top = nn.Linear(dim, experts, bias=False), top
+        self.up = nn.Parameter(torch.randn(experts, dim, hidden) * 0.1)
+        self.down = nn.Parameter(torch.randn(experts, hidden, dim) * 0.1)
+        self.shared = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, dim)) if shared else None
+
+    def forward(self, x):
+        weights, chosen = self.router(x).softmax(-1).topk(self.top, dim=-1)
+        rows = x.unsqueeze(-2).expand(*chosen.shape, x.shape[-1])  # [B, T, top, C]
+        hidden = F.silu(torch.einsum("btkc,btkch->btkh", rows, self.up[chosen]))
+        routed = (torch.einsum("btkh,btkhc->btkc", hidden, self.down[chosen]) * weights.unsqueeze(-1)).sum(-2)
+        return routed + self.shared(x) if self.shared is not None else routed
+
+
+class MoeLayer(nn.Module):
+    """A pre-norm transformer layer whose FFN is dense or a mixture of experts (with a shared one)."""
+
+    def __init__(self, moe, shared, dim=16):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.mlp = (
+            Experts(dim, shared=shared) if moe else nn.Sequential(nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
+        )
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+def tiny_moe(shared: bool = True) -> nn.Module:
+    """A dense layer, then two mixture-of-experts layers."""
+    return nn.Sequential(MoeLayer(False, shared), MoeLayer(True, shared), MoeLayer(True, shared))

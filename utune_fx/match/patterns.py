@@ -147,9 +147,9 @@ class Pattern(abc.ABC):
         if self.within is not None:
             inside = set().union(*(r.nodes for r in ctx.regions(self.within)))
             regions = [r for r in regions if r.anchor in inside]
-        if self.outside is not None:
-            inside = set().union(*(r.nodes for r in ctx.regions(self.outside)))
-            regions = [r for r in regions if r.anchor not in inside]
+        if self.outside is not None:  # inside another region: a pattern may name itself (the outermost)
+            others = ctx.regions(self.outside)
+            regions = [r for r in regions if not any(r.anchor in o.nodes and o.anchor is not r.anchor for o in others)]
         return regions
 
     @abc.abstractmethod

@@ -113,26 +113,32 @@ def is_weight(node: fx.Node) -> bool:
 
 
 # ops that read a tensor's shape, dtype and device only: x.new_ones(...) builds DeepSeek-V3.2's sparse
-# attention mask, which no feature flows through
+# attention mask, which no feature flows through; a.expand_as(b) reads b's shape (XLM's position
+# embeddings, expanded to the token embeddings' shape, are no branch of them)
 METADATA_ONLY = frozenset(
     {"new_ones", "new_zeros", "new_full", "new_empty", "zeros_like", "ones_like", "full_like", "empty_like"}
 )
+SHAPED_LIKE = frozenset({"expand_as", "view_as", "reshape_as", "type_as"})  # data: the first argument only
+
+
+def _carries_tensor(node: fx.Node) -> bool:
+    return node_info(node).shape is not None or bool(node_info(node).item_shapes)
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     """Inputs that carry tensors (shape arithmetic is not data flow, nor is a tensor read for its metadata)."""
-    if node_info(node).op_name in METADATA_ONLY:
+    op_name = node_info(node).op_name
+    if op_name in METADATA_ONLY:
         return []
-    return [n for n in node.all_input_nodes if node_info(n).shape is not None or node_info(n).item_shapes]
+    inputs = node.all_input_nodes
+    if op_name in SHAPED_LIKE and node.args and isinstance(node.args[0], fx.Node):
+        inputs = [node.args[0]]
+    return [n for n in inputs if _carries_tensor(n)]
 
 
 def tensor_users(node: fx.Node) -> list[fx.Node]:
     """Users that compute tensors from this node (not x.shape and its arithmetic, nor x.new_ones(...))."""
-    return [
-        u
-        for u in node.users
-        if (node_info(u).shape is not None or node_info(u).item_shapes) and node_info(u).op_name not in METADATA_ONLY
-    ]
+    return [u for u in node.users if _carries_tensor(u) and node in tensor_inputs(u)]
 
 
 def data_inputs(node: fx.Node) -> list[fx.Node]:

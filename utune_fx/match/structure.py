@@ -17,7 +17,8 @@
   attention and FFN residuals in sub-modules of the layer, T5 its
   self-attention, cross-attention and FFN); a module holding several
   residuals is a layer of its own, so a block never spans two layers;
-  each call of a module is its own (torch.export keys a second call
+  entry i of sibling module lists, run in turn by the model's loop, is one
+  layer (XLM's attentions.i and ffns.i); each call of a module is its own (torch.export keys a second call
   'path@1': ALBERT runs one shared layer per block). An add inside an
   attention (scores + a position bias: MPNet) or a composite op is none.
 
@@ -158,8 +159,8 @@ class _Residuals:
             if found is not None:
                 return skip, found + [add]
         start = self.dominators.get(add)
-        if start is None or start is add or not _floating(start):
-            return None
+        if start is None or start in (add, a, b) or not _floating(start):
+            return None  # x + g(): g does not read x (position embeddings looked up from an arange)
         scope = node_info(add).scope
         start = self._before_shared_norm(start, scope)
         if start is None:
@@ -247,6 +248,9 @@ def _layer_scope(parts: list[Region], residuals: list[Region]) -> str | None:
     cross-attention and FFN in T5Block). Blocks side by side in a Sequential, or like blocks of
     one residual each in a ModuleList, stay apart."""
     scopes = [r.scope for r in parts]
+    zipped = _zipped_lists(scopes)
+    if zipped is not None:
+        return zipped
     common = common_scope(scopes)
     if len({module_call(r.anchor, common) for r in parts}) != 1:
         return None  # several calls of one module (a shared layer run again)
@@ -263,6 +267,18 @@ def _layer_scope(parts: list[Region], residuals: list[Region]) -> str | None:
             return None  # a whole layer of its own (T5's next block)
         signatures.add(_signature(residual, child))
     return layer if len(signatures) == len(parts) else None
+
+
+def _zipped_lists(scopes: list[str]) -> str | None:
+    """XLM's layout: the model's own loop runs entry i of sibling module lists in turn (attentions.i,
+    then ffns.i); sub-layers in a row that are one index of distinct lists under one parent are one
+    layer, scoped at the parent."""
+    lists, _, indices = zip(*(scope.rpartition(".") for scope in scopes))
+    parents = {path.rpartition(".")[0] for path in lists}
+    index = indices[0]
+    if not index.isdigit() or set(indices) != {index} or len(set(lists)) != len(lists) or len(parents) != 1:
+        return None
+    return parents.pop()
 
 
 def _leading(first: Region, scope: str) -> set[fx.Node]:

@@ -15,7 +15,7 @@ the outer matmul takes the kind, the inner one and the softmax are its parts.
 Between the two matmuls and the softmax any short chain of scaling, masking,
 bias, reshape, permute, dropout, head-mixing linear or activation ops may sit
 (BEiT's relative position bias, Swin's window mask, CaiT's talking heads,
-Gemma 2's soft-capping tanh).
+Gemma 2's soft-capping tanh, GPT-OSS's sink logits concatenated to the scores).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ _CHAIN_KINDS = frozenset(
         "norm",
         "arith",
         "act",  # Gemma 2's logit soft-capping: cap * tanh(scores / cap)
+        "cat",  # GPT-OSS's attention sinks: softmax(cat(scores, sinks))[..., :-1]
     }
 )
 _MAX_CHAIN = 8

@@ -13,7 +13,8 @@ The structural rule, general for any model (no per-model lists):
   projection), T5LayerSelfAttention, GPT2Attention, nn.MultiheadAttention, torchvision's
   ShiftedWindowAttention; SigLIP's pooling head (``...AttentionPoolingHead``) is not one, the
   nn.MultiheadAttention inside it is;
-- its projections are the nn.Linear / transformers Conv1D modules inside it, and the attention
+- its projections are the modules inside it that hold a weight matrix (nn.Linear, transformers'
+  Conv1D, I-BERT's QuantLinear; never an embedding), and the attention
   module itself for weights it owns directly (nn.MultiheadAttention's packed in_proj_weight,
   torchvision Swin's functional call of its qkv weight);
 - one run of the eager model, with hooks, counts each attention's executions (ALBERT runs one
@@ -51,7 +52,11 @@ class Structure:
 
 
 def _is_projection(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"  # transformers' addmm linear
+    """nn.Linear, transformers' Conv1D (addmm), or any other leaf with a weight matrix (I-BERT's
+    QuantLinear); never an embedding table."""
+    weight = getattr(module, "weight", None)
+    leaf_matrix = isinstance(weight, nn.Parameter) and weight.dim() == 2 and not any(True for _ in module.children())
+    return isinstance(module, nn.Linear) or (leaf_matrix and not isinstance(module, nn.Embedding))
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
