@@ -210,3 +210,40 @@ def test_a_mixture_of_experts_is_its_layers_one_ffn(shared):
         linears = {node_info(n).scope for n in region.nodes if node_info(n).op_kind == "linear"}
         shared_expert = {f"{layer}.mlp.shared.0", f"{layer}.mlp.shared.2"} if shared else set()
         assert linears == {f"{layer}.mlp.router"} | shared_expert
+
+
+class _SlicedLayer(torch.nn.Module):
+    """LUKE's layer, post-norm: the attention sub-layer's output is sliced back to the word tokens
+    (all of them when there are no entities) before the FFN sub-layer reads it."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.attention = _PostNorm(torch.nn.MultiheadAttention(dim, 2, batch_first=True), dim, attention=True)
+        self.output = _PostNorm(
+            torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim)), dim
+        )
+
+    def forward(self, x):
+        words = x.shape[1]
+        h = self.attention(x)[:, :words]
+        return self.output(h)
+
+
+class _PostNorm(torch.nn.Module):
+    def __init__(self, inner, dim, attention=False):
+        super().__init__()
+        self.inner, self.norm, self.attention = inner, torch.nn.LayerNorm(dim), attention
+
+    def forward(self, x):
+        out = self.inner(x, x, x, need_weights=False)[0] if self.attention else self.inner(x)
+        return self.norm(x + out)
+
+
+def test_a_slice_that_keeps_every_token_joins_two_sub_layers():
+    model = torch.nn.Sequential(_SlicedLayer(), _SlicedLayer()).eval()
+    gm = trace(model, torch.randn(2, 6, 16), frontend="export")
+    blocks = find_operations(gm)["block"]
+    assert [(b.scope, b.contains) for b in blocks] == [
+        ("0", {"attention": 1, "mlp": 1}),
+        ("1", {"attention": 1, "mlp": 1}),
+    ]

@@ -208,14 +208,21 @@ def find_residuals(gm: fx.GraphModule) -> list[Region]:
 
 
 def _follows(residual: Region, previous: Region) -> bool:
-    """The residual's skip starts at the previous one's output (or its post-norm)."""
+    """The residual's skip starts at the previous one's output (or its post-norm, or a slice that keeps
+    all of it)."""
     node = residual.inputs[0]
     while node is not previous.output:
         inputs = data_inputs(node)
-        if _kind(node) not in ("norm", "identity", "dropout", "cast") or len(inputs) != 1:
+        if len(inputs) != 1 or not (_kind(node) in ("norm", "identity", "dropout", "cast") or _whole_slice(node)):
             return False
         node = inputs[0]
     return True
+
+
+def _whole_slice(node: fx.Node) -> bool:
+    """x[:, :n] that keeps all of x (LUKE slices its word tokens back out of a sequence with no entities)."""
+    inputs = data_inputs(node)
+    return _kind(node) == "getitem" and len(inputs) == 1 and node_info(node).shape == node_info(inputs[0]).shape
 
 
 _CONTAINERS = (
