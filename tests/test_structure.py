@@ -247,3 +247,33 @@ def test_a_slice_that_keeps_every_token_joins_two_sub_layers():
         ("0", {"attention": 1, "mlp": 1}),
         ("1", {"attention": 1, "mlp": 1}),
     ]
+
+
+class _ShortConvAttention(torch.nn.Module):
+    """Keys and values pass a causal depthwise conv after their projections (Inkling)."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(dim, dim) for _ in range(4))
+        self.k_conv, self.v_conv = (torch.nn.Conv1d(dim, dim, 4, padding=3, groups=dim) for _ in range(2))
+
+    def forward(self, x):
+        batch, length, dim = x.shape
+
+        def heads(t):
+            return t.reshape(batch, length, 2, dim // 2).transpose(1, 2)
+
+        def short_conv(conv, t):
+            return conv(t.transpose(1, 2))[..., :length].transpose(1, 2)
+
+        q, k, v = heads(self.q(x)), heads(short_conv(self.k_conv, self.k(x))), heads(short_conv(self.v_conv, self.v(x)))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(batch, length, dim))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_depthwise_conv_after_a_projection_is_no_projection(frontend):
+    gm = trace(_ShortConvAttention().eval(), torch.randn(2, 6, 16), frontend=frontend)
+    (attention,) = find_operations(gm)["attention"]
+    assert {node_info(n).scope for n in attention.captures["qkv"]} == {"q", "k", "v"}
+    assert {node_info(n).scope for n in attention.captures["proj"]} == {"o"}
