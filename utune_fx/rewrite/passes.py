@@ -289,7 +289,7 @@ def _insert(
     reshape: bool,
 ) -> None:
     gm.add_submodule(path, module)
-    with gm.graph.inserting_after(writes):
+    with gm.graph.inserting_after(_latest(gm, (writes, *reads))):
         call = gm.graph.call_module(path, reads)
     update = call
     if reshape:
@@ -299,8 +299,29 @@ def _insert(
     with gm.graph.inserting_after(update):
         total = gm.graph.call_function(operator.add, (writes, update))
     writes.replace_all_uses_with(total, delete_user_cb=lambda user: user not in (call, update, total))
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    early = [user.name for user in total.users if order[user] < order[total]]
+    if early:
+        raise UtuneError(
+            f"the tuner {path} reads {reads[0].name}, which the graph computes after {early[0]} reads "
+            f"{writes.name}, the output it adds to; tune another operation there"
+        )
     _annotate(call, reads[0], "tuner", type(module).__name__, tag)
     _annotate(total, writes, "add", "add", tag)
+
+
+def _latest(gm: fx.GraphModule, nodes: tuple[fx.Node, ...]) -> fx.Node:
+    """The node of ``nodes`` the graph computes last: a parallel tuner may read a tensor computed after
+    the output it adds to (Hugging Face Hiera pools its skip after the attention), so it goes after
+    both, still before the output's first reader there."""
+    wanted, last = set(nodes), None
+    for node in gm.graph.nodes:
+        if node in wanted:
+            last = node
+            wanted.discard(node)
+            if not wanted:
+                break
+    return last
 
 
 def _placement(region: Region, ctx: MatchContext, dtype_of: fx.Node) -> dict:
