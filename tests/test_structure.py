@@ -198,10 +198,12 @@ def test_entries_of_sibling_module_lists_run_in_turn_are_one_layer():
 
 
 @pytest.mark.parametrize("shared", [False, True])
-def test_a_mixture_of_experts_is_its_layers_one_ffn(shared):
+@pytest.mark.parametrize("parallel", [False, True])
+def test_a_mixture_of_experts_is_its_layers_one_ffn(shared, parallel):
     """A dense first layer keeps its mlp; a routed sub-layer (a top-k of router scores) is the FFN
-    whole, its shared expert no second one."""
-    model = tiny_moe(shared).eval()
+    whole, its shared expert no second one; also where attention and experts read one norm and are
+    summed with the skip (the experts' output passes chunk and topk tuples: features still)."""
+    model = tiny_moe(shared, parallel).eval()
     gm = trace(model, torch.randn(2, 5, 16), frontend="export")
     ffns = find_operations(gm)["ffn"]
     assert [r.scope for r in ffns] == ["0.mlp", "1", "2"]
@@ -209,7 +211,8 @@ def test_a_mixture_of_experts_is_its_layers_one_ffn(shared):
     for layer, region in zip("12", ffns[1:]):
         linears = {node_info(n).scope for n in region.nodes if node_info(n).op_kind == "linear"}
         shared_expert = {f"{layer}.mlp.shared.0", f"{layer}.mlp.shared.2"} if shared else set()
-        assert linears == {f"{layer}.mlp.router"} | shared_expert
+        beside = {f"{layer}.attn", f"{layer}.attn.out_proj"} if parallel else set()  # one sum, one sub-layer
+        assert linears == {f"{layer}.mlp.router"} | shared_expert | beside
 
 
 class _SlicedLayer(torch.nn.Module):

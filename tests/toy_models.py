@@ -248,29 +248,32 @@ def minilm(sentences):
 
 
 class Experts(nn.Module):
-    """Experts as 3-D weights (no nn.Linear), gathered per routed token, as transformers' batched_mm."""
+    """Experts as 3-D weights (no nn.Linear), gathered per routed token, as transformers' batched_mm;
+    gated (SwiGLU), the gate and up halves split by chunk."""
 
     def __init__(self, dim=16, hidden=32, experts=4, top=2, shared=False):
         super().__init__()
         self.router, self.top = nn.Linear(dim, experts, bias=False), top
-        self.up = nn.Parameter(torch.randn(experts, dim, hidden) * 0.1)
+        self.gate_up = nn.Parameter(torch.randn(experts, dim, 2 * hidden) * 0.1)
         self.down = nn.Parameter(torch.randn(experts, hidden, dim) * 0.1)
         self.shared = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, dim)) if shared else None
 
     def forward(self, x):
         weights, chosen = self.router(x).softmax(-1).topk(self.top, dim=-1)
         rows = x.unsqueeze(-2).expand(*chosen.shape, x.shape[-1])  # [B, T, top, C]
-        hidden = F.silu(torch.einsum("btkc,btkch->btkh", rows, self.up[chosen]))
+        gate, up = torch.einsum("btkc,btkch->btkh", rows, self.gate_up[chosen]).chunk(2, dim=-1)
+        hidden = F.silu(gate) * up
         routed = (torch.einsum("btkh,btkhc->btkc", hidden, self.down[chosen]) * weights.unsqueeze(-1)).sum(-2)
         return routed + self.shared(x) if self.shared is not None else routed
 
 
 class MoeLayer(nn.Module):
-    """A pre-norm transformer layer whose FFN is dense or a mixture of experts (with a shared one)."""
+    """A pre-norm transformer layer whose FFN is dense or a mixture of experts (with a shared one);
+    'parallel': x + attn(ln(x)) + ffn(ln(x)), as Cohere 2 MoE."""
 
-    def __init__(self, moe, shared, dim=16):
+    def __init__(self, moe, shared, dim=16, parallel=False):
         super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ln1, self.ln2, self.parallel = nn.LayerNorm(dim), nn.LayerNorm(dim), parallel
         self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
         self.mlp = (
             Experts(dim, shared=shared) if moe else nn.Sequential(nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
@@ -278,10 +281,12 @@ class MoeLayer(nn.Module):
 
     def forward(self, x):
         h = self.ln1(x)
+        if self.parallel:
+            return x + self.attn(h, h, h, need_weights=False)[0] + self.mlp(h)
         x = x + self.attn(h, h, h, need_weights=False)[0]
         return x + self.mlp(self.ln2(x))
 
 
-def tiny_moe(shared: bool = True) -> nn.Module:
+def tiny_moe(shared: bool = True, parallel: bool = False) -> nn.Module:
     """A dense layer, then two mixture-of-experts layers."""
-    return nn.Sequential(MoeLayer(False, shared), MoeLayer(True, shared), MoeLayer(True, shared))
+    return nn.Sequential(*(MoeLayer(moe, shared, parallel=parallel) for moe in (False, True, True)))

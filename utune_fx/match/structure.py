@@ -103,6 +103,12 @@ def _floating(node: fx.Node) -> bool:
     return (node_info(node).dtype or "").startswith(("float", "bfloat"))
 
 
+def _carries_features(node: fx.Node) -> bool:
+    """A floating tensor, or a tuple of tensors (topk, chunk, split: the items say their dtypes)."""
+    info = node_info(node)
+    return _floating(node) or (info.dtype is None and bool(info.item_shapes))
+
+
 def _skip_source(node: fx.Node) -> fx.Node:
     """The tensor a skip connection carries, seen through identity, dropout,
     casts and scaling by a weight (MetaFormer's res_scale) or a constant (Beam's depth-scaled
@@ -132,7 +138,7 @@ class _Residuals:
         for node in self.gm.graph.nodes:
             # features flow from the input; masks and sizes derived from token ids do not carry them
             # (Cohere's attention mask makes input_ids dominate its parallel attention + FFN sum)
-            sources = [p for p in node.all_input_nodes if p in reachable and (p is root or _floating(p))]
+            sources = [p for p in node.all_input_nodes if p in reachable and (p is root or _carries_features(p))]
             if node is not root and sources:
                 reachable.add(node)
                 graph.add_edges_from((p, node) for p in sources)
