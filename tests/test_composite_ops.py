@@ -150,7 +150,7 @@ class Gate(nn.Module):
 
 
 class LearntSwish(nn.Module):
-    """x * sigmoid(beta x) with a trained beta: SiLU at beta = 1, but not once beta trains."""
+    """x * sigmoid(beta x) with a trained beta: SiLU at beta = 1, but not once beta trains: a learnt act."""
 
     def __init__(self):
         super().__init__()
@@ -160,8 +160,47 @@ class LearntSwish(nn.Module):
         return x * torch.sigmoid(self.beta * x)
 
 
+class XIELU(nn.Module):
+    """transformers' xIELU (Apertus), its Python form: a piecewise activation with learnt slopes."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha_p = nn.Parameter(torch.tensor([0.5]))
+        self.alpha_n = nn.Parameter(torch.tensor([0.2]))
+        self.register_buffer("beta", torch.tensor(0.5))
+        self.register_buffer("eps", torch.tensor(-1e-6))
+
+    def forward(self, x):
+        alpha_p, alpha_n = F.softplus(self.alpha_p), self.beta + F.softplus(self.alpha_n)
+        return torch.where(
+            x > 0, alpha_p * x * x + self.beta * x, (torch.expm1(torch.min(x, self.eps)) - x) * alpha_n + self.beta * x
+        )
+
+
+class LearntScale(nn.Module):
+    """x * gamma + beta x: learnt, but a line (layer scale), so no activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.tensor([0.3]))
+
+    def forward(self, x):
+        return x * self.gamma + 0.5 * x
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+@pytest.mark.parametrize("act", [XIELU, LearntSwish], ids=["xielu", "learnt_swish"])
+def test_an_activation_with_learnt_parameters_is_one_learnt_act(act, frontend):
+    """No fixed form, but one input, one output each, not a line: the FFN around it is found."""
+    gm = _traced(Mlp(act()), torch.randn(2, 5, 16), frontend)
+    acts = _of_kind(gm, "act")
+    assert [(node_info(n).op_name, node_info(n).composite) for n in acts] == [("learnt", "learnt")]
+    assert data_inputs(acts[0]) == [_producer(gm, "fc1", "linear")]
+    assert [r.scope for r in find_operations(gm)["mlp"]] == [""]
+
+
 NOT_ACTS = {
-    "learnt_swish": LearntSwish(),
+    "learnt_scale": LearntScale(),
     "swish_beta_2": lambda x: x * torch.sigmoid(2.0 * x),  # neither SiLU nor quick GELU
     "gelu_wrong_constant": lambda x: 0.5 * x * (1.0 + torch.erf(x / 2.0)),
     "square": lambda x: x * x,

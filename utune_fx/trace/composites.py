@@ -50,6 +50,15 @@ _ELEMENTWISE = frozenset(
         "sigmoid",
         "reciprocal",
         "square",
+        # piecewise forms (xIELU: where(x > 0, a x^2 + b x, (expm1(min(x, eps)) - x) a' + b x))
+        "where",
+        "gt",
+        "lt",
+        "expm1",
+        "minimum",
+        "maximum",
+        "min",  # torch.min(x, other): elementwise (a reduction's tuple fails the probe)
+        "max",
     }
 )
 _CASTS = frozenset({"to", "type", "type_as", "float", "half", "bfloat16", "double", "_to_copy"})
@@ -182,10 +191,10 @@ class _Finder:
                 if self._is_rms_norm(x, nodes, shape):
                     return "norm", "rms_norm"
                 return ("norm", "layer_norm") if self._is_layer_norm(x, nodes, shape) else None
-            if any(n.op == "get_attr" and isinstance(self._attr(n), nn.Parameter) for n in self._reads(nodes)):
-                return None  # a learnt slope (swish-beta) is no fixed activation
             probe = torch.linspace(-8.0, 8.0, 321, dtype=torch.float64)
             out = self._run(x, nodes, probe)
+            if any(n.op == "get_attr" and isinstance(self._attr(n), nn.Parameter) for n in self._reads(nodes)):
+                return ("act", "learnt") if _nonlinear(probe, out) else None  # xIELU, swish-beta
             for form, reference in ACTIVATIONS.items():
                 if out.shape == probe.shape and torch.allclose(out, reference(probe), rtol=0, atol=_ACT_ATOL):
                     return "act", form
@@ -259,6 +268,15 @@ class _Finder:
             else:
                 values[node] = node.target(*args, **kwargs)
         return values[nodes[-1]]
+
+
+def _nonlinear(probe: torch.Tensor, out: torch.Tensor) -> bool:
+    """One output per input, and no line a * x + b through them (a learnt scale is no activation)."""
+    if out.shape != probe.shape or not torch.isfinite(out).all():
+        return False
+    design = torch.stack([probe, torch.ones_like(probe)], dim=1)
+    fitted = design @ torch.linalg.lstsq(design, out.unsqueeze(1)).solution
+    return bool((out - fitted.squeeze(1)).abs().max() > 1e-6 * (1 + out.abs().max()))
 
 
 def find_composites(
