@@ -280,3 +280,30 @@ def test_a_depthwise_conv_after_a_projection_is_no_projection(frontend):
     (attention,) = find_operations(gm)["attention"]
     assert {node_info(n).scope for n in attention.captures["qkv"]} == {"q", "k", "v"}
     assert {node_info(n).scope for n in attention.captures["proj"]} == {"o"}
+
+
+class _DifferentialAttention(torch.nn.Module):
+    """DiffLlama: two attention maps over one value, the second subtracted, one output projection."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(dim, dim) for _ in range(4))
+        self.mix = torch.nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x):
+        batch, length, dim = x.shape
+        q1, q2 = self.q(x).reshape(batch, length, 2, dim // 2).transpose(1, 2).chunk(2, dim=1)
+        k1, k2 = self.k(x).reshape(batch, length, 2, dim // 2).transpose(1, 2).chunk(2, dim=1)
+        v = self.v(x).reshape(batch, length, 1, dim).transpose(1, 2)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        y = sdpa(q1, k1, v) - self.mix * sdpa(q2, k2, v)
+        return self.o(y.transpose(1, 2).reshape(batch, length, dim))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_attention_maps_that_meet_before_one_projection_are_one_attention(frontend):
+    gm = trace(_DifferentialAttention().eval(), torch.randn(2, 6, 16), frontend=frontend)
+    (attention,) = find_operations(gm)["attention"]
+    assert len(attention.captures["attn"]) == 2
+    assert {node_info(n).scope for n in attention.captures["qkv"]} == {"q", "k", "v"}
+    assert [node_info(n).scope for n in attention.captures["proj"]] == ["o"]
