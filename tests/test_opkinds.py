@@ -95,6 +95,26 @@ class WrittenOutAttention(SdpaAttention):
         return self.proj(self.merge(weights @ v))
 
 
+class ClampedAttention(SdpaAttention):
+    """XGLM: scores clamped from below with torch.max(scores, floor) before the softmax."""
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        scores = torch.max(q @ k.transpose(-2, -1), torch.tensor(torch.finfo(torch.float32).min))
+        return self.proj(self.merge(scores.softmax(dim=-1) @ v))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_max_of_two_tensors_is_elementwise_and_of_one_a_reduction(frontend):
+    class Both(nn.Module):
+        def forward(self, x, y):
+            return torch.max(x, y) + torch.max(x, dim=-1, keepdim=True).values
+
+    gm = trace(Both().eval(), (torch.randn(2, 4), torch.randn(2, 4)), frontend=frontend)
+    maxima = [node_info(n).op_kind for n in gm.graph.nodes if node_info(n).op_name in ("max", "maximum")]
+    assert maxima == ["arith", "reduce"]
+
+
 class TorchMha(nn.Module):
     def __init__(self):
         super().__init__()
@@ -104,7 +124,7 @@ class TorchMha(nn.Module):
         return self.attn(x, x, x, need_weights=False)[0]
 
 
-@pytest.mark.parametrize("model", [SdpaAttention, WrittenOutAttention, TorchMha])
+@pytest.mark.parametrize("model", [SdpaAttention, WrittenOutAttention, ClampedAttention, TorchMha])
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_attention_is_one_attention_node_with_its_inputs(model, frontend):
     module = model().eval()
@@ -123,7 +143,7 @@ def test_attention_is_one_attention_node_with_its_inputs(model, frontend):
     names = {n.name for n in gm.graph.nodes}
     assert info is not None and {info.query, info.key, info.value} <= names
     parts = [n for n in gm.graph.nodes if node_info(n).part_of == attention[0].name]
-    if model is WrittenOutAttention:
+    if model in (WrittenOutAttention, ClampedAttention):
         assert {node_info(p).op_kind for p in parts} >= {"matmul", "softmax"}
     else:
         assert parts == []

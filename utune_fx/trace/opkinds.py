@@ -312,6 +312,8 @@ def base_kind(node: fx.Node, module: nn.Module | None, name: str) -> str:
         return "param" if not str(node.target).startswith("_tensor_constant") else "constant"
     if node.op == "call_module":
         return module_kind(module) if module is not None else "opaque"
+    if name in ("max", "min") and len(node.args) > 1 and isinstance(node.args[1], fx.Node):
+        return "arith"  # torch.max(a, b): elementwise, as maximum (XGLM clamps its scores so)
     return KIND_OF_NAME.get(name, "other")
 
 
