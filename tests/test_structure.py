@@ -307,3 +307,45 @@ def test_attention_maps_that_meet_before_one_projection_are_one_attention(fronte
     assert len(attention.captures["attn"]) == 2
     assert {node_info(n).scope for n in attention.captures["qkv"]} == {"q", "k", "v"}
     assert [node_info(n).scope for n in attention.captures["proj"]] == ["o"]
+
+
+class _DisentangledAttention(torch.nn.Module):
+    """DeBERTa/SEW-D: content-to-position and position-to-content terms, summed, then added to Q K^T."""
+
+    def __init__(self, dim=16, length=6):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(dim, dim) for _ in range(4))
+        self.positions = torch.nn.Parameter(torch.randn(length, dim))
+        self.pos_q, self.pos_k = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        c2p = q @ self.pos_k(self.positions).transpose(0, 1)
+        p2c = (k @ self.pos_q(self.positions).transpose(0, 1)).transpose(1, 2)
+        scores = q @ k.transpose(1, 2) + (c2p + p2c) / 2.0
+        return self.o(scores.softmax(-1) @ v)
+
+
+class _DisentangledLayer(torch.nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.attention, self.norm1, self.norm2 = (
+            _DisentangledAttention(dim),
+            torch.nn.LayerNorm(dim),
+            torch.nn.LayerNorm(dim),
+        )
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        x = self.norm1(x + self.attention(x))
+        return self.norm2(x + self.mlp(x))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_sum_that_only_feeds_attention_scores_is_no_residual(frontend):
+    gm = trace(
+        torch.nn.Sequential(_DisentangledLayer(), _DisentangledLayer()).eval(), torch.randn(2, 6, 16), frontend=frontend
+    )
+    operations = find_operations(gm)
+    assert [b.contains for b in operations["block"]] == [{"attention": 1, "mlp": 1}] * 2
+    assert [r.scope for r in operations["residual"]] == ["0", "0", "1", "1"]

@@ -20,7 +20,9 @@
   entry i of sibling module lists, run in turn by the model's loop, is one
   layer (XLM's attentions.i and ffns.i); each call of a module is its own (torch.export keys a second call
   'path@1': ALBERT runs one shared layer per block). An add inside an
-  attention (scores + a position bias: MPNet) or a composite op is none.
+  attention (scores + a position bias: MPNet), one whose every path goes
+  into an attention's scores (SEW-D's c2p + p2c terms) or a composite op is
+  none.
 
 Dominators are networkx's; every other search is local to one region, and
 only visits nodes after its start in graph order, so the cost grows
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 from torch import fx
 
-from utune_fx.match.predicates import data_inputs, tensor_inputs
+from utune_fx.match.predicates import data_inputs, tensor_inputs, tensor_users
 from utune_fx.trace import node_info
 from utune_fx.trace.opkinds import WEIGHTED_KINDS
 
@@ -191,9 +193,10 @@ class _Residuals:
 
     def find(self) -> list[Region]:
         regions = []
+        attentions = {node.name for node in self.gm.graph.nodes if _kind(node) == "attention"}
         for node in self.gm.graph.nodes:
-            if node_info(node).part_of:  # scores + a position bias inside an attention (MPNet), a composite's sum
-                continue
+            if node_info(node).part_of or _feeds_attention_only(node, attentions):
+                continue  # scores + a position bias inside an attention (MPNet, SEW-D), a composite's sum
             operands = [a for a in node.args[:2] if isinstance(a, fx.Node)] if _kind(node) == "add" else []
             shape = node_info(node).shape
             if len(operands) != 2 or not shape or any(node_info(a).shape != shape for a in operands):
@@ -207,6 +210,20 @@ class _Residuals:
                 scope = node_info(node).scope or common_scope([node_info(n).scope for n in weighted])
                 regions.append(Region("residual", len(regions), scope, node, (start,), node, frozenset(nodes)))
         return regions
+
+
+def _feeds_attention_only(node: fx.Node, attentions: set[str], depth: int = 4) -> bool:
+    """A sum that every path takes into an attention's scores within a few elementwise steps:
+    SEW-D's disentangled position terms c2p + p2c, added to Q K^T before the softmax."""
+    if depth == 0:
+        return False
+    users = tensor_users(node)
+    return bool(users) and all(
+        node_info(user).part_of in attentions
+        or _kind(user) in ("mul", "div", "add", "cast", "reshape", "permute")
+        and _feeds_attention_only(user, attentions, depth - 1)
+        for user in users
+    )
 
 
 def find_residuals(gm: fx.GraphModule) -> list[Region]:
