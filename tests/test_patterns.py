@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 from torch import nn
-from toy_models import TinyGpt, tiny_moe, transformer_encoder
+from toy_models import GroupedMoeLayer, TinyGpt, tiny_moe, transformer_encoder
 
 from utune_fx.match import MatchContext, load_prelude, load_rules, match_rules
 from utune_fx.trace import trace
@@ -48,6 +48,7 @@ MODELS = {
     ),
     "densenet": lambda: _trace_timm("densenet121", 64, block_config=(1, 1, 1, 1)),
     "moe": lambda: trace(tiny_moe(shared=True).eval(), torch.randn(2, 5, 16), frontend="export"),
+    "grouped_moe": lambda: trace(nn.Sequential(GroupedMoeLayer(), GroupedMoeLayer()).eval(), torch.randn(2, 4, 16)),
     # FFNs beyond fc1 -> act -> fc2: PVTv2's depthwise conv on the token grid, CAFormer's StarReLU
     "pvt": lambda: _trace_timm("pvt_v2_b0", 64, depths=(1, 1, 1, 1)),
     "caformer": lambda: trace(
@@ -83,6 +84,9 @@ FIRES = [
     ("transformer_block", "swin", 4, "convnext"),
     ("routing", "moe", 2, "vit"),
     ("routed", "moe", 4, "vit"),  # each MoE sub-layer, and the sum of its routed and shared experts
+    ("routed_by_top_k", "moe", 4, "grouped_moe"),
+    ("grouped_experts", "grouped_moe", 4, "moe"),  # two grouped matmuls per layer; argmax routing
+    ("routed_to_grouped_experts", "grouped_moe", 2, "moe"),
     ("moe", "moe", 2, "vit"),  # the outermost only
     ("dense_ffn", "moe", 1, "resnet"),  # the dense layer's mlp; the shared experts are the MoEs' parts
     ("ffn", "encoder", 3, "convnext"),  # ConvNeXt has mlps but no attention

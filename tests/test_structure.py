@@ -349,3 +349,15 @@ def test_a_sum_that_only_feeds_attention_scores_is_no_residual(frontend):
     operations = find_operations(gm)
     assert [b.contains for b in operations["block"]] == [{"attention": 1, "mlp": 1}] * 2
     assert [r.scope for r in operations["residual"]] == ["0", "0", "1", "1"]
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_grouped_experts_make_a_mixture_of_experts_where_routing_is_out_of_sight(frontend):
+    from toy_models import GroupedMoeLayer
+
+    model = torch.nn.Sequential(GroupedMoeLayer(), GroupedMoeLayer()).eval()
+    x = torch.randn(2, 4, 16)
+    gm = trace(model, x, frontend=frontend)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x))
+    assert [r.scope for r in find_operations(gm)["ffn"]] == ["0", "1"]

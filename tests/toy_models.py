@@ -290,3 +290,33 @@ class MoeLayer(nn.Module):
 def tiny_moe(shared: bool = True, parallel: bool = False) -> nn.Module:
     """A dense layer, then two mixture-of-experts layers."""
     return nn.Sequential(*(MoeLayer(moe, shared, parallel=parallel) for moe in (False, True, True)))
+
+
+class GroupedExperts(nn.Module):
+    """Top-1 routing by argmax (no top-k in sight), token rows sorted by expert, one grouped matmul
+    per projection (transformers' grouped_mm_fallback op, as its grouped_mm experts)."""
+
+    def __init__(self, dim=16, hidden=32, experts=4):
+        super().__init__()
+        import transformers.integrations.moe  # noqa: F401  (registers torch.ops.transformers.grouped_mm_fallback)
+
+        self.router, self.experts = nn.Linear(dim, experts, bias=False), experts
+        self.up = nn.Parameter(torch.randn(experts, dim, hidden) * 0.1)
+        self.down = nn.Parameter(torch.randn(experts, hidden, dim) * 0.1)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        scores = self.router(flat).softmax(-1)
+        expert = scores.argmax(-1)
+        order = expert.argsort()
+        ends = F.one_hot(expert, self.experts).sum(0).cumsum(0).to(torch.int32)
+        grouped_mm = torch.ops.transformers.grouped_mm_fallback
+        hidden = F.silu(grouped_mm(flat[order], self.up, ends))
+        routed = grouped_mm(hidden, self.down, ends) * scores.gather(-1, expert[:, None])[order]
+        return torch.zeros_like(routed).index_copy(0, order, routed).reshape(x.shape)
+
+
+class GroupedMoeLayer(MoeLayer):
+    def __init__(self, dim=16):
+        super().__init__(False, False, dim)
+        self.mlp = GroupedExperts(dim)
