@@ -141,3 +141,14 @@ def test_the_ci_sample_runs_the_whole_chain_with_its_ground_truth(catalog, name,
         assert found["lora_on_projections"] > 0 and record["placed"]["lora"], name
         assert found["lora_elsewhere"] == 0, name
     assert rates["parity"] == [1, 1]
+
+
+def test_a_projection_mixes_channels():
+    from torch import nn
+
+    from utune_fx.zoo.truth import _is_projection
+
+    assert _is_projection(nn.Linear(8, 8)) and _is_projection(nn.Conv2d(8, 8, 1))
+    assert _is_projection(nn.Conv1d(8, 8, 3, groups=2))  # per-head grouped conv (Zaya)
+    assert not _is_projection(nn.Conv1d(8, 8, 3, groups=8))  # depthwise: positions only (Inkling)
+    assert not _is_projection(nn.Embedding(10, 8)) and not _is_projection(nn.LayerNorm(8))

@@ -14,7 +14,7 @@ The structural rule, general for any model (no per-model lists):
   ShiftedWindowAttention; SigLIP's pooling head (``...AttentionPoolingHead``) is not one, the
   nn.MultiheadAttention inside it is;
 - its projections are the modules inside it that hold a weight matrix (nn.Linear, transformers'
-  Conv1D, I-BERT's QuantLinear; never an embedding), and the attention
+  Conv1D, I-BERT's QuantLinear; never an embedding) or convs that mix channels (not depthwise), and the attention
   module itself for weights it owns directly (nn.MultiheadAttention's packed in_proj_weight,
   torchvision Swin's functional call of its qkv weight);
 - one run of the eager model, with hooks, counts each attention's executions (ALBERT runs one
@@ -52,8 +52,11 @@ class Structure:
 
 
 def _is_projection(module: nn.Module) -> bool:
-    """nn.Linear, transformers' Conv1D (addmm), or any other leaf with a weight matrix (I-BERT's
-    QuantLinear); never an embedding table."""
+    """nn.Linear, transformers' Conv1D (addmm), any other leaf with a weight matrix (I-BERT's
+    QuantLinear), or a conv that mixes channels (a 1x1 qkv conv; Zaya's per-head grouped conv);
+    never an embedding table, nor a depthwise conv (Inkling's short convolutions mix positions only)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.groups < module.in_channels
     weight = getattr(module, "weight", None)
     leaf_matrix = isinstance(weight, nn.Parameter) and weight.dim() == 2 and not any(True for _ in module.children())
     return isinstance(module, nn.Linear) or (leaf_matrix and not isinstance(module, nn.Embedding))
