@@ -341,3 +341,30 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     _one_line_error(
         lambda: onnx_tuner_inputs(export_onnx(model, x, tmp_path / "m.onnx").path), r"exported without tuner inputs"
     )
+
+
+class _ZeroPaddedMaxPool(nn.Module):
+    """Hugging Face BiT's stem: a conv, zero padding, a 3 x 3 max pool (ONNX Runtime's PadFusion
+    would fold the zeros into MaxPool's -inf padding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return F.max_pool2d(F.pad(self.conv(x), (1, 1, 1, 1), value=0.0), 3, 2)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_zero_padding_before_a_max_pool_keeps_pytorch_values_in_onnx_runtime(tmp_path, exporter):
+    torch.manual_seed(0)
+    model, path = _ZeroPaddedMaxPool().eval(), tmp_path / "pool.onnx"
+    with torch.no_grad():
+        model.conv.bias.fill_(-3.0)  # windows of negative values only: the padded zeros win in PyTorch
+    exported = export_onnx(model, (torch.randn(2, 3, 16, 16),), path, exporter=exporter)
+    assert exported.parity.passed
+    kinds = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert "Pad" not in kinds and {"MaxPool", "Max"} <= set(kinds)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():  # ONNX Runtime with every optimisation on, as deployed
+        np.testing.assert_allclose(_run(path, {"x": x.numpy()})[0], model(x).numpy(), rtol=1e-4, atol=1e-5)

@@ -46,6 +46,7 @@ from utune_fx.export.exporters import (
     output_names_for,
 )
 from utune_fx.export.feeds import TUNER_INPUTS_KEY
+from utune_fx.export.ort_guards import guard_zero_pad_max_pool
 from utune_fx.export.verify import ModuleFailure, Parity, verify_onnx
 
 
@@ -128,6 +129,7 @@ def _run(exporter: str, job: _Job) -> tuple[bool, Path | None, Parity | None] | 
             model = RUN[exporter](job.wrapper, job.args, job.opset, job.input_names, job.output_names, job.batched)
         except Exception as error:  # noqa: BLE001  (the exporters raise anything; each failure is reported)
             return describe_failure(exporter, error)
+        guard_zero_pad_max_pool(model)  # ONNX Runtime's PadFusion gets zero padding before MaxPool wrong
         _declare_tuner_inputs(model, job.wrapper.tuner_names, exporter)
         staged = staging / job.path.name
         try:
