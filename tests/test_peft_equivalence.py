@@ -349,6 +349,39 @@ def test_lora_refuses_a_weight_multiplied_from_the_left(tmp_path, frontend):
         rewrite(gm, _lora_rules(tmp_path, "{kind: linear}"))
 
 
+class _LeftProductOverTokens(torch.nn.Module):
+    """Mamba's dt_proj: its weight multiplies [B, in, L] from the left (W @ x), channels on axis 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(12, 8) / 3)
+
+    def forward(self, x):
+        return self.weight @ x
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_lora_on_a_weight_multiplied_from_the_left_over_tokens_is_a_1x1_conv_pair(tmp_path, frontend):
+    """Closed form in float64: W x + (alpha / r) B A x; fold keeps the branch and says why (a weight
+    from the left is no layer fold merges into yet)."""
+    model, x = _LeftProductOverTokens().eval(), torch.randn(2, 8, 5)
+    gm = trace(model, (x,), frontend=frontend)
+    rules = _lora_rules(tmp_path, "{kind: linear}", rank=2, alpha=4)
+    estimate = _estimate(gm, rules)
+    ours = rewrite(gm, rules)
+    assert estimate == ours.summaries[0].added_parameters == 2 * (8 + 12)
+    _randomise(ours)
+    branch = ours.module.get_submodule("utune.lora.0")
+    a, b = branch.lora_A.weight.double().squeeze(-1), branch.lora_B.weight.double().squeeze(-1)
+    expected = (model.weight.double() + 2 * b @ a) @ x.double()  # alpha / r = 2
+    folded = fold(ours.module, ours.summaries)
+    [entry] = folded.entries
+    assert entry.status == "kept" and "from the left" in entry.reason
+    with torch.no_grad():
+        torch.testing.assert_close(ours.module(x).double(), expected, **EXACT)
+        torch.testing.assert_close(folded.module(x).double(), expected, **EXACT)
+
+
 class _EmbeddingNet(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -114,12 +114,27 @@ def layer_input(node: fx.Node) -> fx.Node | None:
     return inputs[0] if inputs else None
 
 
+def left_product_input(node: fx.Node) -> fx.Node | None:
+    """x of W @ x, a weight from the left over [B, in, L] (Mamba's dt_proj.weight @ t): its channels
+    sit on axis 1, as a 1x1 Conv1d reads them. None for any other layer."""
+    info = node_info(node)
+    if info.op_kind != "linear" or node.op != "call_function" or info.op_name not in _MATRIX_PRODUCTS[:2]:
+        return None
+    weight, x = matmul_operands(node)[:2]
+    if not (isinstance(x, fx.Node) and is_weight(weight) and not is_weight(x)):
+        return None
+    return x if len(node_info(x).shape or ()) == 3 and len(info.shape or ()) == 3 else None
+
+
 def layer_channels(node: fx.Node, ctx: MatchContext) -> tuple[int, int] | None:
     """(in, out) channels of a linear / conv / attention / embedding from its weight; an embedding's
     are (num_embeddings, dim)."""
     module = ctx.node_ctx.modules.get(str(node.target)) if node.op == "call_module" else None
     if isinstance(module, nn.MultiheadAttention):
         return module.embed_dim, module.embed_dim
+    left = left_product_input(node)
+    if left is not None:  # W @ x over [B, in, L]
+        return node_info(left).shape[1], node_info(node).shape[1]
     weight, groups = _weight_and_groups(node, ctx)
     if node_info(node).op_kind == "embedding":
         return tuple(weight.shape) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None

@@ -30,6 +30,7 @@ from utune_fx.match.sizes import (
     embedding_table,
     layer_channels,
     layer_input,
+    left_product_input,
     normalises_axis_1,
     parameters_of,
 )
@@ -218,17 +219,19 @@ def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Sit
     x = layer_input(op)
     module = ctx.node_ctx.modules.get(str(op.target)) if op.op == "call_module" else None
     channels = layer_channels(op, ctx)
+    kind = node_info(op).op_kind
+    geometry = None
+    if x is None and left_product_input(op) is not None:  # W @ x over [B, in, L]: LoRA as a 1x1 Conv1d pair
+        x, kind, geometry = left_product_input(op), "conv", ConvGeometry((1,), (1,), (0,), (1,))
     if x is None:
         raise fail(found, region, f"cannot find what {op.name} reads; LoRA needs x of x @ W or an embedding's ids")
     if channels is None:
         raise fail(found, region, f"cannot find the weight of {op.name}")
-    kind = node_info(op).op_kind
-    geometry = None
     if kind == "embedding":
         geometry = embedding_table(op, ctx)
         if isinstance(geometry, str):
             raise fail(found, region, geometry)
-    if kind == "conv":
+    if kind == "conv" and geometry is None:
         geometry = (
             ConvGeometry(
                 module.kernel_size,
