@@ -53,12 +53,12 @@ class Structure:
 
 def _is_projection(module: nn.Module) -> bool:
     """nn.Linear, transformers' Conv1D (addmm), any other leaf with a weight matrix (I-BERT's
-    QuantLinear), or a conv that mixes channels (a 1x1 qkv conv; Zaya's per-head grouped conv);
+    QuantLinear; Inkling's relative-logits bank `proj`, a linear inside the attention), or a conv that mixes channels (a 1x1 qkv conv; Zaya's per-head grouped conv);
     never an embedding table, nor a depthwise conv (Inkling's short convolutions mix positions only)."""
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.groups < module.in_channels
-    weight = getattr(module, "weight", None)
-    leaf_matrix = isinstance(weight, nn.Parameter) and weight.dim() == 2 and not any(True for _ in module.children())
+    leaf = not any(True for _ in module.children())
+    leaf_matrix = leaf and any(p.dim() == 2 for p in module.parameters(recurse=False))
     return isinstance(module, nn.Linear) or (leaf_matrix and not isinstance(module, nn.Embedding))
 
 
