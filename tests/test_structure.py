@@ -361,3 +361,33 @@ def test_grouped_experts_make_a_mixture_of_experts_where_routing_is_out_of_sight
     with torch.no_grad():
         assert torch.allclose(gm(x), model(x))
     assert [r.scope for r in find_operations(gm)["ffn"]] == ["0", "1"]
+
+
+class _AttentionWithConvOfValues(_MaskedAttention):
+    """Nystromformer: the attention module adds a depthwise conv of its values to its context."""
+
+    def __init__(self, dim=16):
+        super().__init__(dim)
+        self.q, self.k, self.v = (torch.nn.Linear(dim, dim) for _ in range(3))  # separate: x dominates the sum
+        self.conv = torch.nn.Conv1d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x, keep):
+        batch, length, dim = x.shape
+
+        def heads(t):
+            return t.reshape(batch, length, 2, dim // 2).transpose(1, 2)
+
+        values = self.v(x)
+        y = torch.nn.functional.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(values))
+        y = y.transpose(1, 2).reshape(batch, length, dim) + self.conv(values.transpose(1, 2)).transpose(1, 2)
+        return self.out(y)
+
+
+def test_an_attention_modules_own_sum_is_no_residual():
+    model = _TokenDecoder("scaled").eval()
+    for layer in model.layers:
+        layer.attn = _AttentionWithConvOfValues()
+    gm = trace(model, torch.randint(1, 50, (2, 6)), frontend="export")
+    operations = find_operations(gm)
+    assert [b.contains for b in operations["block"]] == [{"attention": 1, "mlp": 1}] * 2
+    assert [r.scope for r in operations["ffn"]] == ["layers.0.mlp", "layers.1.mlp"]

@@ -174,7 +174,9 @@ class _Residuals:
         if start is None:
             return None  # two branches merged inside one module (CoaT's attention + conv term)
         found = self.between(start, add)
-        return (start, found) if found is not None else None
+        if found is None or any(_kind(n) == "attention" and node_info(n).scope == scope for n in found):
+            return None  # the attention's own module sums it with another branch (Nystromformer's conv of V)
+        return start, found
 
     @staticmethod
     def _before_shared_norm(start: fx.Node, scope: str) -> fx.Node | None:
