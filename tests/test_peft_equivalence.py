@@ -290,17 +290,23 @@ class _AddmmTransposed(torch.nn.Module):
         return torch.addmm(self.bias, x, self.weight.t())
 
 
-@pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_lora_on_addmm_with_a_transposed_weight_folds_into_w_against_float64(tmp_path, frontend):
-    model, x = _AddmmTransposed().eval(), torch.randn(6, 16)
+def _rank_2_lora(tmp_path, model, x, frontend, added):
+    """LoRA r = 2, alpha = 4 on the model's one linear, its size as match estimates it and rewrite adds,
+    moved away from identity: (the rewrite, A and B in float64)."""
     gm = trace(model, (x,), frontend=frontend)
     rules = _lora_rules(tmp_path, "{kind: linear}", rank=2, alpha=4)
     estimate = _estimate(gm, rules)
     ours = rewrite(gm, rules)
-    assert estimate == ours.summaries[0].added_parameters == 2 * (16 + 24)
+    assert estimate == ours.summaries[0].added_parameters == added
     _randomise(ours)
     branch = ours.module.get_submodule("utune.lora.0")
-    a, b = branch.lora_A.weight.double(), branch.lora_B.weight.double()
+    return ours, branch.lora_A.weight.double(), branch.lora_B.weight.double()
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_lora_on_addmm_with_a_transposed_weight_folds_into_w_against_float64(tmp_path, frontend):
+    model, x = _AddmmTransposed().eval(), torch.randn(6, 16)
+    ours, a, b = _rank_2_lora(tmp_path, model, x, frontend, added=2 * (16 + 24))
     expected = torch.addmm(model.bias.double(), x.double(), (model.weight.double() + 2 * b @ a).t())  # alpha/r = 2
     with torch.no_grad():
         torch.testing.assert_close(ours.module(x).double(), expected, **EXACT)
@@ -365,14 +371,8 @@ def test_lora_on_a_weight_multiplied_from_the_left_over_tokens_is_a_1x1_conv_pai
     """Closed form in float64: W x + (alpha / r) B A x; fold keeps the branch and says why (a weight
     from the left is no layer fold merges into yet)."""
     model, x = _LeftProductOverTokens().eval(), torch.randn(2, 8, 5)
-    gm = trace(model, (x,), frontend=frontend)
-    rules = _lora_rules(tmp_path, "{kind: linear}", rank=2, alpha=4)
-    estimate = _estimate(gm, rules)
-    ours = rewrite(gm, rules)
-    assert estimate == ours.summaries[0].added_parameters == 2 * (8 + 12)
-    _randomise(ours)
-    branch = ours.module.get_submodule("utune.lora.0")
-    a, b = branch.lora_A.weight.double().squeeze(-1), branch.lora_B.weight.double().squeeze(-1)
+    ours, a, b = _rank_2_lora(tmp_path, model, x, frontend, added=2 * (8 + 12))
+    a, b = a.squeeze(-1), b.squeeze(-1)  # 1x1 Conv1d weights
     expected = (model.weight.double() + 2 * b @ a) @ x.double()  # alpha / r = 2
     folded = fold(ours.module, ours.summaries)
     [entry] = folded.entries

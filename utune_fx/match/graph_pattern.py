@@ -35,7 +35,7 @@ from torch import fx
 
 from utune_fx.match import limits
 from utune_fx.match.graph_search import BudgetedMatcher, OverBudget, Window
-from utune_fx.match.patterns import MatchContext, Pattern, best_near_miss, region_of
+from utune_fx.match.patterns import MatchContext, Pattern, best_near_miss, merge_by_output, region_of
 from utune_fx.match.predicates import (
     NodeContext,
     Predicate,
@@ -234,7 +234,7 @@ class GraphPattern(Pattern):
                     or [node_info(n).scope for n in nodes]
                 )
                 regions.append(region)
-        return _merge_by_output(regions, ctx)
+        return merge_by_output(regions, ctx)
 
     def _between(self, captures: dict[str, fx.Node], window: Window) -> set[fx.Node]:
         """Nodes on the chains between captured nodes."""
@@ -296,29 +296,6 @@ def _capture(value: Located, names: dict[str, Predicate]) -> tuple[str, str]:
 
 
 WHERE_KEYS = {"same_channels": "[fc1.in, fc2.out]", "all_paths": "[fc1, fc2]"}
-
-
-def _merge_by_output(regions: list[Region], ctx: MatchContext) -> list[Region]:
-    """Regions that end at one output node are one operation computed in parts: DiffLlama's
-    differential attention (two attention maps, subtracted before one output projection) is one
-    attention, not two."""
-    by_output: dict[fx.Node, Region] = {}
-    for region in regions:
-        first = by_output.get(region.output)
-        if first is None:
-            by_output[region.output] = region
-            continue
-        nodes = first.nodes | region.nodes
-        captures = {
-            name: tuple(dict.fromkeys((*first.captures.get(name, ()), *region.captures.get(name, ()))))
-            for name in dict.fromkeys((*first.captures, *region.captures))
-        }
-        first.nodes, first.captures = nodes, captures
-        first.inputs = tuple(dict.fromkeys((*first.inputs, *region.inputs)))
-        first.scope = common_scope(
-            [node_info(n).scope for n in nodes if n in ctx.input_dependent()] or [node_info(n).scope for n in nodes]
-        )
-    return list(by_output.values())
 
 
 def compile_graph(body: Located, name: str, within: Pattern | None, outside: Pattern | None = None) -> GraphPattern:

@@ -135,6 +135,29 @@ def region_of(
     )
 
 
+def merge_by_output(regions: list[Region], ctx: MatchContext) -> list[Region]:
+    """Regions that end at one output node are one operation computed in parts: DiffLlama's
+    differential attention (two attention maps, subtracted before one output projection) is one
+    attention, not two."""
+    by_output: dict[fx.Node, Region] = {}
+    for region in regions:
+        first = by_output.get(region.output)
+        if first is None:
+            by_output[region.output] = region
+            continue
+        nodes = first.nodes | region.nodes
+        captures = {
+            name: tuple(dict.fromkeys((*first.captures.get(name, ()), *region.captures.get(name, ()))))
+            for name in dict.fromkeys((*first.captures, *region.captures))
+        }
+        first.nodes, first.captures = nodes, captures
+        first.inputs = tuple(dict.fromkeys((*first.inputs, *region.inputs)))
+        first.scope = common_scope(
+            [node_info(n).scope for n in nodes if n in ctx.input_dependent()] or [node_info(n).scope for n in nodes]
+        )
+    return list(by_output.values())
+
+
 @dataclass
 class Pattern(abc.ABC):
     name: str

@@ -15,7 +15,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import operator
-from dataclasses import replace
 
 import torch
 from torch import fx, nn
@@ -42,8 +41,8 @@ from utune_fx.rewrite.attention_sites import (
     fail,
     insert_prompts,
 )
+from utune_fx.rewrite.insertion import insert_tuner
 from utune_fx.trace import node_info
-from utune_fx.trace.annotate import META_KEY
 from utune_fx.tuners import TUNERS, ConvGeometry, Site
 
 _WEIGHTED = ("linear", "conv")
@@ -276,57 +275,6 @@ def region_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Si
     return site, (reads,), writes, reshape
 
 
-def _annotate(node: fx.Node, like: fx.Node, kind: str, name: str, tag: dict) -> None:
-    info = node_info(like)
-    node.meta[META_KEY] = replace(info, op_kind=kind, op_name=name, attention=None, part_of=None, item_shapes=())
-    node.meta[TUNER_META] = tag
-
-
-def _insert(
-    gm: fx.GraphModule,
-    path: str,
-    module: nn.Module,
-    reads: tuple[fx.Node, ...],
-    writes: fx.Node,
-    tag: dict,
-    reshape: bool,
-) -> None:
-    gm.add_submodule(path, module)
-    with gm.graph.inserting_after(_latest(gm, (writes, *reads))):
-        call = gm.graph.call_module(path, reads)
-    update = call
-    if reshape:
-        with gm.graph.inserting_after(call):
-            update = gm.graph.call_method("reshape_as", (call, writes))
-        _annotate(update, writes, "reshape", "reshape_as", tag)
-    with gm.graph.inserting_after(update):
-        total = gm.graph.call_function(operator.add, (writes, update))
-    writes.replace_all_uses_with(total, delete_user_cb=lambda user: user not in (call, update, total))
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    early = [user.name for user in total.users if order[user] < order[total]]
-    if early:
-        raise UtuneError(
-            f"the tuner {path} reads {reads[0].name}, which the graph computes after {early[0]} reads "
-            f"{writes.name}, the output it adds to; tune another operation there"
-        )
-    _annotate(call, reads[0], "tuner", type(module).__name__, tag)
-    _annotate(total, writes, "add", "add", tag)
-
-
-def _latest(gm: fx.GraphModule, nodes: tuple[fx.Node, ...]) -> fx.Node:
-    """The node of ``nodes`` the graph computes last: a parallel tuner may read a tensor computed after
-    the output it adds to (Hugging Face Hiera pools its skip after the attention), so it goes after
-    both, still before the output's first reader there."""
-    wanted, last = set(nodes), None
-    for node in gm.graph.nodes:
-        if node in wanted:
-            last = node
-            wanted.discard(node)
-            if not wanted:
-                break
-    return last
-
-
 def _placement(region: Region, ctx: MatchContext, dtype_of: fx.Node) -> dict:
     parameters = [p for n in region.nodes for p in parameters_of(n, ctx).values()]
     device = parameters[0].device if parameters else next(ctx.gm.parameters(), torch.empty(0)).device
@@ -413,7 +361,7 @@ def apply_rule(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> tuple
         site, reads, writes, reshape = region_site(found, region, ctx)
         module = entry.module(rule.config, site).to(**_placement(region, ctx, writes))
         tag = {"rule": rule.name, "tuner": rule.tuner, "position": rule.position, "index": index}
-        _insert(gm, f"utune.{safe}.{index}", module, reads, writes, tag, reshape)
+        insert_tuner(gm, f"utune.{safe}.{index}", module, reads, writes, tag, reshape)
         added += sum(p.numel() for p in module.parameters())
     trained.update(trained_by_rule(gm, found, ctx))
     for parameter in trained.values():

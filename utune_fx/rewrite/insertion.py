@@ -1,0 +1,74 @@
+"""Put one tuner module into the graph: call it on what it reads, add its output to the node it
+writes, and point the written node's readers at the sum.
+
+    before:  y = op(x)              z = next(y)
+    after:   y = op(x)   u = tuner(x)   total = y + u   z = next(total)
+             (u = reshape_as(u, y) between, where the tuner reads tokens in another layout)
+
+The call goes after both y and x in graph order (a parallel tuner may read a tensor computed after
+the output it adds to: Hugging Face Hiera pools its skip after the attention); a reader of y that
+comes before that point is a one-line error.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import replace
+
+from torch import fx, nn
+
+from utune_fx.errors import UtuneError
+from utune_fx.rewrite.attention_sites import TUNER_META
+from utune_fx.trace import node_info
+from utune_fx.trace.annotate import META_KEY
+
+
+def _annotate(node: fx.Node, like: fx.Node, kind: str, name: str, tag: dict) -> None:
+    info = node_info(like)
+    node.meta[META_KEY] = replace(info, op_kind=kind, op_name=name, attention=None, part_of=None, item_shapes=())
+    node.meta[TUNER_META] = tag
+
+
+def insert_tuner(
+    gm: fx.GraphModule,
+    path: str,
+    module: nn.Module,
+    reads: tuple[fx.Node, ...],
+    writes: fx.Node,
+    tag: dict,
+    reshape: bool,
+) -> None:
+    gm.add_submodule(path, module)
+    with gm.graph.inserting_after(latest(gm, (writes, *reads))):
+        call = gm.graph.call_module(path, reads)
+    update = call
+    if reshape:
+        with gm.graph.inserting_after(call):
+            update = gm.graph.call_method("reshape_as", (call, writes))
+        _annotate(update, writes, "reshape", "reshape_as", tag)
+    with gm.graph.inserting_after(update):
+        total = gm.graph.call_function(operator.add, (writes, update))
+    writes.replace_all_uses_with(total, delete_user_cb=lambda user: user not in (call, update, total))
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    early = [user.name for user in total.users if order[user] < order[total]]
+    if early:
+        raise UtuneError(
+            f"the tuner {path} reads {reads[0].name}, which the graph computes after {early[0]} reads "
+            f"{writes.name}, the output it adds to; tune another operation there"
+        )
+    _annotate(call, reads[0], "tuner", type(module).__name__, tag)
+    _annotate(total, writes, "add", "add", tag)
+
+
+def latest(gm: fx.GraphModule, nodes: tuple[fx.Node, ...]) -> fx.Node:
+    """The node of ``nodes`` the graph computes last: a parallel tuner may read a tensor computed after
+    the output it adds to (Hugging Face Hiera pools its skip after the attention), so it goes after
+    both, still before the output's first reader there."""
+    wanted, last = set(nodes), None
+    for node in gm.graph.nodes:
+        if node in wanted:
+            last = node
+            wanted.discard(node)
+            if not wanted:
+                break
+    return last
