@@ -118,7 +118,7 @@ def left_product_input(node: fx.Node) -> fx.Node | None:
     """x of W @ x, a weight from the left over [B, in, L] (Mamba's dt_proj.weight @ t): its channels
     sit on axis 1, as a 1x1 Conv1d reads them. None for any other layer."""
     info = node_info(node)
-    if info.op_kind != "linear" or node.op != "call_function" or info.op_name not in _MATRIX_PRODUCTS[:2]:
+    if info.op_kind != "linear" or node.op != "call_function" or info.op_name not in ("matmul", "mm"):
         return None
     weight, x = matmul_operands(node)[:2]
     if not (isinstance(x, fx.Node) and is_weight(weight) and not is_weight(x)):

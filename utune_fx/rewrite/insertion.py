@@ -38,8 +38,18 @@ def insert_tuner(
     tag: dict,
     reshape: bool,
 ) -> None:
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}  # one walk: where to insert, and the check
+    after = max(
+        (writes, *(r for r in reads if isinstance(r, fx.Node))), key=order.__getitem__
+    )  # reads may hold scalars
+    early = [user.name for user in writes.users if order[user] <= order[after]]
+    if early:
+        raise UtuneError(
+            f"the tuner {path} reads {reads[0].name}, which the graph computes after {early[0]} reads "
+            f"{writes.name}, the output it adds to; tune another operation there"
+        )
     gm.add_submodule(path, module)
-    with gm.graph.inserting_after(latest(gm, (writes, *reads))):
+    with gm.graph.inserting_after(after):
         call = gm.graph.call_module(path, reads)
     update = call
     if reshape:
@@ -49,26 +59,5 @@ def insert_tuner(
     with gm.graph.inserting_after(update):
         total = gm.graph.call_function(operator.add, (writes, update))
     writes.replace_all_uses_with(total, delete_user_cb=lambda user: user not in (call, update, total))
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    early = [user.name for user in total.users if order[user] < order[total]]
-    if early:
-        raise UtuneError(
-            f"the tuner {path} reads {reads[0].name}, which the graph computes after {early[0]} reads "
-            f"{writes.name}, the output it adds to; tune another operation there"
-        )
     _annotate(call, reads[0], "tuner", type(module).__name__, tag)
     _annotate(total, writes, "add", "add", tag)
-
-
-def latest(gm: fx.GraphModule, nodes: tuple[fx.Node, ...]) -> fx.Node:
-    """The node of ``nodes`` the graph computes last: a parallel tuner may read a tensor computed after
-    the output it adds to (Hugging Face Hiera pools its skip after the attention), so it goes after
-    both, still before the output's first reader there."""
-    wanted, last = set(nodes), None
-    for node in gm.graph.nodes:
-        if node in wanted:
-            last = node
-            wanted.discard(node)
-            if not wanted:
-                break
-    return last

@@ -220,8 +220,9 @@ def _lora_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Sit
     channels = layer_channels(op, ctx)
     kind = node_info(op).op_kind
     geometry = None
-    if x is None and left_product_input(op) is not None:  # W @ x over [B, in, L]: LoRA as a 1x1 Conv1d pair
-        x, kind, geometry = left_product_input(op), "conv", ConvGeometry((1,), (1,), (0,), (1,))
+    left = left_product_input(op) if x is None else None
+    if left is not None:  # W @ x over [B, in, L]: LoRA as a 1x1 Conv1d pair
+        x, kind, geometry = left, "conv", ConvGeometry((1,), (1,), (0,), (1,))
     if x is None:
         raise fail(found, region, f"cannot find what {op.name} reads; LoRA needs x of x @ W or an embedding's ids")
     if channels is None:
