@@ -211,3 +211,54 @@ def test_annotations_record_dtypes():
     model = nn.Sequential(nn.Linear(8, 8), nn.GELU()).to(torch.bfloat16).eval()
     gm = trace(model, torch.randn(2, 8, dtype=torch.bfloat16))
     assert {node_info(n).dtype for n in gm.graph.nodes if n.op == "call_module"} == {"bfloat16"}
+
+
+class _MaskedSoftmax(torch.autograd.Function):
+    """DeBERTa's XSoftmax: softmax, then zero the masked places in place; its own backward."""
+
+    @staticmethod
+    def forward(ctx, scores, mask):
+        probs = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), -1)
+        probs.masked_fill_(~mask, 0)
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad):
+        (probs,) = ctx.saved_tensors
+        return probs * (grad - (grad * probs).sum(-1, keepdim=True)), None
+
+
+class _MaskedAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x):
+        mask = torch.ones(x.shape[-2], x.shape[-2], dtype=torch.bool).tril()
+        scores = self.proj(x) @ x.transpose(-1, -2)
+        out = _MaskedSoftmax.apply(scores, mask) @ x
+        edge = out * 1  # an in-place write through a view must stay in place
+        edge[:, 0].mul_(2)
+        return edge
+
+
+def _gradients(module, x):
+    module.zero_grad()
+    module(x).square().sum().backward()
+    return {name: p.grad.clone() for name, p in module.named_parameters()}
+
+
+def test_in_place_ops_on_temporaries_are_written_out_of_place_so_the_graph_trains():
+    torch.manual_seed(0)
+    model = _MaskedAttention().double()
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    gm = trace(model, x, frontend="export")
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "aten.masked_fill.Scalar" in targets and "aten.masked_fill_.Scalar" not in targets
+    assert "aten.mul_.Tensor" in targets  # the view's write is left alone
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=1e-12)
+    expected = _gradients(model, x)  # eager, through the Function's own backward
+    for name, grad in _gradients(gm, x).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-10, atol=1e-12)

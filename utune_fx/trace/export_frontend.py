@@ -9,7 +9,9 @@
 Shapes are specialised to the example inputs except the batch dimension,
 which is left dynamic wherever the model allows it. The guard module
 torch.export inserts (``_guards_fn``) is removed: the graph is annotated for
-the example shapes, which is what rules match against.
+the example shapes, which is what rules match against. In-place ops on the
+graph's own temporaries are written out of place (out_of_place.py), so
+autograd can train through them.
 
     GPT2LMHeadModel (config.use_cache=True: outputs hold a DynamicCache)
         -> traced under kv_cache_off: every config the model's modules hold
@@ -31,6 +33,7 @@ import torch
 from torch import fx, nn
 
 from utune_fx.errors import first_line
+from utune_fx.trace.out_of_place import write_out_of_place
 
 _GUARDS = "_guards_fn"
 _USER_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
@@ -112,4 +115,4 @@ def export_trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphMod
         delattr(gm, _GUARDS)
     gm.graph.lint()
     gm.recompile()
-    return gm
+    return write_out_of_place(gm)[0]
