@@ -152,3 +152,11 @@ def test_a_projection_mixes_channels():
     assert _is_projection(nn.Conv1d(8, 8, 3, groups=2))  # per-head grouped conv (Zaya)
     assert not _is_projection(nn.Conv1d(8, 8, 3, groups=8))  # depthwise: positions only (Inkling)
     assert not _is_projection(nn.Embedding(10, 8)) and not _is_projection(nn.LayerNorm(8))
+
+    class RelativeBias(nn.Module):  # Inkling: its own bank of profiles, read by `states @ self.proj`
+        def __init__(self):
+            super().__init__()
+            self.linear, self.proj = nn.Linear(8, 4), nn.Parameter(torch.zeros(4, 16))
+
+    assert _is_projection(RelativeBias())
+    assert not _is_projection(nn.Sequential(nn.Linear(8, 4)))  # a container is not one, its layers are

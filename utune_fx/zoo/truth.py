@@ -13,8 +13,8 @@ The structural rule, general for any model (no per-model lists):
   projection), T5LayerSelfAttention, GPT2Attention, nn.MultiheadAttention, torchvision's
   ShiftedWindowAttention; SigLIP's pooling head (``...AttentionPoolingHead``) is not one, the
   nn.MultiheadAttention inside it is;
-- its projections are the modules inside it that hold a weight matrix (nn.Linear, transformers'
-  Conv1D, I-BERT's QuantLinear; never an embedding) or convs that mix channels (not depthwise), and the attention
+- its projections are the modules inside it that own a weight matrix (nn.Linear, transformers'
+  Conv1D, I-BERT's QuantLinear, a relative-bias module's own bank; never an embedding) or convs that mix channels (not depthwise), and the attention
   module itself for weights it owns directly (nn.MultiheadAttention's packed in_proj_weight,
   torchvision Swin's functional call of its qkv weight);
 - one run of the eager model, with hooks, counts each attention's executions (ALBERT runs one
@@ -52,14 +52,14 @@ class Structure:
 
 
 def _is_projection(module: nn.Module) -> bool:
-    """nn.Linear, transformers' Conv1D (addmm), any other leaf with a weight matrix (I-BERT's
-    QuantLinear; Inkling's relative-logits bank `proj`, a linear inside the attention), or a conv that mixes channels (a 1x1 qkv conv; Zaya's per-head grouped conv);
-    never an embedding table, nor a depthwise conv (Inkling's short convolutions mix positions only)."""
+    """nn.Linear, transformers' Conv1D (addmm), any other module that owns a weight matrix (I-BERT's
+    QuantLinear; Inkling's relative-logits bank `proj`, a matmul inside the attention's relative-bias module),
+    or a conv that mixes channels (a 1x1 qkv conv; Zaya's per-head grouped conv); never an embedding table,
+    nor a depthwise conv (Inkling's short convolutions mix positions only)."""
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.groups < module.in_channels
-    leaf = not any(True for _ in module.children())
-    leaf_matrix = leaf and any(p.dim() == 2 for p in module.parameters(recurse=False))
-    return isinstance(module, nn.Linear) or (leaf_matrix and not isinstance(module, nn.Embedding))
+    owns_matrix = any(p.dim() == 2 for p in module.parameters(recurse=False))
+    return isinstance(module, nn.Linear) or (owns_matrix and not isinstance(module, nn.Embedding))
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -106,7 +106,7 @@ def structure(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Structure:
         handles.append(module.register_forward_hook(leave))
         result.projections.add(path)
         for inner, child in module.named_modules(prefix=path):
-            if _is_projection(child):
+            if child is not module and _is_projection(child):  # its own weights: `packed` tells cross
                 result.projections.add(inner)
                 handles.append(child.register_forward_pre_hook(read))
     try:
