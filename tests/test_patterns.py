@@ -371,3 +371,26 @@ def test_stage_changes_with_a_projected_shortcut_of_the_block_norm_are_transform
     ctx = MatchContext(_trace_timm("hiera_tiny_224", 224, embed_dim=32, num_heads=1, stages=(1, 1, 1, 1)))
     assert [r.scope for r in ctx.regions(PRELUDE["transformer_block"])] == [f"blocks.{i}" for i in range(4)]
     assert [r.scope for r in ctx.regions(PRELUDE["ffn"])] == [f"blocks.{i}.mlp" for i in range(4)]
+
+
+class _StreamScaledFfn(nn.Module):
+    """Hyper-connections (DeepSeek-V4, HY-V4): the FFN's output is scaled per token by weights computed
+    from the residual stream, not from the tensor the FFN read. Next to it, a token-wise squeeze-excitation
+    gate: its output scales the very input it pooled."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.stream_weight = nn.Linear(width, 1)
+        self.squeeze, self.excite = nn.Linear(width, 4), nn.Linear(4, width)
+
+    def forward(self, x):
+        x = x + self.fc2(torch.relu(self.fc1(self.norm(x)))) * torch.sigmoid(self.stream_weight(x))
+        gate = torch.sigmoid(self.excite(torch.relu(self.squeeze(x.mean(1, keepdim=True)))))
+        return x * gate.expand_as(x)
+
+
+def test_an_mlp_scaled_by_weights_from_elsewhere_is_one_and_a_squeeze_excitation_gate_is_not():
+    gm = trace(_StreamScaledFfn().eval(), torch.randn(2, 5, 16), frontend="fx")
+    regions = MatchContext(gm).regions(PRELUDE["mlp"])
+    assert [r.anchor.target for r in regions] == ["fc2"]

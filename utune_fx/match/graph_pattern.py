@@ -6,7 +6,7 @@
       through: [reshape, permute, getitem, split, dropout, ...]   ops a chain may pass (default: any);
                an entry may be a node predicate: {kind: add, data_inputs: 1} (a bias add, no residual)
       absent:  ["proj -> gate"]                     edges that must not exist (negative context)
-      where:   [{same_channels: [qkv.in, proj.out]}, {all_paths: [qkv, proj]}]
+      where:   [{same_channels: [qkv.in, proj.out]}, {all_paths: [qkv, proj]}, {not_gating: [fc2, fc1]}]
       anchor:  attn                                 matching starts at this (rare) node
       output:  proj
 
@@ -85,6 +85,7 @@ class GraphPattern(Pattern):
     output_name: str
     same_channels: list[tuple[tuple[str, str], tuple[str, str]]] = field(default_factory=list)
     all_paths: list[tuple[str, str]] = field(default_factory=list)  # (source, sink)
+    not_gating: list[tuple[str, str]] = field(default_factory=list)  # (gater, fed)
 
     # -- window -------------------------------------------------------------------
     def _window(self, anchor: fx.Node, ctx: MatchContext) -> list[fx.Node]:
@@ -184,6 +185,8 @@ class GraphPattern(Pattern):
         for (a, a_side), (b, b_side) in self.same_channels:
             if _channels(captures[a], a_side) != _channels(captures[b], b_side):
                 return False
+        if any(window.gates_its_input(captures[gater], captures[fed]) for gater, fed in self.not_gating):
+            return False
         for edge in self.absent:
             source = captures[edge.source]
             reached = window.reach(source) if edge.chain else set(tensor_users(source))
@@ -264,7 +267,7 @@ class GraphPattern(Pattern):
         return (
             f"around {anchor.name} ({node_info(anchor).scope}) every node has a candidate, but no "
             f"assignment satisfies the edges {[f'{e.source}->{e.target}' for e in self.edges]}"
-            + (", absent edges or channel conditions" if self.absent or self.same_channels else "")
+            + (", absent edges or where conditions" if self.absent or self.same_channels or self.not_gating else "")
         )
 
 
@@ -295,7 +298,7 @@ def _capture(value: Located, names: dict[str, Predicate]) -> tuple[str, str]:
     return name, side
 
 
-WHERE_KEYS = {"same_channels": "[fc1.in, fc2.out]", "all_paths": "[fc1, fc2]"}
+WHERE_KEYS = {"same_channels": "[fc1.in, fc2.out]", "all_paths": "[fc1, fc2]", "not_gating": "[fc2, fc1]"}
 
 
 def compile_graph(body: Located, name: str, within: Pattern | None, outside: Pattern | None = None) -> GraphPattern:
@@ -317,7 +320,8 @@ def compile_graph(body: Located, name: str, within: Pattern | None, outside: Pat
         entries = fields["through"].items() if isinstance(fields["through"].value, list) else [fields["through"]]
         kinds = [k for e in entries if not isinstance(e.value, dict) for k in _one_of(e, OP_KINDS, "op kind")]
         through = Through(frozenset(kinds), tuple(compile_predicate(e) for e in entries if isinstance(e.value, dict)))
-    same_channels, all_paths = [], []
+    same_channels: list = []
+    node_pairs: dict[str, list[tuple[str, str]]] = {"all_paths": [], "not_gating": []}
     for condition in fields["where"].items() if "where" in fields else []:
         entries = condition.check_keys(WHERE_KEYS)
         if len(entries) != 1:
@@ -333,7 +337,7 @@ def compile_graph(body: Located, name: str, within: Pattern | None, outside: Pat
             for item, end in zip(pair, ends):
                 if end not in predicates:
                     raise item.fail(f"'{end}' is not in nodes ({', '.join(predicates)})")
-            all_paths.append((ends[0], ends[1]))
+            node_pairs[key].append((ends[0], ends[1]))
     connected = {e.source for e in edges} | {e.target for e in edges}
     loose = [n for n in predicates if n not in connected and n not in {e.target for e in absent}]
     if loose and len(predicates) > 1:
@@ -350,7 +354,8 @@ def compile_graph(body: Located, name: str, within: Pattern | None, outside: Pat
         anchor,
         output,
         same_channels,
-        all_paths,
+        node_pairs["all_paths"],
+        node_pairs["not_gating"],
         within=within,
         outside=outside,
     )
