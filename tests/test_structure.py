@@ -391,3 +391,64 @@ def test_an_attention_modules_own_sum_is_no_residual():
     operations = find_operations(gm)
     assert [b.contains for b in operations["block"]] == [{"attention": 1, "mlp": 1}] * 2
     assert [r.scope for r in operations["ffn"]] == ["layers.0.mlp", "layers.1.mlp"]
+
+
+class _StreamLayer(torch.nn.Module):
+    """'carried': Zaya, skips shifted and scaled by weights, (x + c) * t, and a router state that each
+    layer passes to the next; 'hyper': DeepSeek-V4's hyper-connections, two residual streams mixed by
+    a matrix computed from them, comb^T @ x, with each sub-layer's output weighted per stream."""
+
+    def __init__(self, form, dim=16):
+        super().__init__()
+        self.form = form
+        self.ln1, self.ln2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.attn = _MaskedAttention(dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim))
+        self.shift = torch.nn.ParameterList(torch.randn(dim) for _ in range(2))
+        self.scale = torch.nn.ParameterList(torch.randn(dim) for _ in range(2))
+        self.router, self.state_scale = torch.nn.Linear(dim, 4), torch.nn.Parameter(torch.randn(4))
+        self.mixer = torch.nn.Linear(2 * dim, 6)
+
+    def _connect(self, x, sub_layer):
+        """Hyper-connection around one sub-layer: x holds two streams [B, T, 2, D]."""
+        weights = self.mixer(x.flatten(2))
+        pre, post, comb = weights[..., :2].sigmoid(), weights[..., 2:4].sigmoid(), weights[..., 4:]
+        comb = torch.stack([comb, comb.flip(-1)], -1).sigmoid()
+        comb = comb / comb.sum(-1, keepdim=True)  # DeepSeek-V4 normalises by Sinkhorn iterations
+        out = sub_layer((pre.unsqueeze(-1) * x).sum(2))
+        return post.unsqueeze(-1) * out.unsqueeze(-2) + comb.transpose(-1, -2) @ x
+
+    def forward(self, x, state, keep):
+        if self.form == "hyper":
+            x = self._connect(x, lambda h: self.attn(self.ln1(h), keep))
+            return self._connect(x, lambda h: self.mlp(self.ln2(h))), state
+        x = self.attn(self.ln1(x), keep) + (x + self.shift[0]) * self.scale[0]
+        routed = self.router(self.ln2(x)) + (0 if state is None else state * self.state_scale)
+        gate = routed.softmax(-1)[..., :1]
+        return self.mlp(self.ln2(x)) * gate + (x + self.shift[1]) * self.scale[1], routed[:, -x.shape[1] :].clone()
+
+
+class _StreamDecoder(torch.nn.Module):
+    def __init__(self, form, layers=2, dim=16):
+        super().__init__()
+        self.form, self.embed = form, torch.nn.Embedding(50, dim)
+        self.layers = torch.nn.ModuleList(_StreamLayer(form, dim) for _ in range(layers))
+
+    def forward(self, ids):
+        keep, x, state = ids != 0, self.embed(ids), None
+        x = torch.stack([x, x], 2) if self.form == "hyper" else x
+        for layer in self.layers:
+            x, state = layer(x, state, keep)
+        return x.sum(2) if self.form == "hyper" else x
+
+
+@pytest.mark.parametrize("form", ["carried", "hyper"])
+def test_residual_streams_that_are_shifted_mixed_or_carry_state_make_one_block_per_layer(form):
+    """A skip seen through a shift by a weight; a second sub-layer that starts at its first one's sum
+    (hyper-connections: comb^T @ x is no plain skip); a router state from the layer before meets its
+    own but is no residual, so no region spans two layers."""
+    gm = trace(_StreamDecoder(form).eval(), torch.randint(1, 50, (2, 6)), frontend="export")
+    operations = find_operations(gm)
+    assert [b.scope for b in operations["block"]] == ["layers.0", "layers.1"]
+    assert [b.contains for b in operations["block"]] == [{"attention": 1, "mlp": 1}] * 2
+    assert [r.scope for r in operations["ffn"]] == ["layers.0.mlp", "layers.1.mlp"]

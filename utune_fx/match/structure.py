@@ -113,12 +113,20 @@ def _carries_features(node: fx.Node) -> bool:
 
 def _skip_source(node: fx.Node) -> fx.Node:
     """The tensor a skip connection carries, seen through identity, dropout,
-    casts and scaling by a weight (MetaFormer's res_scale) or a constant (Beam's depth-scaled
-    residual add)."""
+    casts, scaling by a weight (MetaFormer's res_scale) or a constant (Beam's depth-scaled
+    residual add), and a shift by a weight that only the skip reads (Zaya's (residual + b) * s; x + pos_embed,
+    read by the branch too, is where the skip starts)."""
     while True:
         inputs = data_inputs(node)
         kind = _kind(node)
-        passes = kind in ("identity", "dropout", "cast", "mul", "div")  # one data input: a weight or a constant
+        shift = kind in ("add", "sub") and len(node.users) == 1
+        passes = shift or kind in (
+            "identity",
+            "dropout",
+            "cast",
+            "mul",
+            "div",
+        )  # one data input: a weight or a constant
         if len(inputs) != 1 or not passes:
             return node
         node = inputs[0]
@@ -129,6 +137,7 @@ class _Residuals:
         self.gm = gm
         self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
         self.dominators = self._dominators()
+        self.sums: set[fx.Node] = set()  # the residual adds found so far
 
     def _dominators(self) -> dict[fx.Node, fx.Node]:
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
@@ -170,12 +179,15 @@ class _Residuals:
         if start is None or start in (add, a, b) or not _floating(start):
             return None  # x + g(): g does not read x (position embeddings looked up from an arange)
         scope = node_info(add).scope
-        start = self._before_shared_norm(start, scope)
+        if start not in self.sums:  # a sub-layer may start at the sum of the one before (hyper-connections)
+            start = self._before_shared_norm(start, scope)
         if start is None:
             return None  # two branches merged inside one module (CoaT's attention + conv term)
         found = self.between(start, add)
         if found is None or any(_kind(n) == "attention" and node_info(n).scope == scope for n in found):
             return None  # the attention's own module sums it with another branch (Nystromformer's conv of V)
+        if any(n in self.sums and not in_scope(n, scope) for n in found):
+            return None  # two streams from different layers meet (Zaya's router states, carried to the next layer)
         return start, found
 
     @staticmethod
@@ -211,6 +223,7 @@ class _Residuals:
             if weighted:
                 scope = node_info(node).scope or common_scope([node_info(n).scope for n in weighted])
                 regions.append(Region("residual", len(regions), scope, node, (start,), node, frozenset(nodes)))
+                self.sums.add(node)
         return regions
 
 
