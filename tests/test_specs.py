@@ -122,6 +122,21 @@ def test_hf_dotted_options_set_sub_configs_and_vision_audio_inputs():
         assert audio.model(values).last_hidden_state.shape[1] == 8
 
 
+def test_hf_masked_autoencoder_gets_its_masking_noise_so_two_runs_agree():
+    mae = load_model(
+        "hf:vit_mae?hidden_size=16&num_hidden_layers=1&num_attention_heads=2&intermediate_size=32"
+        "&image_size=32&patch_size=8"
+    )
+    pixels, noise = mae.inputs  # ViTMAEModel.forward(pixel_values, noise): one number per 8x8 patch
+    assert noise.shape == (2, 16)
+    with torch.no_grad():
+        kept = mae.model(pixels, noise)
+        assert torch.equal(mae.model(pixels, noise).last_hidden_state, kept.last_hidden_state)
+        assert not torch.equal(mae.model(pixels).last_hidden_state, kept.last_hidden_state)  # it draws its own
+    # the patches kept are those with the smallest noise, as MAE's random masking defines them
+    assert torch.equal(kept.mask, (noise.argsort(1).argsort(1) >= 4).float())
+
+
 @pytest.mark.parametrize(
     "text,message",
     [

@@ -15,7 +15,9 @@ Example inputs follow the model's ``forward`` signature, in its order: token ids
 the vocabulary; 8 tokens, 5 for the decoder of an encoder-decoder, so self- and cross-attention read
 sequences of different lengths), ``pixel_values`` at the config's image size (64 where it has none),
 ``input_features`` (log-mel frames, Whisper-style) or ``input_values`` (raw audio long enough for 8
-frames of the feature encoder); an ``attention_mask`` between them is all ones. Batch 2.
+frames of the feature encoder); an ``attention_mask`` between them is all ones; ``noise`` where the
+config has a ``mask_ratio`` (ViT-MAE draws it in forward to choose the patches it keeps: given, two runs
+mask alike), one number per patch. Batch 2.
 """
 
 from __future__ import annotations
@@ -160,6 +162,9 @@ def _input(name: str, config, generator: torch.Generator) -> torch.Tensor | None
         return torch.randn(BATCH, mel, 2 * positions, generator=generator)  # two conv frames per position
     if name == "input_values":
         return torch.randn(BATCH, _audio_length(config), generator=generator)
+    if name == "noise" and _field(config, "mask_ratio") is not None:  # MAE: which patches its masking keeps
+        (height, width), (across, down) = _pair(_field(config, "image_size") or 64), _pair(_field(config, "patch_size"))
+        return torch.rand(BATCH, (height // across) * (width // down), generator=generator)
     return None
 
 
