@@ -112,22 +112,17 @@ def _carries_features(node: fx.Node) -> bool:
 
 
 def _skip_source(node: fx.Node) -> fx.Node:
-    """The tensor a skip connection carries, seen through identity, dropout,
-    casts, scaling by a weight (MetaFormer's res_scale) or a constant (Beam's depth-scaled
-    residual add), and a shift by a weight that only the skip reads (Zaya's (residual + b) * s; x + pos_embed,
-    read by the branch too, is where the skip starts)."""
+    """The tensor a skip connection carries, seen through identity, dropout, casts, scaling by a
+    weight (MetaFormer's res_scale) or a constant (Beam's depth-scaled residual add), and a shift
+    by a weight where only the skip reads it (Zaya's (residual + b) * s; ViT's x + pos_embed, read by
+    the first block's branch too, is where that skip starts)."""
+    private = True  # every node so far is read by the skip alone
     while True:
         inputs = data_inputs(node)
         kind = _kind(node)
-        shift = kind in ("add", "sub") and len(node.users) == 1
-        passes = shift or kind in (
-            "identity",
-            "dropout",
-            "cast",
-            "mul",
-            "div",
-        )  # one data input: a weight or a constant
-        if len(inputs) != 1 or not passes:
+        private = private and len(node.users) == 1
+        scales = kind in ("identity", "dropout", "cast", "mul", "div")  # one data input: a weight or a constant
+        if len(inputs) != 1 or not (scales or private and kind in ("add", "sub")):
             return node
         node = inputs[0]
 
