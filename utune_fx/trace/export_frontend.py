@@ -9,7 +9,8 @@
 Shapes are specialised to the example inputs except the batch dimension,
 which is left dynamic wherever the model allows it. The guard module
 torch.export inserts (``_guards_fn``) is removed: the graph is annotated for
-the example shapes, which is what rules match against. In-place ops on the
+the example shapes, which is what rules match against; so are the dtype
+checks before each ``.to`` (``_assert_tensor_metadata``). In-place ops on the
 graph's own temporaries are written out of place (out_of_place.py), so
 autograd can train through them.
 
@@ -36,6 +37,9 @@ from utune_fx.errors import first_line
 from utune_fx.trace.out_of_place import write_out_of_place
 
 _GUARDS = "_guards_fn"
+# checks export adds before a .to(dtype): they hold the dtype a tensor had while tracing, so a
+# graph traced under one default dtype fails under another (VITS' torch.randn(...).to(x.dtype))
+_METADATA_ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
 _USER_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 
 
@@ -109,7 +113,8 @@ def export_trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphMod
         raise _failure(error) from error
     gm = program.module()
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == _GUARDS and not node.users:
+        guard = node.op == "call_module" and node.target == _GUARDS
+        if (guard or node.target in _METADATA_ASSERTS) and not node.users:
             gm.graph.erase_node(node)
     if hasattr(gm, _GUARDS):
         delattr(gm, _GUARDS)
