@@ -136,3 +136,47 @@ def test_pretrained_minilm_bert_through_torch_export_and_the_whole_chain(monkeyp
     assert record["parameters"] == 22_565_376  # the pretrained weights, pooler left out
     with torch.no_grad():  # the traced graph is the pretrained model, and the chain left its weights alone
         assert torch.equal(state["expected"], model(ids, mask))
+
+
+class _ConvFfnLayer(torch.nn.Module):
+    """VITS' encoder layer: post-norm attention, then an FFN of two kernel-3 convs over the tokens,
+    with the padding mask multiplied in before each conv and after the last."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.attention = torch.nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.conv_1, self.conv_2 = torch.nn.Conv1d(dim, 2 * dim, 3), torch.nn.Conv1d(2 * dim, dim, 3)
+        self.norm_1, self.norm_2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+
+    def forward(self, x, mask):  # x [B, T, C], mask [B, T, 1]
+        x = self.norm_1(x + self.attention(x, x, x, need_weights=False)[0])
+        h, keep = x.transpose(1, 2), mask.transpose(1, 2)
+        h = self.conv_1(torch.nn.functional.pad(h * keep, (1, 1)))
+        h = self.conv_2(torch.nn.functional.pad(torch.relu(h) * keep, (1, 1))) * keep
+        return self.norm_2(x + h.transpose(1, 2))
+
+
+class _ConvFfnEncoder(torch.nn.Module):
+    def __init__(self, layers=2, dim=16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, dim)
+        self.layers = torch.nn.ModuleList(_ConvFfnLayer(dim) for _ in range(layers))
+
+    def forward(self, ids):
+        mask = (ids != 0).unsqueeze(-1).float()
+        x = self.embed(ids) * mask
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+def test_a_convolutional_ffn_with_a_padding_mask_through_the_whole_chain():
+    """Each layer's FFN is its two kernel-3 convs (the padding mask is no gate, nor a data path); the
+    parallel U-Tuner around it reads the layer's tokens, not the padded conv input."""
+    torch.manual_seed(0)
+    ids = torch.randint(1, 50, (2, 6))
+    ids[1, 4:] = 0  # padded
+    state: dict = {}
+    record = run_module_chain(_ConvFfnEncoder().eval(), (ids,), "VITS-like", rule_files=("dual_utuner",), state=state)
+    _check(record, state, frontend="export", mha=2, ffn=2, lora=0)
+    assert _scopes(state, "ffn") == ["layers.0", "layers.1"]

@@ -81,6 +81,7 @@ FIRES = [
     ("attention", "gpt", 2, "resnet"),
     ("mlp", "vit", 3, "efficientnet"),  # squeeze-excitation gates are no mlp
     ("conv_mlp", "pvt", 4, "resnet"),  # no depthwise conv between 1x1 convs in a ResNet
+    ("conv_ffn", "resnet", 5, "vit"),  # basic blocks that keep their width (a stage's first widens)
     ("transformer_block", "swin", 4, "convnext"),
     ("routing", "moe", 2, "vit"),
     ("routed", "moe", 4, "vit"),  # each MoE sub-layer, and the sum of its routed and shared experts
@@ -88,7 +89,7 @@ FIRES = [
     ("grouped_experts", "grouped_moe", 4, "moe"),  # two grouped matmuls per layer; argmax routing
     ("routed_to_grouped_experts", "grouped_moe", 2, "moe"),
     ("moe", "moe", 2, "vit"),  # the outermost only
-    ("dense_ffn", "moe", 1, "resnet"),  # the dense layer's mlp; the shared experts are the MoEs' parts
+    ("dense_ffn", "moe", 1, "plain_mlp"),  # the dense layer's mlp (the shared experts are the MoEs' parts); not 8 -> 4
     ("ffn", "encoder", 3, "convnext"),  # ConvNeXt has mlps but no attention
     ("residual", "resnet", 8, "plain_mlp"),
     ("block", "resnet", 8, "plain_mlp"),

@@ -60,6 +60,11 @@ class Edge:
     chain: bool  # '->*': through any number of 'through' ops; '->': one data edge
 
 
+def holds_integers(node: fx.Node) -> bool:
+    """Indices, masks, token ids: tensors that carry no features."""
+    return (node_info(node).dtype or "float").startswith(("int", "uint", "bool"))
+
+
 @dataclass(frozen=True)
 class Through:
     """The ops a '->*' chain may pass: op kinds, or nodes passing a predicate; never a node whose
@@ -70,7 +75,7 @@ class Through:
     predicates: tuple[Predicate, ...] = ()
 
     def passes(self, node: fx.Node, ctx: NodeContext) -> bool:
-        if (node_info(node).dtype or "float").startswith(("int", "uint", "bool")):
+        if holds_integers(node):
             return False
         return node_info(node).op_kind in self.kinds or any(p(node, ctx) is None for p in self.predicates)
 
@@ -163,14 +168,15 @@ class GraphPattern(Pattern):
                 yield captures, window
 
     def _every_path_from(self, source: str, sink: fx.Node, ctx: MatchContext) -> bool:
-        """Every data path into ``sink`` comes, through 'through' ops, from a ``source``-like node."""
+        """Every data path into ``sink`` comes, through 'through' ops, from a ``source``-like node; a path
+        from a mask (VITS multiplies its FFN's hidden features by the padding mask) carries no features."""
         frontier, seen = list(data_inputs(sink)), set()
         while frontier:
             node = frontier.pop()
             if node in seen:
                 continue
             seen.add(node)
-            if self.predicates[source](node, ctx.node_ctx) is None:
+            if self.predicates[source](node, ctx.node_ctx) is None or holds_integers(node):
                 continue
             if self.through is not None and not self.through.passes(node, ctx.node_ctx) or len(seen) > _WINDOW_LIMIT:
                 return False

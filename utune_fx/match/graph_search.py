@@ -93,16 +93,17 @@ class Window:
         return found
 
     def gates_its_input(self, gater: fx.Node, fed: fx.Node) -> bool:
-        """Whether ``gater``'s value, through 'through' ops, multiplies a tensor that ``fed`` also reads
-        (reshaped at most): a squeeze-excitation gate scales the input it pooled. A product with a
-        tensor from elsewhere (hyper-connections' per-stream output weights) is no such gate."""
+        """Whether ``gater``'s value, through 'through' ops, scales a tensor that ``fed`` also reads
+        (reshaped at most), the product taking that tensor's shape: a squeeze-excitation gate scales
+        the input it pooled. A product with a tensor from elsewhere (hyper-connections' per-stream
+        output weights) or with a mask broadcast over it (VITS' padding mask) is no such gate."""
         reached = self.reach(gater)
         others = [
             other
             for node in reached
             if node_info(node).op_kind == "mul"
             for other in data_inputs(node)
-            if other not in reached and other is not gater
+            if other not in reached and other is not gater and node_info(other).shape == node_info(node).shape
         ]
         if not others:
             return False

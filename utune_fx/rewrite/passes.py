@@ -93,12 +93,15 @@ def _stride(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int,
     return tuple(i // o for i, o in pairs)
 
 
-def _fits(reads: fx.Node, writes: fx.Node, loose: bool = False) -> bool:
+def _fits(reads: fx.Node, writes: fx.Node, loose: bool = False, channels_first: bool = False) -> bool:
     """The same tokens (or feature map) on both sides, the channels (axis 1 of feature maps, the
     last axis of tokens) aside; ``loose``: the same number of tokens in another layout ([B, C]
     for [B, 1, C]; nn.MultiheadAttention's one query [1, B, C] seq-first for its out_proj's [B, C]:
-    the same axes but those of size 1, so the same order)."""
+    the same axes but those of size 1, so the same order). A region of convs reads channels first,
+    so [B, C, L + 2] padded for a kernel of 3 is no fit for [B, C, L] (VITS' convolutional FFN)."""
     a, b = node_info(reads).shape, node_info(writes).shape
+    if channels_first and not loose:
+        return bool(a and b) and len(a) == len(b) >= 3 and a[0] == b[0] and a[2:] == b[2:]
     if loose and a and b and [d for d in a[:-1] if d != 1] == [d for d in b[:-1] if d != 1]:
         return True
     if not a or not b or a[0] != b[0]:
@@ -164,9 +167,11 @@ def _parallel_input(region: Region, ctx: MatchContext) -> tuple[fx.Node, fx.Node
     join = _residual_join(region.output)
     if join is not None:
         pairs.append(join)
+    first = _first_weighted(region, ctx)
+    channels_first = first is not None and node_info(first).op_kind == "conv"
     for loose in (False, True):
         for reads, writes in pairs:
-            if _fits(reads, writes, loose):
+            if _fits(reads, writes, loose, channels_first and writes is region.output):
                 return reads, writes
     # a feature map that is downsampled by whole factors (a strided attention, HaloNet's): the input
     # with the output's batch axis and rank, whichever order the region lists its inputs in

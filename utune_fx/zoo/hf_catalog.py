@@ -130,6 +130,12 @@ HF_MODELS = {
         {**_TEXT, "conv_dim": [16, 16], "conv_kernel": [10, 3], "conv_stride": [5, 2]}
         | {"num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2},
     ),
+    # text to speech: VITS samples its durations and its latent with noise scaled by these two; at 0
+    # the waveform (and its length) is the same on every run, as the zoo's comparisons need
+    "vits": _spec(
+        "vits",
+        {"hidden_size": 32, "num_hidden_layers": 2, "ffn_dim": 64} | {"noise_scale": 0.0, "noise_scale_duration": 0.0},
+    ),
 }
 # CI: one of each kind (decoder, encoder, encoder-decoder, vision, text-image, audio, mixture of
 # experts: afmoe's router is zero-initialised and its experts call transformers::grouped_mm_fallback;
