@@ -375,9 +375,9 @@ def test_stage_changes_with_a_projected_shortcut_of_the_block_norm_are_transform
 
 
 class _StreamScaledFfn(nn.Module):
-    """Hyper-connections (DeepSeek-V4, HY-V4): the FFN's output is scaled per token by weights computed
-    from the residual stream, not from the tensor the FFN read. Next to it, a token-wise squeeze-excitation
-    gate: its output scales the very input it pooled."""
+    """Hyper-connections (DeepSeek-V4, HY-V4): the FFN's output is scaled by a weight per token, broadcast
+    over its channels. Next to it, a token-wise squeeze-excitation gate: its output scales the whole input
+    it pooled."""
 
     def __init__(self, width=16):
         super().__init__()

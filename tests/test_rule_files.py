@@ -95,6 +95,11 @@ ERRORS = [
         r"patterns\.p\.graph\.edges\[0\]: edge names 'b', which is not in nodes \(a\)",
     ),
     (
+        "version: 1\npatterns:\n  p: {graph: {nodes: {a: {}}, edges: [], where: [{not_gating: [a, b]}]}}\n"
+        "rules: [{name: r, match: p, tuner: lora}]\n",
+        r"patterns\.p\.graph\.where\[0\]\.not_gating: expected a non-empty string, got a list",
+    ),
+    (
         "version: 1\npatterns:\n  p: {pattern: q}\n  q: {pattern: p}\nrules: [{name: r, match: p, tuner: lora}]\n",
         r"bad\.yaml:3:6: patterns\.p: patterns refer to each other in a cycle: p -> q -> p",
     ),

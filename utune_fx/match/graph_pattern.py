@@ -6,7 +6,7 @@
       through: [reshape, permute, getitem, split, dropout, ...]   ops a chain may pass (default: any);
                an entry may be a node predicate: {kind: add, data_inputs: 1} (a bias add, no residual)
       absent:  ["proj -> gate"]                     edges that must not exist (negative context)
-      where:   [{same_channels: [qkv.in, proj.out]}, {all_paths: [qkv, proj]}, {not_gating: [fc2, fc1]}]
+      where:   [{same_channels: [qkv.in, proj.out]}, {all_paths: [qkv, proj]}, {not_gating: fc2}]
       anchor:  attn                                 matching starts at this (rare) node
       output:  proj
 
@@ -90,7 +90,7 @@ class GraphPattern(Pattern):
     output_name: str
     same_channels: list[tuple[tuple[str, str], tuple[str, str]]] = field(default_factory=list)
     all_paths: list[tuple[str, str]] = field(default_factory=list)  # (source, sink)
-    not_gating: list[tuple[str, str]] = field(default_factory=list)  # (gater, fed)
+    not_gating: list[str] = field(default_factory=list)
 
     # -- window -------------------------------------------------------------------
     def _window(self, anchor: fx.Node, ctx: MatchContext) -> list[fx.Node]:
@@ -191,7 +191,7 @@ class GraphPattern(Pattern):
         for (a, a_side), (b, b_side) in self.same_channels:
             if _channels(captures[a], a_side) != _channels(captures[b], b_side):
                 return False
-        if any(window.gates_its_input(captures[gater], captures[fed]) for gater, fed in self.not_gating):
+        if any(window.gates(captures[gater]) for gater in self.not_gating):
             return False
         for edge in self.absent:
             source = captures[edge.source]
@@ -304,7 +304,7 @@ def _capture(value: Located, names: dict[str, Predicate]) -> tuple[str, str]:
     return name, side
 
 
-WHERE_KEYS = {"same_channels": "[fc1.in, fc2.out]", "all_paths": "[fc1, fc2]", "not_gating": "[fc2, fc1]"}
+WHERE_KEYS = {"same_channels": "[fc1.in, fc2.out]", "all_paths": "[fc1, fc2]", "not_gating": "fc2"}
 
 
 def compile_graph(body: Located, name: str, within: Pattern | None, outside: Pattern | None = None) -> GraphPattern:
@@ -327,12 +327,18 @@ def compile_graph(body: Located, name: str, within: Pattern | None, outside: Pat
         kinds = [k for e in entries if not isinstance(e.value, dict) for k in _one_of(e, OP_KINDS, "op kind")]
         through = Through(frozenset(kinds), tuple(compile_predicate(e) for e in entries if isinstance(e.value, dict)))
     same_channels: list = []
-    node_pairs: dict[str, list[tuple[str, str]]] = {"all_paths": [], "not_gating": []}
+    all_paths: list[tuple[str, str]] = []
+    not_gating: list[str] = []
     for condition in fields["where"].items() if "where" in fields else []:
         entries = condition.check_keys(WHERE_KEYS)
         if len(entries) != 1:
             raise condition.fail(f"each where entry is one condition: {', '.join(WHERE_KEYS)}")
         key, value = next(iter(entries.items()))
+        if key == "not_gating":
+            if value.text() not in predicates:
+                raise value.fail(f"'{value.text()}' is not in nodes ({', '.join(predicates)})")
+            not_gating.append(value.text())
+            continue
         pair = value.items()
         if len(pair) != 2:
             raise value.fail(f"{key} takes two entries, e.g. {WHERE_KEYS[key]}")
@@ -343,7 +349,7 @@ def compile_graph(body: Located, name: str, within: Pattern | None, outside: Pat
             for item, end in zip(pair, ends):
                 if end not in predicates:
                     raise item.fail(f"'{end}' is not in nodes ({', '.join(predicates)})")
-            node_pairs[key].append((ends[0], ends[1]))
+            all_paths.append((ends[0], ends[1]))
     connected = {e.source for e in edges} | {e.target for e in edges}
     loose = [n for n in predicates if n not in connected and n not in {e.target for e in absent}]
     if loose and len(predicates) > 1:
@@ -360,8 +366,8 @@ def compile_graph(body: Located, name: str, within: Pattern | None, outside: Pat
         anchor,
         output,
         same_channels,
-        node_pairs["all_paths"],
-        node_pairs["not_gating"],
+        all_paths,
+        not_gating,
         within=within,
         outside=outside,
     )

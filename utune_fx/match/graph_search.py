@@ -4,7 +4,7 @@ matcher that spends that window's budget of steps.
     window = Window(nodes, through, node_ctx)      nodes near the anchor; window.reach(n) memoised
     BudgetedMatcher(graph, pattern, window, ...)    networkx's DiGraphMatcher, one step per candidate pair
     window.spend(n)                                 raises OverBudget past GRAPH_SEARCH_STEPS (limits.py)
-    window.gates_its_input(fc2, fc1)                a squeeze-excitation gate: fc2's value scales fc1's input
+    window.gates(fc2)                               fc2's value scales another tensor (squeeze-excitation)
 
 Every part of matching around one anchor that can grow with the pattern (building the
 candidate graph, the subgraph search, checking absent edges and paths, collecting chains)
@@ -25,9 +25,6 @@ from utune_fx.trace import node_info
 
 if TYPE_CHECKING:
     from utune_fx.match.graph_pattern import Through
-
-_SAME_TENSOR = frozenset({"reshape", "permute", "cast", "identity", "getitem"})
-_FEEDER_HOPS = 16  # data edges back from the gated pattern's input (an SE block pools its input, then fc1)
 
 
 class OverBudget(Exception):
@@ -83,37 +80,16 @@ class Window:
             self._reach[start] = found
         return self._reach[start]
 
-    def _feeders(self, node: fx.Node) -> set[fx.Node]:
-        """The tensors ``node`` reads, within _FEEDER_HOPS data edges back."""
-        found, frontier = set(), [node]
-        for _ in range(_FEEDER_HOPS):
-            frontier = [i for n in frontier for i in data_inputs(n) if i not in found]
-            self.spend(1 + len(frontier))
-            found.update(frontier)
-        return found
-
-    def gates_its_input(self, gater: fx.Node, fed: fx.Node) -> bool:
-        """Whether ``gater``'s value, through 'through' ops, scales a tensor that ``fed`` also reads
-        (reshaped at most), the product taking that tensor's shape: a squeeze-excitation gate scales
-        the input it pooled. A product with a tensor from elsewhere (hyper-connections' per-stream
-        output weights) or with a mask broadcast over it (VITS' padding mask) is no such gate."""
+    def gates(self, gater: fx.Node) -> bool:
+        """Whether ``gater``'s value, through 'through' ops, multiplies a tensor of the product's whole
+        shape: it then scales that tensor, as a squeeze-excitation gate scales the input it pooled. A
+        weight or mask broadcast over it (hyper-connections' per-stream weights, VITS' padding mask)
+        leaves it the value."""
         reached = self.reach(gater)
-        others = [
-            other
+        return any(
+            node_info(other).shape == node_info(node).shape
             for node in reached
             if node_info(node).op_kind == "mul"
             for other in data_inputs(node)
-            if other not in reached and other is not gater and node_info(other).shape == node_info(node).shape
-        ]
-        if not others:
-            return False
-        feeders = self._feeders(fed)
-        return any(node in feeders for other in others for node in _reshapes_of(other))
-
-
-def _reshapes_of(node: fx.Node) -> list[fx.Node]:
-    """``node`` and the tensors it is a reshape, cast or item of, back to the first other op."""
-    chain = [node]
-    while node_info(chain[-1]).op_kind in _SAME_TENSOR and data_inputs(chain[-1]) and len(chain) < _FEEDER_HOPS:
-        chain.append(data_inputs(chain[-1])[0])
-    return chain
+            if other not in reached and other is not gater
+        )
