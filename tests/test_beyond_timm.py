@@ -180,3 +180,6 @@ def test_a_convolutional_ffn_with_a_padding_mask_through_the_whole_chain():
     record = run_module_chain(_ConvFfnEncoder().eval(), (ids,), "VITS-like", rule_files=("dual_utuner",), state=state)
     _check(record, state, frontend="export", mha=2, ffn=2, lora=0)
     assert _scopes(state, "ffn") == ["layers.0", "layers.1"]
+    # the FFN's U-Tuner adapts the 16 channels of the tokens it adds to, not their 6 positions
+    widths = {tuple(p.shape) for n, p in state["result"].module.named_parameters() if n.startswith("utune.ffn.")}
+    assert widths and all(16 in shape and 6 not in shape for shape in widths if len(shape) > 1), widths

@@ -57,7 +57,7 @@ def _site(found: RuleMatch, region: Region, ctx: MatchContext, reads: fx.Node, w
     blocks read [B, H, W, C] and write the same tokens as [B, H*W, C])."""
     anchor_op = _first_weighted(region, ctx)
     if anchor_op is not None:
-        channels_first = node_info(anchor_op).op_kind == "conv"
+        channels_first = node_info(anchor_op).op_kind == "conv" and not _tokens_again(region.output, writes)
     else:  # no linear or conv: a norm of feature maps (BatchNorm, GroupNorm) still says where channels are
         channels_first = any(normalises_axis_1(n, ctx) for n in region.nodes)
     in_shape, out_shape = node_info(reads).shape, node_info(writes).shape
@@ -80,6 +80,13 @@ def _site(found: RuleMatch, region: Region, ctx: MatchContext, reads: fx.Node, w
         )
     reshape = other_in != other_out and stride is None
     return Site(channels_in, channels_out, len(in_shape), channels_first, stride=stride), reshape
+
+
+def _tokens_again(output: fx.Node, writes: fx.Node) -> bool:
+    """Whether a conv region's [B, C, L] output reaches the residual add it joins as [B, L, C]
+    tokens (VITS' FFN convolves the tokens transposed): the tuner there works on the last axis."""
+    out, joined = node_info(output).shape, node_info(writes).shape
+    return bool(out and joined) and joined != out and list(joined) == [out[0], *out[2:], out[1]]
 
 
 def _stride(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int, ...] | None:
