@@ -34,7 +34,7 @@ import networkx as nx
 from torch import fx
 
 from utune_fx.match import limits
-from utune_fx.match.graph_search import BudgetedMatcher, OverBudget, Window
+from utune_fx.match.graph_search import BudgetedMatcher, OverBudget, Window, holds_integers
 from utune_fx.match.patterns import MatchContext, Pattern, best_near_miss, merge_by_output, region_of
 from utune_fx.match.predicates import (
     NodeContext,
@@ -58,11 +58,6 @@ class Edge:
     source: str
     target: str
     chain: bool  # '->*': through any number of 'through' ops; '->': one data edge
-
-
-def holds_integers(node: fx.Node) -> bool:
-    """Indices, masks, token ids: tensors that carry no features."""
-    return (node_info(node).dtype or "float").startswith(("int", "uint", "bool"))
 
 
 @dataclass(frozen=True)
@@ -167,26 +162,10 @@ class GraphPattern(Pattern):
             if self._admissible(captures, window, ctx):
                 yield captures, window
 
-    def _every_path_from(self, source: str, sink: fx.Node, ctx: MatchContext) -> bool:
-        """Every data path into ``sink`` comes, through 'through' ops, from a ``source``-like node; a path
-        from a mask (VITS multiplies its FFN's hidden features by the padding mask) carries no features."""
-        frontier, seen = list(data_inputs(sink)), set()
-        while frontier:
-            node = frontier.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            if self.predicates[source](node, ctx.node_ctx) is None or holds_integers(node):
-                continue
-            if self.through is not None and not self.through.passes(node, ctx.node_ctx) or len(seen) > _WINDOW_LIMIT:
-                return False
-            frontier.extend(data_inputs(node))
-        return True
-
     def _admissible(self, captures: dict[str, fx.Node], window: Window, ctx: MatchContext) -> bool:
         for source, sink in self.all_paths:
             window.spend(_WINDOW_LIMIT)  # what the walk may visit
-            if not self._every_path_from(source, captures[sink], ctx):
+            if not window.every_path_into(captures[sink], self.predicates[source], _WINDOW_LIMIT):
                 return False
         for (a, a_side), (b, b_side) in self.same_channels:
             if _channels(captures[a], a_side) != _channels(captures[b], b_side):

@@ -4,6 +4,7 @@ matcher that spends that window's budget of steps.
     window = Window(nodes, through, node_ctx)      nodes near the anchor; window.reach(n) memoised
     BudgetedMatcher(graph, pattern, window, ...)    networkx's DiGraphMatcher, one step per candidate pair
     window.spend(n)                                 raises OverBudget past GRAPH_SEARCH_STEPS (limits.py)
+    window.every_path_into(fc2, is_fc1, limit)      all_paths: every data path into fc2 starts at an fc1
     window.gates(fc2)                               fc2's value scales another tensor (squeeze-excitation)
 
 Every part of matching around one anchor that can grow with the pattern (building the
@@ -20,11 +21,16 @@ from networkx.algorithms.isomorphism import DiGraphMatcher
 from torch import fx
 
 from utune_fx.match import limits
-from utune_fx.match.predicates import NodeContext, data_inputs, tensor_users
+from utune_fx.match.predicates import NodeContext, Predicate, data_inputs, tensor_users
 from utune_fx.trace import node_info
 
 if TYPE_CHECKING:
     from utune_fx.match.graph_pattern import Through
+
+
+def holds_integers(node: fx.Node) -> bool:
+    """Indices, masks, token ids: tensors that carry no features."""
+    return (node_info(node).dtype or "float").startswith(("int", "uint", "bool"))
 
 
 class OverBudget(Exception):
@@ -79,6 +85,23 @@ class Window:
                     frontier.extend(u for u in tensor_users(node) if u in self.inside)
             self._reach[start] = found
         return self._reach[start]
+
+    def every_path_into(self, sink: fx.Node, is_source: Predicate, limit: int) -> bool:
+        """Every data path into ``sink`` comes, through 'through' ops, from a node passing ``is_source``;
+        a path from a mask (VITS multiplies its FFN's hidden features by the padding mask) carries no
+        features. False past ``limit`` nodes."""
+        frontier, seen = list(data_inputs(sink)), set()
+        while frontier:
+            node = frontier.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if is_source(node, self.ctx) is None or holds_integers(node):
+                continue
+            if self.through is not None and not self.through.passes(node, self.ctx) or len(seen) > limit:
+                return False
+            frontier.extend(data_inputs(node))
+        return True
 
     def gates(self, gater: fx.Node) -> bool:
         """Whether ``gater``'s value, through 'through' ops, multiplies a tensor of the product's whole
