@@ -212,7 +212,7 @@ _NAMES_BY_KIND: dict[str, tuple[str, ...]] = {
         "square",
         "addcmul",
     ),
-    "cast": ("to", "type", "type_as", "float", "half", "bfloat16", "double", "_to_copy", "_assert_tensor_metadata"),
+    "cast": ("to", "type", "type_as", "float", "half", "bfloat16", "double", "_to_copy"),
     "shape": ("getattr", "size", "dim", "numel", "sym_size", "sym_numel", "_shape_as_tensor"),
     "assert": ("_assert", "_assert_is_none", "_assert_async", "_assert_scalar"),
 }

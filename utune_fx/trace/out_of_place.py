@@ -39,7 +39,7 @@ def _out_of_place(target: object) -> torch._ops.OpOverload | None:
     schema = getattr(target, "_schema", None)
     if not isinstance(target, torch._ops.OpOverload) or schema is None or target.namespace != "aten":
         return None
-    name = target._schema.name.split("::")[-1]
+    name = schema.name.split("::")[-1]
     first, *rest = schema.arguments or [None]
     writes_first = first is not None and first.alias_info is not None and first.alias_info.is_write
     if not name.endswith("_") or name.startswith("_") or not writes_first:
