@@ -152,6 +152,36 @@ def _tied_names(model: nn.Module) -> list[list[str]]:
     return [names for names in groups.values() if len(names) > 1]
 
 
+# The prelude's head leaves a language model's token head frozen (as PEFT does); these rules train it
+# on purpose, to test what training a head tied to the token embedding does.
+LM_HEAD_RULES = """version: 1
+patterns:
+  attention_linear: {node: {kind: [linear, conv]}, within: attention}
+  lm_head: {node: {kind: linear, feeds_output: true}}
+rules:
+  - {name: lora, match: attention_linear, tuner: lora, settings: {rank: 8, alpha: 16}}
+  - {name: classifier, match: lm_head, tuner: head}
+"""
+
+
+@pytest.fixture
+def lm_head_rules(tmp_path) -> Path:
+    path = tmp_path / "lora_lm_head.yaml"
+    path.write_text(LM_HEAD_RULES)
+    return path
+
+
+@pytest.fixture
+def lm_head_probe(tmp_path) -> Path:
+    path = tmp_path / "lm_head_probe.yaml"
+    path.write_text(
+        LM_HEAD_RULES.replace(
+            "  - {name: lora, match: attention_linear, tuner: lora, settings: {rank: 8, alpha: 16}}\n", ""
+        )
+    )
+    return path
+
+
 def _tuned(builders: Path, spec: str, rules: str, out: Path):
     """Rewrite, move every trainable tensor away from where it started (tuners away from identity, the
     trained existing weights changed as training would), save the artifact."""
@@ -195,9 +225,11 @@ def _eager_reference(base: nn.Module, result) -> nn.Module:
     return base
 
 
-def test_gpt2_head_rule_trains_the_tied_embedding_and_says_so_and_fold_keeps_one_tensor(builders, tmp_path, capsys):
+def test_gpt2_head_rule_trains_the_tied_embedding_and_says_so_and_fold_keeps_one_tensor(
+    builders, tmp_path, capsys, lm_head_rules
+):
     tuned_dir, folded_dir = tmp_path / "tuned", tmp_path / "folded"
-    result = _tuned(builders, "gpt2?head=true", "lora", tuned_dir)
+    result = _tuned(builders, "gpt2?head=true", str(lm_head_rules), tuned_dir)
     eager = result.base_model
     assert _tied_names(eager) == [["transformer.wte.weight", "lm_head.weight"]]
     config = eager.config
@@ -243,15 +275,15 @@ def test_gpt2_head_rule_trains_the_tied_embedding_and_says_so_and_fold_keeps_one
         torch.testing.assert_close(reloaded.module(ids).logits, expected, **FOLD_TOL)
 
 
-def test_match_names_the_tied_tensors_a_head_rule_trains(builders, capsys):
+def test_match_names_the_tied_tensors_a_head_rule_trains(builders, capsys, lm_head_probe):
     model = f"{builders}:gpt2?head=true"
-    assert main(["match", model, "--rules", "linear_probe", *IDS, "--json"]) == 0
+    assert main(["match", model, "--rules", str(lm_head_probe), *IDS, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     (classifier,) = report["results"]
     assert classifier["tied"] == [["lm_head.weight", "transformer.wte.weight"]]
     assert classifier["trained_parameters"] == 100 * 64  # vocab_size x n_embd, the one tensor once
-    assert classifier["where"].startswith(str(load_rules("linear_probe").path) + ":")  # the rule, by file and line
-    assert main(["match", model, "--rules", "linear_probe", *IDS]) == 0
+    assert classifier["where"].startswith(str(load_rules(lm_head_probe).path) + ":")  # the rule, by file and line
+    assert main(["match", model, "--rules", str(lm_head_probe), *IDS]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "also trains transformer.wte.weight: tied to lm_head.weight (one tensor)" in out
 
@@ -299,7 +331,10 @@ def test_lora_on_a_tied_classifier_is_kept_as_a_branch_not_folded_into_the_embed
     from utune_fx.rewrite import rewrite
 
     rules = tmp_path / "head_lora.yaml"
-    rules.write_text("version: 1\nrules:\n  - {name: head_lora, match: head, tuner: lora, settings: {rank: 2}}\n")
+    rules.write_text(
+        "version: 1\npatterns:\n  out: {node: {kind: linear, feeds_output: true}}\n"
+        "rules:\n  - {name: head_lora, match: out, tuner: lora, settings: {rank: 2}}\n"
+    )
     model, ids = _TiedLM().eval(), torch.randint(0, 50, (2, 6))
     result = rewrite(trace(model, ids, frontend=frontend), load_rules(rules))
     with torch.no_grad():

@@ -45,6 +45,7 @@ class MatchContext:
         for node in self.nodes:
             self.by_kind.setdefault(node_info(node).op_kind, []).append(node)
         self.node_ctx = NodeContext(dict(gm.named_modules()), _feeding_output(self.nodes))
+        self.node_ctx.vocabularies = _vocabularies(self)
         # id -> (pattern, regions): holding the pattern keeps its id from being reused
         self._regions: dict[int, tuple[Pattern, list[Region]]] = {}
         self._residuals: list[Region] | None = None
@@ -80,6 +81,27 @@ class MatchContext:
         if self._residuals is None:
             self._residuals = find_residuals(self.gm)
         return self._residuals
+
+
+_ID_STEPS = ("reshape", "permute", "getitem", "cast", "identity")  # between an input and the ids it holds
+
+
+def _vocabularies(ctx: MatchContext) -> frozenset[int]:
+    """Rows of every embedding table looked up with ids that are a model input (token ids, not the
+    positions a model counts itself), or a layout move of one."""
+    from utune_fx.match.sizes import layer_channels, layer_input  # sizes builds on this module
+
+    sizes = set()
+    for node in ctx.by_kind.get("embedding", []):
+        ids = layer_input(node)
+        for _ in range(4):
+            if ids is None or ids.op == "placeholder" or node_info(ids).op_kind not in _ID_STEPS:
+                break
+            ids = next(iter(data_inputs(ids)), None)
+        channels = layer_channels(node, ctx)
+        if ids is not None and ids.op == "placeholder" and channels:
+            sizes.add(channels[0])
+    return frozenset(sizes)
 
 
 def _feeding_output(nodes: list[fx.Node]) -> set[fx.Node]:

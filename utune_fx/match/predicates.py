@@ -33,6 +33,7 @@ class NodeContext:
 
     modules: dict[str, nn.Module]
     feeds_output: set[fx.Node]  # nodes whose value reaches the graph output through unweighted ops only
+    vocabularies: frozenset[int] = frozenset()  # rows of the embedding tables that read the input token ids
 
 
 def _strings(value: Located, what: str) -> list[str]:
@@ -234,7 +235,7 @@ def _compile_key(key: str, value: Located) -> Check:
             return None
 
         return check_attr
-    if key in ("pointwise", "depthwise", "module", "feeds_output"):
+    if key in ("pointwise", "depthwise", "module", "feeds_output", "token_logits"):
         if not isinstance(value.value, bool):
             raise value.fail(f"{key} must be true or false")
         want = value.value
@@ -243,6 +244,7 @@ def _compile_key(key: str, value: Located) -> Check:
             "depthwise": _is_depthwise,
             "module": lambda n, c: n.op == "call_module",
             "feeds_output": lambda n, c: n in c.feeds_output,
+            "token_logits": _token_logits,
         }[key]
         return lambda n, c: None if test(n, c) == want else f"{key} is {not want}"
     if key == "data_inputs":
@@ -281,9 +283,17 @@ PREDICATE_KEYS = (
     "module",
     "data_inputs",
     "feeds_output",
+    "token_logits",
     "any_of",
     "not",
 )
+
+
+def _token_logits(node: fx.Node, ctx: NodeContext) -> bool:
+    """A layer with one output per row of the table the input tokens are looked up in: a language
+    model's head (GPT-2's lm_head, BERT's MLM decoder), which predicts tokens rather than classes."""
+    shape = node_info(node).shape
+    return bool(shape) and shape[-1] in ctx.vocabularies
 
 
 class Predicate:

@@ -104,6 +104,7 @@ def head_standby(found: RuleMatch, results: list[RuleMatch]) -> str | None:
     if not others:
         return None
     return (
-        f"skipped: the model has no classifier (pattern '{rule.pattern.name}' finds nothing in it), "
+        f"skipped: the model has no classifier (pattern '{rule.pattern.name}' finds nothing in it): a "
+        "backbone, or a language model, whose head predicts tokens and stays frozen; "
         f"and the file's other rules ({', '.join(others)}) tune it"
     )
