@@ -72,6 +72,8 @@ def _export(args: argparse.Namespace) -> int:
         "size_bytes": exported.size_bytes,
         "fallback": exported.fallback_reason,
         "provider": exported.parity.provider,
+        "dynamic_axes": exported.dynamic_axes,
+        "sequence_fixed": exported.sequence_fixed,
         "parity": [vars(check) for check in exported.parity.checks],
         "warnings": exported.parity.warnings,
     }
@@ -79,17 +81,22 @@ def _export(args: argparse.Namespace) -> int:
         print_json(report)
         return 0
     kind = f"folded ({folded.count('folded')} tuners merged, {folded.count('kept')} kept)" if folded else "tuned"
+    axes = sorted({name for axis in exported.dynamic_axes.values() for name in axis.values()})
+    axes = [", ".join(axes[:-1]), axes[-1]] if len(axes) > 1 else axes
     print(
-        f"exported the {kind} model with the {exported.exporter} exporter, opset {exported.opset}, dynamic batch: "
+        f"exported the {kind} model with the {exported.exporter} exporter, opset {exported.opset}, "
+        f"dynamic {' and '.join(axes) or 'nothing'}: "
         f"{exported.path} ({exported.size_bytes / 2**20:.1f} MiB"
         + (", external data" if exported.external_data else "")
         + ")"
     )
     if exported.fallback_reason:
         print(f"  fell back: {exported.fallback_reason}")
+    if exported.sequence_fixed:
+        print(f"  sequence length fixed at the example's: {exported.sequence_fixed}")
     for check in exported.parity.checks:
         print(
-            f"  ONNX Runtime ({exported.parity.provider}) vs PyTorch, batch {check.batch_size}: max abs error "
+            f"  ONNX Runtime ({exported.parity.provider}) vs PyTorch, {check.where}: max abs error "
             f"{check.max_abs_error:.1e}, relative {check.rel_error:.1e} ({check.dtype}: rtol {check.rtol:g}, "
             f"atol {check.atol:g}) {'ok' if check.passed else 'FAILED'}"
             + (" (uninformative: all-zero outputs)" if check.uninformative else "")

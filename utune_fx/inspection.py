@@ -73,6 +73,8 @@ def inspect_graph(gm: fx.GraphModule, model: nn.Module, name: str) -> dict[str, 
             for kind in TARGETS
         },
         "opaque": [{"path": o.path, "class": o.class_name, "reason": o.reason} for o in report.opaque],
+        "sequence": report.sequence.as_dict() if report.sequence else None,
+        "sequence_note": report.sequence.describe() if report.sequence else None,
     }
 
 
@@ -93,6 +95,8 @@ def render(report: dict[str, Any], console: Console) -> None:
     )
     if report["fx_failure"]:
         console.print(f"  torch.fx could not trace it all ({report['fx_failure']}); torch.export did")
+    if report.get("sequence_note"):
+        console.print(f"  {report['sequence_note']}", soft_wrap=True)
 
     table = Table(title="Operations you can target", title_justify="left", box=None, pad_edge=False)
     for column in ("kind", "count", "scopes", "in -> out"):

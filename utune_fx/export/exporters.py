@@ -4,9 +4,11 @@
         forward(x, w1, w2) == module(x) with parameters w1, w2 replaced   (torch.func.functional_call)
         returns a flat tuple of the output tensors (dicts, dataclasses and nesting flattened)
 
-    export_dynamo(...)       torch.export + onnxscript (torch.onnx.export(dynamo=True)); batch as torch.export.Dim
-    export_torchscript(...)  the TorchScript tracer (torch.onnx.export(dynamo=False)); batch as dynamic_axes
+    export_dynamo(...)       torch.export + onnxscript (torch.onnx.export(dynamo=True)); batch, sequence as torch.export.Dim
+    export_torchscript(...)  the TorchScript tracer (torch.onnx.export(dynamo=False)); the same axes as dynamic_axes
         -> onnx.ModelProto, weights in memory; onnx_export.py decides where they are written
+
+    dynamic_axes(inputs, sequence=True) -> [{0: 'batch', 1: 'sequence'}, ...]    one dict per input
 
     describe_failure(exporter, error) -> Attempt(reason in one line, the op without a translation if it names one)
 
@@ -44,9 +46,12 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from utune_fx.errors import first_line
+from utune_fx.trace.sequence_axes import SEQUENCE_DIM, token_inputs
 
 EXPORTERS = ("dynamo", "torchscript")
 BATCH_AXIS = "batch"
+SEQUENCE_AXIS = "sequence"
+Axes = list[dict[int, str]]  # per input, its dynamic axes by name: [{0: "batch", 1: "sequence"}, ...]
 
 
 class ExportModule(nn.Module):
@@ -109,6 +114,22 @@ def batched_inputs(inputs: Sequence[torch.Tensor]) -> list[bool]:
     return [batch is not None and x.dim() > 0 and x.shape[0] == batch for x in inputs]
 
 
+def dynamic_axes(inputs: Sequence[torch.Tensor], sequence: bool) -> Axes:
+    """Each input's dynamic axes by name: dim 0 of the batched inputs is ``batch``; with ``sequence``,
+    axis 1 of the token inputs (trace/sequence_axes.py) too, one name per distinct length in the
+    example (``sequence``, ``sequence_2``, ...: token ids and their mask share one, a decoder's
+    shorter ids get another)."""
+    lengths = list(dict.fromkeys(x.shape[SEQUENCE_DIM] for x, t in zip(inputs, token_inputs(inputs)) if t))
+    names = {length: SEQUENCE_AXIS if i == 0 else f"{SEQUENCE_AXIS}_{i + 1}" for i, length in enumerate(lengths)}
+    axes = []
+    for x, is_batched, is_token in zip(inputs, batched_inputs(inputs), token_inputs(inputs)):
+        axis = {0: BATCH_AXIS} if is_batched else {}
+        if sequence and is_token:
+            axis[SEQUENCE_DIM] = names[x.shape[SEQUENCE_DIM]]
+        axes.append(axis)
+    return axes
+
+
 def input_names_of(module: nn.Module, count: int) -> list[str]:
     """Names the user knows: a GraphModule's placeholders or forward's parameters (``x``, ``ids``),
     else input_0, input_1, ..."""
@@ -145,11 +166,11 @@ def quiet() -> Iterator[None]:
 
 
 def export_dynamo(
-    wrapper: ExportModule, args: tuple, opset: int, input_names: list[str], output_names: list[str], batched: list[bool]
+    wrapper: ExportModule, args: tuple, opset: int, input_names: list[str], output_names: list[str], axes: Axes
 ) -> onnx.ModelProto:
-    batch = torch.export.Dim(BATCH_AXIS, min=1)
-    data = tuple({0: batch} if is_batched else None for is_batched in batched)
-    tuners = (None,) * (len(args) - len(batched))  # tuner tensors keep their shapes
+    dims = {name: torch.export.Dim(name, min=1) for axis in axes for name in axis.values()}
+    data = tuple({dim: dims[name] for dim, name in axis.items()} or None for axis in axes)
+    tuners = (None,) * (len(args) - len(axes))  # tuner tensors keep their shapes
     with quiet():
         program = torch.onnx.export(
             wrapper,
@@ -218,10 +239,10 @@ def _register_orphan_constants(graph) -> None:
 
 
 def export_torchscript(
-    wrapper: ExportModule, args: tuple, opset: int, input_names: list[str], output_names: list[str], batched: list[bool]
+    wrapper: ExportModule, args: tuple, opset: int, input_names: list[str], output_names: list[str], axes: Axes
 ) -> onnx.ModelProto:
-    axes = {name: {0: BATCH_AXIS} for name, is_batched in zip(input_names, batched) if is_batched}
-    axes.update({name: {0: BATCH_AXIS} for name in output_names})
+    named = {name: axis for name, axis in zip(input_names, axes) if axis}
+    named.update({name: {0: BATCH_AXIS} for name in output_names})
     with tempfile.TemporaryDirectory() as scratch, quiet():
         path = Path(scratch) / "model.onnx"
         torch.onnx.export(
@@ -232,7 +253,7 @@ def export_torchscript(
             opset_version=opset,
             input_names=input_names,
             output_names=output_names,
-            dynamic_axes=axes,
+            dynamic_axes=named,
         )
         return onnx.load(str(path))  # also reads any external data the exporter wrote for > 2 GB
 

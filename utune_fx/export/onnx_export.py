@@ -3,6 +3,9 @@
     export_onnx(result.module, result.example_inputs, "model.onnx")
         -> model.onnx   inputs x[batch, 3, 224, 224]; outputs output[batch, 1000]; weights inside
         -> ExportResult(exporter='dynamo', opset=18, external_data=False, size_bytes=..., parity=Parity(...))
+    export_onnx(tuned_gpt2, (input_ids,), "lm.onnx")
+        -> lm.onnx      input_ids[batch, sequence]: token inputs get a dynamic sequence axis too, unless
+                        the graph fixed it (ExportResult.sequence_fixed says why)
 
     export_onnx(..., tuner_names=trainable)       the tuner tensors become graph inputs named like the
                                                   parameters (utune.mha.0.down.weight), not initializers:
@@ -11,9 +14,10 @@
 
 Steps: eval mode; export (``auto``: the dynamo exporter, then TorchScript if it fails; see exporters.py);
 write into a staging folder beside ``path``; onnx.checker (path form, so external data is checked too);
-ONNX Runtime against PyTorch at batch 1 and 4 (verify.py; the tuner inputs are fed the module's own
-values); only then os.replace into ``path``. In ``auto`` mode an export that does not verify also falls
-back. A failure of every exporter is one UtuneError naming the op without a translation when the
+ONNX Runtime against PyTorch at batch 1 and 4, and for token inputs at two lengths (verify.py; the
+tuner inputs are fed the module's own values); only then os.replace into ``path``. In ``auto`` mode an
+export that does not verify also falls back; when every exporter fails with a dynamic sequence axis, the
+export is tried again at the example's lengths. A failure of every exporter is one UtuneError naming the op without a translation when the
 exporters' errors name one.
 """
 
@@ -30,7 +34,7 @@ from typing import Any
 
 import onnx
 import torch
-from torch import nn
+from torch import fx, nn
 
 from utune_fx.errors import UtuneError, first_line
 from utune_fx.export.exporters import (
@@ -38,8 +42,8 @@ from utune_fx.export.exporters import (
     RUN,
     Attempt,
     ExportModule,
-    batched_inputs,
     describe_failure,
+    dynamic_axes,
     eval_mode,
     input_names_of,
     node_calling,
@@ -47,7 +51,9 @@ from utune_fx.export.exporters import (
 )
 from utune_fx.export.feeds import TUNER_INPUTS_KEY
 from utune_fx.export.ort_guards import guard_zero_pad_max_pool
-from utune_fx.export.verify import ModuleFailure, Parity, verify_onnx
+from utune_fx.export.verify import EXTRA_TOKENS, ModuleFailure, Parity, verify_onnx
+from utune_fx.trace import trace_report
+from utune_fx.trace.sequence_axes import SEQUENCE_DIM, longer_by, token_inputs
 
 
 @dataclass
@@ -63,6 +69,8 @@ class ExportResult:
     fallback_reason: str | None = None  # why the preferred exporter was not used
     data_path: Path | None = None
     parity: Parity | None = None  # None when export_onnx(..., verify=False)
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)  # input name -> {axis: name}
+    sequence_fixed: str | None = None  # token inputs whose sequence axis stays fixed: why
 
 
 def _serialized_size(model: onnx.ModelProto) -> int:
@@ -114,7 +122,7 @@ class _Job:
     args: tuple
     input_names: list[str]
     output_names: list[str]
-    batched: list[bool]
+    axes: list[dict[int, str]]  # per data input: {axis: name} of its dynamic axes
     opset: int
     path: Path
     threshold: int
@@ -126,7 +134,7 @@ def _run(exporter: str, job: _Job) -> tuple[bool, Path | None, Parity | None] | 
     staging = Path(tempfile.mkdtemp(prefix=f".{job.path.name}.", dir=job.path.parent))
     try:
         try:
-            model = RUN[exporter](job.wrapper, job.args, job.opset, job.input_names, job.output_names, job.batched)
+            model = RUN[exporter](job.wrapper, job.args, job.opset, job.input_names, job.output_names, job.axes)
         except Exception as error:  # noqa: BLE001  (the exporters raise anything; each failure is reported)
             return describe_failure(exporter, error)
         guard_zero_pad_max_pool(model)  # ONNX Runtime's PadFusion gets zero padding before MaxPool wrong
@@ -198,7 +206,7 @@ def export_onnx(
     batch_sizes: Sequence[int] = (1, 4),
 ) -> ExportResult:
     """Export ``module`` to ``path`` with a dynamic batch axis (dim 0 of the batched inputs and of every
-    output); with ``verify`` the file is put in place only once ONNX Runtime matches PyTorch at
+    output) and a dynamic sequence axis on token inputs where the module allows it; with ``verify`` the file is put in place only once ONNX Runtime matches PyTorch at
     ``batch_sizes``. ``tuner_names``: parameters that become graph inputs (fixed shapes) named as the
     parameters. Weights go to ``<path>.data`` when the model would exceed ``external_data_threshold``."""
     path = Path(path)
@@ -211,6 +219,7 @@ def export_onnx(
     with eval_mode(module):
         with torch.no_grad():
             output_count = len(ExportModule(module, len(inputs))(*inputs))
+        fixed_because = _fixed_sequence_reason(module, inputs)
 
         def check(staged):
             return verify_onnx(staged, module, inputs, batch_sizes=batch_sizes, tuner_feeds=feeds)
@@ -220,36 +229,75 @@ def export_onnx(
             inputs + tuners,
             input_names_of(module, len(inputs)) + tuner_names,
             output_names_for(output_count),
-            batched_inputs(inputs),
+            dynamic_axes(inputs, sequence=fixed_because is None),
             opset,
             path,
             external_data_threshold,
             check if verify else None,
         )
         path.parent.mkdir(parents=True, exist_ok=True)
-        attempts: list[Attempt] = []
-        for exporter_name in EXPORTERS if exporter == "auto" else (exporter,):
-            outcome = _run(exporter_name, job)
-            if isinstance(outcome, Attempt):
-                attempts.append(outcome)
-                continue
-            external, data, parity = outcome
-            size = path.stat().st_size + (data.stat().st_size if data else 0)
-            fallback = "; ".join(f"{a.exporter}: {a.reason}" for a in attempts) or None
-            return ExportResult(
-                path,
-                exporter_name,
-                opset,
-                job.input_names,
-                job.output_names,
-                tuner_names,
-                external,
-                size,
-                fallback,
-                data,
-                parity,
-            )
-        raise _failure(attempts, module, opset)
+        exporters = EXPORTERS if exporter == "auto" else (exporter,)
+        outcome = _first_export(job, exporters)
+        if isinstance(outcome, list) and any(token_inputs(inputs)) and fixed_because is None:
+            # a graph that takes every length in PyTorch may still not export so: try the example's lengths
+            fixed_because = "with a dynamic sequence axis every exporter failed (" + _reasons(outcome) + ")"
+            job.axes = dynamic_axes(inputs, sequence=False)
+            outcome = _first_export(job, exporters)
+        if isinstance(outcome, list):
+            raise _failure(outcome, module, opset)
+        exporter_name, (external, data, parity), attempts = outcome
+        size = path.stat().st_size + (data.stat().st_size if data else 0)
+        return ExportResult(
+            path,
+            exporter_name,
+            opset,
+            job.input_names,
+            job.output_names,
+            tuner_names,
+            external,
+            size,
+            _reasons(attempts) or None,
+            data,
+            parity,
+            {name: axis for name, axis in zip(job.input_names, job.axes) if axis},
+            fixed_because if any(token_inputs(inputs)) else None,
+        )
+
+
+def _reasons(attempts: list[Attempt]) -> str:
+    return "; ".join(f"{a.exporter}: {a.reason}" for a in attempts)
+
+
+def _first_export(job: _Job, exporters: Sequence[str]):
+    """(exporter, its outcome, the attempts that failed before it), or every failed attempt."""
+    attempts: list[Attempt] = []
+    for exporter_name in exporters:
+        outcome = _run(exporter_name, job)
+        if not isinstance(outcome, Attempt):
+            return exporter_name, outcome, attempts
+        attempts.append(outcome)
+    return attempts
+
+
+def _fixed_sequence_reason(module: nn.Module, inputs: tuple) -> str | None:
+    """Why the token inputs' sequence axis must stay at the example's lengths, or None when it need
+    not (or there are no token inputs): the trace report's reason, or the module failing at more tokens."""
+    if not any(token_inputs(inputs)):
+        return None
+    try:
+        traced = trace_report(module).sequence if isinstance(module, fx.GraphModule) else None
+    except KeyError:  # a graph utune_fx.trace did not make
+        traced = None
+    if traced is not None and not traced.dynamic:
+        return traced.reason
+    longer = longer_by(inputs, EXTRA_TOKENS, torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            module(*longer)
+    except Exception as error:  # noqa: BLE001  (whatever the model raises, the axis stays fixed)
+        tokens = max(x.shape[SEQUENCE_DIM] for x, t in zip(longer, token_inputs(inputs)) if t)
+        return f"the PyTorch module fails at {tokens} tokens ({first_line(error)})"
+    return None
 
 
 def _declare_tuner_inputs(model: onnx.ModelProto, tuner_names: list[str], exporter: str) -> None:

@@ -7,7 +7,10 @@
 
 Inputs have the shapes of ``example_inputs`` but for dim 0 of the batched ones (exporters.batched_inputs);
 floats are standard normal, integer and bool inputs are drawn uniformly from the example's own range
-[min, max], unbatched inputs are used as given; all from ``seed``.
+[min, max], unbatched inputs are used as given; all from ``seed``. When the file declares axis 1 of the
+token inputs (trace/sequence_axes.py) symbolic, every batch size is checked at the example's lengths and
+again with ``extra_tokens`` more tokens on each token input (8 -> 13; a decoder's 5 -> 10); each
+BatchParity records the lengths (``where``: "batch 4, length 13").
 
 An output passes when every element does: |ort - torch| <= atol + rtol * max(|torch|, 0.1 * max |torch|)
 (numpy.allclose's rule, with a floor at a tenth of the output's largest magnitude for elements near zero),
@@ -35,7 +38,7 @@ tuners set away from identity (normal(0, 0.05)):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,9 @@ from torch.utils._pytree import tree_leaves
 from utune_fx.errors import UtuneError, first_line
 from utune_fx.export.exporters import batched_inputs, eval_mode
 from utune_fx.fold import all_zero, non_finite
+from utune_fx.trace.sequence_axes import SEQUENCE_DIM, token_inputs
+
+EXTRA_TOKENS = 5  # the second length verified: the example's plus these (8 tokens -> 13)
 
 
 class ModuleFailure(UtuneError):
@@ -79,6 +85,14 @@ class BatchParity:
     atol: float
     passed: bool
     uninformative: bool = False  # PyTorch's floating outputs are all zero: a pass that says nothing
+    sequence_lengths: list[int] = field(default_factory=list)  # token inputs' distinct lengths; [] without any
+
+    @property
+    def where(self) -> str:
+        """``batch 4`` or ``batch 4, length 13`` (``lengths 13/10`` for an encoder's and a decoder's)."""
+        lengths = "/".join(map(str, self.sequence_lengths))
+        label = "lengths" if len(self.sequence_lengths) > 1 else "length"
+        return f"batch {self.batch_size}" + (f", {label} {lengths}" if lengths else "")
 
 
 @dataclass
@@ -92,20 +106,23 @@ class Parity:
         return all(check.passed for check in self.checks)
 
     def summary(self) -> str:
-        parts = ", ".join(
-            f"batch {c.batch_size}: max abs {c.max_abs_error:.1e}, rel {c.rel_error:.1e}" for c in self.checks
-        )
+        parts = ", ".join(f"{c.where}: max abs {c.max_abs_error:.1e}, rel {c.rel_error:.1e}" for c in self.checks)
         return f"ONNX Runtime ({self.provider}) matches PyTorch ({parts})" + "".join(
             f"; warning: {w}" for w in self.warnings
         )
 
     @property
     def warnings(self) -> list[str]:
-        zero = [str(check.batch_size) for check in self.checks if check.uninformative]
+        zero = [check for check in self.checks if check.uninformative]
         if not zero:
             return []
+        where = (
+            "; ".join(check.where for check in zero)
+            if any(check.sequence_lengths for check in zero)
+            else "batch " + ", ".join(str(check.batch_size) for check in zero)
+        )
         return [
-            f"PyTorch's outputs are all zero at batch {', '.join(zero)}, so the parity check compares zeros "
+            f"PyTorch's outputs are all zero at {where}, so the parity check compares zeros "
             "with zeros and says nothing about the model; check its weights (a zeroed classifier?)"
         ]
 
@@ -117,10 +134,15 @@ def providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def random_inputs(examples: Sequence[torch.Tensor], batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+def random_inputs(
+    examples: Sequence[torch.Tensor], batch: int, generator: torch.Generator, extra_tokens: int = 0
+) -> list[torch.Tensor]:
+    """Random inputs like ``examples`` at ``batch``, with ``extra_tokens`` more on each token input's axis 1."""
     inputs = []
-    for example, is_batched in zip(examples, batched_inputs(examples)):
-        shape = (batch, *example.shape[1:]) if is_batched else tuple(example.shape)
+    for example, is_batched, is_token in zip(examples, batched_inputs(examples), token_inputs(examples)):
+        shape = [batch, *example.shape[1:]] if is_batched else list(example.shape)
+        if is_token:
+            shape[SEQUENCE_DIM] += extra_tokens
         if example.dtype.is_floating_point:
             inputs.append(torch.randn(shape, generator=generator).to(example.dtype))
         else:  # token ids, masks: stay inside the values the model was shown
@@ -156,7 +178,9 @@ def _ort_value(tensor: torch.Tensor | np.ndarray) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
 
 
-def _check(path: Path, batch: int, got: list[torch.Tensor], expected: list[torch.Tensor]) -> BatchParity:
+def _check(path: Path, at: BatchParity, got: list[torch.Tensor], expected: list[torch.Tensor]) -> BatchParity:
+    """``at``, with the figures of this comparison: it holds the batch size and lengths."""
+    where = at.where
     if len(got) != len(expected):
         raise UtuneError(
             f"{path}: the ONNX model has {len(got)} output(s), the module {len(expected)}; "
@@ -167,14 +191,14 @@ def _check(path: Path, batch: int, got: list[torch.Tensor], expected: list[torch
     for index, (ours, theirs) in enumerate(zip(got, expected)):
         if tuple(ours.shape) != tuple(theirs.shape):
             raise UtuneError(
-                f"{path}: output {index} at batch {batch} has shape {list(ours.shape)} in ONNX Runtime, "
-                f"{list(theirs.shape)} in PyTorch; the export fixed a size that should follow the batch"
+                f"{path}: output {index} at {where} has shape {list(ours.shape)} in ONNX Runtime, "
+                f"{list(theirs.shape)} in PyTorch; the export fixed a size that should follow the batch or sequence"
             )
         for tensor, side in ((theirs, "PyTorch"), (ours, "ONNX Runtime")):
             problem = non_finite([tensor])
             if problem is not None:
                 raise UtuneError(
-                    f"{path}: {side}'s output {index} at batch {batch} holds {problem}; parity cannot pass "
+                    f"{path}: {side}'s output {index} at {where} holds {problem}; parity cannot pass "
                     "on values that are not finite: a tuner setting or trained weight of the model (or the "
                     "export) is broken"
                 )
@@ -183,13 +207,13 @@ def _check(path: Path, batch: int, got: list[torch.Tensor], expected: list[torch
         if ratio > worst_ratio:
             worst, worst_ratio = (str(theirs.dtype).removeprefix("torch."), tolerance), ratio
     dtype, tolerance = worst if worst else ("float32", TOLERANCES[torch.float32])
-    return BatchParity(
-        batch,
-        max_abs,
-        rel,
-        dtype,
-        tolerance.rtol,
-        tolerance.atol,
+    return replace(
+        at,
+        max_abs_error=max_abs,
+        rel_error=rel,
+        dtype=dtype,
+        rtol=tolerance.rtol,
+        atol=tolerance.atol,
         passed=worst_ratio <= 1.0,
         uninformative=all_zero(expected),
     )
@@ -206,15 +230,15 @@ def _session(path: Path) -> ort.InferenceSession:
         ) from error
 
 
-def _outputs(module: nn.Module, inputs: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
+def _outputs(module: nn.Module, inputs: list[torch.Tensor], where: str) -> list[torch.Tensor]:
     device = next(module.parameters(), torch.empty(0)).device
     try:
         with torch.no_grad():
             output = module(*(x.to(device) for x in inputs))
     except Exception as error:
         raise ModuleFailure(
-            f"the PyTorch module fails at batch {batch} ({first_line(error)}); it does not take "
-            "every batch size: verify with batch sizes it accepts"
+            f"the PyTorch module fails at {where} ({first_line(error)}); it does not take "
+            "every batch size or length: verify with sizes it accepts"
         ) from error
     return [leaf for leaf in tree_leaves(output) if isinstance(leaf, torch.Tensor)]
 
@@ -227,9 +251,12 @@ def verify_onnx(
     batch_sizes: Sequence[int] = (1, 4),
     tuner_feeds: dict[str, np.ndarray | torch.Tensor] | None = None,
     seed: int = 0,
+    extra_tokens: int = EXTRA_TOKENS,
 ) -> Parity:
     """Run ``path`` in ONNX Runtime and ``module`` in PyTorch on the same random inputs at each batch
-    size; the Parity when every output matches, else a one-line UtuneError with the numbers."""
+    size, and where the file's token inputs have a dynamic sequence axis, at the example's lengths and
+    at ``extra_tokens`` more; the Parity when every output matches, else a one-line UtuneError with
+    the numbers."""
     path = Path(path)
     examples = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     feeds = dict(tuner_feeds or {})
@@ -250,28 +277,41 @@ def verify_onnx(
             "exported with tuner inputs"
         )
     generator = torch.Generator().manual_seed(seed)
+    tokens = token_inputs(examples)
+    extras = (0, extra_tokens) if extra_tokens and _sequence_is_dynamic(session, data_names, tokens) else (0,)
     checks = []
     with eval_mode(module):
-        for batch in batch_sizes:
-            inputs = random_inputs(examples, batch, generator)
-            expected = _outputs(module, inputs, batch)
-            values = {name: _ort_value(v) for name, v in {**dict(zip(data_names, inputs)), **feeds}.items()}
-            try:
-                got = session.run_with_ort_values(None, values)
-            except Exception as error:
-                raise UtuneError(
-                    f"{path}: ONNX Runtime cannot run batch {batch} ({first_line(error)}); the "
-                    "exported graph may have fixed the example's batch size"
-                ) from error
-            checks.append(_check(path, batch, [torch.from_dlpack(v) for v in got], expected))  # dlpack: bfloat16 too
+        for extra in extras:
+            for batch in batch_sizes:
+                inputs = random_inputs(examples, batch, generator, extra)
+                lengths = list(dict.fromkeys(int(x.shape[SEQUENCE_DIM]) for x, t in zip(inputs, tokens) if t))
+                at = BatchParity(batch, 0.0, 0.0, "", 0.0, 0.0, False, sequence_lengths=lengths)
+                expected = _outputs(module, inputs, at.where)
+                values = {name: _ort_value(v) for name, v in {**dict(zip(data_names, inputs)), **feeds}.items()}
+                try:
+                    got = session.run_with_ort_values(None, values)
+                except Exception as error:
+                    raise UtuneError(
+                        f"{path}: ONNX Runtime cannot run {at.where} ({first_line(error)}); the "
+                        "exported graph may have fixed the example's batch size or length"
+                    ) from error
+                got = [torch.from_dlpack(v) for v in got]  # dlpack: bfloat16 too
+                checks.append(_check(path, at, got, expected))
     parity = Parity(path, session.get_providers()[0], checks)
     for check in checks:
         if not check.passed:
             raise UtuneError(
-                f"{path}: ONNX Runtime ({parity.provider}) differs from PyTorch at batch "
-                f"{check.batch_size}: max abs error {check.max_abs_error:.2e}, relative error "
+                f"{path}: ONNX Runtime ({parity.provider}) differs from PyTorch at "
+                f"{check.where}: max abs error {check.max_abs_error:.2e}, relative error "
                 f"{check.rel_error:.2e} ({check.dtype} tolerance: rtol {check.rtol:.0e}, atol "
                 f"{check.atol:.0e}); verify against the module that was exported, or export with "
                 "the other exporter or another opset"
             )
     return parity
+
+
+def _sequence_is_dynamic(session: ort.InferenceSession, data_names: list[str], tokens: list[bool]) -> bool:
+    """Whether the file declares axis 1 of every token input symbolic (not a number)."""
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    token_shapes = [shapes[name] for name, is_token in zip(data_names, tokens) if is_token]
+    return bool(token_shapes) and all(not isinstance(shape[SEQUENCE_DIM], int) for shape in token_shapes)

@@ -181,8 +181,9 @@ def add_update(
 
 def _fixed_token_count(found: RuleMatch, region: Region, projection: fx.Node, tensor: fx.Node) -> None:
     """Prompts add tokens, so the replayed path from a projection to its keys must not fix the token
-    count: torch.export specialises every size but the batch to the example inputs (fx keeps them
-    symbolic), e.g. nn.MultiheadAttention's ``view(k, [6, B * heads, 8])`` for 6 tokens."""
+    count: torch.export specialises every size but the batch and a token input's sequence axis to the
+    example inputs (fx keeps them symbolic), e.g. nn.MultiheadAttention's ``view(k, [6, B * heads, 8])``
+    for 6 tokens; and a dynamic sequence axis is read off the input ids, not off the replayed tokens."""
     gm = tensor.graph.owning_module
     tokens = (node_info(tensor).shape or ())[-2:-1]
     try:
@@ -190,15 +191,33 @@ def _fixed_token_count(found: RuleMatch, region: Region, projection: fx.Node, te
             return
     except KeyError:  # a graph utune_fx.trace did not make: its front end is unknown
         return
-    for node in closure([projection], [tensor]):
-        sizes = [leaf for leaf in pytree.tree_leaves(node.args[1:]) if isinstance(leaf, int)]
-        if node_info(node).op_kind == "reshape" and tokens[0] in sizes:
+    replayed = closure([projection], [tensor])
+    for node in replayed:
+        if node_info(node).op_kind != "reshape":
+            continue
+        leaves = pytree.tree_leaves(node.args[1:])
+        if tokens[0] in [leaf for leaf in leaves if isinstance(leaf, int)]:
             raise fail(
                 found,
                 region,
                 f"{node.name} fixes the token count at {tokens[0]} (torch.export specialises sizes to the "
                 "example inputs); prompts add tokens, so they need a graph traced by torch.fx",
             )
+        # a dynamic sequence axis: the size is read off the model's inputs, not off the tokens replayed
+        outside = [leaf for leaf in leaves if isinstance(leaf, fx.Node) and leaf not in replayed]
+        if any(_traced_int(leaf) == tokens[0] for leaf in outside):
+            raise fail(
+                found,
+                region,
+                f"{node.name} takes the token count from the model's inputs, not from the tokens it reshapes "
+                "(torch.export's dynamic sequence axis); prompts add tokens, so they need a graph traced by torch.fx",
+            )
+
+
+def _traced_int(node: fx.Node) -> int | None:
+    """The value a symbolic size (``sym_size(input_ids, 1)``) had on the example inputs."""
+    hint = getattr(getattr(node.meta.get("val"), "node", None), "hint", None)
+    return int(hint) if isinstance(hint, int) else None
 
 
 def _projection(found: RuleMatch, region: Region, tensor: fx.Node) -> fx.Node:

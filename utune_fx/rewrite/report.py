@@ -75,6 +75,8 @@ def render_rewrite(result: RewriteResult, name: str, console: Console) -> None:
         console.print(f"rule {rule} ({where}): {why}", soft_wrap=True)
     for setting in trace_report(result.module).settings:
         console.print(f"traced with {setting}", soft_wrap=True)
+    if trace_report(result.module).sequence:
+        console.print(trace_report(result.module).sequence.describe(), soft_wrap=True)
     adapted = sum(s.regions for s in result.summaries if s.position != "none")
     console.print(
         f"{adapted} adapted operation(s); trainable {result.trainable_parameters:,} parameters = "

@@ -28,12 +28,13 @@ from torch import fx, nn
 
 from utune_fx.errors import UtuneError, first_line
 from utune_fx.trace.annotate import NodeInfo, annotate, node_info, set_training
-from utune_fx.trace.export_frontend import ExportFailure, export_trace, kv_cache_off
+from utune_fx.trace.export_frontend import SEQUENCE_KEY, ExportFailure, export_trace, kv_cache_off
 from utune_fx.trace.fx_frontend import FxTraceFailure, OpaqueModule, fx_trace
 from utune_fx.trace.opkinds import OP_KINDS
+from utune_fx.trace.sequence_axes import SequenceAxis
 from utune_fx.trace.weight_scopes import scope_ops_by_weight_owner
 
-__all__ = ["NodeInfo", "OP_KINDS", "OpaqueModule", "TraceReport", "node_info", "trace", "trace_report"]
+__all__ = ["NodeInfo", "OP_KINDS", "OpaqueModule", "SequenceAxis", "TraceReport", "node_info", "trace", "trace_report"]
 
 Frontend = Literal["auto", "fx", "export"]
 _REPORT_KEY = "utune_trace"
@@ -48,6 +49,7 @@ class TraceReport:
     shape_decisions: list[str] = field(default_factory=list)  # shape branches fixed to the inputs
     fx_failure: str | None = None  # why fx was not used, when export was
     settings: list[str] = field(default_factory=list)  # model settings changed while tracing (use_cache)
+    sequence: SequenceAxis | None = None  # export front end, token inputs: dynamic sequence axis, or why fixed
 
 
 def trace_report(gm: fx.GraphModule) -> TraceReport:
@@ -109,6 +111,7 @@ def trace(
         shape_decisions=list(dict.fromkeys(fx_result.shape_decisions)) if fx_result else [],
         fx_failure=fx_failure,
         settings=settings,
+        sequence=gm.meta.pop(SEQUENCE_KEY, None),
     )
     gm.meta[_REPORT_KEY] = report
     return gm

@@ -7,7 +7,10 @@
            as the fx front end (aten.linear -> linear, aten.sdpa -> attention).
 
 Shapes are specialised to the example inputs except the batch dimension,
-which is left dynamic wherever the model allows it. The guard module
+which is left dynamic wherever the model allows it, and the sequence axis of
+token inputs (sequence_axes.py): dynamic too unless torch.export specialises
+it, in which case the model is traced again with the sequence fixed and the
+graph's ``meta[SEQUENCE_KEY]`` says why. The guard module
 torch.export inserts (``_guards_fn``) is removed: the graph is annotated for
 the example shapes, which is what rules match against; so are the dtype
 checks before each ``.to`` (``_assert_tensor_metadata``). In-place ops on the
@@ -35,8 +38,10 @@ from torch import fx, nn
 
 from utune_fx.errors import first_line
 from utune_fx.trace.out_of_place import write_out_of_place
+from utune_fx.trace.sequence_axes import SEQUENCE_DIM, SequenceAxis, specialisation_reason, token_inputs
 
 _GUARDS = "_guards_fn"
+SEQUENCE_KEY = "utune_sequence"
 # checks export adds before a .to(dtype): they hold the dtype a tensor had while tracing, so a
 # graph traced under one default dtype fails under another (VITS' torch.randn(...).to(x.dtype))
 _METADATA_ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
@@ -103,15 +108,40 @@ def _summary(error: BaseException) -> str:
 
 
 def export_trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
+    """The torch.export graph, batch dynamic and, where the model allows it, the sequence axis of its
+    token inputs too (sequence_axes.py); ``gm.meta[SEQUENCE_KEY]`` holds the SequenceAxis, or None
+    for a model without token inputs."""
+    tokens = token_inputs(example_inputs)
+    refused = None
+    if any(tokens):
+        try:
+            program = _export(model, example_inputs, tokens)
+        except Exception as error:  # a specialised sequence, or a model torch.export cannot trace at all
+            refused = error
+    if not any(tokens) or refused is not None:
+        try:
+            program = _export(model, example_inputs, [False] * len(tokens))
+        except Exception as error:
+            raise _failure(error) from error
+    gm = _cleaned(program.module())
+    gm.meta[SEQUENCE_KEY] = _sequence_axis(gm, example_inputs, tokens, refused)
+    return gm
+
+
+def _export(model: nn.Module, example_inputs: Sequence[Any], tokens: list[bool]) -> torch.export.ExportedProgram:
+    """Batch as Dim.AUTO (dynamic where the model allows it), a token input's axis 1 as Dim.DYNAMIC
+    (torch.export raises when the model specialises it, rather than fixing it silently)."""
     dynamic = tuple(
-        {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs
+        ({0: torch.export.Dim.AUTO} | ({SEQUENCE_DIM: torch.export.Dim.DYNAMIC} if is_token else {}))
+        if isinstance(x, torch.Tensor) and x.dim() > 0
+        else None
+        for x, is_token in zip(example_inputs, tokens)
     )
-    try:
-        with _quiet():
-            program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic, strict=False)
-    except Exception as error:
-        raise _failure(error) from error
-    gm = program.module()
+    with _quiet():
+        return torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic, strict=False)
+
+
+def _cleaned(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         guard = node.op == "call_module" and node.target == _GUARDS
         if (guard or node.target in _METADATA_ASSERTS) and not node.users:
@@ -121,3 +151,19 @@ def export_trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphMod
     gm.graph.lint()
     gm.recompile()
     return write_out_of_place(gm)[0]
+
+
+def _sequence_axis(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], tokens: list[bool], refused: BaseException | None
+) -> SequenceAxis | None:
+    if not any(tokens):
+        return None
+    names = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
+    names = names if len(names) == len(tokens) else [f"input {i}" for i in range(len(tokens))]
+    chosen = [i for i, is_token in enumerate(tokens) if is_token]
+    return SequenceAxis(
+        inputs=[names[i] for i in chosen],
+        lengths=[int(example_inputs[i].shape[SEQUENCE_DIM]) for i in chosen],
+        dynamic=refused is None,
+        reason=None if refused is None else specialisation_reason(refused, names),
+    )
