@@ -125,10 +125,8 @@ def tune(model: nn.Module, rules: Any, example_inputs: Any = None, seed: int = 0
         )
         return gm
     state = TunedState(result, splices, requires_grad=flags)
-    if splices:
-        state.handles = install(model, gm.utune, splices)
+    _install_checked(model, state, gm, inputs)
     object.__setattr__(model, _STATE, state)
-    _check_against_graph(model, gm, inputs)
     return model
 
 
@@ -148,12 +146,13 @@ def _outputs(value: Any) -> list[torch.Tensor]:
     return floating_outputs(value)
 
 
-def _check_against_graph(model: nn.Module, gm: nn.Module, inputs: tuple) -> None:
-    """With every tuner moved off identity, the spliced model must compute what the rewritten graph
-    computes; the tuners are put back as they were."""
-    tuners = [p for name, p in model.named_parameters() if name.startswith("utune.")]
-    if not tuners:
+def _install_checked(model: nn.Module, state: TunedState, gm: nn.Module, inputs: tuple) -> None:
+    """Hook the splices into the model, checking that with every tuner moved off identity the model
+    computes what the rewritten graph computes (the tuners are put back as they were). The graph runs
+    first: a torch.fx graph calls the model's own modules, which then carry the hooks."""
+    if not state.splices:  # nothing inserted (bitfit, a linear probe): the model's own weights train
         return
+    tuners = [p for name, p in gm.named_parameters() if name.startswith("utune.")]
     saved = [p.detach().clone() for p in tuners]
     generator = torch.Generator().manual_seed(1)
     was_training = model.training
@@ -162,7 +161,9 @@ def _check_against_graph(model: nn.Module, gm: nn.Module, inputs: tuple) -> None
             for p in tuners:
                 p.add_(0.05 * torch.randn(p.shape, generator=generator).to(p))
             model.eval()
-            eager, graph = _outputs(model(*inputs)), _outputs(gm(*inputs))
+            graph = _outputs(gm(*inputs))
+            state.handles = install(model, gm.utune, state.splices)
+            eager = _outputs(model(*inputs))
     finally:
         with torch.no_grad():
             for p, value in zip(tuners, saved):
@@ -171,6 +172,9 @@ def _check_against_graph(model: nn.Module, gm: nn.Module, inputs: tuple) -> None
     for a, b in zip(eager, graph):
         scale = b.abs().max().item() or 1.0
         if a.shape != b.shape or (a - b).abs().max().item() > _CHECK.get(b.dtype, 1e-4) * scale:
+            for handle in state.handles:
+                handle.remove()
+            del model._modules["utune"]
             raise UtuneError(
                 f"{type(model).__name__}: the tuners spliced into the model do not compute what the rewritten "
                 "graph computes; please report this model (use the command line's graph: cli.py rewrite)"
@@ -277,9 +281,14 @@ def fold(model: nn.Module) -> nn.Module:
     from utune_fx.fold import fold as fold_graph
 
     state = _tuned_state(model)
+    for handle in state.handles:  # a torch.fx graph calls the model's own modules: without the hooks
+        handle.remove()
     folded = fold_graph(state.result.module, state.result.summaries)
     refused = [e for e in folded.entries if e.status not in (FOLDED, IN_PLACE)]
     if refused:
+        if state.splices:
+            del model._modules["utune"]
+            state.handles = install(model, state.result.module.utune, state.splices)
         first = refused[0]
         raise UtuneError(
             f"cannot fold rule '{first.rule}' ({first.tuner} at {first.module}): {first.reason}; "
@@ -294,8 +303,6 @@ def fold(model: nn.Module) -> nn.Module:
         for name, parameter in mine.items():
             if name in merged and merged[name] is not parameter:
                 parameter.copy_(merged[name])
-    for handle in state.handles:
-        handle.remove()
     if "utune" in model._modules:
         del model._modules["utune"]
     object.__delattr__(model, _STATE)

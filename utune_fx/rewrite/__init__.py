@@ -27,6 +27,7 @@ from torch import fx
 from utune_fx.errors import UtuneError
 from utune_fx.match import MatchContext, RuleSet, match_rules
 from utune_fx.match.report import match_report
+from utune_fx.rewrite.insertion import TUNER_SUMS
 from utune_fx.rewrite.passes import apply_rule
 from utune_fx.rewrite.plan import bytes_per_parameter, dry_run_refusal, site_refusal
 from utune_fx.tied import newly_trained_ties
@@ -114,4 +115,5 @@ def rewrite(gm: fx.GraphModule, rule_sets: RuleSet | Sequence[RuleSet], seed: in
                     newly_trained_ties(gm, trainable, [r.scope for r in found.regions]),
                 )
             )
+    gm.meta.pop(TUNER_SUMS, None)  # insertion's bookkeeping, holding nodes: not for copies of the graph
     return RewriteResult(gm, summaries, base, rule_sets, empty_rules=empty, standby=standby)

@@ -8,6 +8,9 @@ writes, and point the written node's readers at the sum.
 The call goes after both y and x in graph order (a parallel tuner may read a tensor computed after
 the output it adds to: Hugging Face Hiera pools its skip after the attention); a reader of y that
 comes before that point is a one-line error.
+
+A tuner reads what the operation reads now: where an earlier tuner already added to the tensor it
+reads (a block tuner on the previous block's output), it reads that sum, as the block itself does.
 """
 
 from __future__ import annotations
@@ -29,6 +32,15 @@ def _annotate(node: fx.Node, like: fx.Node, kind: str, name: str, tag: dict) -> 
     node.meta[TUNER_META] = tag
 
 
+TUNER_SUMS = "utune_tuner_sums"
+
+
+def _current(node, sums: dict):
+    while isinstance(node, fx.Node) and node in sums:
+        node = sums[node]
+    return node
+
+
 def insert_tuner(
     gm: fx.GraphModule,
     path: str,
@@ -38,6 +50,8 @@ def insert_tuner(
     tag: dict,
     reshape: bool,
 ) -> None:
+    sums = gm.meta.setdefault(TUNER_SUMS, {})  # written node -> the sum its readers now read
+    reads = tuple(_current(r, sums) if r is not writes else r for r in reads)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}  # one walk: where to insert, and the check
     after = max(
         (writes, *(r for r in reads if isinstance(r, fx.Node))), key=order.__getitem__
@@ -59,5 +73,6 @@ def insert_tuner(
     with gm.graph.inserting_after(update):
         total = gm.graph.call_function(operator.add, (writes, update))
     writes.replace_all_uses_with(total, delete_user_cb=lambda user: user not in (call, update, total))
+    sums[writes] = total
     _annotate(call, reads[0], "tuner", type(module).__name__, tag)
     _annotate(total, writes, "add", "add", tag)
