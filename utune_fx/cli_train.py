@@ -1,9 +1,11 @@
 """The training commands of cli.py: parse, call the library, print.
 
 python cli.py train DIR_OR_MODEL [--rules FILE ...] --data SPEC -o OUT [--epochs N --lr X ...] [--resume]
+                   [--tokenizer DIR --max-length N]   (text data: train/text.py)
                                                a training run (train/session.py, train/rundir.py)
-python cli.py eval DIR [--data SPEC] [--split test|val]
+python cli.py eval DIR [--data SPEC] [--split test|val] [--tokenizer DIR]
                                                accuracy, per-class accuracy, confusion matrix
+                                               (a causal LM: loss, perplexity, token accuracy)
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ def add_training_commands(commands, rules_help: str) -> None:
     evaluate.add_argument(
         "--data",
         metavar="SPEC",
-        help="imagefolder:PATH, cifar:PATH, npz:PATH or digits (see docs/data.md); default: the run's (DIR/split.json)",
+        help="imagefolder:PATH, cifar:PATH, npz:PATH, digits, jsonl:PATH?text=F&label=F, csv:PATH?..., "
+        "text:PATH (see docs/data.md); default: the run's (DIR/split.json)",
     )
+    _add_tokenizer_flag(evaluate, "the run's, DIR/split.json")
     evaluate.add_argument(
         "--seed",
         type=int,
@@ -79,11 +83,19 @@ def _train_locked(args: argparse.Namespace, config, out, settings: dict) -> dict
     """Build the model, read the data, train: what runs while OUT is locked."""
     from utune_fx.train.session import load_splits, run_training, tuned_model
     from utune_fx.train.split import SELECTION, split_record, write_split
+    from utune_fx.train.text import prepare_text
 
     status = Console(stderr=True)
+    tokenizer, text_length = prepare_text(args.data, args.tokenizer, args.max_length)  # before the model
     with status.status(f"building {args.model}"):
         result = tuned_model(
-            args.model, args.rules, args.input_shape, args.frontend, args.seed, base_model=args.base_model
+            args.model,
+            args.rules,
+            args.input_shape,
+            args.frontend,
+            args.seed,
+            base_model=args.base_model,
+            text_length=text_length,
         )
     if args.rules and result.empty_rules and not args.allow_empty:  # as match and rewrite do, before training
         from utune_fx.errors import EmptyRuleError
@@ -100,20 +112,24 @@ def _train_locked(args: argparse.Namespace, config, out, settings: dict) -> dict
             seed=args.seed,
             augment=not args.no_augment,
             skip_bad_images=args.skip_bad_images,
+            tokenizer=tokenizer,
+            max_length=args.max_length,
         )
     selection = {name: getattr(args, name) for name in SELECTION}
-    write_split(out, split_record(args.data, selection, splits), args.resume)  # eval --split val reads it
+    record = split_record(args.data, selection, splits, args.tokenizer)
+    write_split(out, record, args.resume)  # eval --split val reads it
     if not args.json:
         from utune_fx.rewrite.report import render_rewrite
 
         render_rewrite(result, result.source.model, Console(width=max(Console().width, 120)))
     for path in splits.skipped:
         status.print(f"skipped unreadable image {path}", soft_wrap=True)
+    items = "texts" if tokenizer is not None else "images"
+    task = f"{len(splits.classes)} classes" if splits.classes else "causal language modelling"
     status.print(
         f"{len(splits.train)} training, {len(splits.val)} validation"
         + (f", {len(splits.test)} test" if splits.test is not None else "")
-        + f" images, "
-        f"{len(splits.classes)} classes; {result.trainable_parameters:,} trainable parameters",
+        + f" {items}, {task}; {result.trainable_parameters:,} trainable parameters",
         soft_wrap=True,
     )
     return run_training(result, splits, config, out, args.resume, settings)
@@ -123,10 +139,13 @@ def _print_summary(args: argparse.Namespace, out, summary: dict) -> int:
     if args.json:
         print_json(summary)
         return 0
-    test = summary.get("test_accuracy")
+    test, perplexity = summary.get("test_accuracy"), summary.get("last_val_perplexity")
+    kind = "token accuracy" if perplexity is not None else "accuracy"
     print(
-        f"best validation accuracy {summary['best_val_accuracy']:.1%} (epoch {summary['best_epoch']}), "
-        f"last {summary['last_val_accuracy']:.1%}" + (f", test {test:.1%}" if test is not None else "")
+        f"best validation {kind} {summary['best_val_accuracy']:.1%} (epoch {summary['best_epoch']}), "
+        f"last {summary['last_val_accuracy']:.1%}"
+        + (f", perplexity {perplexity:.2f}" if perplexity is not None else "")
+        + (f", test {test:.1%}" if test is not None else "")
     )
     print(
         f"{summary['trainable_parameters']:,} trainable parameters, {summary['wall_seconds']:.1f} s "
@@ -142,19 +161,30 @@ def _eval(args: argparse.Namespace) -> int:
 
     from utune_fx.atomic import write_text
     from utune_fx.train.plots import plot_confusion
-    from utune_fx.train.session import evaluate_classes, tuned_model
+    from utune_fx.train.session import evaluate_classes, evaluate_tokens, tuned_model
     from utune_fx.train.split import eval_images, plan_eval
 
-    plan = plan_eval(args.directory, args.data, args.split, args.seed)  # before the model is built
+    plan = plan_eval(args.directory, args.data, args.split, args.seed, args.tokenizer)  # before the model is built
     result = tuned_model(args.directory, None, None, "auto", base_model=args.base_model)
     dataset, classes, facts = eval_images(result, plan)
-    report = evaluate_classes(result.module, dataset, classes) | facts
+    if facts["task"] == "causal-lm":
+        report = evaluate_tokens(result.module, dataset) | facts
+    else:
+        report = evaluate_classes(result.module, dataset, classes) | facts
     out = Path(args.output or args.directory)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "eval.json", json.dumps(report, indent=1))
-    plot_confusion(report, out / "confusion.png")
+    if "confusion" in report:
+        plot_confusion(report, out / "confusion.png")
     if args.json:
         print_json(report)
+        return 0
+    if "perplexity" in report:
+        print(
+            f"{report['split']} texts of {report['data']}: loss {report['loss']:.4f}, perplexity "
+            f"{report['perplexity']:.2f}, token accuracy {report['accuracy']:.1%} on {report['images']} texts"
+        )
+        print(f"wrote {out}/eval.json")
         return 0
     worst = sorted(report["per_class"].items(), key=lambda item: item[1])[:3]
     split = "the run's validation images" if report["split"] == "validation" else "test split"
@@ -171,9 +201,25 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         metavar="SPEC",
-        help="imagefolder:PATH, cifar:PATH, npz:PATH or digits (see docs/data.md)",
+        help="imagefolder:PATH, cifar:PATH, npz:PATH, digits; text: jsonl:PATH?text=F&label=F, "
+        "csv:PATH?text=F&label=F, text:PATH (no label: causal LM) (see docs/data.md)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seeds data selection, order, augmentation")
+    _add_tokenizer_flag(parser, "none")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        metavar="N",
+        help="text data: tokens per example, padded or truncated; the model is traced at it (default 64)",
+    )
+
+
+def _add_tokenizer_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help=f"text data: a local Hugging Face tokenizer folder (save_pretrained) (default {default})",
+    )
 
 
 def _share_or_count(text: str) -> float | int:

@@ -21,7 +21,7 @@ import torch.utils.data
 from utune_fx.data.sources import PIL_DECODE_ERRORS, SCHEMES, ImagePool, Source, read_source
 from utune_fx.errors import UtuneError
 
-__all__ = ["DataSplits", "ImageDataset", "SCHEMES", "build_transforms", "load_data", "select_train_val"]
+__all__ = ["DataSplits", "ImageDataset", "PoolDataset", "SCHEMES", "build_transforms", "load_data", "select_train_val"]
 
 DEFAULT_DATA_CONFIG = {
     "mean": (0.485, 0.456, 0.406),
@@ -34,37 +34,46 @@ HOLDOUT_TEST_SEED = 0  # a held-out test split must not move with --seed
 
 @dataclass
 class DataSplits:
-    train: torch.utils.data.Dataset  # items: (float tensor [3, H, W], int label)
+    train: torch.utils.data.Dataset  # items: (float tensor [3, H, W], int label); text: see data/text.py
     val: torch.utils.data.Dataset  # held out from the training data (never the test split)
     test: torch.utils.data.Dataset | None  # the source's own test split when it has one
-    classes: list[str]
+    classes: list[str]  # none for a causal language model's text
     skipped: list[str] = field(default_factory=list)  # unreadable images left out (skip_bad_images)
+    task: str = "classification"  # or "causal-lm" (text without labels): what train/tasks.py optimises
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """The images ``indices`` of a pool, decoded on access and transformed."""
+class PoolDataset(torch.utils.data.Dataset):
+    """The items ``indices`` of a pool (images, or texts: data/text.py), with their labels and a digest."""
 
-    def __init__(self, pool: ImagePool, indices: np.ndarray, transform):
-        self.pool, self.indices, self.transform = pool, np.asarray(indices, dtype=np.int64), transform
+    def __init__(self, pool, indices: np.ndarray):
+        self.pool, self.indices = pool, np.asarray(indices, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.indices)
-
-    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
-        index = int(self.indices[position])
-        return self.transform(self.pool.image(index)), int(self.pool.labels[index])
 
     @property
     def labels(self) -> np.ndarray:
         return self.pool.labels[self.indices]
 
     def sha256(self) -> str:
-        """sha256 over the images' names in their source (ImagePool.identity) and labels, in order: the
-        same for the same images wherever the source lies, so a run's recorded split can be checked."""
+        """sha256 over the items' names in their source (``pool.identity``) and labels, in order: the
+        same for the same items wherever the source lies, so a run's recorded split can be checked."""
         digest = hashlib.sha256()
         for index, label in zip(self.indices.tolist(), self.labels.tolist()):
             digest.update(f"{self.pool.identity(index)}\t{label}\n".encode(errors="surrogateescape"))
         return digest.hexdigest()
+
+
+class ImageDataset(PoolDataset):
+    """The images ``indices`` of a pool, decoded on access and transformed."""
+
+    def __init__(self, pool: ImagePool, indices: np.ndarray, transform):
+        super().__init__(pool, indices)
+        self.transform = transform
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        index = int(self.indices[position])
+        return self.transform(self.pool.image(index)), int(self.pool.labels[index])
 
 
 # --- choosing images -----------------------------------------------------------------

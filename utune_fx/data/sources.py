@@ -141,7 +141,9 @@ def read_source(spec: str) -> Source:
 
         readers = {"imagefolder": read_imagefolder, "cifar": read_cifar, "npz": read_npz}
         if scheme not in readers or not location:
-            raise UtuneError(f"unknown data spec {spec!r}; use one of {', '.join(SCHEMES)}")
+            from utune_fx.data.text import TEXT_SCHEMES
+
+            raise UtuneError(f"unknown data spec {spec!r}; use one of {', '.join(SCHEMES + TEXT_SCHEMES)}")
         path = Path(location).expanduser()
         if not path.exists():
             raise UtuneError(f"data path {path} (from --data {spec}) does not exist; check the path")

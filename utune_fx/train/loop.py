@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -35,8 +34,10 @@ from utune_fx.train.checkpoint import check_progress, load_checkpoint, save_chec
 from utune_fx.train.config import TrainConfig
 from utune_fx.train.devices import resolve_device
 from utune_fx.train.optim import create_optimizer, create_schedule
+from utune_fx.train.outputs import model_logits
 from utune_fx.train.progress import EpochProgress
 from utune_fx.train.rundir import CHECKPOINT, METRICS, SUMMARY, compare_settings, config_settings, open_run
+from utune_fx.train.tasks import CLASSIFICATION
 
 
 class SeededImages(Dataset):
@@ -88,20 +89,21 @@ def _batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device) -> dict:
+def evaluate(
+    module: nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device, task=CLASSIFICATION
+) -> dict:
+    """Loss and accuracy (per example, or per predicted token; perplexity too for a causal LM: tasks.py)."""
     set_training(module, False)  # not eval(): graphs of the torch.export front end refuse it
     loader = DataLoader(
         dataset, batch_size=config.batch_size * 2, num_workers=config.workers, generator=torch.Generator()
     )  # leaves the global RNG to training
-    loss = correct = seen = 0.0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
+    loss = correct = targets = 0
+    for inputs, labels in loader:
         with _autocast(device, config):
-            logits = module(images).float()
-        loss += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
-        seen += len(labels)
-    return {"loss": loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
+            logits = model_logits(module, inputs, device)
+        batch_loss, batch_correct, batch_targets = task.sums(logits, labels.to(device))
+        loss, correct, targets = loss + batch_loss, correct + batch_correct, targets + batch_targets
+    return task.metrics(loss, correct, targets)
 
 
 def train(
@@ -114,17 +116,19 @@ def train(
     test_set: Dataset | None = None,
     settings: dict | None = None,
     finish: Callable[[dict], None] | None = None,
+    task=CLASSIFICATION,
 ) -> dict:
     """Train ``module``'s trainable parameters; writes checkpoint/, metrics.jsonl, summary.json, curves.png.
     Without ``val_set`` (a final run on all the training images) no validation is measured. ``settings``
     (model, rules, data selection) join the TrainConfig in what the checkpoint records and --resume holds to;
     ``finish(summary)`` runs after training and before summary.json is written (the session saves tuned/
-    there, so summary.json, written last, never describes a result that is not on disk)."""
+    there, so summary.json, written last, never describes a result that is not on disk). ``task`` (tasks.py)
+    says what the loss and accuracy are: classes, or the next token of a causal language model."""
     with open_run(out, resume, None):  # one writer per run directory (nests inside the CLI's hold)
-        return _train_locked(module, train_set, val_set, config, out, resume, test_set, settings, finish)
+        return _train_locked(module, train_set, val_set, config, out, resume, test_set, settings, finish, task)
 
 
-def _train_locked(module, train_set, val_set, config, out, resume, test_set, settings, finish) -> dict:
+def _train_locked(module, train_set, val_set, config, out, resume, test_set, settings, finish, task) -> dict:
     from utune_fx.train.plots import plot_curves
 
     device = pick_device(config)
@@ -153,14 +157,16 @@ def _train_locked(module, train_set, val_set, config, out, resume, test_set, set
     started = time.perf_counter() - progress["seconds"]
     try:
         while progress["epoch"] < config.epochs:
-            stopped = _train_epoch(runner, module, seeded, optimizer, schedule, config, device, progress, interrupt)
+            stopped = _train_epoch(
+                runner, module, seeded, optimizer, schedule, config, device, progress, interrupt, task
+            )
             progress["seconds"] = time.perf_counter() - started
             if stopped:
                 save_checkpoint(out / CHECKPOINT, module, optimizer, schedule, progress, settings, data)
                 raise KeyboardInterrupt
             row = progress.pop("running")
             if val_set is not None:
-                row |= {f"val_{k}": v for k, v in evaluate(runner, val_set, config, device).items()}
+                row |= {f"val_{k}": v for k, v in evaluate(runner, val_set, config, device, task).items()}
             progress["history"].append(row)
             progress["epoch"], progress["step"] = progress["epoch"] + 1, 0
             save_checkpoint(out / CHECKPOINT, module, optimizer, schedule, progress, settings, data)
@@ -169,7 +175,7 @@ def _train_locked(module, train_set, val_set, config, out, resume, test_set, set
         signal.signal(signal.SIGINT, previous)
     summary = _summary(module, progress, device)
     if test_set is not None:
-        summary["test_accuracy"] = evaluate(runner, test_set, config, device)["accuracy"]
+        summary["test_accuracy"] = evaluate(runner, test_set, config, device, task)["accuracy"]
     if finish is not None:
         finish(summary)
     write_text(out / SUMMARY, json.dumps(summary, indent=1))
@@ -182,7 +188,7 @@ def _write_metrics(out: Path, history: list[dict]) -> None:
     write_text(out / METRICS, "".join(json.dumps(row) + "\n" for row in history))
 
 
-def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, progress, interrupt) -> bool:
+def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, progress, interrupt, task) -> bool:
     """One epoch from ``progress['step']``; returns True when Ctrl-C asked to stop (at a step boundary)."""
     set_training(module, True)
     freeze_frozen_norm_statistics(module)
@@ -193,6 +199,7 @@ def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, pr
         "running",
         {"epoch": progress["epoch"] + 1, "train_loss": 0.0, "train_accuracy": 0.0, "images": 0, "seconds": 0.0},
     )
+    running.setdefault("targets", running["images"])  # what accuracy counts: examples, or predicted tokens
     bar = EpochProgress(progress["epoch"] + 1, config.epochs, sum(map(len, batches)))
     bar.advance(sum(len(b) for group in groups[: progress["step"]] for b in group))
     remaining = groups[progress["step"] :]
@@ -212,11 +219,11 @@ def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, pr
             tic = time.perf_counter()
             total = sum(len(b) for b in group)
             for _ in group:
-                images, labels = next(loader)
-                images, labels = images.to(device), labels.to(device)
+                inputs, labels = next(loader)
+                labels = labels.to(device)
                 with _autocast(device, config):
-                    logits = runner(images).float()
-                loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+                    logits = model_logits(runner, inputs, device)
+                loss = task.loss(logits, labels, config.label_smoothing)
                 if not torch.isfinite(loss):
                     raise UtuneError(
                         f"the training loss is {loss.item()} at epoch {progress['epoch'] + 1}, step "
@@ -224,7 +231,9 @@ def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, pr
                     )
                 (loss * len(labels) / total).backward()
                 running["train_loss"] += loss.item() * len(labels)
-                running["train_accuracy"] += (logits.argmax(-1) == labels).sum().item()
+                correct, targets = task.correct(logits, labels)
+                running["train_accuracy"] += correct
+                running["targets"] += targets
                 running["images"] += len(labels)
             if config.clip_grad:
                 nn.utils.clip_grad_norm_(trainable, config.clip_grad)
@@ -239,7 +248,7 @@ def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, pr
     images = max(running["images"], 1)
     running.update(
         train_loss=running["train_loss"] / images,
-        train_accuracy=running["train_accuracy"] / images,
+        train_accuracy=running["train_accuracy"] / max(running["targets"], 1),
         lr=schedule.get_last_lr()[0],
         images_per_second=running["images"] / max(running["seconds"], 1e-9),
     )
@@ -249,18 +258,22 @@ def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, pr
 def _summary(module: nn.Module, progress: dict, device: torch.device) -> dict:
     history = progress["history"]
     best = max(history, key=lambda row: row["val_accuracy"]) if history and "val_accuracy" in history[0] else {}
+    last = history[-1] if history else {}
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {
+    summary = {
         "epochs": len(history),
         "best_val_accuracy": best.get("val_accuracy"),
         "best_epoch": best.get("epoch"),
-        "last_val_accuracy": history[-1].get("val_accuracy") if history else None,
+        "last_val_accuracy": last.get("val_accuracy"),
         "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "wall_seconds": progress["seconds"],
         "seconds_per_epoch": progress["seconds"] / max(len(history), 1),
         "peak_memory_bytes": peak,
         "device": str(device),
     }
+    if "val_perplexity" in last:  # a causal language model: accuracy is token accuracy
+        summary["last_val_perplexity"] = last["val_perplexity"]
+    return summary

@@ -39,7 +39,8 @@ class EpochProgress:
     def update(self, images: int, running: dict) -> None:
         seen = max(running["images"], 1)
         info = (
-            f"loss {running['train_loss'] / seen:.3f}  acc {running['train_accuracy'] / seen:.1%}  "
+            f"loss {running['train_loss'] / seen:.3f}  "
+            f"acc {running['train_accuracy'] / max(running.get('targets', seen), 1):.1%}  "
             f"{running['images'] / max(running['seconds'], 1e-9):.0f} img/s"
         )
         self._progress.update(self._task, advance=images, info=info)

@@ -4,7 +4,9 @@ train:  artifact dir or (model spec + rules) -> tuned model; --data -> splits ch
         the model's outputs; train -> OUT/{tuned/, checkpoint/, metrics.jsonl, summary.json, curves.png}
         (the CLI also records the data split in OUT/split.json: train/split.py)
 eval:   OUT or artifact dir + --data (the source's test split, or the run's validation images: train/split.py)
-        -> top-1, top-5, per-class accuracy, confusion matrix (JSON + PNG)
+        -> top-1, top-5, per-class accuracy, confusion matrix (JSON + PNG); for a causal LM loss,
+        perplexity and token accuracy
+text:   --data jsonl:/csv:/text: with --tokenizer: the model traced at --max-length tokens (train/text.py)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from utune_fx.rewrite.artifact import (
     save_tuned,
 )
 from utune_fx.trace.annotate import set_training
+from utune_fx.train.outputs import model_logits, output_logits_shape
 from utune_fx.train.rundir import CHECKPOINT, TUNED, TUNED_TENSORS, check_run_result, config_settings, file_sha256
 
 
@@ -33,9 +36,11 @@ def tuned_model(
     frontend: str,
     seed: int = 0,
     base_model: str | None = None,
+    text_length: int | None = None,
 ):
     """A RewriteResult from an artifact directory (``base_model``: --model SPEC, see load_tuned), or from
-    a model spec rewritten with rule files."""
+    a model spec rewritten with rule files (traced at ``text_length`` tokens for text data, unless
+    ``input_shapes`` say otherwise: train/text.py)."""
     from utune_fx.match import load_rules
 
     directory = checked_artifact_directory(model)
@@ -51,6 +56,10 @@ def tuned_model(
             "or the directory cli.py rewrite wrote"
         )
     rule_sets = [load_rules(path) for path in rules]
+    if text_length is not None and not input_shapes:
+        from utune_fx.train.text import build_text_model
+
+        return build_text_model(model, frontend, text_length, rule_sets, seed)
     return build_tuned(TunedSource(model, input_shapes or [], frontend), rule_sets, seed)
 
 
@@ -82,27 +91,37 @@ def _input_size(module: fx.GraphModule, data_config: dict | None) -> tuple[int, 
     return tuple(data_config["input_size"]) if data_config else (3, 224, 224)
 
 
-def _outputs(module: fx.GraphModule) -> int | None:
-    output = next(n for n in module.graph.nodes if n.op == "output")
-    source = output.args[0]
-    info = source.meta.get("utune") if isinstance(source, fx.Node) else None
-    return info.shape[-1] if info is not None and info.shape else None
-
-
-def load_splits(result, data: str, **selection):
+def load_splits(result, data: str, tokenizer=None, max_length: int | None = None, **selection):
+    """The splits of ``data`` for the tuned model: images at the size it was traced at, or text tokenised
+    to the sequence length it was traced at (``tokenizer``: a folder or a loaded tokenizer; train/text.py)."""
     from utune_fx.data import load_data
+    from utune_fx.data.text import is_text_spec
 
+    if is_text_spec(data):
+        from utune_fx.train.text import load_text_splits
+
+        return load_text_splits(result, data, tokenizer, max_length, **selection)
+    if tokenizer is not None or max_length is not None:
+        from utune_fx.train.text import prepare_text
+
+        prepare_text(data, tokenizer, max_length)  # refuses them for images
     splits = load_data(
         data, input_size=_input_size(result.module, result.data_config), data_config=result.data_config, **selection
     )
-    outputs = _outputs(result.module)
+    check_classes(result, data, splits)
+    return splits
+
+
+def check_classes(result, data: str, splits) -> None:
+    """The model's outputs are the data's classes."""
+    shape = output_logits_shape(result.module)
+    outputs = shape[-1] if shape else None
     if outputs is not None and outputs != len(splits.classes):
         raise UtuneError(
             f"the model has {outputs} outputs but {data} has {len(splits.classes)} classes; add "
             f"num_classes: {len(splits.classes)} to the head rule's settings (tuner: head), or "
-            f"?num_classes={len(splits.classes)} to the model spec"
+            f"?num_classes={len(splits.classes)} to the model spec (hf: ?num_labels={len(splits.classes)})"
         )
-    return splits
 
 
 def cli_settings(args, config) -> dict:
@@ -121,17 +140,25 @@ def cli_settings(args, config) -> dict:
         "val_size": args.val_size,
         "no_augment": args.no_augment,
         "skip_bad_images": args.skip_bad_images,
+        "tokenizer": _tokenizer_path(getattr(args, "tokenizer", None)),
+        "max_length": getattr(args, "max_length", None),
     }
+
+
+def _tokenizer_path(tokenizer: str | None) -> str | None:
+    """--tokenizer as an absolute path: the same folder named from elsewhere is the same setting."""
+    return str(Path(tokenizer).expanduser().resolve()) if tokenizer else None
 
 
 def run_training(result, splits, config, out: Path, resume: bool, settings: dict | None = None) -> dict:
     """Train, then save tuned/ and (last) summary.json, which records the epoch and tuned/'s hash so that
     readers can tell a finished run from one stopped on the way (rundir.check_run_result)."""
     from utune_fx.train import train
+    from utune_fx.train.tasks import task_named
 
     def finish(summary: dict) -> None:
         save_tuned(result, result.rule_sets, result.source, out / TUNED)
-        summary["classes"] = len(splits.classes)
+        summary["task"], summary["classes"] = splits.task, len(splits.classes)
         summary["tuned_sha256"] = file_sha256(out / TUNED / TUNED_TENSORS)
 
     return train(
@@ -144,6 +171,7 @@ def run_training(result, splits, config, out: Path, resume: bool, settings: dict
         test_set=splits.test,
         settings=settings,
         finish=finish,
+        task=task_named(splits.task),
     )
 
 
@@ -154,8 +182,8 @@ def evaluate_classes(module: torch.nn.Module, dataset, classes: list[str], batch
     set_training(module, False)
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
     top5 = seen = 0
-    for images, labels in DataLoader(dataset, batch_size=batch_size):
-        logits = module(images)
+    for inputs, labels in DataLoader(dataset, batch_size=batch_size):
+        logits = model_logits(module, inputs)
         confusion += torch.bincount(labels * len(classes) + logits.argmax(-1), minlength=len(classes) ** 2).reshape(
             len(classes), len(classes)
         )
@@ -170,3 +198,13 @@ def evaluate_classes(module: torch.nn.Module, dataset, classes: list[str], batch
         "per_class": dict(zip(classes, per_class)),
         "confusion": confusion.tolist(),
     }
+
+
+@torch.no_grad()
+def evaluate_tokens(module: torch.nn.Module, dataset, batch_size: int = 64) -> dict:
+    """A causal language model on ``dataset``: loss per predicted token, perplexity, token accuracy."""
+    from utune_fx.train import TrainConfig, evaluate
+    from utune_fx.train.tasks import task_named
+
+    config = TrainConfig(batch_size=batch_size // 2, device="cpu", precision="fp32")  # evaluate doubles it
+    return {"images": len(dataset)} | evaluate(module, dataset, config, torch.device("cpu"), task_named("causal-lm"))

@@ -47,8 +47,10 @@ def _images(dataset) -> dict | None:
     return None if dataset is None else {"images": len(dataset), "sha256": dataset.sha256()}
 
 
-def split_record(data: str, selection: dict, splits) -> dict:
-    """What OUT/split.json holds for a run that drew ``splits`` from ``data`` with ``selection``."""
+def split_record(data: str, selection: dict, splits, tokenizer: str | None = None) -> dict:
+    """What OUT/split.json holds for a run that drew ``splits`` from ``data`` with ``selection`` (and, for
+    text, the task and the tokenizer folder, which eval uses again)."""
+    text = {} if tokenizer is None else {"task": splits.task, "tokenizer": str(Path(tokenizer).expanduser().resolve())}
     return {
         "format": FORMAT,
         "data": data,
@@ -58,7 +60,7 @@ def split_record(data: str, selection: dict, splits) -> dict:
         "train": _images(splits.train),
         "val": _images(splits.val),
         "test": _images(splits.test),
-    }
+    } | text
 
 
 def read_split(path: Path) -> dict:
@@ -87,6 +89,7 @@ class EvalPlan:
     run: Path | None  # the training run DIR is (or whose tuned/ it is)
     record: dict | None  # its split.json
     same: bool  # the data is the run's: its selection applies
+    tokenizer: str | None = None  # --tokenizer as given, else the run's (text data)
 
 
 def _run_of(directory: str) -> tuple[Path | None, dict | None]:
@@ -116,12 +119,13 @@ def _no_split(plan: EvalPlan) -> tuple[str, str]:
     )
 
 
-def plan_eval(directory: str, data: str | None, split: str, seed: int | None) -> EvalPlan:
+def plan_eval(directory: str, data: str | None, split: str, seed: int | None, tokenizer: str | None = None) -> EvalPlan:
     """What eval reads, and the refusals that need neither model nor data: --split val of a run that records
     no split, of other data than the run's, or with another seed; no --data and no recorded split."""
     run, record = _run_of(directory)
     same = record is not None and (data is None or canonical_spec(data) == record["source"])
-    plan = EvalPlan(directory, data, split, seed, run, record, same)
+    tokenizer = tokenizer or (record or {}).get("tokenizer")
+    plan = EvalPlan(directory, data, split, seed, run, record, same, tokenizer)
     if split == "val":
         _check_val(plan, "--split val evaluates the run's validation images")
     if data is None and record is None:
@@ -153,14 +157,14 @@ def eval_images(result, plan: EvalPlan) -> tuple[object, list[str], dict]:
 
     if plan.same:
         record = plan.record
-        splits = load_splits(result, record["source"], augment=False, **record["selection"])
+        splits = load_splits(result, record["source"], plan.tokenizer, augment=False, **record["selection"])
     else:
-        splits = load_splits(result, plan.data, seed=plan.seed or 0, augment=False)
-    data = plan.data or plan.record["data"]
+        splits = load_splits(result, plan.data, plan.tokenizer, seed=plan.seed or 0, augment=False)
+    data, task = plan.data or plan.record["data"], {"task": splits.task}
     if plan.split == "test" and splits.test is not None:
         digest = splits.test.sha256()
         test = plan.record["test"] if plan.same else None
-        facts = {"split": "test", "data": data, "images_sha256": digest}
+        facts = task | {"split": "test", "data": data, "images_sha256": digest}
         return splits.test, splits.classes, facts | {"run_split": test is not None and test["sha256"] == digest}
     if plan.split == "test":
         _check_val(plan, f"{data} has no test split, so eval measures the run's validation images")
@@ -170,5 +174,5 @@ def eval_images(result, plan: EvalPlan) -> tuple[object, list[str], dict]:
             f"the validation images drawn from {data} now ({len(splits.val)}) are not the run's "
             f"({recorded['images']}, {plan.run / SPLIT}): the data changed since training; restore it, or train again"
         )
-    facts = {"split": "validation", "data": data, "images_sha256": digest, "run_split": True}
+    facts = task | {"split": "validation", "data": data, "images_sha256": digest, "run_split": True}
     return splits.val, splits.classes, facts | {"selection": plan.record["selection"]}
