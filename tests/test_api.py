@@ -323,3 +323,22 @@ def test_load_tuners_refuses_tuners_of_other_rules(tmp_path):
     utune_fx.tune(other, "dual_utuner")
     with pytest.raises(UtuneError, match="made with other rules"):
         utune_fx.load_tuners(other, tmp_path / "lora")
+
+
+def test_tuners_move_between_the_command_line_and_the_python_api(tmp_path):
+    from utune_fx.cli import main
+    from utune_fx.specs import load_model
+
+    spec = "hf:gpt2/causal-lm?n_layer=2&n_embd=64&n_head=4"
+    assert main(["rewrite", spec, "--rules", "lora", "-o", str(tmp_path / "cli")]) == 0
+    model = utune_fx.load_tuners(load_model(spec).model, tmp_path / "cli")
+    assert [s.tuner for s in model._utune_state.splices] == [f"utune.lora.{i}" for i in range(4)]
+    _move_off_identity(model)
+    utune_fx.save_tuners(model, tmp_path / "api")
+    assert main(["fold", str(tmp_path / "api"), "--model", spec, "-o", str(tmp_path / "folded")]) == 0
+    from utune_fx.fold.artifact import load_folded
+
+    _, folded = load_folded(tmp_path / "folded", model=spec)
+    ids = _ids(2, 8, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(folded.module(ids).logits, model.eval()(ids).logits, **TOL)

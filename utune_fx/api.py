@@ -211,19 +211,8 @@ def save_tuners(model: nn.Module, directory: str | Path) -> Path:
         if isinstance(x, torch.Tensor)
     ]
     source = TunedSource(f"python:{type(model).__module__}:{type(model).__qualname__}", shapes, "auto")
-    return save_tuned(_ModelView(model, state.result), state.result.rule_sets, source, directory)
-
-
-@dataclass
-class _ModelView:
-    """What save_tuned reads: the module whose trainable tensors are saved, and the rule summaries."""
-
-    module: nn.Module
-    result: Any
-
-    @property
-    def summaries(self):
-        return self.result.summaries
+    # the graph holds the model's own trainable tensors under the same names: what cli.py rewrite saves
+    return save_tuned(state.result, state.result.rule_sets, source, directory)
 
 
 def load_tuners(model: nn.Module, directory: str | Path, example_inputs: Any = None) -> nn.Module:
@@ -255,7 +244,7 @@ def load_tuners(model: nn.Module, directory: str | Path, example_inputs: Any = N
     recorded = [sorted(entry["sources"].items()) for entry in manifest["rules"]]
     if recorded != [sorted(entry["sources"].items()) for entry in _rule_entries(state.result)]:
         raise UtuneError(f"{directory}: its tuners were made with other rules than this model's; tune a fresh model")
-    if base_sha256(model) != manifest["base_sha256"]:
+    if base_sha256(state.result.module) != manifest["base_sha256"]:
         raise UtuneError(f"{directory}: the model has other frozen weights than the ones the tuners were trained on")
     tensors = safetensors.torch.load_file(str(tensors_path))
     expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
