@@ -342,3 +342,21 @@ def test_tuners_move_between_the_command_line_and_the_python_api(tmp_path):
     ids = _ids(2, 8, seed=9)
     with torch.no_grad():
         torch.testing.assert_close(folded.module(ids).logits, model.eval()(ids).logits, **TOL)
+
+
+def test_a_tuned_model_deep_copies_and_pickles_and_folds_after_unpickling(tmp_path):
+    torch.manual_seed(0)
+    model = utune_fx.tune(_llama(), "lora")
+    _move_off_identity(model)
+    expected = _logits(model.eval(), 12)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.get_parameter("utune.lora.0.lora_B.weight").add_(1.0)
+    assert torch.equal(_logits(model, 12), expected)  # the copy's hooks call the copy's tuners
+    assert not torch.allclose(_logits(twin, 12), expected)
+    torch.save(model, tmp_path / "model.pt")
+    restored = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert torch.equal(_logits(restored, 12), expected)
+    folded = utune_fx.fold(restored)  # the graph is traced and rewritten again, with the trained tuners
+    assert not hasattr(folded, "utune")
+    torch.testing.assert_close(_logits(folded, 12), expected, **TOL)

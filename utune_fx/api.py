@@ -18,8 +18,8 @@ rewritten GraphModule and warns.
 
 from __future__ import annotations
 
+import copy
 import inspect
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from utune_fx.errors import UtuneError
-from utune_fx.rewrite.splice import Splice, install, splice_plan
+from utune_fx.rewrite.splice import Splice, install, splice_plan, uninstall
 
 __all__ = ["fold", "load_tuners", "print_trainable_parameters", "save_tuners", "trainable_parameters", "tune"]
 
@@ -43,8 +43,23 @@ class TunedState:
 
     result: Any  # the RewriteResult of the whole-model graph (shares the model's weights and tuners)
     splices: list[Splice]
-    handles: list = field(default_factory=list)
     requires_grad: dict[str, bool] = field(default_factory=dict)  # the model's flags before tuning
+    base_sha256: str = ""  # of the frozen weights, as save_tuned records it
+    rules: list[dict] = field(default_factory=list)  # each rule set's path and sources (the artifact's entries)
+
+    def __getstate__(self) -> dict:
+        """Pickling (torch.save of the model) leaves out the graph, which a torch.export graph cannot
+        pickle; ``graph_of`` traces and rewrites it again when fold needs it."""
+        result = copy.copy(self.result)
+        result.module, result.base_model, result.rule_sets = None, None, None  # rule sets hold compiled checks
+        return {**self.__dict__, "result": result}
+
+    def rule_sets(self) -> list:
+        from utune_fx.rewrite.artifact import rules_from_entries
+
+        if self.result.rule_sets is None:
+            self.result.rule_sets = rules_from_entries(self.rules)
+        return self.result.rule_sets
 
 
 def _rule_sets(rules: Any) -> list:
@@ -102,6 +117,7 @@ def tune(model: nn.Module, rules: Any, example_inputs: Any = None, seed: int = 0
     only traced, never trained on: the tuned model takes any batch size and length its class does.
     Tuners start as identity, from ``seed``."""
     from utune_fx.rewrite import rewrite
+    from utune_fx.rewrite.artifact import base_sha256
     from utune_fx.trace import trace
 
     if hasattr(model, _STATE):
@@ -124,14 +140,17 @@ def tune(model: nn.Module, rules: Any, example_inputs: Any = None, seed: int = 0
             stacklevel=2,
         )
         return gm
-    state = TunedState(result, splices, requires_grad=flags)
+    state = TunedState(
+        result, splices, requires_grad=flags, base_sha256=base_sha256(gm), rules=_rule_entries(rule_sets)
+    )
     _install_checked(model, state, gm, inputs)
     object.__setattr__(model, _STATE, state)
     return model
 
 
 def _adopt_replaced_modules(model: nn.Module, gm: nn.Module) -> None:
-    """Modules a rule replaced in the graph (a classifier re-sized by a head rule) replace the model's."""
+    """Modules a rule replaced in the graph (a classifier re-sized by a head rule) replace the model's
+    (or the other way round)."""
     mine = dict(model.named_modules())
     for path, module in gm.named_modules():
         if path and not path.startswith("utune") and path in mine and mine[path] is not module:
@@ -162,7 +181,7 @@ def _install_checked(model: nn.Module, state: TunedState, gm: nn.Module, inputs:
                 p.add_(0.05 * torch.randn(p.shape, generator=generator).to(p))
             model.eval()
             graph = _outputs(gm(*inputs))
-            state.handles = install(model, gm.utune, state.splices)
+            install(model, gm.utune, state.splices)
             eager = _outputs(model(*inputs))
     finally:
         with torch.no_grad():
@@ -172,8 +191,7 @@ def _install_checked(model: nn.Module, state: TunedState, gm: nn.Module, inputs:
     for a, b in zip(eager, graph):
         scale = b.abs().max().item() or 1.0
         if a.shape != b.shape or (a - b).abs().max().item() > _CHECK.get(b.dtype, 1e-4) * scale:
-            for handle in state.handles:
-                handle.remove()
+            uninstall(model)
             del model._modules["utune"]
             raise UtuneError(
                 f"{type(model).__name__}: the tuners spliced into the model do not compute what the rewritten "
@@ -195,8 +213,8 @@ def print_trainable_parameters(model: nn.Module) -> None:
     )
 
 
-def _rule_entries(result: Any) -> list[dict]:
-    return [{"path": rules.path, "sources": rules.sources} for rules in result.rule_sets]
+def _rule_entries(rule_sets: list) -> list[dict]:
+    return [{"path": str(rules.path), "sources": dict(rules.sources)} for rules in rule_sets]
 
 
 def save_tuners(model: nn.Module, directory: str | Path) -> Path:
@@ -211,8 +229,15 @@ def save_tuners(model: nn.Module, directory: str | Path) -> Path:
         if isinstance(x, torch.Tensor)
     ]
     source = TunedSource(f"python:{type(model).__module__}:{type(model).__qualname__}", shapes, "auto")
-    # the graph holds the model's own trainable tensors under the same names: what cli.py rewrite saves
-    return save_tuned(state.result, state.result.rule_sets, source, directory)
+    # the model's trainable tensors have the graph's names: what cli.py rewrite saves
+    return save_tuned(_Saved(model, state), state.rule_sets(), source, directory)
+
+
+class _Saved:
+    """What save_tuned reads of a rewrite: the trainable tensors, the summaries, the base's hash."""
+
+    def __init__(self, model: nn.Module, state: TunedState):
+        self.module, self.summaries, self.base_sha256 = model, state.result.summaries, state.base_sha256
 
 
 def load_tuners(model: nn.Module, directory: str | Path, example_inputs: Any = None) -> nn.Module:
@@ -221,8 +246,7 @@ def load_tuners(model: nn.Module, directory: str | Path, example_inputs: Any = N
     records. Refuses other rules, other base weights and tensors that do not fit, in one line."""
     import safetensors.torch
 
-    from utune_fx.match import load_rules
-    from utune_fx.rewrite.artifact import TENSORS, base_sha256, file_sha256
+    from utune_fx.rewrite.artifact import TENSORS, file_sha256, rules_from_entries
     from utune_fx.rewrite.manifest import MANIFEST, read_manifest
 
     directory = Path(directory)
@@ -231,20 +255,12 @@ def load_tuners(model: nn.Module, directory: str | Path, example_inputs: Any = N
     if not tensors_path.is_file() or file_sha256(tensors_path) != manifest["tensors_sha256"]:
         raise UtuneError(f"{tensors_path} is missing or does not match the sha256 in {MANIFEST}")
     if not hasattr(model, _STATE):
-        with tempfile.TemporaryDirectory() as scratch:
-            rule_sets = []
-            for index, entry in enumerate(manifest["rules"]):
-                folder = Path(scratch) / str(index)
-                for name, text in entry["sources"].items():  # names checked by read_manifest
-                    (folder / name).parent.mkdir(parents=True, exist_ok=True)
-                    (folder / name).write_text(text)
-                rule_sets.append(load_rules(folder / Path(entry["path"]).name))
-            model = tune(model, rule_sets, example_inputs)
+        model = tune(model, rules_from_entries(manifest["rules"]), example_inputs)
     state = _tuned_state(model)
     recorded = [sorted(entry["sources"].items()) for entry in manifest["rules"]]
-    if recorded != [sorted(entry["sources"].items()) for entry in _rule_entries(state.result)]:
+    if recorded != [sorted(entry["sources"].items()) for entry in state.rules]:
         raise UtuneError(f"{directory}: its tuners were made with other rules than this model's; tune a fresh model")
-    if base_sha256(state.result.module) != manifest["base_sha256"]:
+    if state.base_sha256 != manifest["base_sha256"]:
         raise UtuneError(f"{directory}: the model has other frozen weights than the ones the tuners were trained on")
     tensors = safetensors.torch.load_file(str(tensors_path))
     expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -262,6 +278,28 @@ def load_tuners(model: nn.Module, directory: str | Path, example_inputs: Any = N
     return model
 
 
+def graph_of(model: nn.Module, state: TunedState) -> nn.Module:
+    """The rewritten whole-model graph, sharing the model's weights and tuners; after unpickling,
+    traced and rewritten again (the hooks off) and given the model's tuners."""
+    if state.result.module is not None:
+        return state.result.module
+    from utune_fx.rewrite import rewrite
+    from utune_fx.trace import trace
+
+    tuners = model._modules.pop("utune", None)
+    uninstall(model)
+    try:
+        gm = trace(model, state.result.example_inputs)
+        rewrite(gm, state.rule_sets())
+    finally:
+        if tuners is not None:
+            install(model, tuners, state.splices)
+    gm.utune = model.utune  # the trained tuners, under the names the rewrite gave the new ones
+    _adopt_replaced_modules(gm, model)  # and the trained classifier a head rule re-sized
+    state.result.module = gm
+    return gm
+
+
 def fold(model: nn.Module) -> nn.Module:
     """Merge every tuner into the weights it sits on and return the plain model (its own class, no
     hooks, no ``utune`` submodule, the parameters' original requires_grad). A tuner that cannot
@@ -270,14 +308,14 @@ def fold(model: nn.Module) -> nn.Module:
     from utune_fx.fold import fold as fold_graph
 
     state = _tuned_state(model)
-    for handle in state.handles:  # a torch.fx graph calls the model's own modules: without the hooks
-        handle.remove()
-    folded = fold_graph(state.result.module, state.result.summaries)
+    graph = graph_of(model, state)
+    uninstall(model)  # a torch.fx graph calls the model's own modules: without the hooks
+    folded = fold_graph(graph, state.result.summaries)
     refused = [e for e in folded.entries if e.status not in (FOLDED, IN_PLACE)]
     if refused:
         if state.splices:
             del model._modules["utune"]
-            state.handles = install(model, state.result.module.utune, state.splices)
+            install(model, graph.utune, state.splices)
         first = refused[0]
         raise UtuneError(
             f"cannot fold rule '{first.rule}' ({first.tuner} at {first.module}): {first.reason}; "

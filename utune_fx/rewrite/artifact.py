@@ -99,7 +99,7 @@ def save_tuned(result: Any, rule_sets: list[Any], source: TunedSource, directory
             "summary": [vars(s) for s in result.summaries],
             "tensors": {name: list(t.shape) for name, t in tensors.items()},
             "tensors_sha256": file_sha256(staging / TENSORS),
-            "base_sha256": base_sha256(result.module),
+            "base_sha256": getattr(result, "base_sha256", None) or base_sha256(result.module),
         }
         write_manifest(staging, manifest, where=str(directory / MANIFEST))
     return directory
@@ -139,13 +139,28 @@ def build_tuned(source: TunedSource, rule_sets: list[Any], seed: int = 0, module
     return result
 
 
+def rules_from_entries(entries: list[dict]) -> list:
+    """Rule sets from recorded sources (a manifest's ``rules``), loaded from a scratch folder."""
+    from utune_fx.match import load_rules
+
+    rule_sets = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, entry in enumerate(entries):
+            folder = Path(scratch) / str(index)
+            for name, text in entry["sources"].items():  # names checked by read_manifest: they stay in folder
+                target = folder / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text)
+            rule_sets.append(load_rules(folder / Path(entry["path"]).name))
+    return rule_sets
+
+
 def load_tuned(directory: str | Path, model: str | torch.nn.Module | None = None):
     """Rebuild the base model, trace and rewrite it as recorded, load the tuner weights.
 
     ``model`` names the base model when the manifest's spec runs code (an import or file spec,
     refused otherwise): a spec string, which replaces the recorded one, or the nn.Module itself (used as
     it is, not copied: the tuned model shares its weights)."""
-    from utune_fx.match import load_rules
 
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -155,17 +170,9 @@ def load_tuned(directory: str | Path, model: str | torch.nn.Module | None = None
         raise UtuneError(f"{tensors_path} is missing; the directory is not a complete tuned artifact")
     if file_sha256(tensors_path) != manifest["tensors_sha256"]:
         raise UtuneError(f"{tensors_path} does not match the sha256 in {MANIFEST}; the file was changed or damaged")
-    rule_sets = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for index, entry in enumerate(manifest["rules"]):
-            folder = Path(scratch) / str(index)
-            for name, text in entry["sources"].items():  # names checked by read_manifest: they stay in folder
-                target = folder / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(text)
-            rule_sets.append(load_rules(folder / Path(entry["path"]).name))
-        source = TunedSource(spec, manifest["input_shapes"], manifest["frontend"])
-        result = build_tuned(source, rule_sets, module=model if isinstance(model, torch.nn.Module) else None)
+    source = TunedSource(spec, manifest["input_shapes"], manifest["frontend"])
+    module = model if isinstance(model, torch.nn.Module) else None
+    result = build_tuned(source, rules_from_entries(manifest["rules"]), module=module)
     if base_sha256(result.module) != manifest["base_sha256"]:
         raise UtuneError(
             f"{directory}: the base model {spec} now has other weights than the ones it "

@@ -282,19 +282,31 @@ def splice_plan(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> tuple[li
     return (splices if not refused else []), refused
 
 
-def install(model: nn.Module, tuners: nn.Module, splices: list[Splice]) -> list:
-    """Register ``tuners`` as ``model.utune`` and hook every splice; returns the hook handles."""
+def uninstall(model: nn.Module) -> None:
+    """Remove every splice hook, found by type: handles do not survive pickling."""
+    for module in model.modules():
+        for hooks, extras in (
+            (module._forward_hooks, (module._forward_hooks_with_kwargs, module._forward_hooks_always_called)),
+            (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+        ):
+            for key in [k for k, hook in hooks.items() if isinstance(hook, (_AddTuner, _Keep))]:
+                del hooks[key]
+                for extra in extras:
+                    extra.pop(key, None)
+
+
+def install(model: nn.Module, tuners: nn.Module, splices: list[Splice]) -> None:
+    """Register ``tuners`` as ``model.utune`` and hook every splice (``uninstall`` removes them)."""
     model.add_module("utune", tuners)
-    carry, handles = _Carry(), []
+    carry = _Carry()
     for splice in splices:
         tuner = model.get_submodule(splice.tuner)
         if splice.reads.module != splice.writes.module:
             source = model.get_submodule(splice.reads.module)
             keep = _Keep(carry, splice.reads, splice.tuner)
             if splice.reads.side == "input":
-                handles.append(source.register_forward_pre_hook(keep, with_kwargs=True))
+                source.register_forward_pre_hook(keep, with_kwargs=True)
             else:
-                handles.append(source.register_forward_hook(keep, with_kwargs=True))
+                source.register_forward_hook(keep, with_kwargs=True)
         target = model.get_submodule(splice.writes.module)
-        handles.append(target.register_forward_hook(_AddTuner(tuner, splice, carry), with_kwargs=True))
-    return handles
+        target.register_forward_hook(_AddTuner(tuner, splice, carry), with_kwargs=True)
