@@ -360,3 +360,29 @@ def test_a_tuned_model_deep_copies_and_pickles_and_folds_after_unpickling(tmp_pa
     folded = utune_fx.fold(restored)  # the graph is traced and rewritten again, with the trained tuners
     assert not hasattr(folded, "utune")
     torch.testing.assert_close(_logits(folded, 12), expected, **TOL)
+
+
+def test_a_tuned_token_model_exports_with_dynamic_batch_and_sequence_axes(tmp_path):
+    import onnx
+    import onnxruntime
+
+    from utune_fx.export import export_onnx
+
+    torch.manual_seed(0)
+    model = utune_fx.tune(_gpt2(), "dual_utuner")
+    _move_off_identity(model)
+    model.eval()
+    result = export_onnx(model, (_ids(2, 8, seed=1),), tmp_path / "gpt2.onnx")
+    lengths = {length for check in result.parity.checks for length in check.sequence_lengths}
+    assert len(lengths) >= 2 and all(check.passed for check in result.parity.checks)
+    (ids_input,) = onnx.load(str(tmp_path / "gpt2.onnx")).graph.input
+    assert all(dim.dim_param for dim in ids_input.type.tensor_type.shape.dim)  # batch and sequence symbolic
+    session = onnxruntime.InferenceSession(str(tmp_path / "gpt2.onnx"), providers=["CPUExecutionProvider"])
+    ids = _ids(3, 21, seed=2)  # neither length the export verified
+    (logits, *_) = session.run(None, {ids_input.name: ids.numpy()})
+    torch.testing.assert_close(torch.from_numpy(logits), _logits_of(model, ids), **TOL)
+
+
+def _logits_of(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
