@@ -114,12 +114,23 @@ def _move_off_identity(model, seed: int = 3) -> None:
                 parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
 
 
-@pytest.mark.parametrize("name", sorted(CAUSAL))
-def test_lora_trains_with_trainer_saves_loads_folds_and_reloads_with_from_pretrained(name, tmp_path):
+def _tuned_with_base(name: str, rules: str):
+    """A freshly built model, tuned, and a copy of its frozen weights (to build the same base again)."""
     torch.manual_seed(0)
     model = CAUSAL[name]()
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    tuned = utune_fx.tune(model, "lora")
+    return utune_fx.tune(model, rules), base_state
+
+
+def _base(name: str, state: dict):
+    model = CAUSAL[name]()
+    model.load_state_dict(state)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(CAUSAL))
+def test_lora_trains_with_trainer_saves_loads_folds_and_reloads_with_from_pretrained(name, tmp_path):
+    tuned, base_state = _tuned_with_base(name, "lora")
     before = {n: p.detach().clone() for n, p in tuned.named_parameters() if p.requires_grad}
     _trainer_steps(tuned, tmp_path)
     moved = [n for n, p in tuned.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
@@ -127,9 +138,7 @@ def test_lora_trains_with_trainer_saves_loads_folds_and_reloads_with_from_pretra
     expected = {length: _logits(tuned, length) for length in LENGTHS}
 
     utune_fx.save_tuners(tuned, tmp_path / "tuners")
-    fresh = CAUSAL[name]()
-    fresh.load_state_dict(base_state)
-    loaded = utune_fx.load_tuners(fresh, tmp_path / "tuners").eval()
+    loaded = utune_fx.load_tuners(_base(name, base_state), tmp_path / "tuners").eval()
     for length in LENGTHS:
         assert torch.equal(_logits(loaded, length), expected[length])
 
@@ -146,24 +155,17 @@ def test_lora_trains_with_trainer_saves_loads_folds_and_reloads_with_from_pretra
 
 
 def _frozen_logits(state: dict, name: str, length: int) -> torch.Tensor:
-    model = CAUSAL[name]()
-    model.load_state_dict(state)
-    return _logits(model.eval(), length)
+    return _logits(_base(name, state).eval(), length)
 
 
 @pytest.mark.parametrize("name", sorted(CAUSAL))
 def test_the_dual_u_tuner_trains_saves_and_loads_and_fold_refuses_it_with_the_reason(name, tmp_path):
-    torch.manual_seed(0)
-    model = CAUSAL[name]()
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    tuned = utune_fx.tune(model, "dual_utuner")
+    tuned, base_state = _tuned_with_base(name, "dual_utuner")
     _trainer_steps(tuned, tmp_path)
     expected = _logits(tuned, 16)
     assert not torch.allclose(expected, _frozen_logits(base_state, name, 16))
     utune_fx.save_tuners(tuned, tmp_path / "tuners")
-    fresh = CAUSAL[name]()
-    fresh.load_state_dict(base_state)
-    assert torch.equal(_logits(utune_fx.load_tuners(fresh, tmp_path / "tuners").eval(), 16), expected)
+    assert torch.equal(_logits(utune_fx.load_tuners(_base(name, base_state), tmp_path / "tuners").eval(), 16), expected)
     with pytest.raises(UtuneError, match="cannot fold rule 'mha' .*ReLU makes U\\(x\\) nonlinear"):
         utune_fx.fold(tuned)
     assert torch.equal(_logits(tuned, 16), expected)  # refused before anything was written: still tuned
@@ -309,6 +311,8 @@ def test_refusals_are_one_line():
         utune_fx.fold(_gpt2())
     with pytest.raises(UtuneError, match="cannot make example inputs"):
         utune_fx.tune(torch.nn.Linear(3, 3), "lora")
+    with pytest.raises(UtuneError, match="Sequential at the top: its forward runs every child"):
+        utune_fx.tune(torch.nn.Sequential(torch.nn.Linear(3, 3)), "lora", torch.randn(2, 3))
     with pytest.raises(UtuneError, match="example_inputs names"):
         utune_fx.tune(_gpt2(), "lora", {"attention_mask": torch.ones(2, 8, dtype=torch.long)})
 

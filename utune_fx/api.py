@@ -122,6 +122,11 @@ def tune(model: nn.Module, rules: Any, example_inputs: Any = None, seed: int = 0
 
     if hasattr(model, _STATE):
         raise UtuneError(f"{type(model).__name__} is tuned already; fold it, or tune a fresh copy")
+    if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):  # it would call its new child
+        raise UtuneError(
+            f"{type(model).__name__} at the top: its forward runs every child, tuners too; "
+            "tune a module that holds it (class Net(nn.Module) with self.body = the Sequential)"
+        )
     if hasattr(model, "utune"):
         raise UtuneError(f"{type(model).__name__} has an attribute 'utune', where the tuners would go")
     rule_sets = _rule_sets(rules)
