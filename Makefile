@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "utune_fx needs Python >= 3.11, found " + sys.version.split()[0]'
@@ -36,6 +36,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/trace_depth.py
+
+# The GPU proof (README "GPU check"): one GPU, under 8 minutes, random weights, no downloads; never part of
+# `make test`. It stops at once, in one line, without a CUDA device. Extra options: GPU_CHECK_ARGS="--out F".
+GPU_CHECK_ARGS ?=
+
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --device cuda $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV)
