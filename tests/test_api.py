@@ -390,3 +390,15 @@ def test_a_tuned_token_model_exports_with_dynamic_batch_and_sequence_axes(tmp_pa
 def _logits_of(model, ids):
     with torch.no_grad():
         return model(ids).logits
+
+
+def test_a_model_in_training_mode_is_tuned_in_place_and_its_batch_norm_statistics_stay():
+    import timm
+
+    model = timm.create_model("resnet18", num_classes=3)  # timm returns it in training mode
+    statistics = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    tuned = utune_fx.tune(model, "lora", torch.randn(2, 3, 32, 32))
+    assert tuned is model and model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in statistics.items())
+    block_convs = [n for n, m in model.named_modules() if n.startswith("layer") and isinstance(m, torch.nn.Conv2d)]
+    assert sorted(s.writes.module for s in model._utune_state.splices) == sorted(block_convs)  # 16 + 3 shortcuts

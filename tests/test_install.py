@@ -102,6 +102,12 @@ def test_wheel_runs_from_a_fresh_environment_in_another_directory(wheel, tmp_pat
         [script, "match", "timm:resnet18", "--input-shape", "2,3,32,32", "--rules", "lora"], elsewhere, env
     )
     assert "total: 20 region(s)" in matched
+    tune = (
+        "import utune_fx, timm, torch; m = timm.create_model('resnet18', num_classes=3); "
+        "t = utune_fx.tune(m, 'lora', torch.randn(2, 3, 32, 32)); "
+        "print(t is m, type(t).__name__, utune_fx.trainable_parameters(t)[0] > 0)"
+    )
+    assert _checked([python, "-c", tune], elsewhere, env).split() == ["True", "ResNet", "True"]
 
 
 def test_every_shipped_rule_file_loads_by_name_from_another_directory(tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from utune_fx.errors import UtuneError
-from utune_fx.rewrite.splice import Splice, install, splice_plan, uninstall
+from utune_fx.rewrite.splice import Splice, inference, install, splice_plan, uninstall
 
 __all__ = ["fold", "load_tuners", "print_trainable_parameters", "save_tuners", "trainable_parameters", "tune"]
 
@@ -179,12 +179,10 @@ def _install_checked(model: nn.Module, state: TunedState, gm: nn.Module, inputs:
     tuners = [p for name, p in gm.named_parameters() if name.startswith("utune.")]
     saved = [p.detach().clone() for p in tuners]
     generator = torch.Generator().manual_seed(1)
-    was_training = model.training
     try:
-        with torch.no_grad():
+        with torch.no_grad(), inference(model, gm):
             for p in tuners:
                 p.add_(0.05 * torch.randn(p.shape, generator=generator).to(p))
-            model.eval()
             graph = _outputs(gm(*inputs))
             install(model, gm.utune, state.splices)
             eager = _outputs(model(*inputs))
@@ -192,7 +190,6 @@ def _install_checked(model: nn.Module, state: TunedState, gm: nn.Module, inputs:
         with torch.no_grad():
             for p, value in zip(tuners, saved):
                 p.copy_(value)
-        model.train(was_training)
     for a, b in zip(eager, graph):
         scale = b.abs().max().item() or 1.0
         if a.shape != b.shape or (a - b).abs().max().item() > _CHECK.get(b.dtype, 1e-4) * scale:
