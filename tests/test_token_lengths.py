@@ -78,6 +78,8 @@ def test_token_inputs_are_integer_or_bool_rank_2_inputs_not_following_a_float_in
     assert token_inputs((ids, mask, torch.zeros(2, 5, dtype=torch.int64))) == [True, True, True]
     assert token_inputs((torch.randn(2, 400), torch.ones(2, 400, dtype=torch.int64))) == [False, False]  # audio
     assert token_inputs((torch.randn(2, 3, 32, 32), torch.zeros(2, 3, 4, dtype=torch.int64))) == [False, False]
+    features, mask = torch.randn(2, 80, 300), torch.ones(2, 80, dtype=torch.int64)  # Whisper's: mel bins, not tokens
+    assert token_inputs((features, mask, ids)) == [False, False, True]
 
 
 # -- (a) the frozen graph follows the eager model at every length ---------------------------------

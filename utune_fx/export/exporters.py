@@ -4,7 +4,7 @@
         forward(x, w1, w2) == module(x) with parameters w1, w2 replaced   (torch.func.functional_call)
         returns a flat tuple of the output tensors (dicts, dataclasses and nesting flattened)
 
-    export_dynamo(...)       torch.export + onnxscript (torch.onnx.export(dynamo=True)); batch, sequence as torch.export.Dim
+    export_dynamo(...)       torch.export + onnxscript (torch.onnx.export(dynamo=True)); axes as torch.export.Dim
     export_torchscript(...)  the TorchScript tracer (torch.onnx.export(dynamo=False)); the same axes as dynamic_axes
         -> onnx.ModelProto, weights in memory; onnx_export.py decides where they are written
 

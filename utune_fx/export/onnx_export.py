@@ -17,8 +17,8 @@ write into a staging folder beside ``path``; onnx.checker (path form, so externa
 ONNX Runtime against PyTorch at batch 1 and 4, and for token inputs at two lengths (verify.py; the
 tuner inputs are fed the module's own values); only then os.replace into ``path``. In ``auto`` mode an
 export that does not verify also falls back; when every exporter fails with a dynamic sequence axis, the
-export is tried again at the example's lengths. A failure of every exporter is one UtuneError naming the op without a translation when the
-exporters' errors name one.
+export is tried again at the example's lengths. A failure of every exporter is one UtuneError naming
+the op without a translation when the exporters' errors name one.
 """
 
 from __future__ import annotations
@@ -206,9 +206,10 @@ def export_onnx(
     batch_sizes: Sequence[int] = (1, 4),
 ) -> ExportResult:
     """Export ``module`` to ``path`` with a dynamic batch axis (dim 0 of the batched inputs and of every
-    output) and a dynamic sequence axis on token inputs where the module allows it; with ``verify`` the file is put in place only once ONNX Runtime matches PyTorch at
-    ``batch_sizes``. ``tuner_names``: parameters that become graph inputs (fixed shapes) named as the
-    parameters. Weights go to ``<path>.data`` when the model would exceed ``external_data_threshold``."""
+    output) and a dynamic sequence axis on token inputs where the module allows it; with ``verify`` the
+    file is put in place only once ONNX Runtime matches PyTorch at ``batch_sizes`` (and two lengths).
+    ``tuner_names``: parameters that become graph inputs (fixed shapes) named as the parameters.
+    Weights go to ``<path>.data`` when the model would exceed ``external_data_threshold``."""
     path = Path(path)
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     tuner_names = list(tuner_names or [])

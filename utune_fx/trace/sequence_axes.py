@@ -2,11 +2,12 @@
 
     token_inputs((input_ids[2, 8], attention_mask[2, 8]))          -> [True, True]
     token_inputs((input_values[2, 400] float, attention_mask[2, 400])) -> [False, False]  (audio samples)
+    token_inputs((input_features[2, 80, 3000], attention_mask[2, 80]))  -> [False, False]  (mel bins)
     token_inputs((pixel_values[2, 3, 64, 64],))                    -> [False]
 
 The rule: axis 1 of every integer or bool input of rank 2 (token ids, and the masks, token types and
-positions beside them) is a sequence axis, unless a floating-point input of rank 2 has the same size
-there (the mask then counts audio samples or patches, not tokens). The torch.export front end traces
+positions beside them) is a sequence axis, unless a floating-point input has the same size on its axis 1
+(the mask then counts what that input holds, audio samples or mel bins, not tokens). The torch.export front end traces
 those axes as dynamic (one symbol per distinct length torch.export infers: an encoder's and a decoder's
 tokens stay apart), the ONNX export marks them dynamic and verifies at two lengths
 (:func:`longer_by` makes the second). When torch.export specialises a sequence axis (the model
@@ -28,7 +29,7 @@ SEQUENCE_DIM = 1
 def token_inputs(inputs: Sequence[object]) -> list[bool]:
     """Which inputs carry tokens on axis 1 (see the module docstring)."""
     tensors = [x if isinstance(x, torch.Tensor) else None for x in inputs]
-    float_lengths = {x.shape[SEQUENCE_DIM] for x in tensors if x is not None and x.dim() == 2 and x.is_floating_point()}
+    float_lengths = {x.shape[SEQUENCE_DIM] for x in tensors if x is not None and x.dim() >= 2 and x.is_floating_point()}
     return [
         x is not None
         and x.dim() == 2
