@@ -3,6 +3,9 @@
 python cli.py train DIR_OR_MODEL [--rules FILE ...] --data SPEC -o OUT [--epochs N --lr X ...] [--resume]
                    [--tokenizer DIR --max-length N]   (text data: train/text.py)
                                                a training run (train/session.py, train/rundir.py)
+torchrun --nproc-per-node N cli.py train ... [--fsdp]
+                                               the same run in N processes (train/distributed.py,
+                                               train/parallel.py); rank 0 writes and prints
 python cli.py eval DIR [--data SPEC] [--split test|val] [--tokenizer DIR]
                                                accuracy, per-class accuracy, confusion matrix
                                                (a causal LM: loss, perplexity, token accuracy)
@@ -11,12 +14,14 @@ python cli.py eval DIR [--data SPEC] [--split test|val] [--tokenizer DIR]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 from rich.console import Console
 
 from utune_fx.cli_deploy import add_base_model_flag
 from utune_fx.cli_support import add_model_arguments, add_output_flags, print_json
+from utune_fx.errors import UtuneError
 
 
 def add_training_commands(commands, rules_help: str) -> None:
@@ -65,27 +70,71 @@ def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from utune_fx.train import TrainConfig
-    from utune_fx.train.rundir import open_run
     from utune_fx.train.session import cli_settings
 
     config = TrainConfig(**{name: getattr(args, name) for name in TrainConfig.help()})  # checked (device too) first
     out = Path(args.output)
     settings = cli_settings(args, config)
-    # before any work: OUT locked for this run, a killed swap repaired, --resume held to the run's settings
-    with open_run(out, args.resume, settings) as notices:
+    processes = _join_processes(config)
+    try:
+        with _run_directory(out, args.resume, settings, processes):
+            summary = _train_locked(args, config, out, settings, processes.is_main)
+    finally:
+        from utune_fx.train.distributed import stop_processes
+
+        stop_processes()
+    return _print_summary(args, out, summary) if processes.is_main else 0
+
+
+def _join_processes(config):
+    """This process among torchrun's (one process without it). A refusal here (a global batch that does not
+    divide by the processes, a device) is the same on every rank: rank 0 says it, the others exit quietly."""
+    import time
+
+    from utune_fx.errors import EXIT_USER_ERROR
+    from utune_fx.train.distributed import launched_world, start_processes
+
+    try:
+        return start_processes(config)
+    except UtuneError as error:
+        if launched_world()[0] != 0:
+            # torchrun stops every process once one exits: leave rank 0 the time to print the line and be
+            # the first to exit, so that its exit code 2 is the one torchrun reports as the root cause
+            time.sleep(_QUIET_RANK_DELAY)
+            raise SystemExit(getattr(error, "exit_code", EXIT_USER_ERROR)) from None
+        raise
+
+
+_QUIET_RANK_DELAY = 3.0  # seconds
+
+
+@contextlib.contextmanager
+def _run_directory(out, resume: bool, settings: dict, processes):
+    """Rank 0 (the only process without torchrun) locks OUT for the run, repairs what a kill left and holds
+    --resume to the run's settings, before any work; the other ranks wait for that, then write nothing."""
+    from utune_fx.train.rundir import open_run
+
+    if not processes.is_main:
+        processes.barrier()
+        yield
+        return
+    with open_run(out, resume, settings) as notices:
         for notice in notices:
             Console(stderr=True).print(f"resuming {out} with {notice}", soft_wrap=True)
-        summary = _train_locked(args, config, out, settings)
-    return _print_summary(args, out, summary)
+        if settings.get("fsdp") and not processes.active:
+            Console(stderr=True).print("--fsdp shards over torchrun's processes; one process trains as is")
+        processes.barrier()
+        yield
 
 
-def _train_locked(args: argparse.Namespace, config, out, settings: dict) -> dict:
-    """Build the model, read the data, train: what runs while OUT is locked."""
+def _train_locked(args: argparse.Namespace, config, out, settings: dict, main: bool = True) -> dict:
+    """Build the model, read the data, train: what runs while OUT is locked (``main``: the process that
+    writes and prints, rank 0 under torchrun)."""
     from utune_fx.train.session import load_splits, run_training, tuned_model
     from utune_fx.train.split import SELECTION, split_record, write_split
     from utune_fx.train.text import prepare_text
 
-    status = Console(stderr=True)
+    status = Console(stderr=True, quiet=not main)
     tokenizer, text_length = prepare_text(args.data, args.tokenizer, args.max_length)  # before the model
     with status.status(f"building {args.model}"):
         result = tuned_model(
@@ -115,10 +164,10 @@ def _train_locked(args: argparse.Namespace, config, out, settings: dict) -> dict
             tokenizer=tokenizer,
             max_length=args.max_length,
         )
-    selection = {name: getattr(args, name) for name in SELECTION}
-    record = split_record(args.data, selection, splits, args.tokenizer)
-    write_split(out, record, args.resume)  # eval --split val reads it
-    if not args.json:
+    if main:
+        selection = {name: getattr(args, name) for name in SELECTION}
+        write_split(out, split_record(args.data, selection, splits, args.tokenizer), args.resume)  # eval reads it
+    if main and not args.json:
         from utune_fx.rewrite.report import render_rewrite
 
         render_rewrite(result, result.source.model, Console(width=max(Console().width, 120)))
@@ -149,7 +198,9 @@ def _print_summary(args: argparse.Namespace, out, summary: dict) -> int:
     )
     print(
         f"{summary['trainable_parameters']:,} trainable parameters, {summary['wall_seconds']:.1f} s "
-        f"({summary['seconds_per_epoch']:.1f} s/epoch) on {summary['device']}, "
+        f"({summary['seconds_per_epoch']:.1f} s/epoch) on {summary['device']}"
+        + (f" x {summary['world_size']} processes" if summary.get("world_size", 1) > 1 else "")
+        + ", "
         f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB"
     )
     print(f"wrote {out}/ (tuned/, checkpoint/, split.json, metrics.jsonl, summary.json, curves.png)")

@@ -17,7 +17,10 @@ MAX_SEED = 2**32 - 1  # seeds feed torch and numpy generators, which take 64 (nu
 @dataclass
 class TrainConfig:
     epochs: int = field(default=10, metadata={"help": "passes over the training images"})
-    batch_size: int = field(default=32, metadata={"help": "images per optimizer step (before accumulation)"})
+    batch_size: int = field(
+        default=32,
+        metadata={"help": "images per optimizer step (before accumulation); under torchrun the global batch"},
+    )
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     optimizer: str = field(default="adamw", metadata={"help": "adamw or sgd (momentum 0.9)"})
     weight_decay: float = field(
@@ -33,6 +36,13 @@ class TrainConfig:
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA)"})
     workers: int = field(default=0, metadata={"help": "data loader worker processes"})
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "under torchrun: shard the frozen weights over the processes (FSDP2) instead of copying "
+            "the model to each (DDP); the tuners stay whole on every process"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seeds the data order, augmentation and tuner dropout"})
 
     def __post_init__(self) -> None:

@@ -9,6 +9,11 @@
 Every random draw depends on (seed, epoch, image index) or on RNG state the checkpoint
 keeps, so a run interrupted at any step and resumed ends with the same weights as one
 that ran through.
+
+Under torchrun (distributed.py, parallel.py) every rank runs this loop on its share of each global
+batch; a batch's loss is summed per rank and divided by the whole batch's count, so the averaged
+gradient is the single process's. Metrics are summed over the ranks, evaluation is sharded the same
+way, and only rank 0 writes (checkpoint, metrics, summary, curves) and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ from utune_fx.trace.annotate import set_training
 from utune_fx.train.checkpoint import check_progress, load_checkpoint, save_checkpoint
 from utune_fx.train.config import TrainConfig
 from utune_fx.train.devices import resolve_device
+from utune_fx.train.distributed import current_processes, start_processes
 from utune_fx.train.optim import create_optimizer, create_schedule
 from utune_fx.train.outputs import model_logits
+from utune_fx.train.parallel import parallelize
 from utune_fx.train.progress import EpochProgress
 from utune_fx.train.rundir import CHECKPOINT, METRICS, SUMMARY, compare_settings, config_settings, open_run
 from utune_fx.train.tasks import CLASSIFICATION
@@ -68,7 +75,7 @@ class Interrupt:
 
 
 def pick_device(config: TrainConfig) -> torch.device:
-    return resolve_device(config.device)
+    return resolve_device(config.device)  # one process; a rank's device: distributed.rank_device
 
 
 def _autocast(device: torch.device, config: TrainConfig):
@@ -92,18 +99,31 @@ def _batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int
 def evaluate(
     module: nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device, task=CLASSIFICATION
 ) -> dict:
-    """Loss and accuracy (per example, or per predicted token; perplexity too for a causal LM: tasks.py)."""
+    """Loss and accuracy (per example, or per predicted token; perplexity too for a causal LM: tasks.py).
+    Under torchrun each rank measures its share of every batch and the sums are added up: the counts
+    are the single process's exactly, the loss up to float rounding."""
+    processes = current_processes(device)
     set_training(module, False)  # not eval(): graphs of the torch.export front end refuse it
+    size = config.batch_size * 2
+    shares = [processes.share(list(range(i, min(i + size, len(dataset))))) for i in range(0, len(dataset), size)]
     loader = DataLoader(
-        dataset, batch_size=config.batch_size * 2, num_workers=config.workers, generator=torch.Generator()
+        dataset,
+        batch_sampler=[indices for indices, _ in shares],
+        num_workers=config.workers,
+        generator=torch.Generator(),
     )  # leaves the global RNG to training
     loss = correct = targets = 0
-    for inputs, labels in loader:
+    for (inputs, labels), (_, weight) in zip(loader, shares):
         with _autocast(device, config):
             logits = model_logits(module, inputs, device)
         batch_loss, batch_correct, batch_targets = task.sums(logits, labels.to(device))
-        loss, correct, targets = loss + batch_loss, correct + batch_correct, targets + batch_targets
-    return task.metrics(loss, correct, targets)
+        loss, correct, targets = (
+            loss + weight * batch_loss,
+            correct + weight * batch_correct,
+            targets + weight * batch_targets,
+        )
+    loss, correct, targets = processes.sum([loss, correct, targets])
+    return task.metrics(loss, round(correct), round(targets))
 
 
 def train(
@@ -123,63 +143,77 @@ def train(
     (model, rules, data selection) join the TrainConfig in what the checkpoint records and --resume holds to;
     ``finish(summary)`` runs after training and before summary.json is written (the session saves tuned/
     there, so summary.json, written last, never describes a result that is not on disk). ``task`` (tasks.py)
-    says what the loss and accuracy are: classes, or the next token of a causal language model."""
+    says what the loss and accuracy are: classes, or the next token of a causal language model.
+    Under torchrun every rank calls it with the same arguments; rank 0 alone holds the run directory and
+    writes it, ``finish`` runs there only, and every rank returns the summary. With ``config.fsdp`` the
+    module's frozen weights stay sharded afterwards (parallel.py)."""
+    processes = start_processes(config)
+    arguments = (module, train_set, val_set, config, out, resume, test_set, settings, finish, task, processes)
+    if not processes.is_main:
+        processes.barrier()  # rank 0 has locked the run and repaired what a kill left before anyone reads it
+        return _train_locked(*arguments)
     with open_run(out, resume, None):  # one writer per run directory (nests inside the CLI's hold)
-        return _train_locked(module, train_set, val_set, config, out, resume, test_set, settings, finish, task)
+        processes.barrier()
+        return _train_locked(*arguments)
 
 
-def _train_locked(module, train_set, val_set, config, out, resume, test_set, settings, finish, task) -> dict:
+def _train_locked(module, train_set, val_set, config, out, resume, test_set, settings, finish, task, processes):
     from utune_fx.train.plots import plot_curves
 
-    device = pick_device(config)
-    module.to(device)
-    if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in module.modules()):
-        module.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+    device, writes = processes.device, processes.is_main
     torch.manual_seed(config.seed)
     random.seed(config.seed)
+    parallel = parallelize(module, processes, device, config.fsdp and processes.active, config.compile)
     optimizer = create_optimizer(module, config)
     per_epoch = math.ceil(math.ceil(len(train_set) / config.batch_size) / config.accumulate)
     schedule = create_schedule(optimizer, round(config.warmup_epochs * per_epoch), config.epochs * per_epoch)
     progress = {"epoch": 0, "step": 0, "history": [], "seconds": 0.0}
     settings = config_settings(config) | (settings or {})
     data = {"train_images": len(train_set), "steps_per_epoch": per_epoch}
-    if resume:
+    if resume:  # every rank reads the checkpoint: tuner weights and optimizer state are whole on each
         state = load_checkpoint(out / CHECKPOINT, module, optimizer, schedule)
         recorded = state["settings"]
         compare_settings(out, {k: recorded.get(k) for k in settings}, settings, state["progress"]["epoch"])
         check_progress(out / CHECKPOINT, state, len(train_set), per_epoch)
         progress, settings = state["progress"], recorded | settings
-        _write_metrics(out, progress["history"])  # a kill after the checkpoint and before the metrics
-    runner = torch.compile(module) if config.compile else module
+        if writes:
+            _write_metrics(out, progress["history"])  # a kill after the checkpoint and before the metrics
     seeded = SeededImages(train_set, config.seed)
     interrupt = Interrupt()
     previous = signal.signal(signal.SIGINT, interrupt)
     started = time.perf_counter() - progress["seconds"]
+
+    def checkpoint() -> None:
+        if writes:
+            save_checkpoint(out / CHECKPOINT, module, optimizer, schedule, progress, settings, data)
+        processes.barrier()  # no rank ends (and has torchrun stop the others) while rank 0 writes
+
     try:
         while progress["epoch"] < config.epochs:
-            stopped = _train_epoch(
-                runner, module, seeded, optimizer, schedule, config, device, progress, interrupt, task
-            )
+            stopped = _train_epoch(parallel, module, seeded, optimizer, schedule, config, progress, interrupt, task)
             progress["seconds"] = time.perf_counter() - started
             if stopped:
-                save_checkpoint(out / CHECKPOINT, module, optimizer, schedule, progress, settings, data)
+                checkpoint()
                 raise KeyboardInterrupt
             row = progress.pop("running")
             if val_set is not None:
-                row |= {f"val_{k}": v for k, v in evaluate(runner, val_set, config, device, task).items()}
+                row |= {f"val_{k}": v for k, v in evaluate(parallel.runner, val_set, config, device, task).items()}
             progress["history"].append(row)
             progress["epoch"], progress["step"] = progress["epoch"] + 1, 0
-            save_checkpoint(out / CHECKPOINT, module, optimizer, schedule, progress, settings, data)
-            _write_metrics(out, progress["history"])
+            checkpoint()
+            if writes:
+                _write_metrics(out, progress["history"])
     finally:
         signal.signal(signal.SIGINT, previous)
-    summary = _summary(module, progress, device)
+    summary = _summary(module, progress, device) | {"world_size": processes.world_size}
     if test_set is not None:
-        summary["test_accuracy"] = evaluate(runner, test_set, config, device, task)["accuracy"]
-    if finish is not None:
-        finish(summary)
-    write_text(out / SUMMARY, json.dumps(summary, indent=1))
-    plot_curves(progress["history"], out / "curves.png")
+        summary["test_accuracy"] = evaluate(parallel.runner, test_set, config, device, task)["accuracy"]
+    if writes:
+        if finish is not None:
+            finish(summary)
+        write_text(out / SUMMARY, json.dumps(summary, indent=1))
+        plot_curves(progress["history"], out / "curves.png")
+    processes.barrier()  # the run directory is complete before any rank returns
     return summary
 
 
@@ -188,8 +222,9 @@ def _write_metrics(out: Path, history: list[dict]) -> None:
     write_text(out / METRICS, "".join(json.dumps(row) + "\n" for row in history))
 
 
-def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, progress, interrupt, task) -> bool:
+def _train_epoch(parallel, module, seeded, optimizer, schedule, config, progress, interrupt, task) -> bool:
     """One epoch from ``progress['step']``; returns True when Ctrl-C asked to stop (at a step boundary)."""
+    processes = parallel.processes
     set_training(module, True)
     freeze_frozen_norm_statistics(module)
     seeded.epoch = progress["epoch"]
@@ -200,41 +235,42 @@ def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, pr
         {"epoch": progress["epoch"] + 1, "train_loss": 0.0, "train_accuracy": 0.0, "images": 0, "seconds": 0.0},
     )
     running.setdefault("targets", running["images"])  # what accuracy counts: examples, or predicted tokens
-    bar = EpochProgress(progress["epoch"] + 1, config.epochs, sum(map(len, batches)))
+    bar = EpochProgress(progress["epoch"] + 1, config.epochs, sum(map(len, batches)), enabled=processes.is_main)
     bar.advance(sum(len(b) for group in groups[: progress["step"]] for b in group))
     remaining = groups[progress["step"] :]
+    shares = [[processes.share(batch) for batch in group] for group in remaining]  # all of a batch: one process
     # one loader per epoch (workers start once); items are seeded per image, so prefetching changes nothing;
     # its own generator keeps it from drawing on the global RNG, which dropout uses and the checkpoint keeps
     loader = iter(
         DataLoader(
             seeded,
-            batch_sampler=[b for group in remaining for b in group],
+            batch_sampler=[indices for group in shares for indices, _ in group],
             num_workers=config.workers,
             generator=torch.Generator().manual_seed(config.seed),
         )
     )
     trainable = [p for p in module.parameters() if p.requires_grad]
     with bar:
-        for group in remaining:
+        for group, group_shares in zip(remaining, shares):
             tic = time.perf_counter()
             total = sum(len(b) for b in group)
-            for _ in group:
+            processes.seed_dropout(config.seed, progress["epoch"], progress["step"])
+            for index, (batch, (_, weight)) in enumerate(zip(group, group_shares)):
                 inputs, labels = next(loader)
-                labels = labels.to(device)
-                with _autocast(device, config):
-                    logits = model_logits(runner, inputs, device)
-                loss = task.loss(logits, labels, config.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise UtuneError(
-                        f"the training loss is {loss.item()} at epoch {progress['epoch'] + 1}, step "
-                        f"{progress['step'] + 1}: training diverged; lower --lr (now {config.lr:g})"
+                with parallel.micro_batch(last=index == len(group) - 1):
+                    loss, correct, targets = _backward(
+                        parallel, inputs, labels, len(batch) / total, weight, config, task
                     )
-                (loss * len(labels) / total).backward()
-                running["train_loss"] += loss.item() * len(labels)
-                correct, targets = task.correct(logits, labels)
+                running["train_loss"] += loss * len(batch)
                 running["train_accuracy"] += correct
                 running["targets"] += targets
-                running["images"] += len(labels)
+                running["images"] += len(batch)
+                if not math.isfinite(loss):
+                    raise UtuneError(
+                        f"the training loss is {loss} at epoch {progress['epoch'] + 1}, step "
+                        f"{progress['step'] + 1}: training diverged; lower --lr (now {config.lr:g})"
+                    )
+            parallel.sync_gradients()
             if config.clip_grad:
                 nn.utils.clip_grad_norm_(trainable, config.clip_grad)
             optimizer.step()
@@ -243,7 +279,7 @@ def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, pr
             progress["step"] += 1
             running["seconds"] += time.perf_counter() - tic
             bar.update(total, running)
-            if interrupt.requested:
+            if processes.any(interrupt.requested):  # every rank stops at the same step
                 return True
     images = max(running["images"], 1)
     running.update(
@@ -253,6 +289,26 @@ def _train_epoch(runner, module, seeded, optimizer, schedule, config, device, pr
         images_per_second=running["images"] / max(running["seconds"], 1e-9),
     )
     return False
+
+
+def _backward(parallel, inputs, labels, share_of_step: float, weight: float, config, task) -> tuple[float, int, int]:
+    """Forward and backward of this rank's share of a batch; returns the whole batch's mean loss, correct
+    predictions and targets (summed over the ranks).
+
+    The gradient is the one a single process takes of (the batch's mean loss) x (the batch's share of the
+    step's items): this rank's summed loss over the count of the whole batch (examples, or predicted tokens,
+    which differ between shares), times the number of ranks, which averaging over the ranks (DDP, or
+    sync_gradients) divides out again. A rank the batch left empty runs with weight 0 and adds nothing."""
+    processes = parallel.processes
+    device = processes.device
+    labels = labels.to(device)
+    with _autocast(device, config):
+        logits = model_logits(parallel.runner, inputs, device)
+    loss_sum, count = task.loss_sum(logits, labels, config.label_smoothing)
+    correct, _ = task.correct(logits, labels)
+    batch_loss, targets, batch_correct = processes.sum([weight * loss_sum.item(), weight * count, weight * correct])
+    (loss_sum * (weight * processes.world_size * share_of_step / max(targets, 1))).backward()
+    return batch_loss / max(targets, 1), round(batch_correct), round(targets)
 
 
 def _summary(module: nn.Module, progress: dict, device: torch.device) -> dict:

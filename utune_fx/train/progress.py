@@ -14,7 +14,7 @@ from rich.progress import (
 
 
 class EpochProgress:
-    def __init__(self, epoch: int, epochs: int, images: int):
+    def __init__(self, epoch: int, epochs: int, images: int, enabled: bool = True):
         self._progress = Progress(
             TextColumn(f"epoch {epoch}/{epochs}"),
             BarColumn(),
@@ -23,6 +23,7 @@ class EpochProgress:
             TimeRemainingColumn(),
             console=Console(stderr=True),
             transient=False,
+            disable=not enabled,  # under torchrun: rank 0 only
         )
         self._task = self._progress.add_task("train", total=images, info="")
 

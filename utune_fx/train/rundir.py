@@ -30,8 +30,9 @@ from utune_fx.train.checkpoint import read_state
 CHECKPOINT, TUNED, SUMMARY, METRICS, LOCK = "checkpoint", "tuned", "summary.json", "metrics.jsonl", ".lock"
 TUNED_TENSORS = "tuners.safetensors"
 # settings a resumed run may take from the command line: they change where and how fast it runs,
-# or (epochs) how long; every other setting changes what the run computes and must stay
-SOUND_TO_CHANGE = ("epochs", "device", "precision", "compile", "workers")
+# or (epochs) how long; every other setting changes what the run computes and must stay (the number of
+# torchrun processes is no setting: --batch-size is the global batch, so any number computes the same)
+SOUND_TO_CHANGE = ("epochs", "device", "precision", "compile", "workers", "fsdp")
 _HELD: dict[Path, int] = {}  # run directories this process holds the lock of (open_run nests: CLI, then train())
 
 
@@ -165,6 +166,8 @@ def compare_settings(out: Path, old: dict, new: dict, epochs_done: int) -> list[
     for name in sorted(set(old) | set(new)):
         before, after = old.get(name), new.get(name)
         if name == "rules" or before == after:  # rule files compare by content (rules_sha256), not by path
+            continue
+        if name not in old and after in (False, None):  # a switch newer than the run (--fsdp), left off
             continue
         if name == "rules_sha256":
             changed.append(f"--rules {_shown(old.get('rules'))} (now {_shown(new.get('rules'))}, other content)")

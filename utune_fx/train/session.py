@@ -20,11 +20,13 @@ from utune_fx.errors import UtuneError
 from utune_fx.rewrite.artifact import (
     TunedSource,
     artifact_directory,
+    base_sha256,
     build_tuned,
     load_tuned,
     save_tuned,
 )
 from utune_fx.trace.annotate import set_training
+from utune_fx.train.distributed import launched_world
 from utune_fx.train.outputs import model_logits, output_logits_shape
 from utune_fx.train.rundir import CHECKPOINT, TUNED, TUNED_TENSORS, check_run_result, config_settings, file_sha256
 
@@ -156,7 +158,10 @@ def run_training(result, splits, config, out: Path, resume: bool, settings: dict
     from utune_fx.train import train
     from utune_fx.train.tasks import task_named
 
-    def finish(summary: dict) -> None:
+    if config.fsdp and launched_world()[0] == 0:  # FSDP leaves the frozen weights sharded (parallel.py): hash
+        result.base_sha256 = base_sha256(result.module)  # them whole, now, for the manifest save_tuned writes
+
+    def finish(summary: dict) -> None:  # rank 0 only
         save_tuned(result, result.rule_sets, result.source, out / TUNED)
         summary["task"], summary["classes"] = splits.task, len(splits.classes)
         summary["tuned_sha256"] = file_sha256(out / TUNED / TUNED_TENSORS)

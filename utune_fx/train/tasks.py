@@ -2,6 +2,8 @@
 
     task = task_named(splits.task)                  # "classification" (images, labelled text) or "causal-lm"
     loss = task.loss(logits, labels, smoothing)     # the mean training loss of a batch
+    loss_sum, targets = task.loss_sum(logits, labels, smoothing)   # its sum and count: a batch split over
+                                                    # processes is weighed by the whole batch's count (loop.py)
     loss_sum, correct, targets = task.sums(logits, labels)   # evaluation: summed, unsmoothed
 
 classification: logits [B, K], labels [B]; cross-entropy, top-1 accuracy; a target is an example.
@@ -27,6 +29,10 @@ class Classification:
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=smoothing)
 
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0):
+        """The summed training loss (a tensor) and how many targets it sums over; loss() is their ratio."""
+        return F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="sum"), len(labels)
+
     def sums(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
         return (F.cross_entropy(logits, labels, reduction="sum").item(), *self.correct(logits, labels))
 
@@ -50,6 +56,11 @@ class CausalLanguageModel(Classification):
         if not (targets != IGNORE).any():  # no token to predict (texts of one token): no gradient, no NaN
             return predictions.sum() * 0.0
         return F.cross_entropy(predictions, targets, ignore_index=IGNORE, label_smoothing=smoothing)
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0):
+        predictions, targets = self._shifted(logits, labels)
+        summed = F.cross_entropy(predictions, targets, ignore_index=IGNORE, label_smoothing=smoothing, reduction="sum")
+        return summed, int((targets != IGNORE).sum().item())  # no token to predict: 0, with a zero gradient
 
     def sums(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
         predictions, targets = self._shifted(logits, labels)
