@@ -14,6 +14,9 @@ submodule fx failed to trace, or a node that hides an attention
 submodule's scope (:mod:`.weight_scopes`).
 The traced graph computes exactly what the model computes for the example
 inputs; branches on ``self.training`` are taken as in eval mode.
+Shapes and dtypes are propagated on the meta device, without computing anything
+(:mod:`.shape_propagation`), so a model built on the meta device traces too;
+``TraceReport.shapes_by`` says whether a fallback (fake tensors, a real forward) was needed.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from torch import fx, nn
 
 from utune_fx.errors import UtuneError, first_line
-from utune_fx.trace.annotate import NodeInfo, annotate, node_info, set_training
+from utune_fx.trace.annotate import SHAPES_KEY, NodeInfo, annotate, node_info, set_training
 from utune_fx.trace.export_frontend import SEQUENCE_KEY, ExportFailure, export_trace, kv_cache_off
 from utune_fx.trace.fx_frontend import FxTraceFailure, OpaqueModule, fx_trace
 from utune_fx.trace.opkinds import OP_KINDS
@@ -50,6 +53,8 @@ class TraceReport:
     fx_failure: str | None = None  # why fx was not used, when export was
     settings: list[str] = field(default_factory=list)  # model settings changed while tracing (use_cache)
     sequence: SequenceAxis | None = None  # export front end, token inputs: dynamic sequence axis, or why fixed
+    shapes_by: str = "meta"  # how annotation got shapes: 'meta' (nothing computed), 'fake' or 'forward'
+    shapes_fallback: str | None = None  # why the meta (and fake) propagation failed, when it did
 
 
 def trace_report(gm: fx.GraphModule) -> TraceReport:
@@ -62,6 +67,15 @@ def _as_inputs(example_inputs: Any) -> tuple[Any, ...]:
 
 def _shape_of(x: Any) -> tuple[int, ...]:
     return tuple(x.shape) if isinstance(x, torch.Tensor) else ()
+
+
+def _on_model_device(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A model built on the meta device reads its example inputs there too (a CPU tensor of token
+    ids cannot index a meta embedding); any other model's inputs are left as they are."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if not tensors or any(t.device.type != "meta" for t in tensors):
+        return inputs
+    return tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
 def check_inputs(model: nn.Module, inputs: Sequence[Any], name: str) -> None:
@@ -84,7 +98,7 @@ def trace(
     if frontend not in ("auto", "fx", "export"):
         raise UtuneError(f"unknown front end {frontend!r}; use auto, fx or export")
     name = name or type(model).__name__
-    inputs = _as_inputs(example_inputs)
+    inputs = _on_model_device(model, _as_inputs(example_inputs))
     started = time.perf_counter()
     was_training = model.training
     model.eval()  # branches on self.training are taken as at inference
@@ -103,6 +117,7 @@ def trace(
         ) from error
     set_training(gm, was_training)
     model.train(was_training)  # the graph shares the model's leaf modules
+    shapes_by, shapes_fallback = gm.meta.pop(SHAPES_KEY)
     report = TraceReport(
         frontend="fx" if fx_result is not None else "export",
         seconds=time.perf_counter() - started,
@@ -112,6 +127,8 @@ def trace(
         fx_failure=fx_failure,
         settings=settings,
         sequence=gm.meta.pop(SEQUENCE_KEY, None),
+        shapes_by=shapes_by,
+        shapes_fallback=shapes_fallback,
     )
     gm.meta[_REPORT_KEY] = report
     return gm

@@ -6,7 +6,9 @@
                  ('blocks.0', '...Block'), ('blocks.0.attn', '...Attention'),
                  ('blocks.0.attn.qkv', '...Linear')), shape=(1, 197, 576), dtype='float32')
 
-Shapes come from one propagation of the example inputs through the graph;
+Shapes come from one propagation of the example inputs through the graph on the
+meta device, computing nothing (:mod:`.shape_propagation`, with fake-tensor and
+real-forward fallbacks);
 scopes from the module stack the front end recorded; kinds from
 :mod:`.opkinds`, :mod:`.composites` (written-out GELU, SiLU, RMSNorm) and
 :mod:`.attention`. Both front ends (fx and torch.export)
@@ -25,9 +27,10 @@ from torch import fx
 from utune_fx.trace import opkinds
 from utune_fx.trace.attention import AttentionInfo, find_softmax_attention, fused_attention_info
 from utune_fx.trace.composites import find_composites
+from utune_fx.trace.shape_propagation import Shape, propagate_shapes
 
 META_KEY = "utune"
-Shape = tuple[int, ...]
+SHAPES_KEY = "utune_shapes_by"  # gm.meta: (method, why cheaper methods failed or None)
 
 
 @dataclass
@@ -101,27 +104,6 @@ def _scope_stack(node: fx.Node, modules: dict[str, torch.nn.Module]) -> tuple[tu
     return tuple((path, class_qualname(cls)) for path, cls in recorded.values() if path)
 
 
-def _shapes(value: object) -> tuple[Shape | None, str | None, tuple[Shape | None, ...]]:
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape), str(value.dtype).removeprefix("torch."), ()
-    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
-        return None, None, tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in value)
-    return None, None, ()
-
-
-class _ShapeRecorder(fx.Interpreter):
-    """Runs the graph once and keeps (shape, dtype) of every node's value."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.shapes: dict[fx.Node, tuple] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        self.shapes[n] = _shapes(result)
-        return result
-
-
 def _op_name(node: fx.Node, module: torch.nn.Module | None) -> str:
     name = opkinds.op_name(node, module)
     if name == "getattr" and len(node.args) > 1 and node.args[1] in ("T", "mT", "H", "mH"):
@@ -135,25 +117,13 @@ def set_training(module: torch.nn.Module, mode: bool) -> None:
         sub.training = mode
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.Node, tuple]:
-    """One run of the example inputs, in eval mode and without gradients, so
-    neither batch-norm statistics nor the user's module state change."""
-    modes = {module: module.training for module in gm.modules()}
-    try:
-        for module in modes:  # not gm.eval(): torch.export's modules refuse it
-            module.training = False
-        recorder = _ShapeRecorder(gm)
-        with torch.no_grad():
-            recorder.run(*example_inputs)
-        return recorder.shapes
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
-def annotate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
-    """Attach a :class:`NodeInfo` to every node of ``gm`` (in place)."""
-    shapes = propagate_shapes(gm, example_inputs)
+def annotate(gm: fx.GraphModule, example_inputs: Sequence[Any], shapes_by: str = "meta") -> fx.GraphModule:
+    """Attach a :class:`NodeInfo` to every node of ``gm`` (in place). Shapes come from
+    :func:`.shape_propagation.propagate_shapes` starting at ``shapes_by`` ('meta', 'fake' or
+    'forward'); ``gm.meta[SHAPES_KEY]`` says which method produced them and why cheaper ones failed."""
+    propagation = propagate_shapes(gm, example_inputs, shapes_by)
+    gm.meta[SHAPES_KEY] = (propagation.method, propagation.fallback_reason)
+    shapes = propagation.shapes
     modules = dict(gm.named_modules())
     kinds: dict[fx.Node, str] = {}
     names: dict[fx.Node, str] = {}

@@ -20,7 +20,8 @@ ops, casts and reductions, whose inner nodes are read by nothing else. Which op 
 (function): the subgraph runs once on a float64 probe and is compared with the references
 below, so any spelling of the same formula is recognised and near-misses are not:
 ``x * sigmoid(y)`` (a gate: two inputs), ``x * sigmoid(2 x)``, a mean of squares over
-another axis, a mean without the square. Casts count as identity in the probe.
+another axis, a mean without the square. Casts count as identity in the probe. A weight on
+the meta device (a model built there) has no values and reads as ones in the probe.
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ class _Finder:
         for node in self._reads(nodes):
             if node.op == "get_attr":
                 value = self._attr(node)
-                values[node] = value.detach().double() if isinstance(value, torch.Tensor) else value
+                values[node] = _probe_weight(value) if isinstance(value, torch.Tensor) else value
         for node in nodes:
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
             if self.spelling[node] in _CASTS:
@@ -268,6 +269,15 @@ class _Finder:
             else:
                 values[node] = node.target(*args, **kwargs)
         return values[nodes[-1]]
+
+
+def _probe_weight(value: torch.Tensor) -> torch.Tensor:
+    """A weight as the probe reads it, in float64; a weight on the meta device has no values (a
+    model built there to be traced without memory), so it reads as ones: the formula is checked,
+    not the weights."""
+    if value.device.type == "meta":
+        return torch.ones(value.shape, dtype=torch.float64)
+    return value.detach().double()
 
 
 def _nonlinear(probe: torch.Tensor, out: torch.Tensor) -> bool:

@@ -9,11 +9,14 @@
 Rules cannot reach the projections inside such a node, so the trace report lists it as opaque (and
 ``auto`` tries torch.export, which sees inside). A module counts when its kind is ``attention``; a
 Python function outside torch counts when its own computation, traced alone on the example values
-(make_fx), holds an attention as :mod:`.attention` defines it: sdpa or softmax(QK^T)V.
+(make_fx), holds an attention as :mod:`.attention` defines it: sdpa or softmax(QK^T)V. The example
+values are meta stand-ins (nothing is computed; see :mod:`.shape_propagation`), real ones only
+where the graph does not run on the meta device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -24,6 +27,7 @@ from torch.utils import _pytree as pytree
 
 from utune_fx.trace.annotate import annotate, node_info
 from utune_fx.trace.opkinds import module_kind
+from utune_fx.trace.shape_propagation import MetaInterpreter, MetaShadow
 
 _LIBRARY_MODULES = frozenset({"torch", "operator", "_operator", "builtins", "math"})
 _MHA_REASON = (
@@ -65,11 +69,12 @@ class _Done(Exception):
     """Every wanted node has been looked at; the rest of the graph need not run."""
 
 
-class _CallRecorder(fx.Interpreter):
-    """Runs the graph on the example inputs and checks each wanted call on the values it receives."""
+class _CallRecorder(MetaInterpreter):
+    """Runs the graph on the example inputs (on meta stand-ins when given a shadow) and checks each
+    wanted call on the values it receives."""
 
-    def __init__(self, gm: fx.GraphModule, wanted: list[fx.Node]):
-        super().__init__(gm)
+    def __init__(self, gm: fx.GraphModule, wanted: list[fx.Node], shadow: MetaShadow | None):
+        super().__init__(gm, shadow)
         self.wanted = set(wanted)
         self.hides: dict[fx.Node, bool] = {}
 
@@ -82,6 +87,24 @@ class _CallRecorder(fx.Interpreter):
         return super().run_node(n)
 
 
+def _wrapped_calls(gm: fx.GraphModule, inputs: tuple[Any, ...], functions: list[fx.Node]) -> dict[fx.Node, bool]:
+    """Whether each wrapped call hides an attention: the graph runs on meta stand-ins (nothing
+    computed; make_fx traces the call on meta tensors), or for real where the meta run fails."""
+    for shadow in (MetaShadow(), None):
+        recorder = _CallRecorder(gm, functions, shadow)
+        device = torch.device("meta") if shadow else contextlib.nullcontext()
+        try:
+            with torch.no_grad(), device:
+                recorder.run(*(shadow.value(inputs) if shadow else inputs))
+        except _Done:
+            pass
+        except Exception:  # meta: try for real; real: the graph does not run, annotation says so
+            if shadow:
+                continue
+        return recorder.hides
+    return {}
+
+
 def _scope(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     return next((path for path, _ in reversed(list(stack.values())) if path), "")
@@ -92,17 +115,7 @@ def hidden_attention(
 ) -> list[tuple[str, str, str]]:
     """(module path, class, why) for every node of ``gm`` that computes attention out of the rules' sight."""
     functions = [node for node in gm.graph.nodes if _is_wrapped_function(node)]
-    hides: dict[fx.Node, bool] = {}
-    if functions:
-        recorder = _CallRecorder(gm, functions)
-        try:
-            with torch.no_grad():
-                recorder.run(*inputs)
-        except _Done:
-            pass
-        except Exception:  # the graph does not run; annotation reports that, with the model's line
-            pass
-        hides = recorder.hides
+    hides = _wrapped_calls(gm, inputs, functions) if functions else {}
     found = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and module_kind(gm.get_submodule(str(node.target))) == "attention":

@@ -12,10 +12,14 @@ A condition that reads tensor *values* (``if x.sum() > 0``) is never
 specialised: it still fails, and the module around it becomes a leaf. Shape
 arithmetic itself stays symbolic in the graph, so a decision is the only
 thing fixed to the example shapes (typically spatial padding, never batch).
+The graph built so far is evaluated on meta stand-ins of the inputs and weights
+(:mod:`.shape_propagation`): shapes only, nothing computed; for real only where
+the meta device cannot run an op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 import traceback
@@ -25,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+
+from utune_fx.trace.shape_propagation import MetaShadow
 
 _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_nested", "is_cuda"})
 _SHAPE_METHODS = frozenset({"size", "dim", "numel", "ndimension"})
@@ -45,6 +51,7 @@ class ShapeBranches:
         self.shape_only: dict[fx.Node, bool] = {}
         self.decisions: list[str] = []
         self.evaluating = False  # the tracer runs modules for real while this is set
+        self.shadow: MetaShadow | None = MetaShadow()  # None once a meta evaluation has failed
 
     def depends_on_shapes_only(self, node: fx.Node) -> bool:
         if node in self.shape_only:
@@ -61,11 +68,21 @@ class ShapeBranches:
         return result
 
     def evaluate(self, target: fx.Node) -> Any:
-        """Run the graph built so far on the example inputs, up to ``target``."""
+        """Run the graph built so far on the example inputs, up to ``target``: on meta stand-ins
+        (nothing computed), or for real once a meta run has failed."""
+        if self.shadow is not None:
+            try:
+                return self._evaluate(target)
+            except Exception:  # an op the meta device cannot run: from now on, for real
+                self.shadow, self.values = None, {}
+        return self._evaluate(target)
+
+    def _evaluate(self, target: fx.Node) -> Any:
         placeholders = 0
         self.evaluating = True
+        device = torch.device("meta") if self.shadow is not None else contextlib.nullcontext()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), device:
                 for node in target.graph.nodes:
                     if node.op == "placeholder":
                         placeholders += 1
@@ -80,15 +97,18 @@ class ShapeBranches:
     def _run(self, node: fx.Node, placeholder_index: int) -> Any:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.values.__getitem__)
         if node.op == "placeholder":
-            return self.inputs[placeholder_index] if placeholder_index < len(self.inputs) else args[0]
+            value = self.inputs[placeholder_index] if placeholder_index < len(self.inputs) else args[0]
+            return self.shadow.value(value) if self.shadow is not None else value
         if node.op == "get_attr":
-            return operator.attrgetter(str(node.target))(self.root)
+            value = operator.attrgetter(str(node.target))(self.root)
+            return self.shadow.value(value) if self.shadow is not None else value
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         if node.op == "call_module":
-            return self.root.get_submodule(str(node.target))(*args, **kwargs)
+            module = self.root.get_submodule(str(node.target))
+            return (self.shadow.module(module) if self.shadow is not None else module)(*args, **kwargs)
         raise ValueError(f"cannot evaluate {node.op} node {node}")
 
     def decide(self, node: fx.Node) -> bool:
