@@ -219,3 +219,42 @@ def test_the_7b_llama_config_on_the_meta_device_fits_in_4_gb():
     assert found["tuners"] == 6 * layers
     assert found["tuner_devices"] == ["meta"]
     assert found["peak_rss_mib"] < 4096
+
+
+class _SameShapesOtherSettings(nn.Module):
+    """Ops and leaf modules that see the same input metadata but differ in a setting."""
+
+    def __init__(self):
+        super().__init__()
+        self.flat_from_1, self.flat_from_2 = nn.Flatten(1), nn.Flatten(2)
+        self.narrow, self.wide = nn.Linear(8, 4), nn.Linear(8, 6)
+
+    def forward(self, x):
+        parts = [self.flat_from_1(x), self.flat_from_2(x), x.sum(1), x.sum(2), self.narrow(x), self.wide(x)]
+        return [*parts, torch.cat([x, x], 1), torch.cat([x, x], 2), x.half(), x.double()]
+
+
+def test_the_memo_tells_settings_apart_and_runs_a_repeated_block_once():
+    x = torch.randn(2, 3, 8)
+    gm = trace(_SameShapesOtherSettings(), (x,))
+    by_meta = [(node_info(n).shape, node_info(n).dtype) for n in gm.graph.nodes]
+    annotate(gm, (x,), shapes_by="forward")
+    assert by_meta == [(node_info(n).shape, node_info(n).dtype) for n in gm.graph.nodes]
+
+    class Ops(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.count += func is not torch.ops.aten.empty_strided.default  # a memo hit's fresh output
+            return func(*args, **(kwargs or {}))
+
+    kernels = {}
+    for depth in (2, 8):
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=depth).eval()
+        image = torch.randn(1, 3, 32, 32)
+        traced = trace(model, (image,))
+        Ops.count = 0
+        with Ops():
+            propagate_shapes(traced, (image,))
+        kernels[depth] = Ops.count
+    assert kernels[8] - kernels[2] <= 6  # six more blocks: one more kernel each (unbind's views are not memoised)

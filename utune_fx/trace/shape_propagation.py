@@ -7,6 +7,8 @@
              leaf modules by shallow copies holding such tensors; each op computes only its output's
              metadata. No weight is read or written, nothing is allocated, the model is untouched.
 
+    repeated blocks: an op seen before with the same inputs' metadata is not run again (meta_memo.py)
+
     propagate_shapes(gm, inputs) -> ShapePropagation(shapes={node: (shape, dtype, item_shapes)},
                                                      method='meta', fallback_reason=None)
 
@@ -32,6 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
 from utune_fx.errors import first_line
+from utune_fx.trace.meta_memo import MISS, OutputMemo
 
 Shape = tuple[int, ...]
 NodeShapes = tuple[Shape | None, str | None, tuple[Shape | None, ...]]
@@ -155,14 +158,28 @@ def _is_device_name(name: str) -> bool:
 
 
 class _Recorder(MetaInterpreter):
-    """Runs the graph once and keeps (shape, dtype, item shapes) of every node's value."""
+    """Runs the graph once and keeps (shape, dtype, item shapes) of every node's value; on the meta
+    device, an op seen before with the same inputs' metadata is not run again (:mod:`.meta_memo`)."""
 
     def __init__(self, gm: fx.GraphModule, shadow: MetaShadow | None = None):
         super().__init__(gm, shadow)
         self.shapes: dict[fx.Node, NodeShapes] = {}
+        self.memo = OutputMemo() if shadow is not None else None
 
     def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
+        key = None
+        if self.memo is not None and n.op in ("call_function", "call_method", "call_module"):
+            with self._set_current_node(n):
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                module = self.module.get_submodule(str(n.target)) if n.op == "call_module" else None
+                key = self.memo.key(n, module, args, kwargs)
+                result = self.memo.lookup(key) if key is not None else MISS
+                if result is MISS:
+                    result = getattr(self, n.op)(n.target, args, kwargs)
+                    if key is not None:
+                        self.memo.store(key, result)
+        else:
+            result = super().run_node(n)
         self.shapes[n] = node_shapes(result)
         return result
 
