@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from utune_fx.errors import UtuneError
-from utune_fx.rewrite.splice import Splice, inference, install, splice_plan, uninstall
+from utune_fx.rewrite.splice import Splice, install, splice_plan, uninstall
+from utune_fx.trace.modes import eval_mode
 
 __all__ = ["fold", "load_tuners", "print_trainable_parameters", "save_tuners", "trainable_parameters", "tune"]
 
@@ -180,7 +181,7 @@ def _install_checked(model: nn.Module, state: TunedState, gm: nn.Module, inputs:
     saved = [p.detach().clone() for p in tuners]
     generator = torch.Generator().manual_seed(1)
     try:
-        with torch.no_grad(), inference(model, gm):
+        with torch.no_grad(), eval_mode(model, gm):
             for p in tuners:
                 p.add_(0.05 * torch.randn(p.shape, generator=generator).to(p))
             graph = _outputs(gm(*inputs))

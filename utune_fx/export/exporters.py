@@ -46,6 +46,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from utune_fx.errors import first_line
+from utune_fx.trace.modes import eval_mode  # noqa: F401  (verify.py and onnx_export.py take it from here)
 from utune_fx.trace.sequence_axes import SEQUENCE_DIM, token_inputs
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -91,20 +92,6 @@ def _parameters_replaced(module: nn.Module, tensors: dict[str, torch.Tensor]) ->
         for owner, attribute, parameter in reversed(saved):
             delattr(owner, attribute)
             owner.register_parameter(attribute, parameter)
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode, and back as each was; not module.eval(), which the graphs of
-    torch.export (our export front end) refuse."""
-    modes = {sub: sub.training for sub in module.modules()}
-    try:
-        for sub in modes:
-            sub.training = False
-        yield
-    finally:
-        for sub, training in modes.items():
-            sub.training = training
 
 
 def batched_inputs(inputs: Sequence[torch.Tensor]) -> list[bool]:

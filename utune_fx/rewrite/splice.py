@@ -19,7 +19,6 @@ each hook pointing at the copied tuner.
 
 from __future__ import annotations
 
-import contextlib
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,7 @@ from torch import fx, nn
 
 from utune_fx.rewrite.attention_sites import TUNER_META
 from utune_fx.trace import node_info
+from utune_fx.trace.modes import eval_mode
 
 _CLOSE = {"rtol": 1e-4, "atol": 1e-5}  # the graph and the eager model run the same kernels
 
@@ -152,21 +152,6 @@ def _tuner_calls(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node, bo
     return found
 
 
-@contextlib.contextmanager
-def inference(*modules: nn.Module):
-    """Every submodule in eval mode (dropout off, batch norms on running statistics, and left alone: a
-    training batch norm would update them), then each given back its own mode; without calling train(),
-    which torch.export's graphs refuse."""
-    flags = {sub: sub.training for module in modules for sub in module.modules()}
-    for sub in flags:
-        sub.training = False
-    try:
-        yield
-    finally:
-        for sub, mode in flags.items():
-            sub.training = mode
-
-
 def _graph_values(gm: fx.GraphModule, inputs: tuple, wanted: set[fx.Node]) -> dict[fx.Node, Any]:
     values: dict[fx.Node, Any] = {}
 
@@ -177,7 +162,7 @@ def _graph_values(gm: fx.GraphModule, inputs: tuple, wanted: set[fx.Node]) -> di
                 values[n] = result
             return result
 
-    with torch.no_grad(), inference(gm):
+    with torch.no_grad(), eval_mode(gm):
         Recorder(gm).run(*inputs)
     return values
 
@@ -205,7 +190,7 @@ def _eager_calls(model: nn.Module, inputs: tuple, paths: set[str]) -> dict[str, 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post, with_kwargs=True))
     try:
-        with torch.no_grad(), inference(model):  # as the graph runs: dropout would make the values differ
+        with torch.no_grad(), eval_mode(model):  # as the graph runs: dropout would make the values differ
             model(*inputs)
     finally:
         for handle in handles:

@@ -23,8 +23,7 @@ built on the meta device has nothing to run for real: its "forward" is meta prop
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ from torch.utils import _pytree as pytree
 
 from utune_fx.errors import first_line
 from utune_fx.trace.meta_memo import MISS, OutputMemo
+from utune_fx.trace.modes import eval_mode
 
 Shape = tuple[int, ...]
 NodeShapes = tuple[Shape | None, str | None, tuple[Shape | None, ...]]
@@ -184,20 +184,6 @@ class _Recorder(MetaInterpreter):
         return result
 
 
-@contextlib.contextmanager
-def _eval_mode(gm: fx.GraphModule) -> Iterator[None]:
-    """Every module in eval mode (not gm.eval(): torch.export's modules refuse it), restored after,
-    so neither batch-norm statistics nor the user's module state change."""
-    modes = {module: module.training for module in gm.modules()}
-    try:
-        for module in modes:
-            module.training = False
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
 def _on_meta(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node, NodeShapes]:
     shadow = MetaShadow()
     recorder = _Recorder(gm, shadow)
@@ -210,14 +196,14 @@ def _on_fake(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node, NodeSha
     mode = FakeTensorMode(allow_non_fake_inputs=True)  # parameters are converted as ops read them
     recorder = _Recorder(gm)
     fake_inputs = pytree.tree_map_only(torch.Tensor, mode.from_tensor, tuple(inputs))
-    with torch.no_grad(), _eval_mode(gm), mode:
+    with torch.no_grad(), eval_mode(gm), mode:
         recorder.run(*fake_inputs)
     return recorder.shapes
 
 
 def _forward(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node, NodeShapes]:
     recorder = _Recorder(gm)
-    with torch.no_grad(), _eval_mode(gm):
+    with torch.no_grad(), eval_mode(gm):
         recorder.run(*inputs)
     return recorder.shapes
 
