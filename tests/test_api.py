@@ -402,3 +402,28 @@ def test_a_model_in_training_mode_is_tuned_in_place_and_its_batch_norm_statistic
     assert all(torch.equal(model.state_dict()[k], v) for k, v in statistics.items())
     block_convs = [n for n, m in model.named_modules() if n.startswith("layer") and isinstance(m, torch.nn.Conv2d)]
     assert sorted(s.writes.module for s in model._utune_state.splices) == sorted(block_convs)  # 16 + 3 shortcuts
+
+
+@pytest.mark.parametrize("cross", ["tuner", "writes"])
+def test_a_wrong_splice_is_caught_by_the_check_against_the_graph_and_leaves_no_hook(monkeypatch, cross):
+    """q_proj's and o_proj's LoRA (same sizes) swapped: wrong values ('tuner'), or a tuner that reads
+    a module which has not run yet ('writes'); either is one UtuneError and no hook stays."""
+    import dataclasses
+
+    from utune_fx import api
+
+    real_plan = api.splice_plan
+
+    def crossed(gm, model, inputs):
+        splices, refused = real_plan(gm, model, inputs)
+        q, o = splices[0], splices[3]
+        assert q.writes.module.endswith("q_proj") and o.writes.module.endswith("o_proj")
+        swap = {cross: getattr(o, cross)}, {cross: getattr(q, cross)}
+        splices[0], splices[3] = dataclasses.replace(q, **swap[0]), dataclasses.replace(o, **swap[1])
+        return splices, refused
+
+    monkeypatch.setattr(api, "splice_plan", crossed)
+    model = _llama()
+    with pytest.raises(UtuneError, match="do not compute what the rewritten graph computes"):
+        utune_fx.tune(model, "lora")
+    assert not hasattr(model, "utune") and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from utune_fx.errors import UtuneError
+from utune_fx.errors import UtuneError, first_line
 from utune_fx.rewrite.splice import Splice, install, splice_plan, uninstall
 from utune_fx.trace.modes import eval_mode
 
@@ -165,16 +165,13 @@ def _adopt_replaced_modules(model: nn.Module, gm: nn.Module) -> None:
                 setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
-def _outputs(value: Any) -> list[torch.Tensor]:
-    from utune_fx.fold import floating_outputs
-
-    return floating_outputs(value)
-
-
 def _install_checked(model: nn.Module, state: TunedState, gm: nn.Module, inputs: tuple) -> None:
     """Hook the splices into the model, checking that with every tuner moved off identity the model
     computes what the rewritten graph computes (the tuners are put back as they were). The graph runs
-    first: a torch.fx graph calls the model's own modules, which then carry the hooks."""
+    first: a torch.fx graph calls the model's own modules, which then carry the hooks. NaN, a missing
+    output or outputs of other shapes fail it too."""
+    from utune_fx.fold import floating_outputs, relative_difference
+
     if not state.splices:  # nothing inserted (bitfit, a linear probe): the model's own weights train
         return
     tuners = [p for name, p in gm.named_parameters() if name.startswith("utune.")]
@@ -184,22 +181,25 @@ def _install_checked(model: nn.Module, state: TunedState, gm: nn.Module, inputs:
         with torch.no_grad(), eval_mode(model, gm):
             for p in tuners:
                 p.add_(0.05 * torch.randn(p.shape, generator=generator).to(p))
-            graph = _outputs(gm(*inputs))
+            graph = floating_outputs(gm(*inputs))
             install(model, gm.utune, state.splices)
-            eager = _outputs(model(*inputs))
+            eager = floating_outputs(model(*inputs))
+        shapes_differ = [a.shape for a in eager] != [b.shape for b in graph] or not graph
+        tolerance = max((_CHECK.get(b.dtype, 1e-4) for b in graph), default=1e-4)
+        failure = None if not shapes_differ and relative_difference(eager, graph) <= tolerance else "differs"
+    except RuntimeError as error:  # a hook that finds no tensor to read
+        failure = first_line(error)
     finally:
         with torch.no_grad():
             for p, value in zip(tuners, saved):
                 p.copy_(value)
-    for a, b in zip(eager, graph):
-        scale = b.abs().max().item() or 1.0
-        if a.shape != b.shape or (a - b).abs().max().item() > _CHECK.get(b.dtype, 1e-4) * scale:
-            uninstall(model)
-            del model._modules["utune"]
-            raise UtuneError(
-                f"{type(model).__name__}: the tuners spliced into the model do not compute what the rewritten "
-                "graph computes; please report this model (use the command line's graph: cli.py rewrite)"
-            )
+    if failure is not None:  # NaN compares as neither <= nor >: it fails too
+        uninstall(model)
+        model._modules.pop("utune", None)
+        raise UtuneError(
+            f"{type(model).__name__}: the tuners spliced into the model do not compute what the rewritten "
+            f"graph computes ({failure}); please report this model (use the command line's graph: cli.py rewrite)"
+        )
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
