@@ -247,9 +247,7 @@ def load_tuners(model: nn.Module, directory: str | Path, example_inputs: Any = N
     """Load tuners saved by ``save_tuners`` (or ``cli.py rewrite``/``train``) into ``model``: a model
     tuned with the same rules, or an untuned one, which is tuned first with the rules the artifact
     records. Refuses other rules, other base weights and tensors that do not fit, in one line."""
-    import safetensors.torch
-
-    from utune_fx.rewrite.artifact import TENSORS, file_sha256, rules_from_entries
+    from utune_fx.rewrite.artifact import TENSORS, file_sha256, load_trainable, rules_from_entries
     from utune_fx.rewrite.manifest import MANIFEST, read_manifest
 
     directory = Path(directory)
@@ -265,19 +263,7 @@ def load_tuners(model: nn.Module, directory: str | Path, example_inputs: Any = N
         raise UtuneError(f"{directory}: its tuners were made with other rules than this model's; tune a fresh model")
     if state.base_sha256 != manifest["base_sha256"]:
         raise UtuneError(f"{directory}: the model has other frozen weights than the ones the tuners were trained on")
-    tensors = safetensors.torch.load_file(str(tensors_path))
-    expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unknown:
-        raise UtuneError(f"{tensors_path}: tensors do not fit the model (missing {missing[:3]}, unknown {unknown[:3]})")
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise UtuneError(
-                f"{tensors_path}: {name} has shape {list(tensor.shape)}, the model's is {list(expected[name].shape)}"
-            )
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            expected[name].copy_(tensor)
+    load_trainable(model, tensors_path)
     return model
 
 

@@ -139,6 +139,30 @@ def build_tuned(source: TunedSource, rule_sets: list[Any], seed: int = 0, module
     return result
 
 
+def load_trainable(module: torch.nn.Module, tensors_path: Path) -> None:
+    """Copy an artifact's tensors into ``module``'s trainable parameters of the same names, after
+    checking that the file reads and that names and shapes fit (nothing is written otherwise)."""
+    try:
+        tensors = safetensors.torch.load_file(str(tensors_path))
+    except Exception as error:
+        raise UtuneError(f"{tensors_path}: cannot read ({first_line(error)}); the file is damaged") from error
+    expected = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unknown:
+        raise UtuneError(
+            f"{tensors_path}: tensors do not fit the rewritten model (missing {missing[:3]}, "
+            f"unknown {unknown[:3]}); was it written for other rules or another model?"
+        )
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UtuneError(
+                f"{tensors_path}: {name} has shape {list(tensor.shape)}, the model expects {list(expected[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            expected[name].copy_(tensor)
+
+
 def rules_from_entries(entries: list[dict]) -> list:
     """Rule sets from recorded sources (a manifest's ``rules``), loaded from a scratch folder."""
     from utune_fx.match import load_rules
@@ -178,22 +202,5 @@ def load_tuned(directory: str | Path, model: str | torch.nn.Module | None = None
             f"{directory}: the base model {spec} now has other weights than the ones it "
             f"was tuned on (tuned with {manifest['versions']}); use the same weights and versions"
         )
-    try:
-        tensors = safetensors.torch.load_file(str(tensors_path))
-    except Exception as error:
-        raise UtuneError(f"{tensors_path}: cannot read ({first_line(error)}); the file is damaged") from error
-    expected = {name: p for name, p in result.module.named_parameters() if p.requires_grad}
-    missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unknown:
-        raise UtuneError(
-            f"{tensors_path}: tensors do not fit the rewritten model (missing {missing[:3]}, "
-            f"unknown {unknown[:3]}); was it written for other rules or another model?"
-        )
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise UtuneError(
-                f"{tensors_path}: {name} has shape {list(tensor.shape)}, the model expects {list(expected[name].shape)}"
-            )
-        with torch.no_grad():
-            expected[name].copy_(tensor)
+    load_trainable(result.module, tensors_path)
     return result
