@@ -256,7 +256,13 @@ def test_a_t5_tunes_trains_folds_and_reloads_without_wrappers(tmp_path):
 
 # -- timm: every shipped rule file ---------------------------------------------------------------
 
-GRAPH_ONLY = {"prefix", "prefix_parallel", "vpt_deep", "vpt_shallow"}  # tuners inside the attention / prompts
+GRAPH_ONLY = {
+    "prefix",
+    "prefix_parallel",
+    "vpt_deep",
+    "vpt_shallow",
+    "res_tuning_bypass",
+}  # inside attention, prompts, side ladder
 
 
 def _vit():

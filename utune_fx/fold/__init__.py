@@ -42,6 +42,7 @@ from utune_fx.tied import tied_tensors
 from utune_fx.trace import node_info
 from utune_fx.trace.annotate import set_training
 from utune_fx.tuners.adapters import Adapter
+from utune_fx.tuners.bypass import BypassJoin, BypassStep
 from utune_fx.tuners.lora import LoraBranch
 from utune_fx.tuners.prefix import GatedConcatAttention, _PrefixTokens
 from utune_fx.tuners.prompts import PromptTokens
@@ -164,6 +165,8 @@ def _branch_reason(tuner: nn.Module, constant: bool) -> tuple[str, str]:
         return KEPT, "attention over the extra keys is nonlinear in the input; its gate and inputs stay"
     if isinstance(tuner, _PrefixTokens):
         return KEPT, "attention over the prefix is nonlinear in the input; K_p and V_p are now constant tensors"
+    if isinstance(tuner, (BypassStep, BypassJoin)):
+        return KEPT, "a side network beside the backbone (normalised, nonlinear): no weight of the backbone computes it"
     return KEPT, ""
 
 

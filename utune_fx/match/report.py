@@ -12,6 +12,7 @@ lists every refusal, so ``match`` and ``rewrite`` fail alike. ``rewrite`` runs t
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Callable
 from typing import Any
@@ -77,9 +78,13 @@ def match_report(
     matched = match_rules(gm, rules, ctx) if matched is None else matched
     for found in matched:
         rule = found.rule
-        regions = []
+        regions, previous = [], None
         for position, region in enumerate(found.regions):
             size = region_size(region, ctx, position)
+            size = dataclasses.replace(
+                size, previous_out=previous.channels_out if previous else 0, last=position == len(found.regions) - 1
+            )
+            previous = size
             refused = check(found, region, ctx, size) if check is not None else None
             regions.append(
                 {

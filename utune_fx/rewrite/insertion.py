@@ -26,7 +26,7 @@ from utune_fx.trace import node_info
 from utune_fx.trace.annotate import META_KEY
 
 
-def _annotate(node: fx.Node, like: fx.Node, kind: str, name: str, tag: dict) -> None:
+def annotate(node: fx.Node, like: fx.Node, kind: str, name: str, tag: dict) -> None:
     info = node_info(like)
     node.meta[META_KEY] = replace(info, op_kind=kind, op_name=name, attention=None, part_of=None, item_shapes=())
     node.meta[TUNER_META] = tag
@@ -35,7 +35,7 @@ def _annotate(node: fx.Node, like: fx.Node, kind: str, name: str, tag: dict) -> 
 TUNER_SUMS = "utune_tuner_sums"
 
 
-def _current(node, sums: dict):
+def current(node, sums: dict):
     while isinstance(node, fx.Node) and node in sums:
         node = sums[node]
     return node
@@ -51,7 +51,7 @@ def insert_tuner(
     reshape: bool,
 ) -> None:
     sums = gm.meta.setdefault(TUNER_SUMS, {})  # written node -> the sum its readers now read
-    reads = tuple(_current(r, sums) if r is not writes else r for r in reads)
+    reads = tuple(current(r, sums) if r is not writes else r for r in reads)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}  # one walk: where to insert, and the check
     after = max(
         (writes, *(r for r in reads if isinstance(r, fx.Node))), key=order.__getitem__
@@ -69,10 +69,10 @@ def insert_tuner(
     if reshape:
         with gm.graph.inserting_after(call):
             update = gm.graph.call_method("reshape_as", (call, writes))
-        _annotate(update, writes, "reshape", "reshape_as", tag)
+        annotate(update, writes, "reshape", "reshape_as", tag)
     with gm.graph.inserting_after(update):
         total = gm.graph.call_function(operator.add, (writes, update))
     writes.replace_all_uses_with(total, delete_user_cb=lambda user: user not in (call, update, total))
     sums[writes] = total
-    _annotate(call, reads[0], "tuner", type(module).__name__, tag)
-    _annotate(total, writes, "add", "add", tag)
+    annotate(call, reads[0], "tuner", type(module).__name__, tag)
+    annotate(total, writes, "add", "add", tag)

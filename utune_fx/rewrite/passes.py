@@ -55,11 +55,7 @@ def _first_weighted(region: Region, ctx: MatchContext) -> fx.Node | None:
 def _site(found: RuleMatch, region: Region, ctx: MatchContext, reads: fx.Node, writes: fx.Node) -> tuple[Site, bool]:
     """The tuner's site, and whether its output needs the output's view (Swin's
     blocks read [B, H, W, C] and write the same tokens as [B, H*W, C])."""
-    anchor_op = _first_weighted(region, ctx)
-    if anchor_op is not None:
-        channels_first = node_info(anchor_op).op_kind == "conv" and not _tokens_again(region.output, writes)
-    else:  # no linear or conv: a norm of feature maps (BatchNorm, GroupNorm) still says where channels are
-        channels_first = any(normalises_axis_1(n, ctx) for n in region.nodes)
+    channels_first = region_channels_first(region, ctx, writes)
     in_shape, out_shape = node_info(reads).shape, node_info(writes).shape
     if not in_shape or not out_shape:
         raise fail(found, region, "the tuner needs tensors in and out")
@@ -68,7 +64,7 @@ def _site(found: RuleMatch, region: Region, ctx: MatchContext, reads: fx.Node, w
     other_in = [d for i, d in enumerate(in_shape) if i != axis % len(in_shape)]
     other_out = [d for i, d in enumerate(out_shape) if i != axis % len(out_shape)]
     same_tokens = not channels_first and math.prod(other_in) == math.prod(other_out)
-    stride = _stride(in_shape, out_shape) if channels_first and found.rule.position == "parallel" else None
+    stride = whole_factor_stride(in_shape, out_shape) if channels_first and found.rule.position == "parallel" else None
     if other_in != other_out and not same_tokens and stride is None:
         shapes = f"{'x'.join(map(str, in_shape))} -> {'x'.join(map(str, out_shape))}"
         raise fail(
@@ -82,6 +78,16 @@ def _site(found: RuleMatch, region: Region, ctx: MatchContext, reads: fx.Node, w
     return Site(channels_in, channels_out, len(in_shape), channels_first, stride=stride), reshape
 
 
+def region_channels_first(region: Region, ctx: MatchContext, writes: fx.Node) -> bool:
+    """Whether the tensor a tuner writes at ``writes`` holds channels on axis 1 (feature maps) rather
+    than last (tokens): a region that starts with a conv, unless its output joins as tokens."""
+    anchor_op = _first_weighted(region, ctx)
+    if anchor_op is not None:
+        return node_info(anchor_op).op_kind == "conv" and not _tokens_again(region.output, writes)
+    # no linear or conv: a norm of feature maps (BatchNorm, GroupNorm) still says where channels are
+    return any(normalises_axis_1(n, ctx) for n in region.nodes)
+
+
 def _tokens_again(output: fx.Node, writes: fx.Node) -> bool:
     """Whether a conv region's [B, C, L] output reaches the residual add it joins as [B, L, C]
     tokens (VITS' FFN convolves the tokens transposed): the tuner there works on the last axis."""
@@ -89,7 +95,7 @@ def _tokens_again(output: fx.Node, writes: fx.Node) -> bool:
     return bool(out and joined) and joined != out and list(joined) == [out[0], *out[2:], out[1]]
 
 
-def _stride(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+def whole_factor_stride(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """Whole-factor downsampling of [B, C, *spatial] feature maps, as a 1x1 conv stride."""
     if len(in_shape) != len(out_shape) or len(in_shape) < 3 or in_shape[0] != out_shape[0]:
         return None
@@ -164,7 +170,7 @@ def _residual_join(output: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return None
 
 
-def _parallel_input(region: Region, ctx: MatchContext) -> tuple[fx.Node, fx.Node]:
+def parallel_input(region: Region, ctx: MatchContext) -> tuple[fx.Node, fx.Node]:
     """(what a parallel tuner reads, where it adds): the region input with the output's tokens. An
     attention whose queries are fewer than its keys (class attention, LeViT's subsampling attention)
     or whose keys are fewer (Twins' and PVT's spatial reduction) answers per query, so the tuner then
@@ -283,12 +289,12 @@ def region_site(found: RuleMatch, region: Region, ctx: MatchContext) -> tuple[Si
         return attention_site(found, region, call), reads, call.node, False
     if not region.inputs and rule.position == "parallel":
         raise fail(found, region, "the region reads no tensor (a model input or a constant); pick an operation")
-    reads, writes = (region.output, region.output) if rule.position == "sequential" else _parallel_input(region, ctx)
+    reads, writes = (region.output, region.output) if rule.position == "sequential" else parallel_input(region, ctx)
     site, reshape = _site(found, region, ctx, reads, writes)
     return site, (reads,), writes, reshape
 
 
-def _placement(region: Region, ctx: MatchContext, dtype_of: fx.Node) -> dict:
+def placement(region: Region, ctx: MatchContext, dtype_of: fx.Node) -> dict:
     parameters = [p for n in region.nodes for p in parameters_of(n, ctx).values()]
     device = parameters[0].device if parameters else next(ctx.gm.parameters(), torch.empty(0)).device
     dtype = getattr(torch, node_info(dtype_of).dtype or "float32")
@@ -359,8 +365,12 @@ def apply_rule(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> tuple
         _refuse_tuner_on_tuner(found, region)
     if rule.position == "prompt" and regions:  # one pass over all blocks: shallow prompts travel block to block
         tag = {"rule": rule.name, "tuner": rule.tuner, "position": rule.position, "index": 0}
-        added = insert_prompts(gm, found, ctx, safe, _placement(regions[0], ctx, regions[0].output), tag)
+        added = insert_prompts(gm, found, ctx, safe, placement(regions[0], ctx, regions[0].output), tag)
         regions = ()
+    if rule.position == "bypass" and regions:  # one ladder over all stems
+        from utune_fx.rewrite.bypass import insert_bypass  # here: bypass.py builds on this module's sites
+
+        added, regions = insert_bypass(gm, found, ctx, safe), ()
     for index, region in enumerate(regions):
         if rule.position == "none":
             classes = getattr(rule.config, "num_classes", None)
@@ -372,7 +382,7 @@ def apply_rule(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext) -> tuple
                 trained.update(_existing(region, ctx, "bias" if rule.tuner == "bitfit" else "all"))
             continue
         site, reads, writes, reshape = region_site(found, region, ctx)
-        module = entry.module(rule.config, site).to(**_placement(region, ctx, writes))
+        module = entry.module(rule.config, site).to(**placement(region, ctx, writes))
         tag = {"rule": rule.name, "tuner": rule.tuner, "position": rule.position, "index": index}
         insert_tuner(gm, f"utune.{safe}.{index}", module, reads, writes, tag, reshape)
         added += sum(p.numel() for p in module.parameters())

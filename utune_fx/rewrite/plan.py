@@ -28,6 +28,7 @@ from utune_fx.rewrite.attention_sites import (
     deep_prompt_stream,
     fail,
 )
+from utune_fx.rewrite.bypass import ladder
 from utune_fx.rewrite.passes import head_layer, region_site, trained_by_rule
 from utune_fx.tuners import RegionSize
 
@@ -65,6 +66,9 @@ def _check_site(found: RuleMatch, region: Region, ctx: MatchContext, size: Regio
             head_layer(found, region, ctx)
     elif rule.position == "prompt":
         _check_prompt_site(found, region, ctx)
+    elif rule.position == "bypass":
+        if region is found.regions[0]:  # the ladder is one chain: its first region checks every stem
+            ladder(found, ctx)
     else:
         region_site(found, region, ctx)
     refusal = size_refusal(rule.config, size, region_tokens(region))

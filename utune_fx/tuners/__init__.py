@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-POSITIONS = ("parallel", "sequential", "prompt", "prefix", "reparameterised", "none")
+POSITIONS = ("parallel", "sequential", "prompt", "prefix", "reparameterised", "bypass", "none")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class RegionSize:
     weights: int = 0  # all parameter elements inside the region (head, full tuning)
     heads: int = 0  # attention heads inside the region (gates of prefixes and prompts)
     position: int = 0  # place among the rule's regions (shallow prompts are made once)
+    previous_out: int = 0  # channels_out of the rule's previous region (0 for the first): a bypass's side state
+    last: bool = False  # the rule's last region (a bypass joins the backbone there)
 
 
 @dataclass(frozen=True)
@@ -204,4 +206,4 @@ def create_config(name: str, settings: dict[str, Any]) -> TunerConfig:
 
 
 # Registers the tuners (after the registry exists).
-from utune_fx.tuners import adapters, existing, lora, prefix, prompts, scale_shift  # noqa: E402,F401
+from utune_fx.tuners import adapters, bypass, existing, lora, prefix, prompts, scale_shift  # noqa: E402,F401

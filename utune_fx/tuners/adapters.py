@@ -48,7 +48,17 @@ class Adapter(nn.Module):
         return out if self.fixed_scale == 1.0 else out * self.fixed_scale
 
 
-def _adapter_parameters(hidden: int, size: RegionSize, learned_scale: bool) -> int:
+def check_bottleneck(config) -> None:
+    """The settings every bottleneck of W_down / W_up shares: hidden, activation, dropout."""
+    check_positive_int("hidden", config.hidden)
+    check(
+        isinstance(config.activation, str) and config.activation in ACTIVATIONS,
+        f"activation must be one of {', '.join(ACTIVATIONS)}, got {config.activation!r}",
+    )
+    check_dropout(config.dropout)
+
+
+def adapter_parameters(hidden: int, size: RegionSize, learned_scale: bool = False) -> int:
     return size.channels_in * hidden + hidden + hidden * size.channels_out + size.channels_out + int(learned_scale)
 
 
@@ -63,19 +73,14 @@ class ParallelAdapterConfig(TunerConfig):
     dropout: float = field(default=0.0, metadata={"help": "dropout on the bottleneck, in [0, 1)"})
 
     def __post_init__(self) -> None:
-        check_positive_int("hidden", self.hidden)
-        check(
-            isinstance(self.activation, str) and self.activation in ACTIVATIONS,
-            f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}",
-        )
+        check_bottleneck(self)
         check(
             self.scale == "learned" or isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool),
             f"scale must be a number or 'learned', got {self.scale!r}",
         )
-        check_dropout(self.dropout)
 
     def added_parameters(self, size: RegionSize) -> int:
-        return _adapter_parameters(self.hidden, size, self.scale == "learned")
+        return adapter_parameters(self.hidden, size, self.scale == "learned")
 
 
 @register_tuner("sequential_adapter", positions=("sequential",), module=Adapter)
@@ -88,12 +93,7 @@ class SequentialAdapterConfig(TunerConfig):
     dropout: float = field(default=0.0, metadata={"help": "dropout on the bottleneck, in [0, 1)"})
 
     def __post_init__(self) -> None:
-        check_positive_int("hidden", self.hidden)
-        check(
-            isinstance(self.activation, str) and self.activation in ACTIVATIONS,
-            f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}",
-        )
-        check_dropout(self.dropout)
+        check_bottleneck(self)
 
     def added_parameters(self, size: RegionSize) -> int:
-        return _adapter_parameters(self.hidden, RegionSize(size.channels_out, size.channels_out), False)
+        return adapter_parameters(self.hidden, RegionSize(size.channels_out, size.channels_out), False)
