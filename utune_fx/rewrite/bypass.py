@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from utune_fx.match import MatchContext, Region, RuleMatch
+from utune_fx.match.structure import in_scope
 from utune_fx.rewrite.attention_sites import fail
 from utune_fx.rewrite.insertion import TUNER_SUMS, annotate, current
 from utune_fx.rewrite.passes import parallel_input, placement, region_channels_first, whole_factor_stride
@@ -65,19 +66,23 @@ def _rung_site(found: RuleMatch, region: Region, state: tuple, out: tuple, chann
     return Site(state[axis], out[axis], rank, channels_first, stride=stride)
 
 
-def _passed_on(output: fx.Node, channels_first: bool) -> fx.Node:
-    """The stem's output as the model passes it on: through the layout moves only it feeds that keep
-    the batch and the channels (Swin's block adds its residual on [B, H*W, C] and returns [B, H, W, C])."""
-    node = output
+def _passed_on(region: Region, output: fx.Node, channels_first: bool) -> fx.Node:
+    """The stem's output as the model passes it on: through what its only reader does to it that keeps
+    the batch and the channels, while that reader still belongs to the stem's module (a ResNet block's
+    ReLU after its residual add) or only moves the layout (Swin's block adds its residual on
+    [B, H*W, C] and returns [B, H, W, C])."""
+    node, axis = output, 1 if channels_first else -1
     for _ in range(8):
         users = list(node.users)
-        if len(users) != 1 or node_info(users[0]).op_kind not in ("reshape", "permute"):
+        if len(users) != 1:
             break
-        before, after = node_info(node).shape, node_info(users[0]).shape
-        axis = 1 if channels_first else -1
+        user = users[0]
+        if not in_scope(user, region.scope) and node_info(user).op_kind not in ("reshape", "permute"):
+            break
+        before, after = node_info(node).shape, node_info(user).shape
         if not before or not after or len(after) < 3 or after[0] != before[0] or after[axis] != before[axis]:
             break
-        node = users[0]
+        node = user
     return node
 
 
@@ -91,7 +96,7 @@ def ladder(found: RuleMatch, ctx: MatchContext) -> list[Rung]:
             raise fail(found, region, "the stem reads no tensor (a model input or a constant); pick blocks")
         reads, writes = parallel_input(region, ctx)
         channels_first = region_channels_first(region, ctx, writes)
-        writes = _passed_on(writes, channels_first)
+        writes = _passed_on(region, writes, channels_first)
         if rungs and ctx.order[reads] < ctx.order[rungs[-1].writes]:
             raise fail(
                 found,
