@@ -116,3 +116,14 @@ def test_zero_initialised_weight_matrices_are_redrawn_and_named():
     untouched = {}
     redraw_zero_weights(model, untouched)
     assert untouched == {}
+
+
+def test_another_rule_file_runs_the_chain_and_names_itself(tmp_path, capsys):
+    """--rules: the bypass ladder on a timm ResNet through the chain, and the table says which file ran."""
+    args = ["zoo", "--models", "resnet18", "--rules", "res_tuning_bypass", "--jobs", "1", "-o", str(tmp_path)]
+    assert main([*args, "--json"]) == 0
+    record = done_models(tmp_path / "results.jsonl")["resnet18"]
+    assert record["last_stage"] == "parity", record["error"]
+    assert record["found"]["bypass"] == 8 and "mha" not in record["found"]  # resnet18: 4 stages of 2 blocks
+    assert record["folded"]["kept"] == 9 and "truth" not in record
+    assert "rule files rules/res_tuning_bypass.yaml, unchanged" in (tmp_path / "coverage.md").read_text()

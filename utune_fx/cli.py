@@ -114,6 +114,7 @@ def _zoo(args: argparse.Namespace) -> int:
         args.memory_gb,
         Path(args.markdown) if args.markdown else None,
         args.catalog,
+        tuple(name.strip() for name in args.rules.split(",")),
     )
     if args.json:
         print_json({k: v for k, v in report.items() if k != "rows"})
@@ -187,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="results.jsonl (resumable), report.json (default runs/zoo)",
     )
     zoo.add_argument("--markdown", metavar="FILE", help="where the table goes (default DIR/coverage.md)")
+    zoo.add_argument(
+        "--rules",
+        default="dual_utuner,lora",
+        metavar="NAMES",
+        help="shipped rule files, comma-separated, applied in order (default dual_utuner,lora; the ground-truth "
+        "counts are checked for that pair only)",
+    )
     zoo.add_argument("--jobs", type=int, default=2, help="models at a time (default 2)")
     zoo.add_argument("--timeout", type=float, default=600, help="seconds per model (default 600)")
     zoo.add_argument("--memory-gb", type=float, default=10, help="address space per model (default 10)")

@@ -7,6 +7,9 @@
                                                               transformers families from small configs
     python cli.py zoo --catalog torchvision --models all -o runs/zoo-tv
                                                               every torchvision classification model
+    python cli.py zoo --rules res_tuning_bypass -o runs/zoo-bypass
+                                                              other shipped rule files through the chain
+                                                              (the ground-truth counts check only the default pair)
 
 stages.py runs one model through the chain (in its own process), runner.py runs many (two at
 a time, bounded, resumable), catalog.py picks the timm models, hf_catalog.py and
@@ -21,6 +24,7 @@ from datetime import date
 from pathlib import Path
 
 from utune_fx.atomic import write_text
+from utune_fx.zoo.stages import RULE_FILES
 
 TITLES = {
     "timm": "timm architectures",
@@ -43,7 +47,14 @@ def _versions(catalog: str) -> str:
 
 
 def run_zoo(
-    which: str, out: Path, jobs: int, timeout: float, memory_gb: float, markdown: Path | None, catalog: str = "timm"
+    which: str,
+    out: Path,
+    jobs: int,
+    timeout: float,
+    memory_gb: float,
+    markdown: Path | None,
+    catalog: str = "timm",
+    rule_files: tuple[str, ...] = RULE_FILES,
 ) -> dict:
     import torch
 
@@ -52,13 +63,22 @@ def run_zoo(
     from utune_fx.zoo.runner import sweep
 
     names = select_models(catalog, which)
-    records = sweep(names, out / "results.jsonl", jobs=jobs, timeout=timeout, memory_gb=memory_gb, catalog=catalog)
+    records = sweep(
+        names,
+        out / "results.jsonl",
+        jobs=jobs,
+        timeout=timeout,
+        memory_gb=memory_gb,
+        catalog=catalog,
+        rule_files=rule_files,
+    )
     report = coverage_report(records)
     write_text(out / "report.json", json.dumps(report, indent=1))
+    files = " and ".join(f"rules/{name}.yaml" for name in rule_files)
     preamble = (
         f"`python cli.py zoo --catalog {catalog} --models {which}` on {date.today().isoformat()}: {len(names)} "
         f"models, torch {torch.__version__}, {_versions(catalog)}, {jobs} at a time, {timeout:.0f} s and "
-        f"{memory_gb:g} GB each. {BUILT[catalog]}; rule files rules/dual_utuner.yaml and rules/lora.yaml, unchanged."
+        f"{memory_gb:g} GB each. {BUILT[catalog]}; rule files {files}, unchanged."
     )
     text = render_markdown(report, f"Coverage: the whole chain on {TITLES[catalog]}", preamble)
     write_text(markdown or out / "coverage.md", text)

@@ -4,7 +4,7 @@
         -> one JSON line per model appended to zoo.jsonl as it finishes; models already in the
            file are skipped, so an interrupted sweep continues where it stopped
 
-Each model runs ``python -m utune_fx.zoo.stages NAME CATALOG`` (offline: nothing is downloaded) with a wall-clock timeout and an
+Each model runs ``python -m utune_fx.zoo.stages NAME CATALOG RULE_FILES`` (offline: nothing is downloaded) with a wall-clock timeout and an
 address-space limit (so one model cannot take the machine); a worker that dies, runs out of
 memory or time is recorded as such, with the stage it had reached unknown (``build``).
 """
@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from utune_fx.train.progress import count_progress
+from utune_fx.zoo.stages import RULE_FILES
 
 
 def done_models(results: Path) -> dict[str, dict]:
@@ -55,12 +56,14 @@ def _failed(name: str, kind: str, message: str) -> dict:
     }
 
 
-def run_one(name: str, timeout: float, memory_gb: float, catalog: str = "timm") -> dict:
+def run_one(
+    name: str, timeout: float, memory_gb: float, catalog: str = "timm", rule_files: tuple[str, ...] = RULE_FILES
+) -> dict:
     start = time.perf_counter()
     environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "utune_fx.zoo.stages", name, catalog],
+            [sys.executable, "-m", "utune_fx.zoo.stages", name, catalog, ",".join(rule_files)],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -87,6 +90,7 @@ def sweep(
     memory_gb: float = 10,
     progress: bool = True,
     catalog: str = "timm",
+    rule_files: tuple[str, ...] = RULE_FILES,
 ) -> dict[str, dict]:
     """Run what is not yet in ``results``; returns every record (old and new) by model."""
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +104,7 @@ def sweep(
         if results.stat().st_size and not results.read_bytes().endswith(b"\n"):
             sink.write("\n")  # end a line a killed sweep tore, so the next record stands alone
         task = bar.add_task("zoo", total=len(todo), last="")
-        futures = {pool.submit(run_one, name, timeout, memory_gb, catalog): name for name in todo}
+        futures = {pool.submit(run_one, name, timeout, memory_gb, catalog, rule_files): name for name in todo}
         for future in as_completed(futures):
             record = future.result()
             records[record["model"]] = record

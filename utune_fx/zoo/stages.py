@@ -187,10 +187,11 @@ def _train_step(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> di
     return norms
 
 
-def run_chain(name: str, catalog: str = "timm") -> dict:
+def run_chain(name: str, catalog: str = "timm", rule_files: tuple[str, ...] = RULE_FILES) -> dict:
     """A catalogue's model through the chain; the record as the module docstring shows. timm models
     are built with ``pretrained=False``; transformers and torchvision entries (zoo/catalogs.py) also
-    bring their ground truth, which the match stage checks (zoo/truth.py)."""
+    bring their ground truth, which the match stage checks (zoo/truth.py) for the default rule files
+    (its counts are the dual U-Tuner's and LoRA's regions)."""
     record: dict = {"model": name, "stages": {}, "last_stage": None, "error": None, "found": {}}
     if catalog != "timm":
         record["catalog"] = catalog
@@ -203,15 +204,17 @@ def run_chain(name: str, catalog: str = "timm") -> dict:
         from utune_fx.zoo.catalogs import build_entry
         from utune_fx.zoo.truth import structure
 
-        state["model"], state["inputs"], state["expected_counts"] = build_entry(catalog, name, record)
+        state["model"], state["inputs"], expected = build_entry(catalog, name, record)
         if not record["meta"]:
             redraw_zero_weights(state["model"], record)
-        record["truth"] = {"expected": state["expected_counts"]}
-        state["structure"] = structure(state["model"], state["inputs"])
+        if rule_files == RULE_FILES:
+            state["expected_counts"] = expected
+            record["truth"] = {"expected": expected}
+            state["structure"] = structure(state["model"], state["inputs"])
 
     from utune_fx.zoo.catalogs import entry_spec
 
-    return _run_stages(record, build, entry_spec(catalog, name), "auto", RULE_FILES, {})
+    return _run_stages(record, build, entry_spec(catalog, name), "auto", rule_files, {})
 
 
 def run_module_chain(
@@ -369,4 +372,5 @@ def _run_stages(record: dict, build_model, spec: str, frontend: str, rule_files:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # two workers share the two cores
-    print(json.dumps(run_chain(*sys.argv[1:3])), flush=True)
+    rule_files = tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else RULE_FILES
+    print(json.dumps(run_chain(sys.argv[1], sys.argv[2], rule_files)), flush=True)
