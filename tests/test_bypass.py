@@ -258,6 +258,10 @@ def test_fold_keeps_the_ladder_and_the_api_refuses_to_fold_it():
     model, x, result = _tuned("vit")
     folded = fold(result.module, result.summaries)
     assert [e.status for e in folded.entries if e.rule == "bypass"] == [KEPT] * 4
+    with pytest.warns(UserWarning, match="returns the rewritten torch.fx GraphModule"):
+        graph = utune_fx.tune(MODELS["vit"]()[0], "res_tuning_bypass", example_inputs=x)
+    with pytest.raises(UtuneError, match=r"^cannot fold rule 'bypass' \(res_tuning_bypass at utune.bypass.0\): a side"):
+        utune_fx.fold(graph)
 
 
 # -- refusals -----------------------------------------------------------------------------------------
@@ -306,3 +310,21 @@ def test_vertical_false_drops_the_vertical_res_tuners_where_the_channels_stay(tm
     assert [step.vertical is not None for step in steps] == [False, True, True, True]
     with torch.no_grad():
         assert torch.equal(result.module(x), model(x))
+
+
+def test_a_saved_ladder_loads_back_into_the_same_outputs(tmp_path):
+    """save_tuned / load_tuned (what train, fold and export read): the rebuilt ladder, away from identity,
+    computes what the saved one did."""
+    from utune_fx.rewrite.artifact import TunedSource, build_tuned, load_tuned, save_tuned
+
+    source = TunedSource("timm:vit_tiny_patch16_224?img_size=32&patch_size=8&depth=2&num_classes=3", [], "fx")
+    rules = load_rules(RULES)
+    result = build_tuned(source, [rules])
+    _away_from_identity(result.module)
+    save_tuned(result, [rules], source, tmp_path / "tuned")
+    loaded = load_tuned(tmp_path / "tuned")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected, actual = result.module(x), loaded.module(x)
+    assert torch.equal(actual, expected)
+    assert not torch.allclose(expected, loaded.base_model(x), atol=1e-3)

@@ -289,27 +289,40 @@ def graph_of(model: nn.Module, state: TunedState) -> nn.Module:
     return gm
 
 
-def fold(model: nn.Module) -> nn.Module:
-    """Merge every tuner into the weights it sits on and return the plain model (its own class, no
-    hooks, no ``utune`` submodule, the parameters' original requires_grad). A tuner that cannot
-    merge (a nonlinear adapter) is refused with its reason before anything is written."""
+def _refuse_unmerged(entries: list) -> None:
     from utune_fx.fold import FOLDED, IN_PLACE
-    from utune_fx.fold import fold as fold_graph
 
-    state = _tuned_state(model)
-    graph = graph_of(model, state)
-    uninstall(model)  # a torch.fx graph calls the model's own modules: without the hooks
-    folded = fold_graph(graph, state.result.summaries)
-    refused = [e for e in folded.entries if e.status not in (FOLDED, IN_PLACE)]
+    refused = [e for e in entries if e.status not in (FOLDED, IN_PLACE)]
     if refused:
-        if state.splices:
-            del model._modules["utune"]
-            install(model, graph.utune, state.splices)
         first = refused[0]
         raise UtuneError(
             f"cannot fold rule '{first.rule}' ({first.tuner} at {first.module}): {first.reason}; "
             f"{len(refused)} tuner(s) do not merge: keep them (save_tuners) or tune with foldable rules (lora)"
         )
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """Merge every tuner into the weights it sits on and return the plain model (its own class, no
+    hooks, no ``utune`` submodule, the parameters' original requires_grad). A tuner that cannot
+    merge (a nonlinear adapter) is refused with its reason before anything is written. The rewritten
+    GraphModule ``tune`` returns where it cannot splice folds too: into a new GraphModule."""
+    from utune_fx.fold import fold as fold_graph
+
+    if getattr(model, _STATE, None) is None and isinstance(model, torch.fx.GraphModule) and hasattr(model, "utune"):
+        folded = fold_graph(model)  # the rewritten graph tune returned (prompts, prefixes, a bypass)
+        _refuse_unmerged(folded.entries)
+        return folded.module
+    state = _tuned_state(model)
+    graph = graph_of(model, state)
+    uninstall(model)  # a torch.fx graph calls the model's own modules: without the hooks
+    folded = fold_graph(graph, state.result.summaries)
+    try:
+        _refuse_unmerged(folded.entries)
+    except UtuneError:
+        if state.splices:
+            del model._modules["utune"]
+            install(model, graph.utune, state.splices)
+        raise
     merged = dict(folded.module.named_parameters())
     mine = {name: p for name, p in model.named_parameters() if not name.startswith("utune.")}
     new = sorted(set(merged) - set(mine) - {n for n in merged if n.startswith("utune.")})
