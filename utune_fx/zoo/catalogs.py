@@ -18,35 +18,45 @@ from utune_fx.errors import UtuneError
 CATALOGS = ("timm", "transformers", "torchvision")
 
 
-def _names(catalog: str) -> tuple[list[str], tuple[str, ...]]:
-    """(every entry, the CI sample)."""
+def _ci_sample(catalog: str) -> tuple[str, ...]:
     if catalog == "transformers":
-        from utune_fx.zoo.hf_catalog import CI_SAMPLE, hf_models
+        from utune_fx.zoo.hf_catalog import CI_SAMPLE
+    elif catalog == "torchvision":
+        from utune_fx.zoo.torchvision_catalog import CI_SAMPLE
+    else:
+        from utune_fx.zoo.catalog import CI_SAMPLE
+    return CI_SAMPLE
 
-        return list(hf_models()), CI_SAMPLE
+
+def _every_entry(catalog: str) -> list[str]:
+    """The whole catalogue (timm's: the smallest model of each family, which sizes every model)."""
+    if catalog == "transformers":
+        from utune_fx.zoo.hf_catalog import hf_models
+
+        return list(hf_models())
     if catalog == "torchvision":
-        from utune_fx.zoo.torchvision_catalog import CI_SAMPLE, tv_models
+        from utune_fx.zoo.torchvision_catalog import tv_models
 
-        return tv_models(), CI_SAMPLE
-    from utune_fx.zoo.catalog import CI_SAMPLE, families
+        return tv_models()
+    from utune_fx.zoo.catalog import families
 
-    return families(), CI_SAMPLE
+    return families()
 
 
 def select_models(catalog: str, which: str) -> list[str]:
     if catalog not in CATALOGS:
         raise UtuneError(f"--catalog {catalog!r}: use one of {', '.join(CATALOGS)}")
     if which == "ci":
-        return list(_names(catalog)[1])
+        return list(_ci_sample(catalog))
     if which == "all":
-        return _names(catalog)[0]
+        return _every_entry(catalog)
     names = [name.strip() for name in which.split(",") if name.strip()]
     if catalog == "timm":
         import timm
 
         known = set(timm.list_models())
     else:
-        known = set(_names(catalog)[0])
+        known = set(_every_entry(catalog))
     unknown = [name for name in names if name not in known]
     if unknown or not names:
         raise UtuneError(
