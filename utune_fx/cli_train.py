@@ -75,7 +75,7 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(**{name: getattr(args, name) for name in TrainConfig.help()})  # checked (device too) first
     out = Path(args.output)
     settings = cli_settings(args, config)
-    processes = _join_processes(config)
+    processes = _join_processes(config, args)
     try:
         with _run_directory(out, args.resume, settings, processes):
             summary = _train_locked(args, config, out, settings, processes.is_main)
@@ -86,15 +86,21 @@ def _train(args: argparse.Namespace) -> int:
     return _print_summary(args, out, summary) if processes.is_main else 0
 
 
-def _join_processes(config):
+def _join_processes(config, args):
     """This process among torchrun's (one process without it). A refusal here (a global batch that does not
-    divide by the processes, a device) is the same on every rank: rank 0 says it, the others exit quietly."""
+    divide by the processes, a device, --cache-features under torchrun or with augmented images) is the same
+    on every rank: rank 0 says it, the others exit quietly."""
     import time
 
+    from utune_fx.data.text import is_text_spec
     from utune_fx.errors import EXIT_USER_ERROR
     from utune_fx.train.distributed import launched_world, start_processes
+    from utune_fx.train.feature_cache import refusal_before_model
 
     try:
+        augment = not args.no_augment and not is_text_spec(args.data)
+        if config.cache_features and (refusal := refusal_before_model(augment, launched_world()[1])):
+            raise UtuneError(refusal)
         return start_processes(config)
     except UtuneError as error:
         if launched_world()[0] != 0:
@@ -151,6 +157,10 @@ def _train_locked(args: argparse.Namespace, config, out, settings: dict, main: b
         from utune_fx.match.report import empty_rules_error
 
         raise EmptyRuleError(empty_rules_error(result.empty_rules, args.model))
+    if config.cache_features:  # what the graph allows, before the data is read (train() checks it again)
+        from utune_fx.train.feature_cache import check_split, split_graph
+
+        check_split(split_graph(result.module))
     with status.status(f"reading {args.data}"):
         splits = load_splits(
             result,
@@ -203,6 +213,11 @@ def _print_summary(args: argparse.Namespace, out, summary: dict) -> int:
         + ", "
         f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB"
     )
+    if summary.get("features_cached"):
+        print(
+            f"frozen features cached: {summary['feature_cache_bytes'] / 2**20:.1f} MiB for "
+            f"{summary['feature_cache_images']:,} images, built in {summary['feature_cache_seconds']:.1f} s"
+        )
     print(f"wrote {out}/ (tuned/, checkpoint/, split.json, metrics.jsonl, summary.json, curves.png)")
     return 0
 

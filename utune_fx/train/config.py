@@ -43,6 +43,13 @@ class TrainConfig:
             "the model to each (DDP); the tuners stay whole on every process"
         },
     )
+    cache_features: bool = field(
+        default=False,
+        metadata={
+            "help": "compute the frozen part of the model once per image and train the rest from that cache "
+            "(needs --no-augment; docs/train.md)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seeds the data order, augmentation and tuner dropout"})
 
     def __post_init__(self) -> None:

@@ -178,7 +178,14 @@ def _train_locked(module, train_set, val_set, config, out, resume, test_set, set
         progress, settings = state["progress"], recorded | settings
         if writes:
             _write_metrics(out, progress["history"])  # a kill after the checkpoint and before the metrics
-    seeded = SeededImages(train_set, config.seed)
+    cache = {"features_cached": False}
+    if config.cache_features:  # the frozen part once per image; training and validation read it (feature_cache.py)
+        from utune_fx.train.feature_cache import cache_features
+
+        parallel, train_set, val_set, test_set, config, cache = cache_features(
+            parallel, module, train_set, val_set, test_set, config
+        )
+    seeded = train_set if config.cache_features else SeededImages(train_set, config.seed)  # a cache draws nothing
     interrupt = Interrupt()
     previous = signal.signal(signal.SIGINT, interrupt)
     started = time.perf_counter() - progress["seconds"]
@@ -205,7 +212,7 @@ def _train_locked(module, train_set, val_set, config, out, resume, test_set, set
                 _write_metrics(out, progress["history"])
     finally:
         signal.signal(signal.SIGINT, previous)
-    summary = _summary(module, progress, device) | {"world_size": processes.world_size}
+    summary = _summary(module, progress, device) | {"world_size": processes.world_size} | cache
     if test_set is not None:
         summary["test_accuracy"] = evaluate(parallel.runner, test_set, config, device, task)["accuracy"]
     if writes:
