@@ -20,6 +20,7 @@ from utune_fx.match import MatchContext, load_rules
 from utune_fx.match.report import match_report
 from utune_fx.rewrite import rewrite
 from utune_fx.rewrite.attention_sites import TUNER_META
+from utune_fx.rewrite.bypass import chain_sizes
 from utune_fx.rewrite.plan import site_refusal
 from utune_fx.trace import trace
 from utune_fx.trace.annotate import set_training
@@ -101,7 +102,7 @@ def test_match_estimates_exactly_the_parameters_the_rewrite_adds(arch):
     model, x, result = _tuned(arch)
     gm = trace(model, (x,))
     rules = load_rules(RULES)
-    report = match_report(gm, model, rules, "", site_refusal, MatchContext(gm))
+    report = match_report(gm, model, rules, "", site_refusal, MatchContext(gm), chained=chain_sizes)
     estimated = {entry["rule"]: entry["added_parameters"] for entry in report["results"]}
     added = {summary.rule: summary.added_parameters for summary in result.summaries}
     assert estimated["bypass"] == added["bypass"] > 0
@@ -328,3 +329,62 @@ def test_a_saved_ladder_loads_back_into_the_same_outputs(tmp_path):
         expected, actual = result.module(x), loaded.module(x)
     assert torch.equal(actual, expected)
     assert not torch.allclose(expected, loaded.base_model(x), atol=1e-3)
+
+
+class _TwoTowers(nn.Module):
+    """Two stacks of residual blocks on two inputs (a CLIP, or an encoder and its decoder): neither
+    tower's blocks are computed from the other's."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.text = nn.Sequential(_Mlp(width), _Mlp(width), nn.LayerNorm(width))
+        self.image = nn.Sequential(_Mlp(width), _Mlp(width), _Mlp(width), nn.LayerNorm(width))
+
+    def forward(self, a, b):
+        return self.text(a).mean(1) * self.image(b).mean(1)
+
+
+def test_each_tower_gets_a_ladder_and_a_join_of_its_own():
+    model, inputs = _TwoTowers().eval(), (torch.randn(2, 5, 16), torch.randn(2, 7, 16))
+    gm = trace(model, inputs)
+    rules = load_rules(RULES)
+    report = match_report(gm, model, rules, "", site_refusal, MatchContext(gm), chained=chain_sizes)
+    result = rewrite(gm, rules)
+    joins = [name for name, m in result.module.named_modules() if isinstance(m, BypassJoin)]
+    assert joins == ["utune.bypass.2", "utune.bypass.6"]  # after 2 text rungs, after 3 image rungs
+    added = next(s.added_parameters for s in result.summaries if s.rule == "bypass")
+    assert next(e["added_parameters"] for e in report["results"] if e["rule"] == "bypass") == added
+    with torch.no_grad():
+        assert torch.equal(result.module(*inputs), model(*inputs))
+        _away_from_identity(result.module)
+        moved = result.module(*inputs)
+    image_only = dict(result.module.named_parameters())["utune.bypass.6.gamma"]
+    with torch.no_grad():
+        image_only.zero_()
+        dict(result.module.named_parameters())["utune.bypass.6.beta"].zero_()
+        text_joined = result.module(*inputs)
+    assert not torch.allclose(moved, text_joined) and not torch.allclose(text_joined, model(*inputs))
+
+
+class _SideBySide(nn.Module):
+    """x + mlp_a(ln(x)) + mlp_b(ln(x)): two MLPs reading one tensor (a parallel block's branches)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mlp_a = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.mlp_b = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.mlp_a(h) + self.mlp_b(h)
+
+
+def test_stems_side_by_side_are_refused_in_one_line(tmp_path):
+    path = tmp_path / "mlps.yaml"
+    path.write_text("version: 1\nrules:\n  - {name: side, match: mlp, tuner: res_tuning_bypass}\n")
+    model, x = _SideBySide().eval(), torch.randn(2, 5, 16)
+    with pytest.raises(UtuneError) as error:
+        rewrite(trace(model, (x,)), load_rules(path))
+    message = str(error.value)
+    assert "\n" not in message and "region mlp_b: this stem reads what mlp_a is computed from" in message

@@ -62,11 +62,12 @@ def _traced(args: argparse.Namespace):
 def _match(args: argparse.Namespace) -> int:
     from utune_fx.match import load_rules
     from utune_fx.match.report import empty_rules_error, match_report, render_match
+    from utune_fx.rewrite.bypass import chain_sizes
     from utune_fx.rewrite.plan import bytes_per_parameter, dry_run_refusal, site_refusal
 
     rules = load_rules(args.rules)  # before building the model: a bad rule file fails fast
     loaded, gm = _traced(args)
-    report = match_report(gm, loaded.model, rules, loaded.name, site_refusal)  # the checks rewrite runs
+    report = match_report(gm, loaded.model, rules, loaded.name, site_refusal, chained=chain_sizes)  # as rewrite runs
     refusal = dry_run_refusal([report], bytes_per_parameter(loaded.model))
     report["refusal"] = refusal
     if args.json:

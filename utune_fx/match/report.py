@@ -12,7 +12,6 @@ lists every refusal, so ``match`` and ``rewrite`` fail alike. ``rewrite`` runs t
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +30,8 @@ from utune_fx.tuners import RegionSize
 
 # (rule match, region, context, its size) -> the line the rewriter would refuse it with, or None
 SiteCheck = Callable[[RuleMatch, Region, MatchContext, RegionSize], "str | None"]
+# the sizes of a rule whose tuners depend on each other (a bypass ladder: the state it carries, where it joins)
+ChainSizes = Callable[[RuleMatch, MatchContext, list[RegionSize]], list[RegionSize]]
 
 
 _SHOWN_REFUSALS = 5  # refused regions a rule shows by their reason
@@ -70,6 +71,7 @@ def match_report(
     check: SiteCheck | None = None,
     ctx: MatchContext | None = None,
     matched: list[RuleMatch] | None = None,
+    chained: ChainSizes | None = None,
 ) -> dict[str, Any]:
     """The report of ``rules`` on ``gm``; ``ctx`` and ``matched``: a context and matches already made."""
     ctx = ctx or MatchContext(gm)
@@ -78,13 +80,11 @@ def match_report(
     matched = match_rules(gm, rules, ctx) if matched is None else matched
     for found in matched:
         rule = found.rule
-        regions, previous = [], None
-        for position, region in enumerate(found.regions):
-            size = region_size(region, ctx, position)
-            size = dataclasses.replace(
-                size, previous_out=previous.channels_out if previous else 0, last=position == len(found.regions) - 1
-            )
-            previous = size
+        regions = []
+        sizes = [region_size(region, ctx, position) for position, region in enumerate(found.regions)]
+        if chained is not None:
+            sizes = chained(found, ctx, sizes)
+        for region, size in zip(found.regions, sizes):
             refused = check(found, region, ctx, size) if check is not None else None
             regions.append(
                 {

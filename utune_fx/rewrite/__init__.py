@@ -27,6 +27,7 @@ from torch import fx
 from utune_fx.errors import UtuneError
 from utune_fx.match import MatchContext, RuleSet, match_rules
 from utune_fx.match.report import match_report
+from utune_fx.rewrite.bypass import chain_sizes
 from utune_fx.rewrite.insertion import TUNER_SUMS
 from utune_fx.rewrite.passes import apply_rule
 from utune_fx.rewrite.plan import bytes_per_parameter, dry_run_refusal, site_refusal
@@ -84,7 +85,7 @@ def rewrite(gm: fx.GraphModule, rule_sets: RuleSet | Sequence[RuleSet], seed: in
     base = sum(p.numel() for p in gm.parameters())
     ctx = MatchContext(gm)
     per_set = [(rules, match_rules(gm, rules, ctx)) for rules in rule_sets]  # all on the frozen graph
-    reports = [match_report(gm, gm, rules, "", site_refusal, ctx, found) for rules, found in per_set]
+    reports = [match_report(gm, gm, rules, "", site_refusal, ctx, found, chain_sizes) for rules, found in per_set]
     refusal = dry_run_refusal(reports, bytes_per_parameter(gm))
     if refusal is not None:
         raise UtuneError(refusal)

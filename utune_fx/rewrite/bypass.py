@@ -17,26 +17,29 @@ into the backbone but through the join, so the backbone records nothing for back
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import fx
 
+from utune_fx.errors import UtuneError
 from utune_fx.match import MatchContext, Region, RuleMatch
 from utune_fx.match.structure import in_scope
-from utune_fx.rewrite.attention_sites import fail
+from utune_fx.rewrite.attention_sites import TUNER_META, fail
 from utune_fx.rewrite.insertion import TUNER_SUMS, annotate, current
 from utune_fx.rewrite.passes import parallel_input, placement, region_channels_first, whole_factor_stride
 from utune_fx.trace import node_info
-from utune_fx.tuners import Site
+from utune_fx.tuners import RegionSize, Site
 from utune_fx.tuners.bypass import BypassJoin, BypassStep
 
 
 @dataclass(frozen=True)
 class Rung:
     region: Region
-    reads: fx.Node  # the stem's input (the first stem's starts the side state)
-    writes: fx.Node  # the stem's output: the rung reads it detached; the join adds to the last one's
+    reads: fx.Node  # the stem's input (a chain's first stem starts its side state here)
+    writes: fx.Node  # the stem's output: the rung reads it detached; a chain's last one is joined
     site: Site
+    starts: bool  # the first stem of its chain
+    ends: bool = False  # the last stem of its chain: the join goes there
 
 
 def _shape_text(shape) -> str:
@@ -66,18 +69,23 @@ def _rung_site(found: RuleMatch, region: Region, state: tuple, out: tuple, chann
     return Site(state[axis], out[axis], rank, channels_first, stride=stride)
 
 
+# what a stem's module may still do to its output after the region ends, and what moves its layout
+_FINISHING = ("act", "dropout", "identity", "cast", "reshape", "permute")
+_LAYOUT = ("reshape", "permute")
+
+
 def _passed_on(region: Region, output: fx.Node, channels_first: bool) -> fx.Node:
     """The stem's output as the model passes it on: through what its only reader does to it that keeps
-    the batch and the channels, while that reader still belongs to the stem's module (a ResNet block's
-    ReLU after its residual add) or only moves the layout (Swin's block adds its residual on
-    [B, H*W, C] and returns [B, H, W, C])."""
+    the batch and the channels, while that is the stem's module finishing elementwise (a ResNet block's
+    ReLU after its residual add) or a layout move (Swin's block adds its residual on [B, H*W, C] and
+    returns [B, H, W, C])."""
     node, axis = output, 1 if channels_first else -1
     for _ in range(8):
         users = list(node.users)
         if len(users) != 1:
             break
-        user = users[0]
-        if not in_scope(user, region.scope) and node_info(user).op_kind not in ("reshape", "permute"):
+        user, kind = users[0], node_info(users[0]).op_kind
+        if kind not in _LAYOUT and not (kind in _FINISHING and in_scope(user, region.scope)):
             break
         before, after = node_info(node).shape, node_info(user).shape
         if not before or not after or len(after) < 3 or after[0] != before[0] or after[axis] != before[axis]:
@@ -86,9 +94,25 @@ def _passed_on(region: Region, output: fx.Node, channels_first: bool) -> fx.Node
     return node
 
 
+def _reaches(source: fx.Node, target: fx.Node, order: dict[fx.Node, int]) -> bool:
+    """Whether ``target`` is computed from ``source`` (users only; nothing past ``target`` is visited)."""
+    seen, stack = set(), [source]
+    while stack:
+        node = stack.pop()
+        if node is target:
+            return True
+        if node in seen or order[node] > order[target]:
+            continue
+        seen.add(node)
+        stack.extend(node.users)
+    return False
+
+
 def ladder(found: RuleMatch, ctx: MatchContext) -> list[Rung]:
-    """The rungs in graph order, each with its site; a one-line UtuneError for a stem the ladder cannot
-    follow (the dry run calls this too)."""
+    """The rungs in graph order, each with its site, in chains: a stem computed from the one before
+    continues its chain; one that is not (a decoder after its encoder, a second tower) starts a new one
+    with a side state and a join of its own. A one-line UtuneError for a stem no ladder can follow (the
+    dry run calls this too)."""
     stems = sorted(found.regions, key=lambda region: ctx.order[region.output])
     rungs: list[Rung] = []
     for region in stems:
@@ -97,17 +121,37 @@ def ladder(found: RuleMatch, ctx: MatchContext) -> list[Rung]:
         reads, writes = parallel_input(region, ctx)
         channels_first = region_channels_first(region, ctx, writes)
         writes = _passed_on(region, writes, channels_first)
-        if rungs and ctx.order[reads] < ctx.order[rungs[-1].writes]:
+        if rungs and ctx.order[reads] < ctx.order[rungs[-1].writes] and _reaches(reads, rungs[-1].writes, ctx.order):
             raise fail(
                 found,
                 region,
-                f"this stem starts before {rungs[-1].region.scope} ends; a bypass needs stems that follow "
-                "one another (select blocks, not regions inside them)",
+                f"this stem reads what {rungs[-1].region.scope} is computed from; a bypass needs stems that "
+                "follow one another (select blocks, not regions inside them or beside each other)",
             )
-        state = node_info(rungs[-1].writes if rungs else reads).shape
+        starts = not rungs or not _reaches(rungs[-1].writes, reads, ctx.order)
+        if starts and rungs:
+            rungs[-1] = replace(rungs[-1], ends=True)
+        state = node_info(reads if starts else rungs[-1].writes).shape
         site = _rung_site(found, region, state, node_info(writes).shape, channels_first)
-        rungs.append(Rung(region, reads, writes, site))
+        rungs.append(Rung(region, reads, writes, site, starts))
+    if rungs:
+        rungs[-1] = replace(rungs[-1], ends=True)
     return rungs
+
+
+def chain_sizes(found: RuleMatch, ctx: MatchContext, sizes: list[RegionSize]) -> list[RegionSize]:
+    """``match``'s sizes of a bypass rule's regions: the channels each rung's state comes in with and
+    whether a join follows it, as the rewriter will build them (other rules' sizes are returned as given)."""
+    if found.rule.position != "bypass":
+        return sizes
+    try:
+        rungs = {id(rung.region): rung for rung in ladder(found, ctx)}  # regions are dataclasses: by identity
+    except UtuneError:  # the refusal comes with the site check
+        return sizes
+    return [
+        replace(size, previous_out=rungs[id(region)].site.channels_in, last=rungs[id(region)].ends)
+        for region, size in zip(found.regions, sizes)
+    ]
 
 
 def insert_bypass(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext, safe: str) -> int:
@@ -136,19 +180,33 @@ def insert_bypass(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext, safe:
         ours.add(node)
         return node
 
-    state = detach(current(rungs[0].reads, sums), 0)
-    added = 0
-    for index, rung in enumerate(rungs):
+    added, index, state = 0, 0, None
+    for rung in rungs:
+        if rung.starts:
+            state = detach(current(rung.reads, sums), index)
         feature = detach(current(rung.writes, sums), index)
         step = BypassStep(rule.config, rung.site)
         state = call(f"utune.{safe}.{index}", step, (feature, state), index)
-        added += sum(p.numel() for p in step.parameters())
-    last, site = current(rungs[-1].writes, sums), rungs[-1].site
-    join = BypassJoin(rule.config, Site(site.channels_out, site.channels_out, site.rank, site.channels_first))
-    joined = call(f"utune.{safe}.{len(rungs)}", join, (state,), len(rungs))
-    with graph.inserting_after(joined):
-        total = graph.call_function(operator.add, (last, joined))
-    annotate(total, last, "add", "add", tag(len(rungs)))
-    last.replace_all_uses_with(total, delete_user_cb=lambda user: user not in ours and user is not total)
+        added, index = added + sum(p.numel() for p in step.parameters()), index + 1
+        if rung.ends:
+            added += _join(gm, rung, state, call(f"utune.{safe}.{index}", _join_module(rule, rung), (state,), index))
+            index += 1
+    return added
+
+
+def _join_module(rule, rung: Rung) -> BypassJoin:
+    site = rung.site
+    return BypassJoin(rule.config, Site(site.channels_out, site.channels_out, site.rank, site.channels_first))
+
+
+def _join(gm: fx.GraphModule, rung: Rung, state: fx.Node, joined: fx.Node) -> int:
+    """x_L' = x_L + join(s_L): every reader of the chain's last output but the ladder reads the sum."""
+    sums = gm.meta[TUNER_SUMS]
+    last = current(rung.writes, sums)
+    with gm.graph.inserting_after(joined):
+        total = gm.graph.call_function(operator.add, (last, joined))
+    annotate(total, last, "add", "add", joined.meta[TUNER_META])
+    ladder_nodes = {n for n in last.users if TUNER_META in n.meta}  # its detach: the ladder reads the frozen value
+    last.replace_all_uses_with(total, delete_user_cb=lambda user: user not in ladder_nodes and user is not total)
     sums[last] = total
-    return added + sum(p.numel() for p in join.parameters())
+    return sum(p.numel() for p in gm.get_submodule(str(joined.target)).parameters())
