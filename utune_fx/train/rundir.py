@@ -32,7 +32,7 @@ TUNED_TENSORS = "tuners.safetensors"
 # settings a resumed run may take from the command line: they change where and how fast it runs,
 # or (epochs) how long; every other setting changes what the run computes and must stay (the number of
 # torchrun processes is no setting: --batch-size is the global batch, so any number computes the same)
-SOUND_TO_CHANGE = ("epochs", "device", "precision", "compile", "workers", "fsdp")
+SOUND_TO_CHANGE = ("epochs", "device", "precision", "compile", "workers", "fsdp", "cache_features")
 _HELD: dict[Path, int] = {}  # run directories this process holds the lock of (open_run nests: CLI, then train())
 
 
