@@ -16,6 +16,7 @@ into the backbone but through the join, so the backbone records nothing for back
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, replace
 
@@ -39,6 +40,7 @@ class Rung:
     writes: fx.Node  # the stem's output: the rung reads it detached; a chain's last one is joined
     site: Site
     starts: bool  # the first stem of its chain
+    relayout: bool = False  # the state takes the stem output's layout of the same tokens
     ends: bool = False  # the last stem of its chain: the join goes there
 
 
@@ -46,27 +48,50 @@ def _shape_text(shape) -> str:
     return "x".join(map(str, shape))
 
 
-def _rung_site(found: RuleMatch, region: Region, state: tuple, out: tuple, channels_first: bool) -> Site:
-    """The rung's site: the state's channels in, the stem's out, the stride the state's maps pool by."""
+def _uniform_pool(tokens: tuple[int, ...], count: int) -> tuple[int, ...] | None:
+    """The one whole factor per axis that pools maps of ``tokens`` down to ``count`` positions, if any."""
+    total = math.prod(tokens)
+    if len(tokens) < 2 or not count or total % count:
+        return None
+    factor = round((total // count) ** (1 / len(tokens)))
+    if factor < 2 or factor ** len(tokens) != total // count or any(t % factor for t in tokens):
+        return None
+    return (factor,) * len(tokens)
+
+
+def _rung_site(found: RuleMatch, region: Region, state: tuple, out: tuple, channels_first: bool) -> tuple[Site, bool]:
+    """The rung's site (the state's channels in, the stem's out, the stride the state's maps pool by) and
+    whether what it carries takes the stem's layout of the same tokens ([B, H*W, C] <-> [B, H, W, C])."""
     if not state or not out:
         raise fail(found, region, "the bypass needs tensors in and out of the stem")
-    rank = len(out)
     refusal = (
         f"the side state cannot follow this stem from {_shape_text(state)} to {_shape_text(out)}; "
         "res_tuning_bypass needs stems that keep their tokens or downsample feature maps by whole factors"
     )
-    if len(state) != rank or state[0] != out[0] or rank < 2:
+    if state[0] != out[0] or min(len(state), len(out)) < 2:
         raise fail(found, region, refusal)
-    axis = 1 if channels_first else rank - 1
-    spatial_in, spatial_out = (state[2:], out[2:]) if channels_first else (state[1:-1], out[1:-1])
-    stride = None
-    if spatial_in != spatial_out:
-        # tokens [B, N, C] carry no layout to pool by; maps [B, C, H, W] and [B, H, W, C] do
-        if channels_first or rank >= 4:
-            stride = whole_factor_stride((out[0], 1, *spatial_in), (out[0], 1, *spatial_out))
-        if stride is None:
+    if channels_first:
+        stride = None
+        if len(state) != len(out):
             raise fail(found, region, refusal)
-    return Site(state[axis], out[axis], rank, channels_first, stride=stride)
+        if state[2:] != out[2:]:
+            stride = whole_factor_stride((out[0], 1, *state[2:]), (out[0], 1, *out[2:]))
+            if stride is None:
+                raise fail(found, region, refusal)
+        return Site(state[1], out[1], len(out), True, stride=stride), False
+    tokens_in, tokens_out = state[1:-1], out[1:-1]
+    if tokens_in == tokens_out:
+        return Site(state[-1], out[-1], len(out), False), False
+    if math.prod(tokens_in) == math.prod(tokens_out):  # the same tokens in another layout (Hugging Face Swin)
+        return Site(state[-1], out[-1], len(state), False), True
+    # maps [B, H, W, C] pool by whole factors; tokens [B, N, C] carry no layout to pool by
+    maps = len(tokens_in) >= 2
+    stride = whole_factor_stride((out[0], 1, *tokens_in), (out[0], 1, *tokens_out)) if len(state) == len(out) else None
+    stride = stride or _uniform_pool(tokens_in, math.prod(tokens_out))
+    if stride is None or not maps:
+        raise fail(found, region, refusal)
+    pooled = tuple(t // f for t, f in zip(tokens_in, stride))
+    return Site(state[-1], out[-1], len(state), False, stride=stride), pooled != tuple(tokens_out)
 
 
 # what a stem's module may still do to its output after the region ends, and what moves its layout
@@ -132,8 +157,8 @@ def ladder(found: RuleMatch, ctx: MatchContext) -> list[Rung]:
         if starts and rungs:
             rungs[-1] = replace(rungs[-1], ends=True)
         state = node_info(reads if starts else rungs[-1].writes).shape
-        site = _rung_site(found, region, state, node_info(writes).shape, channels_first)
-        rungs.append(Rung(region, reads, writes, site, starts))
+        site, relayout = _rung_site(found, region, state, node_info(writes).shape, channels_first)
+        rungs.append(Rung(region, reads, writes, site, starts, relayout=relayout))
     if rungs:
         rungs[-1] = replace(rungs[-1], ends=True)
     return rungs
@@ -185,7 +210,7 @@ def insert_bypass(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext, safe:
         if rung.starts:
             state = detach(current(rung.reads, sums), index)
         feature = detach(current(rung.writes, sums), index)
-        step = BypassStep(rule.config, rung.site)
+        step = BypassStep(rule.config, rung.site, relayout=rung.relayout)
         state = call(f"utune.{safe}.{index}", step, (feature, state), index)
         added, index = added + sum(p.numel() for p in step.parameters()), index + 1
         if rung.ends:

@@ -35,10 +35,12 @@ def _pool(x: torch.Tensor, stride: tuple[int, ...] | None) -> torch.Tensor:
 
 class BypassStep(nn.Module):
     """One rung: s_i = H(x_i) + V(s_{i-1}). ``site``: channels_in of the state it carries, channels_out
-    and layout of the stem's output, ``stride`` where the stem downsamples the state's feature maps."""
+    and layout of the stem's output, ``stride`` where the stem downsamples the state's feature maps;
+    ``relayout``: what it carries is the stem's tokens in another layout (reshaped last)."""
 
-    def __init__(self, config: ResTuningBypassConfig, site: Site):
+    def __init__(self, config: ResTuningBypassConfig, site: Site, relayout: bool = False):
         super().__init__()
+        self.relayout = relayout  # what it carries takes the stem's layout of the same tokens ([B, H*W, C])
         self.horizontal = Adapter(config, replace(site, channels_in=site.channels_out, stride=None))
         # feature maps with channels last ([B, H, W, C], Swin) are pooled and projected channels first
         self.channels_last_maps = bool(site.stride) and not site.channels_first
@@ -56,6 +58,8 @@ class BypassStep(nn.Module):
             carried = update if carried is None else carried + update
         if self.channels_last_maps:
             carried = carried.movedim(1, -1)
+        if self.relayout:
+            carried = carried.reshape(*feature.shape[:-1], carried.shape[-1])
         return feature + self.horizontal(feature) + carried
 
 
