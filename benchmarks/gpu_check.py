@@ -1,4 +1,5 @@
-"""GPU proof: utune_fx LoRA against PEFT LoRA, the dual U-Tuner, torch.compile, ONNX Runtime and DDP; one table.
+"""GPU proof: utune_fx LoRA against PEFT LoRA, the dual U-Tuner, Res-Tuning-Bypass, torch.compile, ONNX Runtime
+and DDP; one table.
 
     make gpu-check                                          # full mode on CUDA (exits 2 at once without it)
     python benchmarks/gpu_check.py [--device cuda:0] [--out runs/gpu-check.json]
@@ -7,9 +8,10 @@
 Full mode (one GPU, under 8 minutes, random weights, nothing downloaded): timm vit_base_patch16_224 at
 batch 64, bf16 autocast, AdamW, channels-last on CUDA as utune_fx/train/loop.py sets it. Training rows:
 median step time after warm-up and peak GPU memory of utune_fx LoRA (``utune_fx.tune(model, "lora")``),
-PEFT LoRA on the same layers (qkv, proj; r 8, alpha 16; classifier trained by both) and the dual U-Tuner,
-with ratios against PEFT from this run; torch.compile as ``cli.py train --compile`` applies it; ONNX
-Runtime (``export_onnx``; CUDAExecutionProvider, the CPU's with --device cpu) against eager: max abs
+PEFT LoRA on the same layers (qkv, proj; r 8, alpha 16; classifier trained by both), the dual U-Tuner and
+Res-Tuning-Bypass (rules/res_tuning_bypass.yaml), with ratios against PEFT from this run, and the bypass's
+against the dual U-Tuner (the issue's goal: peak memory <= 0.5x, step time <= 0.7x); torch.compile as
+``cli.py train --compile`` applies it; ONNX Runtime (``export_onnx``; CUDAExecutionProvider, the CPU's with --device cpu) against eager: max abs
 error in strict float32 and latency; DDP under torchrun when more than one GPU is visible. README "GPU
 check" says more. A row that cannot run here is "skipped" with the reason; one that raises is "failed"
 (exit code 1) and the rest still run. JSON: --out, default $OUT/gpu-check.json when $OUT is a directory
@@ -45,6 +47,7 @@ from utune_fx.train.devices import resolve_device  # noqa: E402
 
 MODEL_NAME = "vit_base_patch16_224"
 PEFT_TARGETS = r"blocks\.\d+\.attn\.(qkv|proj)"  # the layers rules/lora.yaml tunes in a ViT
+BYPASS_GOAL = {"peak": 0.5, "step": 0.7}  # Res-Tuning-Bypass against the dual U-Tuner, at most (the issue's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,7 @@ ROWS = {
     "lora": "utune_fx LoRA (rules/lora.yaml)",
     "peft_lora": "PEFT LoRA (same layers, r 8, alpha 16)",
     "dual_utuner": "utune_fx dual U-Tuner",
+    "res_tuning_bypass": "utune_fx Res-Tuning-Bypass",
     "lora_compiled": "utune_fx LoRA, torch.compile (--compile)",
     "onnx_runtime": "ONNX Runtime vs eager (LoRA, float32)",
     "ddp": "DDP: torchrun cli.py train, all GPUs",
@@ -316,9 +320,15 @@ def run_row(key: str, measure, device: torch.device) -> dict:
 
 
 def add_ratios(rows: dict[str, dict]) -> None:
-    """Step time and memory against PEFT LoRA, and compile's speed-up over eager LoRA, from this run alone."""
+    """Step time and memory against PEFT LoRA, the bypass's against the dual U-Tuner, and compile's speed-up
+    over eager LoRA, from this run alone."""
     peft_row, lora_row = rows["peft_lora"], rows["lora"]
-    for key in ("lora", "peft_lora", "dual_utuner", "lora_compiled"):
+    bypass, dual = rows["res_tuning_bypass"], rows["dual_utuner"]
+    if bypass["status"] == "ok" and dual["status"] == "ok":
+        bypass["step_vs_dual"] = round(bypass["step_ms"] / dual["step_ms"], 3)
+        if bypass["peak_memory_mib"] is not None:
+            bypass["memory_vs_dual"] = round(bypass["peak_memory_mib"] / dual["peak_memory_mib"], 3)
+    for key in ("lora", "peft_lora", "dual_utuner", "res_tuning_bypass", "lora_compiled"):
         row = rows[key]
         if row["status"] != "ok" or peft_row["status"] != "ok":
             continue
@@ -347,6 +357,10 @@ def describe(row: dict) -> str:
             f"{row['images_per_s_one_gpu']:.0f} on one, scaling {row['scaling_efficiency']:.2f}"
         )
     text = f"trainable {row['trainable']:,}; set-up {row['setup_s']:.1f} s"
+    if "step_vs_dual" in row:
+        peak, step = BYPASS_GOAL["peak"], BYPASS_GOAL["step"]
+        memory = f", peak {row['memory_vs_dual']:.2f}x (goal <= {peak}x)" if "memory_vs_dual" in row else ""
+        text += f"; against the dual U-Tuner: step {row['step_vs_dual']:.2f}x (goal <= {step}x){memory}"
     if row["row"] == "lora_compiled":
         text += f"; compile {row['compile_s']:.1f} s; speed-up {row.get('speedup_over_eager', float('nan')):.2f}x"
     return text
@@ -411,6 +425,7 @@ def main() -> int:
             "lora": lambda: measure_training("lora", setting, device),
             "peft_lora": lambda: measure_training("peft_lora", setting, device),
             "dual_utuner": lambda: measure_training("dual_utuner", setting, device),
+            "res_tuning_bypass": lambda: measure_training("res_tuning_bypass", setting, device),
             "lora_compiled": lambda: measure_compile(setting, device, args.compile_on_cpu),
             "onnx_runtime": lambda: measure_onnx(setting, device, workdir),
             "ddp": lambda: measure_ddp(setting, device, workdir),

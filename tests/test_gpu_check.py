@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-ROWS = ("lora", "peft_lora", "dual_utuner", "lora_compiled", "onnx_runtime", "ddp")
+ROWS = ("lora", "peft_lora", "dual_utuner", "res_tuning_bypass", "lora_compiled", "onnx_runtime", "ddp")
 GPU_ONLY = ("lora_compiled", "ddp")
 
 
@@ -34,13 +34,16 @@ def test_quick_cpu_run_writes_every_row(tmp_path):
     assert tuple(rows) == ROWS
     for key in GPU_ONLY:
         assert rows[key]["status"] == "skipped" and rows[key]["reason"], rows[key]
-    for key in ("lora", "peft_lora", "dual_utuner"):
+    for key in ("lora", "peft_lora", "dual_utuner", "res_tuning_bypass"):
         row = rows[key]
         assert row["status"] == "ok", row
         assert row["step_ms"] > 0 and row["peak_memory_mib"] is None  # GPU memory only on CUDA
     # the same layers, rank and classifier: utune_fx's LoRA and PEFT's train exactly as many parameters
     assert rows["lora"]["trainable"] == rows["peft_lora"]["trainable"]
     assert rows["lora"]["step_vs_peft"] > 0 and rows["peft_lora"]["step_vs_peft"] == 1.0
+    bypass = rows["res_tuning_bypass"]  # its ratios against the dual U-Tuner; memory only on CUDA
+    assert bypass["step_vs_dual"] > 0 and "memory_vs_dual" not in bypass
+    assert "against the dual U-Tuner: step" in report["table"]
     onnx_row = rows["onnx_runtime"]
     assert onnx_row["status"] == "ok", onnx_row
     assert onnx_row["provider"] == "CPUExecutionProvider"
