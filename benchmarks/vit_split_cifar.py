@@ -61,6 +61,7 @@ METHODS = {
     "U-Tuner blocks": (["utuner_block"], "U-Tuner", PETL_GRID, ""),
     "U-Tuner first layer": (["utuner_first_layer"], "U-Tuner", PETL_GRID, ""),
     "dual U-Tuner": (["dual_utuner"], "U-Tuner", PETL_GRID, ""),
+    "Res-Tuning-Bypass": (["res_tuning_bypass"], "Res-Tuning", PETL_GRID, ""),
 }
 SEEDS = (0, 1, 2)
 
