@@ -45,7 +45,7 @@ def test_the_ci_sample_runs_the_whole_chain(name, tmp_path, capsys):
         assert record["found"]["lora"] == 0 and record["found"]["lora_plain"] > 0, (name, record["found"])
     if name in ("resnet18", "convnext_atto"):  # residual blocks, no attention: LoRA's first fallback
         assert record["found"]["lora"] == 0 and record["found"]["lora_blocks"] > 0, (name, record["found"])
-    if name in ("coatnet_nano_rw_224", "maxvit_nano_rw_256"):  # hybrids: LoRA on the attention only
+    if name == "coatnet_nano_rw_224":  # a hybrid: LoRA on the attention only
         assert record["found"]["lora"] > 0 and record["found"]["lora_blocks"] == 0, (name, record["found"])
     assert rates["parity"] == [1, 1]
     assert (tmp_path / "coverage.md").read_text().startswith("# Coverage")
@@ -94,7 +94,7 @@ def test_unknown_models_are_one_line_errors(tmp_path, capsys):
 def test_the_ci_sample_is_fixed_and_valid(which):
     import timm
 
-    assert len(CI_SAMPLE) == 8 and set(CI_SAMPLE) <= set(timm.list_models())
+    assert len(CI_SAMPLE) == 7 and set(CI_SAMPLE) <= set(timm.list_models())
 
 
 def test_zero_initialised_weight_matrices_are_redrawn_and_named():
@@ -119,11 +119,12 @@ def test_zero_initialised_weight_matrices_are_redrawn_and_named():
 
 
 def test_another_rule_file_runs_the_chain_and_names_itself(tmp_path, capsys):
-    """--rules: the bypass ladder on a timm ResNet through the chain, and the table says which file ran."""
-    args = ["zoo", "--models", "resnet18", "--rules", "res_tuning_bypass", "--jobs", "1", "-o", str(tmp_path)]
+    """--rules: the bypass ladder on timm's smallest test ResNet through the chain, and the table says
+    which file ran."""
+    args = ["zoo", "--models", "test_resnet", "--rules", "res_tuning_bypass", "--jobs", "1", "-o", str(tmp_path)]
     assert main([*args, "--json"]) == 0
-    record = done_models(tmp_path / "results.jsonl")["resnet18"]
+    record = done_models(tmp_path / "results.jsonl")["test_resnet"]
     assert record["last_stage"] == "parity", record["error"]
-    assert record["found"]["bypass"] == 8 and "mha" not in record["found"]  # resnet18: 4 stages of 2 blocks
-    assert record["folded"]["kept"] == 9 and "truth" not in record
+    assert record["found"]["bypass"] > 0 and "mha" not in record["found"]
+    assert record["folded"]["kept"] == record["found"]["bypass"] + 1 and "truth" not in record  # steps + a join
     assert "rule files rules/res_tuning_bypass.yaml, unchanged" in (tmp_path / "coverage.md").read_text()

@@ -1,6 +1,6 @@
 """The zoo sweep: a catalogue of models through trace -> ... -> ONNX Runtime parity.
 
-    python cli.py zoo --models ci -o runs/zoo-ci              timm's fixed CI sample (8 models)
+    python cli.py zoo --models ci -o runs/zoo-ci              timm's fixed CI sample (7 models)
     python cli.py zoo --models all -o runs/zoo --markdown docs/coverage.md
                                                               one model per timm family (191)
     python cli.py zoo --catalog transformers --models all -o runs/zoo-hf

@@ -26,7 +26,6 @@ import utune_fx  # noqa: F401  (before timm)
 CI_SAMPLE = (
     "vit_tiny_patch16_224",
     "swin_tiny_patch4_window7_224",
-    "maxvit_nano_rw_256",
     "coatnet_nano_rw_224",
     "mixer_s32_224",
     "convnext_atto",

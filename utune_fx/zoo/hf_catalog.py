@@ -140,7 +140,7 @@ HF_MODELS = {
 # CI: one of each kind (decoder, encoder, encoder-decoder, vision, text-image, audio, mixture of
 # experts: afmoe's router is zero-initialised and its experts call transformers::grouped_mm_fallback;
 # hiera pools its skip after the attention, which a parallel tuner reads)
-CI_SAMPLE = ("gpt2", "llama", "bert", "distilbert", "t5", "bart", "vit", "swin", "clip", "wav2vec2", "afmoe", "hiera")
+CI_SAMPLE = ("gpt2", "llama", "bert", "t5", "bart", "vit", "swin", "clip", "wav2vec2", "afmoe", "hiera")
 # config fields that switch on a head with its own attention (one cross-attention and one FFN each)
 HEADS = ("vision_use_head",)
 
