@@ -185,7 +185,6 @@ def insert_bypass(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext, safe:
     rungs = ladder(found, ctx)
     sums = gm.meta.setdefault(TUNER_SUMS, {})
     where = placement(rungs[0].region, ctx, rungs[0].writes)
-    ours: set[fx.Node] = set()
 
     def tag(index: int) -> dict:
         return {"rule": rule.name, "tuner": rule.tuner, "position": rule.position, "index": index}
@@ -194,7 +193,6 @@ def insert_bypass(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext, safe:
         with graph.inserting_after(node):
             cut = graph.call_method("detach", (node,))
         annotate(cut, node, "identity", "detach", tag(index))
-        ours.add(cut)
         return cut
 
     def call(path: str, module, args: tuple, index: int) -> fx.Node:
@@ -202,7 +200,6 @@ def insert_bypass(gm: fx.GraphModule, found: RuleMatch, ctx: MatchContext, safe:
         with graph.inserting_after(args[0]):
             node = graph.call_module(path, args)
         annotate(node, args[0], "tuner", type(module).__name__, tag(index))
-        ours.add(node)
         return node
 
     added, index, state = 0, 0, None

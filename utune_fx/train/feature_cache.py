@@ -35,7 +35,7 @@ from utune_fx.errors import UtuneError
 from utune_fx.match.limits import Limit
 from utune_fx.memory import available_memory, human_bytes
 from utune_fx.trace.annotate import META_KEY, set_training
-from utune_fx.train.parallel import _in_place
+from utune_fx.train.parallel import in_place
 
 FLAG = "--cache-features"
 MEMORY_SHARE = 0.5  # of the memory available when the cache is built
@@ -127,7 +127,7 @@ def split_graph(gm: fx.GraphModule) -> GraphSplit:
 def _writes_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return getattr(modules[node.target], "inplace", False) is True
-    return _in_place(node)
+    return in_place(node)
 
 
 def _where(node: fx.Node) -> str:

@@ -107,7 +107,7 @@ def shard_frozen(module: nn.Module, processes: Processes, device: torch.device) 
     return trainable
 
 
-def _in_place(node) -> bool:
+def in_place(node) -> bool:
     """A graph node that writes into its first argument (x += y, x.add_(y), ...)."""
     import operator
 
@@ -129,7 +129,7 @@ def shard_units(module: nn.Module) -> list[str]:
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     attributes = [node.target for node in graph.nodes if node.op == "get_attr"]
     # FSDP's backward gathering hangs on the module's output; an in-place op on it would bypass that
-    written = {node.target for node in graph.nodes if node.op == "call_module" and any(map(_in_place, node.users))}
+    written = {node.target for node in graph.nodes if node.op == "call_module" and any(map(in_place, node.users))}
     owners = Counter(id(p) for _, p in module.named_parameters(remove_duplicate=False))
     chosen: list[str] = []
     for name in sorted(calls):
