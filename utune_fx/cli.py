@@ -8,6 +8,7 @@
     python cli.py fold DIR -o OUT                   (these three: cli_deploy.py; train, eval: cli_train.py)
     python cli.py export DIR -o model.onnx [--fold] [--opset N] [--tuners-as-inputs]
     python cli.py bench DIR [--batch-sizes 1,32] [-o bench.json]
+    python cli.py export DIR --format peft -o ADAPTER_DIR; import-peft ADAPTER_DIR [--model SPEC] -o OUT  (cli_peft.py)
     python cli.py zoo [--catalog timm|transformers|torchvision] [--models ci|all|NAMES] [-o DIR] [--markdown FILE]
 
 User errors print one line, ``error: ...``, and exit with code 2; ``--debug``
@@ -26,6 +27,7 @@ import traceback
 from rich.console import Console
 
 from utune_fx.cli_deploy import add_deploy_commands
+from utune_fx.cli_peft import add_peft_commands
 from utune_fx.cli_support import add_model_arguments, add_output_flags, print_json
 from utune_fx.cli_train import add_training_commands
 from utune_fx.errors import EXIT_USER_ERROR, UtuneError
@@ -175,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_training_commands(commands, rules_help)
     add_deploy_commands(commands)
+    add_peft_commands(commands)
 
     zoo = commands.add_parser(
         "zoo", help="a catalogue of models (timm, transformers, torchvision) through the whole chain"

@@ -40,6 +40,10 @@ def _fold(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if getattr(args, "format", "onnx") == "peft":  # a PEFT adapter directory instead of an ONNX file (cli_peft.py)
+        from utune_fx.cli_peft import export_peft_command
+
+        return export_peft_command(args)
     from pathlib import Path
 
     from utune_fx.export import export_onnx
@@ -177,6 +181,13 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("directory", metavar="DIR", help="a tuned or folded artifact (or a training run's OUT)")
     export.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="the ONNX file to write")
     export.add_argument("--fold", action="store_true", help="fold the tuners into the weights first")
+    export.add_argument(
+        "--format",
+        choices=("onnx", "peft"),
+        default="onnx",
+        help="onnx (default), or peft: -o names a PEFT adapter directory (adapter_config.json, "
+        "adapter_model.safetensors) for PeftModel.from_pretrained",
+    )
     export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     export.add_argument(
         "--exporter",
