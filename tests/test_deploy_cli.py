@@ -105,6 +105,9 @@ def test_export_json_lists_tuner_inputs(tmp_path, capsys):
     trainable = safetensors.torch.load_file(str(tuned / TENSORS))
     assert report["tuner_inputs"] == len(trainable) and not report["folded"]
     assert set(trainable) <= set(report["inputs"]) and all(check["passed"] for check in report["parity"])
+    checks = report["adapter"]["parity"] + report["defaults_parity"]  # m.onnx_adapter, and m.onnx unfed
+    assert report["adapter"]["tensors"] == len(trainable) and all(check["passed"] for check in checks)
+    assert (tmp_path / "m.onnx_adapter").is_file()
 
 
 @pytest.mark.parametrize(

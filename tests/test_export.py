@@ -97,10 +97,12 @@ def test_one_onnx_file_serves_two_tasks_through_tuner_inputs(tmp_path):
     path = tmp_path / "shared.onnx"
     exported = export_onnx(task_a.module, task_a.example_inputs, path, tuner_names=names)
     assert exported.tuner_inputs == names and exported.input_names == ["x", *names]
+    assert exported.defaults_parity.passed  # unfed: the defaults, here the module's own values
     graph = onnx.load(str(path)).graph
     assert [i.name for i in graph.input] == ["x", *names]
     initializers = [i.name for i in graph.initializer]
-    assert not [i for i in initializers if any(i.endswith(name) for name in names)]  # inputs, not weights
+    tuner_like = sorted(i for i in initializers if any(i.endswith(name) for name in names))
+    assert tuner_like == sorted(names)  # only each input's default, under the input's name: no frozen copy
     assert list(onnx_tuner_inputs(path)) == names
     assert onnx_tuner_inputs(path)["utune.mha.0.down.weight"] == ((8, 192), np.float32)
 
@@ -115,9 +117,12 @@ def test_one_onnx_file_serves_two_tasks_through_tuner_inputs(tmp_path):
         r"differs from PyTorch at batch 1: max abs error \d\.\d\de[+-]\d\d, relative error",
     )
     assert "float32 tolerance: rtol 1e-04, atol 1e-05" in message
+    # unfed, the tuner inputs hold their defaults (initializers): here the exported module's own values
+    assert [i.name for i in ort.InferenceSession(str(path)).get_overridable_initializers()] == names
+    assert verify_onnx(path, task_a.module, task_a.example_inputs).passed
     _one_line_error(
-        lambda: verify_onnx(path, task_a.module, task_a.example_inputs),
-        r"takes 19 input\(s\) besides the tuner feeds .* pass tuner_feeds",
+        lambda: verify_onnx(path, task_b.module, task_b.example_inputs),
+        r"differs from PyTorch at batch 1",
     )
 
     wrong = {name: torch.from_numpy(array) for name, array in feeds_a.items()}

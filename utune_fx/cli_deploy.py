@@ -2,7 +2,9 @@
 
 python cli.py fold DIR -o OUT                  folded artifact + report (fold/)
 python cli.py export DIR -o model.onnx [--fold] [--opset N] [--tuners-as-inputs]
-                                               ONNX file, verified in ONNX Runtime (export/)
+                                               ONNX file, verified in ONNX Runtime (export/); with tuner
+                                               inputs also model.onnx_adapter (cli_adapters.py)
+python cli.py export DIR --adapter-for model.onnx -o task.onnx_adapter   DIR's tuners for a shared model
 python cli.py bench DIR [--batch-sizes 1,32]   latency and throughput of four variants (bench.py)
 """
 
@@ -44,12 +46,15 @@ def _export(args: argparse.Namespace) -> int:
         from utune_fx.cli_peft import export_peft_command
 
         return export_peft_command(args)
-    from pathlib import Path
-
+    from utune_fx.cli_adapters import parity_lines, task_adapter, tuned_with_initial
     from utune_fx.export import export_onnx
     from utune_fx.fold.artifact import is_folded, load_for_inference
     from utune_fx.train.session import checked_artifact_directory
 
+    if args.adapter_for:
+        from utune_fx.cli_adapters import export_adapter_for
+
+        return export_adapter_for(args)
     directory = checked_artifact_directory(args.directory)
     if args.tuners_as_inputs and (args.fold or directory is not None and is_folded(directory)):
         raise UtuneError(
@@ -58,12 +63,22 @@ def _export(args: argparse.Namespace) -> int:
         )
     status = Console(stderr=True)
     with status.status(f"loading {args.directory}"):
-        result, module, folded = load_for_inference(args.directory, args.fold, model=args.base_model)
+        if args.tuners_as_inputs:  # the tuner inputs default to their initial values: the base model
+            result, module, folded = tuned_with_initial(args.directory, args.base_model)
+        else:
+            result, module, folded = load_for_inference(args.directory, args.fold, model=args.base_model)
     names = [name for name, p in result.module.named_parameters() if p.requires_grad] if args.tuners_as_inputs else []
     with status.status(f"exporting to {args.output} (opset {args.opset}) and checking it in ONNX Runtime"):
         exported = export_onnx(
-            module, result.example_inputs, args.output, opset=args.opset, exporter=args.exporter, tuner_names=names
+            module,
+            result.example_inputs,
+            args.output,
+            opset=args.opset,
+            exporter=args.exporter,
+            tuner_names=names,
+            tuner_defaults=getattr(result, "initial_tensors", None),
         )
+    adapter, adapter_lines = task_adapter(result, exported) if names else ({}, [])
     report = {
         "path": str(exported.path),
         "exporter": exported.exporter,
@@ -80,7 +95,7 @@ def _export(args: argparse.Namespace) -> int:
         "sequence_fixed": exported.sequence_fixed,
         "parity": [vars(check) for check in exported.parity.checks],
         "warnings": exported.parity.warnings,
-    }
+    } | adapter
     if args.json:
         print_json(report)
         return 0
@@ -98,20 +113,8 @@ def _export(args: argparse.Namespace) -> int:
         print(f"  fell back: {exported.fallback_reason}")
     if exported.sequence_fixed:
         print(f"  sequence length fixed at the example's: {exported.sequence_fixed}")
-    for check in exported.parity.checks:
-        print(
-            f"  ONNX Runtime ({exported.parity.provider}) vs PyTorch, {check.where}: max abs error "
-            f"{check.max_abs_error:.1e}, relative {check.rel_error:.1e} ({check.dtype}: rtol {check.rtol:g}, "
-            f"atol {check.atol:g}) {'ok' if check.passed else 'FAILED'}"
-            + (" (uninformative: all-zero outputs)" if check.uninformative else "")
-        )
-    for warning in exported.parity.warnings:  # a check that passed but says nothing
-        print(f"  warning: {warning}")
-    if names:
-        print(
-            f"  {len(names)} tuner tensors are graph inputs; feed another task's with "
-            f"utune_fx.export.tuner_feeds(ARTIFACT_DIR, {str(Path(args.output))!r})"
-        )
+    for line in parity_lines(exported.parity, "fed the tuners: " if names else "") + adapter_lines:
+        print(line)  # warnings: checks that passed but say nothing
     return 0
 
 
@@ -198,7 +201,14 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--tuners-as-inputs",
         action="store_true",
-        help="tuner tensors become graph inputs: one file serves every task tuned with the same rules",
+        help="tuner tensors become graph inputs: one file serves every task tuned with the same rules; "
+        "also writes MODEL.onnx_adapter (this task's tuners, an ONNX Runtime adapter)",
+    )
+    export.add_argument(
+        "--adapter-for",
+        metavar="MODEL.onnx",
+        help="write only DIR's tuners, as an ONNX Runtime adapter (-o TASK.onnx_adapter) for MODEL.onnx, "
+        "exported with --tuners-as-inputs from the same base model and rules",
     )
     add_base_model_flag(export)
     add_output_flags(export, "print the export and parity report as JSON")

@@ -94,18 +94,7 @@ def tuner_feeds(
     expected = _expected(names)
     try:
         with safe_open(str(path), framework="numpy") as handle:
-            found = set(handle.keys())
-            missing, unexpected = [n for n in expected if n not in found], sorted(found - set(expected))
-            if missing:
-                raise UtuneError(
-                    f"{path}: tuner tensor {missing[0]} is missing ({len(missing)} of {len(expected)} "
-                    f"missing); was it written for other rules or another model?"
-                )
-            if unexpected:
-                raise UtuneError(
-                    f"{path}: tensor {unexpected[0]} is not a tuner input of the model "
-                    f"({len(unexpected)} unexpected); export with the same tuner names as the artifact"
-                )
+            check_names(path, set(handle.keys()), expected, "export with the same tuner names as the artifact")
             tensors = {name: handle.get_tensor(name) for name in expected}
     except UtuneError:
         raise
@@ -113,16 +102,35 @@ def tuner_feeds(
         raise UtuneError(
             f"{path}: cannot read the tuner tensors ({first_line(error)}); write float32 tensors with safetensors"
         ) from error
+    check_shapes(path, {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}, expected)
+    return tensors
+
+
+def check_names(where: str | Path, found: set[str], expected: Mapping, fix: str) -> None:
+    """One line naming the first tensor ``expected`` lacks in ``found``, or the first it does not expect."""
+    missing, unexpected = [n for n in expected if n not in found], sorted(found - set(expected))
+    if missing:
+        raise UtuneError(
+            f"{where}: tuner tensor {missing[0]} is missing ({len(missing)} of {len(expected)} "
+            f"missing); was it written for other rules or another model?"
+        )
+    if unexpected:
+        raise UtuneError(
+            f"{where}: tensor {unexpected[0]} is not a tuner input of the model ({len(unexpected)} unexpected); {fix}"
+        )
+
+
+def check_shapes(where: str | Path, found: Mapping[str, tuple[tuple[int, ...], np.dtype]], expected: Expected) -> None:
+    """One line naming the first tensor whose shape or dtype is not the one ``expected`` declares."""
     for name, (shape, dtype) in expected.items():
-        tensor = tensors[name]
-        if shape is not None and tuple(tensor.shape) != shape:
+        got_shape, got_dtype = found[name]
+        if shape is not None and tuple(got_shape) != shape:
             raise UtuneError(
-                f"{path}: tuner tensor {name} has shape {list(tensor.shape)}, the model expects "
+                f"{where}: tuner tensor {name} has shape {list(got_shape)}, the model expects "
                 f"{list(shape)}; was it trained with other tuner settings?"
             )
-        if dtype is not None and tensor.dtype != dtype:
+        if dtype is not None and got_dtype != dtype:
             raise UtuneError(
-                f"{path}: tuner tensor {name} is {tensor.dtype}, the model expects {dtype}; "
+                f"{where}: tuner tensor {name} is {got_dtype}, the model expects {dtype}; "
                 "export and train in the same dtype"
             )
-    return tensors

@@ -8,14 +8,18 @@
                         the graph fixed it (ExportResult.sequence_fixed says why)
 
     export_onnx(..., tuner_names=trainable)       the tuner tensors become graph inputs named like the
-                                                  parameters (utune.mha.0.down.weight), not initializers:
-                                                  one file serves every task tuned with the same rules
+                                                  parameters (utune.mha.0.down.weight): one file serves
+                                                  every task tuned with the same rules, fed as tensors or
+                                                  as an ONNX Runtime adapter (adapters.py)
+    export_onnx(..., tuner_defaults=initial)      what those inputs hold when nothing is fed (initializers
+                                                  of the same names; default: the module's own values)
     a model over external_data_threshold bytes -> model.onnx + model.onnx.data (all weights, one file)
 
 Steps: eval mode; export (``auto``: the dynamo exporter, then TorchScript if it fails; see exporters.py);
 write into a staging folder beside ``path``; onnx.checker (path form, so external data is checked too);
 ONNX Runtime against PyTorch at batch 1 and 4, and for token inputs at two lengths (verify.py; the
-tuner inputs are fed the module's own values); only then os.replace into ``path``. In ``auto`` mode an
+tuner inputs are fed the module's own values, and run once more unfed: their defaults against the module
+with those values); only then os.replace into ``path``. In ``auto`` mode an
 export that does not verify also falls back; when every exporter fails with a dynamic sequence axis, the
 export is tried again at the example's lengths. A failure of every exporter is one UtuneError naming
 the op without a translation when the exporters' errors name one.
@@ -27,7 +31,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +75,7 @@ class ExportResult:
     parity: Parity | None = None  # None when export_onnx(..., verify=False)
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)  # input name -> {axis: name}
     sequence_fixed: str | None = None  # token inputs whose sequence axis stays fixed: why
+    defaults_parity: Parity | None = None  # tuner inputs left unfed (their defaults) against PyTorch
 
 
 def _serialized_size(model: onnx.ModelProto) -> int:
@@ -127,6 +132,7 @@ class _Job:
     path: Path
     threshold: int
     verify: Callable[[Path], Parity] | None
+    defaults: dict[str, torch.Tensor] = field(default_factory=dict)  # tuner input -> its initializer
 
 
 def _run(exporter: str, job: _Job) -> tuple[bool, Path | None, Parity | None] | Attempt:
@@ -139,6 +145,7 @@ def _run(exporter: str, job: _Job) -> tuple[bool, Path | None, Parity | None] | 
             return describe_failure(exporter, error)
         guard_zero_pad_max_pool(model)  # ONNX Runtime's PadFusion gets zero padding before MaxPool wrong
         _declare_tuner_inputs(model, job.wrapper.tuner_names, exporter)
+        _add_defaults(model, job.defaults)
         staged = staging / job.path.name
         try:
             external = _stage(model, staging, job.path.name, job.threshold)
@@ -201,6 +208,7 @@ def export_onnx(
     opset: int = 18,
     exporter: str = "auto",
     tuner_names: Sequence[str] | None = None,
+    tuner_defaults: Mapping[str, torch.Tensor] | None = None,
     external_data_threshold: int = 2**31,
     verify: bool = True,
     batch_sizes: Sequence[int] = (1, 4),
@@ -208,7 +216,9 @@ def export_onnx(
     """Export ``module`` to ``path`` with a dynamic batch axis (dim 0 of the batched inputs and of every
     output) and a dynamic sequence axis on token inputs where the module allows it; with ``verify`` the
     file is put in place only once ONNX Runtime matches PyTorch at ``batch_sizes`` (and two lengths).
-    ``tuner_names``: parameters that become graph inputs (fixed shapes) named as the parameters.
+    ``tuner_names``: parameters that become graph inputs (fixed shapes) named as the parameters;
+    ``tuner_defaults`` ({name: tensor}, default: the module's values): what each holds when it is not fed,
+    so an ONNX Runtime adapter (or no feed at all) can stand in for the feeds; verified unfed too.
     Weights go to ``<path>.data`` when the model would exceed ``external_data_threshold``."""
     path = Path(path)
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -217,13 +227,23 @@ def export_onnx(
     parameters = dict(module.named_parameters())
     tuners = tuple(parameters[name].detach().clone() for name in tuner_names)
     feeds = dict(zip(tuner_names, tuners))  # verified with the module's own tuner values
+    defaults = _defaults(feeds, tuner_defaults)
+    verified: dict[str, Parity] = {}
     with eval_mode(module):
         with torch.no_grad():
             output_count = len(ExportModule(module, len(inputs))(*inputs))
         fixed_because = _fixed_sequence_reason(module, inputs)
 
         def check(staged):
-            return verify_onnx(staged, module, inputs, batch_sizes=batch_sizes, tuner_feeds=feeds)
+            parity = verify_onnx(staged, module, inputs, batch_sizes=batch_sizes, tuner_feeds=feeds)
+            if defaults:
+                try:
+                    verified["defaults"] = verify_onnx(
+                        staged, WithTensors(module, defaults), inputs, batch_sizes=batch_sizes
+                    )
+                except UtuneError as error:
+                    raise UtuneError(f"with the tuner inputs unfed (their defaults): {error}") from error
+            return parity
 
         job = _Job(
             ExportModule(module, len(inputs), tuner_names),
@@ -235,6 +255,7 @@ def export_onnx(
             path,
             external_data_threshold,
             check if verify else None,
+            defaults,
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         exporters = EXPORTERS if exporter == "auto" else (exporter,)
@@ -262,6 +283,7 @@ def export_onnx(
             parity,
             {name: axis for name, axis in zip(job.input_names, job.axes) if axis},
             fixed_because if any(token_inputs(inputs)) else None,
+            verified.get("defaults"),
         )
 
 
@@ -314,3 +336,46 @@ def _declare_tuner_inputs(model: onnx.ModelProto, tuner_names: list[str], export
     if tuner_names:
         entry = model.metadata_props.add()
         entry.key, entry.value = TUNER_INPUTS_KEY, json.dumps(tuner_names)
+
+
+class WithTensors(nn.Module):
+    """``module`` with some of its parameters replaced by ``tensors`` (torch.func.functional_call)."""
+
+    def __init__(self, module: nn.Module, tensors: Mapping[str, torch.Tensor]):
+        super().__init__()
+        self.module, self.tensors = module, dict(tensors)
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        return torch.func.functional_call(self.module, self.tensors, inputs)
+
+
+def _defaults(values: dict[str, torch.Tensor], defaults: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Each tuner input's default: ``defaults``'s tensor, checked against the parameter's, or its value."""
+    if defaults is None:
+        return dict(values)
+    unknown = [name for name in defaults if name not in values]
+    if unknown:
+        raise UtuneError(f"tuner default {unknown[0]} is not one of the tuner names; give defaults for those only")
+    chosen = {}
+    for name, value in values.items():
+        default = defaults.get(name, value)
+        if tuple(default.shape) != tuple(value.shape) or default.dtype != value.dtype:
+            raise UtuneError(
+                f"tuner default {name} is {str(default.dtype).removeprefix('torch.')} {list(default.shape)}, "
+                f"the parameter {str(value.dtype).removeprefix('torch.')} {list(value.shape)}; give a tensor like it"
+            )
+        chosen[name] = default.detach().to(value.device).clone()
+    return chosen
+
+
+def _add_defaults(model: onnx.ModelProto, defaults: dict[str, torch.Tensor]) -> None:
+    """An initializer for each tuner input: ONNX Runtime then runs the graph without feeding it (an
+    overridable initializer), which its adapters need: it checks the required inputs before it adds
+    an active adapter's tensors to the feeds."""
+    inputs = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    for name, tensor in defaults.items():
+        tensor = tensor.detach().cpu().contiguous()
+        bits = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bfloat16
+        initializer = onnx.TensorProto(name=name, data_type=inputs[name], dims=list(tensor.shape))
+        initializer.raw_data = bits.numpy().tobytes()
+        model.graph.initializer.append(initializer)

@@ -252,23 +252,34 @@ def verify_onnx(
     tuner_feeds: dict[str, np.ndarray | torch.Tensor] | None = None,
     seed: int = 0,
     extra_tokens: int = EXTRA_TOKENS,
+    adapter: str | Path | None = None,
 ) -> Parity:
     """Run ``path`` in ONNX Runtime and ``module`` in PyTorch on the same random inputs at each batch
     size, and where the file's token inputs have a dynamic sequence axis, at the example's lengths and
     at ``extra_tokens`` more; the Parity when every output matches, else a one-line UtuneError with
-    the numbers."""
+    the numbers. ``adapter``: an .onnx_adapter file made active in every run (RunOptions), so its
+    tensors replace the tuner inputs' defaults (and any feeds of the same names)."""
     path = Path(path)
     examples = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     feeds = dict(tuner_feeds or {})
     session = _session(path)
-    declared = [i.name for i in session.get_inputs()]
+    run_options = None
+    if adapter is not None:
+        from utune_fx.export.adapters import load_adapter
+
+        loaded = load_adapter(adapter, path)  # RunOptions does not keep it alive: this name does
+        run_options = ort.RunOptions()
+        run_options.add_active_adapter(loaded)
+    # tuner inputs with defaults (export_onnx's tuner_defaults) are overridable initializers, not inputs
+    required = [i.name for i in session.get_inputs()]
+    declared = required + [i.name for i in session.get_overridable_initializers()]
     unknown = [name for name in feeds if name not in declared]
     if unknown:
         raise UtuneError(
             f"{path}: tuner feed {unknown[0]} is not an input of the model; "
             "feed the tensors of the tuner names it was exported with"
         )
-    data_names = [name for name in declared if name not in feeds]
+    data_names = [name for name in required if name not in feeds]
     if len(data_names) != len(examples):
         raise UtuneError(
             f"{path}: the model takes {len(data_names)} input(s) besides the tuner feeds "
@@ -289,7 +300,7 @@ def verify_onnx(
                 expected = _outputs(module, inputs, at.where)
                 values = {name: _ort_value(v) for name, v in {**dict(zip(data_names, inputs)), **feeds}.items()}
                 try:
-                    got = session.run_with_ort_values(None, values)
+                    got = session.run_with_ort_values(None, values, run_options)
                 except Exception as error:
                     raise UtuneError(
                         f"{path}: ONNX Runtime cannot run {at.where} ({first_line(error)}); the "

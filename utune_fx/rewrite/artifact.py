@@ -179,12 +179,14 @@ def rules_from_entries(entries: list[dict]) -> list:
     return rule_sets
 
 
-def load_tuned(directory: str | Path, model: str | torch.nn.Module | None = None):
+def load_tuned(directory: str | Path, model: str | torch.nn.Module | None = None, keep_initial: bool = False):
     """Rebuild the base model, trace and rewrite it as recorded, load the tuner weights.
 
     ``model`` names the base model when the manifest's spec runs code (an import or file spec,
     refused otherwise): a spec string, which replaces the recorded one, or the nn.Module itself (used as
-    it is, not copied: the tuned model shares its weights)."""
+    it is, not copied: the tuned model shares its weights). ``keep_initial``: also keep a copy of the
+    trainable tensors as the rewrite made them, before the artifact's are loaded
+    (``result.initial_tensors``): with those the tuned model computes what the base model computes."""
 
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -202,5 +204,7 @@ def load_tuned(directory: str | Path, model: str | torch.nn.Module | None = None
             f"{directory}: the base model {spec} now has other weights than the ones it "
             f"was tuned on (tuned with {manifest['versions']}); use the same weights and versions"
         )
+    if keep_initial:
+        result.initial_tensors = {n: p.detach().clone() for n, p in result.module.named_parameters() if p.requires_grad}
     load_trainable(result.module, tensors_path)
     return result
