@@ -1,8 +1,8 @@
 """Command line: parses arguments and calls the library; nothing else.
 
     python cli.py inspect [MODEL_SPEC] [--input-shape 2,3,224,224] [--frontend auto|fx|export] [--json]
-    python cli.py match MODEL_SPEC --rules FILE [--explain] [--allow-empty] [--json]
-    python cli.py rewrite MODEL_SPEC --rules FILE [--rules FILE2 ...] -o DIR [--allow-empty]
+    python cli.py match MODEL_SPEC --rules FILE [--explain] [--allow-empty] [--json] [--report FILE.html]
+    python cli.py rewrite MODEL_SPEC --rules FILE [--rules FILE2 ...] -o DIR [--allow-empty] [--report FILE.html]
     python cli.py train DIR_OR_MODEL [--rules FILE ...] --data SPEC -o OUT [--epochs N --lr X ...] [--resume] [--allow-empty]
     python cli.py eval DIR [--data SPEC] [--split test|val]
     python cli.py fold DIR -o OUT                   (these three: cli_deploy.py; train, eval: cli_train.py)
@@ -62,16 +62,23 @@ def _traced(args: argparse.Namespace):
 
 
 def _match(args: argparse.Namespace) -> int:
-    from utune_fx.match import load_rules
+    from utune_fx.match import MatchContext, load_rules, match_rules
     from utune_fx.match.report import empty_rules_error, match_report, render_match
     from utune_fx.rewrite.bypass import chain_sizes
     from utune_fx.rewrite.plan import bytes_per_parameter, dry_run_refusal, site_refusal
 
     rules = load_rules(args.rules)  # before building the model: a bad rule file fails fast
     loaded, gm = _traced(args)
-    report = match_report(gm, loaded.model, rules, loaded.name, site_refusal, chained=chain_sizes)  # as rewrite runs
+    ctx = MatchContext(gm)
+    matched = match_rules(gm, rules, ctx)
+    report = match_report(gm, loaded.model, rules, loaded.name, site_refusal, ctx, matched, chain_sizes)  # as rewrite
     refusal = dry_run_refusal([report], bytes_per_parameter(loaded.model))
     report["refusal"] = refusal
+    if args.report:  # before the exits below: the page shows empty rules and refusals too
+        from utune_fx.report_html import collect, write_report
+
+        data = collect(gm, loaded.model, name=loaded.name, kind="match", match_reports=[report], matches=[matched])
+        print(f"wrote {write_report(args.report, data)}", file=sys.stderr)
     if args.json:
         print_json(report)
     else:
@@ -101,6 +108,11 @@ def _rewrite(args: argparse.Namespace) -> int:
     out = save_tuned(result, rule_sets, result.source, args.output)
     render_rewrite(result, args.model, Console(width=max(Console().width, 120)))
     print(f"wrote {out}/ (manifest.json, tuners.safetensors)")
+    if args.report:
+        from utune_fx.report_html import collect, write_report
+
+        data = collect(result.module, result.base_model, name=args.model, kind="rewrite", result=result)
+        print(f"wrote {write_report(args.report, data)}")
     return 0
 
 
@@ -135,6 +147,15 @@ def _program_name() -> str:
     return "utune-fx" if os.path.basename(sys.argv[0]).startswith("utune-fx") else "cli.py"
 
 
+def _add_report_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--report",
+        metavar="FILE.html",
+        help="also write one self-contained HTML page: the module tree with the regions coloured by rule, "
+        "tuners, parameters",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     import utune_fx
     from utune_fx.rulefiles import shipped_rule_names
@@ -158,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show candidates, selection and dropped overlaps, and the closest near-miss of empty rules",
     )
     match.add_argument("--allow-empty", action="store_true", help="exit 0 even if a rule matches nothing")
+    _add_report_flag(match)
     match.set_defaults(run=_match)
 
     rewrite = commands.add_parser("rewrite", help="insert the tuners the rules name; write a tuned artifact")
@@ -173,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     rewrite.add_argument(
         "--allow-empty", action="store_true", help="write the artifact even if a rule matches nothing (else exit 3)"
     )
+    _add_report_flag(rewrite)
     rewrite.set_defaults(run=_rewrite)
 
     add_training_commands(commands, rules_help)

@@ -30,6 +30,7 @@ def _fold(args: argparse.Namespace) -> int:
     with Console(stderr=True).status(f"folding {directory}"):
         result, folded, difference = fold_artifact(directory, model=args.base_model)
     out = save_folded(directory, folded, difference, args.output)
+    _fold_report(args.directory, out, result, folded, difference)
     if args.json:
         print_json({"entries": folded.to_json(), "relative_difference": difference, "warnings": folded.warnings})
     else:
@@ -37,8 +38,33 @@ def _fold(args: argparse.Namespace) -> int:
         render_fold(folded, difference, tuned_elements, Console(width=max(Console().width, 120)))
         for warning in folded.warnings:  # a check that passed but says nothing
             print(f"warning: {warning}")
-        print(f"wrote {out}/ (folded.safetensors, fold.json, and the tuned artifact it came from)")
+        print(f"wrote {out}/ (folded.safetensors, fold.json, report.html, and the tuned artifact it came from)")
     return 0
+
+
+def _fold_report(source, out, result, folded, difference: float) -> None:
+    """OUT/report.html: the tuned model's page with each tuner's fold status (and the curves of a training run)."""
+    from pathlib import Path
+
+    from utune_fx.report_html import collect, write_report
+    from utune_fx.rewrite.manifest import read_manifest
+    from utune_fx.train.rundir import METRICS, SUMMARY
+
+    metrics, summary = Path(source) / METRICS, Path(source) / SUMMARY
+    history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else None
+    data = collect(
+        result.module,
+        result.base_model,
+        name=result.source.model,
+        kind="fold",
+        result=result,
+        fold_entries=folded.to_json(),
+        fold_difference=difference,
+        history=history,
+        summary=json.loads(summary.read_text()) if summary.is_file() else None,
+        manifest=read_manifest(Path(out)),  # the rule files as recorded, not the scratch copies load_tuned read
+    )
+    write_report(Path(out) / "report.html", data)
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -191,7 +191,34 @@ def _train_locked(args: argparse.Namespace, config, out, settings: dict, main: b
         + f" {items}, {task}; {result.trainable_parameters:,} trainable parameters",
         soft_wrap=True,
     )
-    return run_training(result, splits, config, out, args.resume, settings)
+    report = _report_data(result, args.model) if main else None  # before training wraps or shards the model
+    summary = run_training(result, splits, config, out, args.resume, settings)
+    if report is not None:
+        _write_report(out, report, summary)
+    return summary
+
+
+def _report_data(result, model: str) -> dict:
+    from utune_fx.report_html import collect
+    from utune_fx.rewrite.manifest import read_manifest
+    from utune_fx.train.session import checked_artifact_directory
+
+    directory = checked_artifact_directory(model)  # an artifact: its rule files as recorded
+    manifest = read_manifest(directory) if directory is not None else None
+    return collect(
+        result.module, result.base_model, name=result.source.model, kind="train", result=result, manifest=manifest
+    )
+
+
+def _write_report(out, report: dict, summary: dict) -> None:
+    """OUT/report.html: the tuned model's page with the training curves of metrics.jsonl."""
+    import json
+
+    from utune_fx.report_html import write_report
+    from utune_fx.train.rundir import METRICS
+
+    lines = (out / METRICS).read_text().splitlines() if (out / METRICS).is_file() else []
+    write_report(out / "report.html", report | {"history": [json.loads(line) for line in lines], "summary": summary})
 
 
 def _print_summary(args: argparse.Namespace, out, summary: dict) -> int:
@@ -218,7 +245,7 @@ def _print_summary(args: argparse.Namespace, out, summary: dict) -> int:
             f"frozen features cached: {summary['feature_cache_bytes'] / 2**20:.1f} MiB for "
             f"{summary['feature_cache_images']:,} images, built in {summary['feature_cache_seconds']:.1f} s"
         )
-    print(f"wrote {out}/ (tuned/, checkpoint/, split.json, metrics.jsonl, summary.json, curves.png)")
+    print(f"wrote {out}/ (tuned/, checkpoint/, split.json, metrics.jsonl, summary.json, curves.png, report.html)")
     return 0
 
 
