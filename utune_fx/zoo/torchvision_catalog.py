@@ -42,10 +42,12 @@ SIZE, SIZES = 64, {"inception_v3": 80, "maxvit_t": 224}
 CI_SAMPLE = (
     "resnet18",
     "mobilenet_v3_small",
+    "mnasnet0_5",
     "shufflenet_v2_x0_5",
     "squeezenet1_1",
     "regnet_x_400mf",
     "efficientnet_b0",
+    "googlenet",
     "swin_t",
     "vit_b_32",
 )
