@@ -52,7 +52,7 @@ def _page(out: Path, name: str, build) -> dict:
 def vit_96(out: Path) -> list[dict]:
     from utune_fx.match import MatchContext, load_rules, match_rules
     from utune_fx.match.report import match_report
-    from utune_fx.report_html import collect
+    from utune_fx.report_data import collect
     from utune_fx.rewrite import rewrite
     from utune_fx.specs import load_model
     from utune_fx.trace import trace
@@ -85,7 +85,7 @@ def llama_7b(out: Path) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from utune_fx.match import load_rules
-    from utune_fx.report_html import collect
+    from utune_fx.report_data import collect
     from utune_fx.rewrite import rewrite
     from utune_fx.trace import trace
 

@@ -17,7 +17,8 @@ from PIL import Image
 from torch import nn
 
 from utune_fx.cli import main
-from utune_fx.report_html import collect, render
+from utune_fx.report_data import collect
+from utune_fx.report_html import render
 from utune_fx.trace import trace
 
 SPEC = (

@@ -75,7 +75,8 @@ def _match(args: argparse.Namespace) -> int:
     refusal = dry_run_refusal([report], bytes_per_parameter(loaded.model))
     report["refusal"] = refusal
     if args.report:  # before the exits below: the page shows empty rules and refusals too
-        from utune_fx.report_html import collect, write_report
+        from utune_fx.report_data import collect
+        from utune_fx.report_html import write_report
 
         data = collect(gm, loaded.model, name=loaded.name, kind="match", match_reports=[report], matches=[matched])
         print(f"wrote {write_report(args.report, data)}", file=sys.stderr)
@@ -109,7 +110,8 @@ def _rewrite(args: argparse.Namespace) -> int:
     render_rewrite(result, args.model, Console(width=max(Console().width, 120)))
     print(f"wrote {out}/ (manifest.json, tuners.safetensors)")
     if args.report:
-        from utune_fx.report_html import collect, write_report
+        from utune_fx.report_data import collect
+        from utune_fx.report_html import write_report
 
         data = collect(result.module, result.base_model, name=args.model, kind="rewrite", result=result)
         print(f"wrote {write_report(args.report, data)}")

@@ -46,7 +46,8 @@ def _fold_report(source, out, result, folded, difference: float) -> None:
     """OUT/report.html: the tuned model's page with each tuner's fold status (and the curves of a training run)."""
     from pathlib import Path
 
-    from utune_fx.report_html import collect, write_report
+    from utune_fx.report_data import collect
+    from utune_fx.report_html import write_report
     from utune_fx.rewrite.manifest import read_manifest
     from utune_fx.train.rundir import METRICS, SUMMARY
 

@@ -199,7 +199,7 @@ def _train_locked(args: argparse.Namespace, config, out, settings: dict, main: b
 
 
 def _report_data(result, model: str) -> dict:
-    from utune_fx.report_html import collect
+    from utune_fx.report_data import collect
     from utune_fx.rewrite.manifest import read_manifest
     from utune_fx.train.session import checked_artifact_directory
 
