@@ -15,7 +15,9 @@ from utune_fx.cli import main
 from utune_fx.errors import UtuneError
 from utune_fx.fold import fold
 from utune_fx.match import load_rules
-from utune_fx.peft_adapters import CONFIG, WEIGHTS, imported, peft_sites, write_peft
+from utune_fx.peft_export import write_peft
+from utune_fx.peft_import import imported
+from utune_fx.peft_layers import CONFIG, WEIGHTS, peft_sites
 from utune_fx.rewrite.artifact import TunedSource, build_tuned, load_tuned, save_tuned
 from utune_fx.specs import load_model
 
@@ -259,9 +261,9 @@ def test_huge_configs_pickles_and_foreign_keys_are_refused(peft_vit, tmp_path, c
 
 
 def test_a_pathological_pattern_stops_at_the_deadline(peft_vit, tmp_path, capsys, monkeypatch):
-    import utune_fx.peft_adapters as adapters
+    import utune_fx.peft_import as peft_import
 
-    monkeypatch.setattr(adapters, "REGEX_SECONDS", 0.2)
+    monkeypatch.setattr(peft_import, "REGEX_SECONDS", 0.2)
     adapter = _hostile(peft_vit, tmp_path, lambda c: c.update(target_modules=r"(\w|\w|.)*Z"))
     assert main(["import-peft", str(adapter), "--model", VIT, "-o", str(tmp_path / "out")]) == 2
     assert "took more than 0.2 s" in capsys.readouterr().err

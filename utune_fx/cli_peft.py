@@ -1,4 +1,4 @@
-"""PEFT adapters on the command line (utune_fx/peft_adapters.py does the work).
+"""PEFT adapters on the command line (utune_fx/peft_export.py and peft_import.py do the work).
 
 python cli.py export DIR --format peft -o ADAPTER_DIR         adapter_config.json + adapter_model.safetensors,
                                                               checked with PeftModel.from_pretrained when
@@ -18,7 +18,7 @@ from utune_fx.errors import UtuneError
 
 def export_peft_command(args: argparse.Namespace) -> int:
     """``export --format peft``: the tuned artifact's tuners as a PEFT adapter directory."""
-    from utune_fx.peft_adapters import export_peft
+    from utune_fx.peft_export import export_peft
     from utune_fx.train.session import checked_artifact_directory
 
     if args.fold or args.tuners_as_inputs:
@@ -50,7 +50,7 @@ def export_peft_command(args: argparse.Namespace) -> int:
 
 
 def _import_peft(args: argparse.Namespace) -> int:
-    from utune_fx.peft_adapters import import_peft
+    from utune_fx.peft_import import import_peft
 
     with Console(stderr=True).status(f"importing {args.adapter}"):
         report = import_peft(args.adapter, args.output, args.model, args.input_shape, args.frontend)
