@@ -23,6 +23,7 @@ from torch import nn
 
 from utune_fx.atomic import replace_directory
 from utune_fx.errors import UtuneError
+from utune_fx.export.exporters import quiet
 from utune_fx.fold import floating_outputs, relative_difference
 from utune_fx.peft_layers import CONFIG, PREFIX, WEIGHTS, PeftSite, peft_sites, plain_number
 from utune_fx.trace.annotate import set_training
@@ -143,8 +144,9 @@ def peft_check(result, directory: Path) -> float | None:
         model = copy.deepcopy(base)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        peft_model = peft.PeftModel.from_pretrained(model, str(directory)).eval()
-        actual = peft_model(*result.example_inputs)
+        with quiet():  # PEFT calls transformers APIs that warn about their own deprecations
+            peft_model = peft.PeftModel.from_pretrained(model, str(directory)).eval()
+            actual = peft_model(*result.example_inputs)
     return relative_difference(floating_outputs(actual)[:1], floating_outputs(expected)[:1])  # logits, features
 
 
