@@ -180,7 +180,14 @@ def collect(
     tuners: list[dict] = []
     trainable = None
     if result is not None:
-        summaries = manifest["summary"] if manifest else [vars(s) for s in result.summaries]
+        # the numbers from the rewrite the loader ran; from the manifest (data someone sent, only checked
+        # for shape) just where each rule was written, as the loader reads temporary copies of the rules
+        recorded = {
+            s["rule"]: s["where"]
+            for s in (manifest or {}).get("summary", [])
+            if isinstance(s.get("rule"), str) and isinstance(s.get("where"), str)
+        }
+        summaries = [{**vars(s), "where": recorded.get(s.rule, s.where)} for s in result.summaries]
         for s in summaries:
             number = len(rules)
             rules.append(
