@@ -8,6 +8,7 @@ One tiny ViT (two blocks) through match, rewrite, train (two epochs on 30 images
 import json
 import math
 import re
+import shutil
 from html.parser import HTMLParser
 
 import numpy as np
@@ -259,3 +260,22 @@ def test_a_report_that_cannot_be_written_is_one_line(tmp_path, capsys):
     assert main(["match", SPEC, "--rules", DUAL, "--report", str(blocker / "r.html")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: {blocker / 'r.html'}: cannot write the report") and len(err) == 1
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (("metrics.jsonl", '{"epoch": 1, "train_loss": 2.0}\n["not", "a", "row"]\n'), "metrics.jsonl:2: not a row"),
+        (("summary.json", '{"best_val_accuracy": "x"}'), "summary.json: "),
+    ],
+)
+def test_fold_of_a_run_with_damaged_metrics_is_one_line_and_writes_nothing(runs, tmp_path, capsys, damage, expected):
+    """A run directory is data someone may send: its curves and summary are checked before fold writes."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "run", run)
+    (run / damage[0]).write_text(damage[1])
+    capsys.readouterr()
+    assert main(["fold", str(run), "-o", str(tmp_path / "folded")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {run / damage[0]}") and expected in err[0], err
+    assert not (tmp_path / "folded").exists()

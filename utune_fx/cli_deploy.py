@@ -29,8 +29,9 @@ def _fold(args: argparse.Namespace) -> int:
         raise UtuneError(f"{args.directory}: no tuned artifact here; write one with cli.py rewrite or train")
     with Console(stderr=True).status(f"folding {directory}"):
         result, folded, difference = fold_artifact(directory, model=args.base_model)
+    run = _run_record(args.directory, directory)  # before anything is written: a damaged run stops here
     out = save_folded(directory, folded, difference, args.output)
-    _fold_report(args.directory, out, result, folded, difference)
+    _fold_report(out, result, folded, difference, run)
     if args.json:
         print_json({"entries": folded.to_json(), "relative_difference": difference, "warnings": folded.warnings})
     else:
@@ -42,17 +43,32 @@ def _fold(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fold_report(source, out, result, folded, difference: float) -> None:
+def _run_record(source, directory) -> dict:
+    """What the fold page shows of the run: its curves and summary (a run directory, or an artifact, someone
+    may have sent: checked data) and the manifest's recorded rule files (not the scratch copies load_tuned
+    read)."""
+    from pathlib import Path
+
+    from utune_fx.report_data import read_history
+    from utune_fx.rewrite.manifest import read_manifest
+    from utune_fx.schemas import read_json
+    from utune_fx.train.rundir import METRICS, SUMMARY
+
+    summary = Path(source) / SUMMARY
+    return {
+        "history": read_history(Path(source) / METRICS),
+        "summary": read_json(summary, "summary") if summary.is_file() else None,
+        "manifest": read_manifest(Path(directory)),
+    }
+
+
+def _fold_report(out, result, folded, difference: float, run: dict) -> None:
     """OUT/report.html: the tuned model's page with each tuner's fold status (and the curves of a training run)."""
     from pathlib import Path
 
     from utune_fx.report_data import collect
     from utune_fx.report_html import write_report
-    from utune_fx.rewrite.manifest import read_manifest
-    from utune_fx.train.rundir import METRICS, SUMMARY
 
-    metrics, summary = Path(source) / METRICS, Path(source) / SUMMARY
-    history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else None
     data = collect(
         result.module,
         result.base_model,
@@ -61,9 +77,7 @@ def _fold_report(source, out, result, folded, difference: float) -> None:
         result=result,
         fold_entries=folded.to_json(),
         fold_difference=difference,
-        history=history,
-        summary=json.loads(summary.read_text()) if summary.is_file() else None,
-        manifest=read_manifest(Path(out)),  # the rule files as recorded, not the scratch copies load_tuned read
+        **run,
     )
     write_report(Path(out) / "report.html", data)
 

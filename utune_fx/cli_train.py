@@ -212,13 +212,11 @@ def _report_data(result, model: str) -> dict:
 
 def _write_report(out, report: dict, summary: dict) -> None:
     """OUT/report.html: the tuned model's page with the training curves of metrics.jsonl."""
-    import json
-
+    from utune_fx.report_data import read_history
     from utune_fx.report_html import write_report
     from utune_fx.train.rundir import METRICS
 
-    lines = (out / METRICS).read_text().splitlines() if (out / METRICS).is_file() else []
-    write_report(out / "report.html", report | {"history": [json.loads(line) for line in lines], "summary": summary})
+    write_report(out / "report.html", report | {"history": read_history(out / METRICS) or [], "summary": summary})
 
 
 def _print_summary(args: argparse.Namespace, out, summary: dict) -> int:

@@ -12,7 +12,10 @@ Nothing here writes HTML.
 
 from __future__ import annotations
 
+import json
+import math
 import operator
+from pathlib import Path
 from typing import Any
 
 from torch import fx, nn
@@ -114,6 +117,30 @@ def _tuners(gm: fx.GraphModule, summaries: list[dict]) -> list[dict]:
             }
         )
     return found
+
+
+def read_history(path: Path) -> list[dict] | None:
+    """A run's metrics.jsonl for the page's curves, or None when there is none. The run directory may come
+    from someone else: size-bounded, each line a JSON object whose epoch is a number, else one line naming
+    the file and line."""
+    from utune_fx.errors import UtuneError
+    from utune_fx.schemas import MAX_JSON_BYTES
+
+    if not path.is_file():
+        return None
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise UtuneError(f"{path}: {path.stat().st_size:,} bytes is over the limit of {MAX_JSON_BYTES:,}")
+    rows = []
+    for number, line in enumerate(path.read_bytes()[: MAX_JSON_BYTES + 1].decode("utf-8", "replace").splitlines()):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        epoch = row.get("epoch") if isinstance(row, dict) else None
+        if not isinstance(epoch, int | float) or isinstance(epoch, bool) or not math.isfinite(epoch):
+            raise UtuneError(f"{path}:{number + 1}: not a row of training metrics (a JSON object with an epoch)")
+        rows.append(row)
+    return rows
 
 
 def collect(
