@@ -32,7 +32,7 @@ from torch import nn
 from utune_fx.atomic import replace_file
 from utune_fx.errors import UtuneError, first_line
 from utune_fx.export.feeds import check_names, check_shapes, onnx_tuner_inputs
-from utune_fx.export.verify import Parity, _ort_value, verify_onnx
+from utune_fx.export.verify import Parity, ort_value, verify_onnx
 
 ADAPTER_SUFFIX = ".onnx_adapter"
 VERSION = 1  # AdapterFormat's adapter and model versions: ONNX Runtime records them, checks neither
@@ -116,7 +116,7 @@ def export_adapter(
     check_names(f"{model}: its tuner inputs and the tuner names", set(names), expected, fix)
     parameters = dict(module.named_parameters())
     check_names(f"the module's parameters, for {model}", set(parameters) & set(expected), expected, fix)
-    values = {name: _ort_value(parameters[name].detach()) for name in names}
+    values = {name: ort_value(parameters[name].detach()) for name in names}
     check_shapes(f"the module's tensors for {model}", _signature(values), expected)
     adapter = ort.AdapterFormat()
     adapter.set_adapter_version(VERSION)

@@ -169,7 +169,7 @@ def _compare(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float, float
     return float(error.max()), relative, float(np.nan_to_num(ratio, nan=np.inf).max()), tolerance
 
 
-def _ort_value(tensor: torch.Tensor | np.ndarray) -> ort.OrtValue:
+def ort_value(tensor: torch.Tensor | np.ndarray) -> ort.OrtValue:
     """numpy has no bfloat16: such tensors travel as their bits, typed for ONNX Runtime."""
     if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.bfloat16:
         bits = tensor.detach().cpu().contiguous().view(torch.int16).numpy()
@@ -298,7 +298,7 @@ def verify_onnx(
                 lengths = list(dict.fromkeys(int(x.shape[SEQUENCE_DIM]) for x, t in zip(inputs, tokens) if t))
                 at = BatchParity(batch, 0.0, 0.0, "", 0.0, 0.0, False, sequence_lengths=lengths)
                 expected = _outputs(module, inputs, at.where)
-                values = {name: _ort_value(v) for name, v in {**dict(zip(data_names, inputs)), **feeds}.items()}
+                values = {name: ort_value(v) for name, v in {**dict(zip(data_names, inputs)), **feeds}.items()}
                 try:
                     got = session.run_with_ort_values(None, values, run_options)
                 except Exception as error:
